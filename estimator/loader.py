@@ -1,0 +1,177 @@
+"""Reading a config file, applying ``--set`` overrides, and turning every problem into one line.
+
+Errors are raised as :class:`EstimatorError` with one message per problem, each naming the field
+path (``training.batch_size: must be greater than 0, got 0``), so the CLI can print them and exit 2.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from estimator.config import MODEL_SOURCE_KEYS, Config
+from estimator.errors import EstimatorError
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Parse a YAML or JSON file into a mapping, with a one-line error for each failure."""
+    import yaml
+
+    p = Path(path)
+    if not p.exists():
+        raise EstimatorError(f"config file not found: {p}")
+    if p.is_dir():
+        raise EstimatorError(f"config path is a directory, expected a YAML or JSON file: {p}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EstimatorError(f"cannot read config file {p}: {exc}") from None
+    try:
+        data = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as exc:
+        raise EstimatorError(f"{p}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise EstimatorError(f"{p}: invalid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise EstimatorError(f"{p}: the top level must be a mapping (model:, training:, optimizer:), "
+                             f"got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"a.b=c"`` -> (["a", "b"], c), the value parsed as YAML (``3`` is an int, ``true`` a bool)."""
+    import yaml
+
+    if "=" not in text:
+        raise EstimatorError(f"--set {text}: expected PATH=VALUE, e.g. --set training.batch_size=8")
+    key, _, raw = text.partition("=")
+    path = [part.strip() for part in key.strip().split(".")]
+    if not all(path):
+        raise EstimatorError(f"--set {text}: the path {key!r} has an empty part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def apply_override(data: dict[str, Any], path: list[str], value: Any, text: str) -> None:
+    """Set ``data[path] = value``, checking each step against the config schema."""
+    from estimator.config import model_config_class
+
+    model: type[BaseModel] | None = Config
+    node = data
+    for depth, part in enumerate(path):
+        if model is not None:
+            fields = dict(model.model_fields)
+            if model is not Config and depth == 1 and path[0] == "model":
+                fields.update(dict.fromkeys(MODEL_SOURCE_KEYS))
+            if part not in fields:
+                where = ".".join(path[:depth]) or "the config"
+                raise EstimatorError(f"--set {text}: {where} has no field {part!r}"
+                                     f"{_did_you_mean(part, list(fields))} (fields: {', '.join(fields)})")
+            if depth == 0 and part == "model":
+                section = node.get("model") if isinstance(node.get("model"), dict) else {}
+                model = model_config_class(section if depth < len(path) - 1 else {})
+            else:
+                annotation = getattr(fields[part], "annotation", None)
+                model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        if depth == len(path) - 1:
+            node[part] = value
+            return
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+) -> Config:
+    """Load a config (the seed's example when ``path`` is None), apply ``--set`` overrides, validate."""
+    data: dict[str, Any] = copy.deepcopy(base) if base is not None else {}
+    source_dir = Path.cwd()
+    if path is not None:
+        data = read_config_file(path)
+        source_dir = Path(path).resolve().parent
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        apply_override(data, keys, value, text)
+    return validate_config(data, source_dir)
+
+
+def validate_config(data: dict[str, Any], source_dir: Path | None = None) -> Config:
+    """Validate a mapping into a :class:`Config`, every problem one line naming its field path."""
+    from estimator.config import expand_model_section
+
+    data = dict(data)
+    if isinstance(data.get("model"), dict):
+        data["model"] = expand_model_section(data["model"], source_dir or Path.cwd())
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise EstimatorError(*format_validation_error(exc)) from None
+
+
+def format_validation_error(exc: ValidationError) -> list[str]:
+    """One readable line per pydantic error: ``path: what is wrong (got X)``."""
+    from estimator.config import FAMILY_CONFIGS
+
+    lines: list[str] = []
+    for err in exc.errors(include_url=False):
+        raw = [str(part) for part in err["loc"]]
+        family = raw[1] if len(raw) > 1 and raw[0] == "model" and raw[1] in FAMILY_CONFIGS else None
+        loc = [raw[0], *raw[2:]] if family else raw
+        path = ".".join(loc) or "config"
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            parent = _model_at(loc[:-1], family)
+            known = list(parent.model_fields) if parent else []
+            hint = _did_you_mean(loc[-1], known)
+            lines.append(f"{path}: unknown key{hint}" + (f" (known: {', '.join(known)})" if known else ""))
+        elif kind == "union_tag_invalid":
+            tag = str(err.get("ctx", {}).get("tag", ""))
+            known = list(FAMILY_CONFIGS)
+            lines.append(f"{path}.family: unknown model family {tag!r}{_did_you_mean(tag, known)}"
+                         f" (known: {', '.join(known)})")
+        elif kind == "value_error":
+            lines.append(f"{path}: {err['msg'].removeprefix('Value error, ')}")
+        else:
+            got = err.get("input")
+            shown = "" if isinstance(got, (dict, list)) or kind == "missing" else f", got {got!r}"
+            lines.append(f"{path}: {err['msg'][0].lower()}{err['msg'][1:]}{shown}")
+    return lines
+
+
+def _model_at(loc: list[str], family: str | None) -> type[BaseModel] | None:
+    """The pydantic model class at a dotted location of the config, for 'did you mean' hints."""
+    from estimator.config import FAMILY_CONFIGS
+
+    model: type[BaseModel] | None = Config
+    for depth, part in enumerate(loc):
+        if model is None or part not in model.model_fields:
+            return None
+        if depth == 0 and part == "model":
+            model = FAMILY_CONFIGS.get(family or "mlp")
+            continue
+        annotation = model.model_fields[part].annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return model
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else ""

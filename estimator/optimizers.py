@@ -1,0 +1,309 @@
+"""The optimizer registry: which state tensors each optimizer keeps per parameter, and why.
+
+One decorated function per optimizer (the ``torch.utils.flop_counter`` registry pattern): it
+receives a parameter's shape and the optimizer options and returns that parameter's state tensors.
+The decorator records the update rule, the source paper, the torch class that implements it, when
+torch creates the state, and the temporaries torch's for-loop ``step()`` allocates (measured with
+the live-tensor tracker on torch 2.13, CPU; see docs/peak.md). Pure Python: no torch import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+from estimator.families.base import ParamTensor
+
+StateInit = Literal["constructor", "first_step", "first_step_inline"]
+
+
+@dataclass(frozen=True)
+class StateTensor:
+    """One optimizer-state tensor of one parameter.
+
+    ``dtype`` None means "the parameter's dtype" (``torch.zeros_like(param)``).
+    """
+
+    name: str
+    numel: int
+    dtype: str | None = None
+
+
+@dataclass(frozen=True)
+class LoopTemporary:
+    """A parameter-sized tensor allocated inside torch's for-loop ``step()`` for each parameter.
+
+    ``lifetime`` says when it is released:
+
+    * ``expression``: as soon as the expression that made it completes (``exp_avg_sq.sqrt()``);
+    * ``loop_variable``: bound to a loop variable (``denom = ...``), so the previous parameter's
+      one goes only when the next parameter's is assigned;
+    * ``iteration``: bound to a variable that is rebound at the top of the next iteration
+      (``grad = grads[i]`` after ``grad = grad.add(param, alpha=wd)``).
+    """
+
+    name: str
+    lifetime: Literal["expression", "loop_variable", "iteration"]
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """Everything the estimator knows about one optimizer."""
+
+    name: str
+    title: str
+    update_rule: str
+    source: str
+    torch_class: str | None
+    state_fn: Callable[[ParamTensor, Any], list[StateTensor]]
+    step_tensor: bool
+    state_init: StateInit
+    loop_temporaries: Callable[[Any], list[LoopTemporary]]
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+    def state_tensors(self, param: ParamTensor, options: Any) -> list[StateTensor]:
+        """State tensors of one parameter (none for a frozen one)."""
+        if not param.trainable:
+            return []
+        return self.state_fn(param, options)
+
+
+_OPTIMIZERS: dict[str, OptimizerSpec] = {}
+
+
+def _no_temporaries(options: Any) -> list[LoopTemporary]:
+    return []
+
+
+def register_optimizer(
+    name: str,
+    *,
+    title: str,
+    update_rule: str,
+    source: str,
+    torch_class: str | None,
+    step_tensor: bool,
+    state_init: StateInit = "first_step",
+    loop_temporaries: Callable[[Any], list[LoopTemporary]] = _no_temporaries,
+    defaults: dict[str, Any] | None = None,
+) -> Callable[[Callable[[ParamTensor, Any], list[StateTensor]]], Callable]:
+    """Register ``fn(param, options) -> state tensors`` under ``name``; duplicates are refused."""
+
+    def wrap(fn: Callable[[ParamTensor, Any], list[StateTensor]]) -> Callable:
+        if name in _OPTIMIZERS:
+            raise ValueError(f"optimizer {name!r} is already registered")
+        _OPTIMIZERS[name] = OptimizerSpec(
+            name=name,
+            title=title,
+            update_rule=update_rule,
+            source=source,
+            torch_class=torch_class,
+            state_fn=fn,
+            step_tensor=step_tensor,
+            state_init=state_init,
+            loop_temporaries=loop_temporaries,
+            defaults=defaults or {},
+        )
+        return fn
+
+    return wrap
+
+
+def get_optimizer(name: str) -> OptimizerSpec:
+    """The spec registered under ``name`` (the config layer validates names first)."""
+    return _OPTIMIZERS[name]
+
+
+def optimizer_names() -> list[str]:
+    return list(_OPTIMIZERS)
+
+
+def _like(param: ParamTensor, *names: str) -> list[StateTensor]:
+    return [StateTensor(n, param.numel) for n in names]
+
+
+def _weight_decay_temp(options: Any) -> list[LoopTemporary]:
+    """Coupled (L2) weight decay makes ``grad = grad.add(param, alpha=wd)``: one more tensor."""
+    return [LoopTemporary("grad_with_weight_decay", "iteration")] if _option(options, "weight_decay") else []
+
+
+def _sgd_temps(options: Any) -> list[LoopTemporary]:
+    """SGD: weight decay and Nesterov each rebind ``grad`` to a new tensor."""
+    temps = _weight_decay_temp(options)
+    if getattr(options, "nesterov", False):
+        temps.append(LoopTemporary("nesterov_grad", "iteration"))
+    return temps
+
+
+def _option(options: Any, key: str) -> Any:
+    """The option in force: the config's ``option()`` knows the optimizer's defaults."""
+    if hasattr(options, "option"):
+        return options.option(key)
+    return getattr(options, key, None)
+
+
+@register_optimizer(
+    "sgd",
+    title="Stochastic gradient descent",
+    update_rule="θ ← θ − η·g",
+    source="Robbins & Monro 1951; the seed, section 1.1",
+    torch_class="torch.optim.SGD",
+    step_tensor=False,
+    state_init="first_step_inline",
+    loop_temporaries=_sgd_temps,
+    defaults={"lr": 0.01, "momentum": 0.0, "weight_decay": 0.0},
+)
+def _sgd(param: ParamTensor, options: Any) -> list[StateTensor]:
+    # torch.optim.SGD keeps a momentum buffer only when momentum != 0.
+    return _like(param, "momentum_buffer") if _option(options, "momentum") else []
+
+
+@register_optimizer(
+    "momentum",
+    title="SGD with (heavy-ball or Nesterov) momentum",
+    update_rule="v ← μ·v − η·g;  θ ← θ + v   (torch: b ← μ·b + g; θ ← θ − η·b, equal for constant η)",
+    source="Polyak 1964; Sutskever et al. 2013 (Nesterov form); the seed, section 1.2",
+    torch_class="torch.optim.SGD(momentum=μ)",
+    step_tensor=False,
+    state_init="first_step_inline",
+    loop_temporaries=_sgd_temps,
+    defaults={"lr": 0.01, "momentum": 0.9, "weight_decay": 0.0},
+)
+def _momentum(param: ParamTensor, options: Any) -> list[StateTensor]:
+    return _like(param, "momentum_buffer")
+
+
+@register_optimizer(
+    "adagrad",
+    title="AdaGrad",
+    update_rule="G ← G + g⊙g;  θ ← θ − η·g / (√G + ε)   (the seed: √(G + ε))",
+    source="Duchi, Hazan & Singer 2011, JMLR 12; the seed, section 2",
+    torch_class="torch.optim.Adagrad",
+    step_tensor=True,
+    state_init="constructor",
+    loop_temporaries=lambda o: [*_weight_decay_temp(o), LoopTemporary("std", "loop_variable")],
+    defaults={"lr": 0.01, "eps": 1e-10, "weight_decay": 0.0},
+)
+def _adagrad(param: ParamTensor, options: Any) -> list[StateTensor]:
+    return _like(param, "sum")  # the seed calls it g2
+
+
+def _rmsprop_temps(options: Any) -> list[LoopTemporary]:
+    return [*_weight_decay_temp(options), LoopTemporary("avg", "loop_variable")]
+
+
+@register_optimizer(
+    "rmsprop",
+    title="RMSProp",
+    update_rule="v ← α·v + (1−α)·g⊙g;  θ ← θ − η·g / (√v + ε)   (+ momentum buffer, + centered mean)",
+    source="Tieleman & Hinton 2012, Coursera NN lecture 6.5; centered: Graves 2013",
+    torch_class="torch.optim.RMSprop",
+    step_tensor=True,
+    loop_temporaries=_rmsprop_temps,
+    defaults={"lr": 0.01, "alpha": 0.99, "eps": 1e-8, "momentum": 0.0, "weight_decay": 0.0},
+)
+def _rmsprop(param: ParamTensor, options: Any) -> list[StateTensor]:
+    names = ["square_avg"]
+    if _option(options, "momentum"):
+        names.append("momentum_buffer")
+    if getattr(options, "centered", False):
+        names.append("grad_avg")
+    return _like(param, *names)
+
+
+def _adam_temps(options: Any) -> list[LoopTemporary]:
+    # denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps): the sqrt is freed at once,
+    # denom lives until the next parameter's denom replaces it (measured: 3 tensors at the peak).
+    return [*_weight_decay_temp(options), LoopTemporary("sqrt", "expression"), LoopTemporary("denom", "loop_variable")]
+
+
+def _adam_state(param: ParamTensor, options: Any) -> list[StateTensor]:
+    names = ["exp_avg", "exp_avg_sq"]
+    if getattr(options, "amsgrad", False):
+        names.append("max_exp_avg_sq")
+    return _like(param, *names)
+
+
+register_optimizer(
+    "adam",
+    title="Adam",
+    update_rule="m ← β1·m + (1−β1)·g;  v ← β2·v + (1−β2)·g⊙g;  θ ← θ − η·m̂ / (√v̂ + ε)",
+    source="Kingma & Ba 2015, ICLR; amsgrad: Reddi et al. 2018",
+    torch_class="torch.optim.Adam",
+    step_tensor=True,
+    loop_temporaries=_adam_temps,
+    defaults={"lr": 0.001, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False},
+)(_adam_state)
+
+
+register_optimizer(
+    "adamw",
+    title="AdamW (decoupled weight decay)",
+    update_rule="Adam's m, v;  θ ← θ − η·(m̂ / (√v̂ + ε) + λ·θ)",
+    source="Loshchilov & Hutter 2019, ICLR",
+    torch_class="torch.optim.AdamW",
+    step_tensor=True,
+    # Decoupled decay is param.mul_(1 − ηλ), in place: no extra temporary.
+    loop_temporaries=lambda o: [LoopTemporary("sqrt", "expression"), LoopTemporary("denom", "loop_variable")],
+    defaults={"lr": 0.001, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01, "amsgrad": False},
+)(_adam_state)
+
+
+@register_optimizer(
+    "lion",
+    title="Lion (evolved sign momentum)",
+    update_rule="θ ← θ − η·(sign(β1·m + (1−β1)·g) + λ·θ);  m ← β2·m + (1−β2)·g",
+    source="Chen et al. 2023, 'Symbolic Discovery of Optimization Algorithms', NeurIPS",
+    torch_class=None,
+    step_tensor=False,
+    defaults={"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.0},
+)
+def _lion(param: ParamTensor, options: Any) -> list[StateTensor]:
+    return _like(param, "exp_avg")
+
+
+@register_optimizer(
+    "adafactor",
+    title="Adafactor (factored second moment, no first moment)",
+    update_rule="R ← β·R + (1−β)·rowmean(g²);  C ← β·C + (1−β)·colmean(g²);  v̂ = R·C / mean(R);"
+    "  θ ← θ − η·g/√v̂",
+    source="Shazeer & Stern 2018, ICML; torch.optim.Adafactor (row_var/col_var for ≥2-D tensors)",
+    torch_class="torch.optim.Adafactor",
+    step_tensor=True,
+    defaults={"lr": 0.01},
+)
+def _adafactor(param: ParamTensor, options: Any) -> list[StateTensor]:
+    # torch.optim.Adafactor: a matrix keeps a row vector (last dim -> 1) and a column vector
+    # (second-to-last dim -> 1); a vector keeps a full-size 'variance'.
+    if len(param.shape) < 2:
+        return _like(param, "variance")
+    rows = param.numel // param.shape[-1]
+    cols = param.numel // param.shape[-2]
+    return [StateTensor("row_var", rows), StateTensor("col_var", cols)]
+
+
+BNB_BLOCK_SIZE = 256
+BNB_MIN_8BIT_SIZE = 4096
+
+
+@register_optimizer(
+    "adam8bit",
+    title="8-bit Adam (block-wise quantized state, bitsandbytes Adam8bit)",
+    update_rule="Adam's update, with m and v stored as 8-bit codes plus one fp32 absmax per 256-element block",
+    source="Dettmers et al. 2022, '8-bit Optimizers via Block-wise Quantization', ICLR; bitsandbytes"
+    " (blocksize 256, tensors under min_8bit_size=4096 elements keep fp32 state)",
+    torch_class="bitsandbytes.optim.Adam8bit",
+    step_tensor=False,
+    defaults={"lr": 0.001, "betas": (0.9, 0.999), "eps": 1e-8},
+)
+def _adam8bit(param: ParamTensor, options: Any) -> list[StateTensor]:
+    n = param.numel
+    if n < BNB_MIN_8BIT_SIZE:
+        return [StateTensor("state1", n, "fp32"), StateTensor("state2", n, "fp32")]
+    blocks = -(-n // BNB_BLOCK_SIZE)
+    return [
+        StateTensor("state1", n, "int8"),
+        StateTensor("state2", n, "int8"),
+        StateTensor("absmax1", blocks, "fp32"),
+        StateTensor("absmax2", blocks, "fp32"),
+    ]

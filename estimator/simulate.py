@@ -1,0 +1,171 @@
+"""One training step as tensor events: setup, the first step and a steady-state step.
+
+The step is the seed's (section 5): forward, loss, backward, ``optimizer.step()``,
+``optimizer.zero_grad(set_to_none=True)``. The model family says what forward and backward
+allocate; the optimizer registry says what state and temporaries ``step()`` allocates; this module
+puts them in order. Pure Python.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from estimator.config import Config
+from estimator.errors import EstimatorError
+from estimator.events import Event, alloc, free
+from estimator.families.base import ParamTensor, StepShape, get_family
+from estimator.optimizers import OptimizerSpec, get_optimizer
+from estimator.precision import DTYPE_BYTES, precision_plan
+from estimator.timeline import LiveTensor, Peak, curve, find_peak, replay
+
+STEP_TENSOR_BYTES = 4  # torch keeps 'step' as a float32 scalar tensor per parameter
+CUDA_BLOCK = 512  # the CUDA caching allocator rounds every block up to a multiple of 512 bytes
+
+
+@dataclass(frozen=True)
+class SimulatedStep:
+    """The events of one training run of two steps, and the peaks that follow from them."""
+
+    setup: list[Event]
+    first_step: list[Event]
+    steady_step: list[Event]
+    first_peak: Peak
+    steady_peak: Peak
+    live_before_first: dict[str, LiveTensor]
+    live_before_steady: dict[str, LiveTensor]
+
+    def first_curve(self) -> list[tuple[str, int]]:
+        return curve(self.first_step, self.live_before_first)
+
+    def steady_curve(self) -> list[tuple[str, int]]:
+        return curve(self.steady_step, self.live_before_steady)
+
+
+def resolve_implementation(config: Config, device: str) -> str:
+    """What torch.optim runs: 'auto' is for-loop on the CPU and foreach on CUDA (torch's default)."""
+    impl = config.optimizer.implementation
+    if impl == "auto":
+        return "foreach" if device == "cuda" else "for-loop"
+    return impl
+
+
+def step_shape(config: Config) -> StepShape:
+    plan = precision_plan(config.training.precision)
+    return StepShape(
+        activation_bytes=plan.activation_bytes,
+        parameter_bytes=plan.parameter_bytes,
+        gradient_bytes=plan.gradient_bytes,
+        autocast=plan.autocast,
+    )
+
+
+def state_nbytes(spec: OptimizerSpec, param: ParamTensor, config: Config) -> list[tuple[str, int]]:
+    """(name, bytes) of each state tensor of ``param``, in the order torch creates them."""
+    default = precision_plan(config.training.precision).state_bytes
+    return [
+        (s.name, s.numel * (DTYPE_BYTES[s.dtype] if s.dtype else default))
+        for s in spec.state_tensors(param, config.optimizer)
+    ]
+
+
+def simulate(config: Config, device: str = "cpu") -> SimulatedStep:
+    """Events of setup, the first step and a steady step; peaks of both steps."""
+    family = get_family(config.model.family)
+    shape = step_shape(config)
+    params = family.parameters(config.model)
+    spec = get_optimizer(config.optimizer.name)
+    impl = resolve_implementation(config, device)
+    step_bytes = 0 if device == "cuda" else STEP_TENSOR_BYTES  # on CUDA the step scalars stay on the CPU
+
+    setup = [alloc(p.name, "parameter", p.numel * shape.parameter_bytes, "setup") for p in params]
+    setup += family.input_events(config.model, config.training, shape)
+    if spec.state_init == "constructor":
+        setup += _state_events(spec, params, config, "setup", step_bytes)
+
+    body = family.forward_backward_events(config.model, config.training, shape)
+    tail = _zero_grad_events(params, shape) + family.end_of_step_events(config.model, config.training, shape)
+    trainable = [p for p in params if p.trainable]
+    first = body + optimizer_step_events(spec, trainable, config, impl, step_bytes, first=True) + tail
+    steady = body + optimizer_step_events(spec, trainable, config, impl, step_bytes, first=False) + tail
+
+    if device == "cuda":
+        setup, first, steady = (_round_blocks(e) for e in (setup, first, steady))
+    live_first = replay(setup)
+    live_steady = replay(first, live_first)
+    return SimulatedStep(
+        setup=setup,
+        first_step=first,
+        steady_step=steady,
+        first_peak=find_peak(first, live_first),
+        steady_peak=find_peak(steady, live_steady),
+        live_before_first=live_first,
+        live_before_steady=live_steady,
+    )
+
+
+def _round_blocks(events: list[Event]) -> list[Event]:
+    """CUDA's caching allocator hands out multiples of 512 bytes (what max_memory_allocated counts)."""
+    def up(n: int) -> int:
+        sign = 1 if n > 0 else -1
+        return sign * (-(-abs(n) // CUDA_BLOCK) * CUDA_BLOCK)
+
+    return [Event(e.name, e.role, up(e.nbytes), e.phase) for e in events]
+
+
+def _state_events(
+    spec: OptimizerSpec, params: list[ParamTensor], config: Config, phase: str, step_bytes: int
+) -> list[Event]:
+    events: list[Event] = []
+    for p in params:
+        if not p.trainable:
+            continue
+        if spec.step_tensor and step_bytes:
+            events.append(alloc(f"{p.name}.step", "optimizer_state", step_bytes, phase))
+        for name, nbytes in state_nbytes(spec, p, config):
+            events.append(alloc(f"{p.name}.{name}", "optimizer_state", nbytes, phase))
+    return events
+
+
+def optimizer_step_events(
+    spec: OptimizerSpec,
+    params: list[ParamTensor],
+    config: Config,
+    implementation: str,
+    step_bytes: int,
+    *,
+    first: bool,
+) -> list[Event]:
+    """What ``optimizer.step()`` allocates and frees (state on the first step, temporaries always)."""
+    if implementation != "for-loop":
+        raise EstimatorError(f"optimizer.implementation: {implementation!r} is not modelled yet; use for-loop")
+    phase = "optimizer_step"
+    events: list[Event] = []
+    if first and spec.state_init == "first_step":
+        events += _state_events(spec, params, config, phase, step_bytes)
+    elem = precision_plan(config.training.precision).state_bytes
+    temps = spec.loop_temporaries(config.optimizer)
+    held: list[Event] = []  # loop-variable temporaries of the previous parameter
+    rebound: list[Event] = []  # temporaries rebound at the top of the next iteration
+    for p in params:
+        events += [free(e.name, e.role, e.nbytes, phase) for e in rebound]
+        rebound = []
+        if first and spec.state_init == "first_step_inline":
+            events += _state_events(spec, [p], config, phase, step_bytes)
+        made = [alloc(f"{p.name}.{t.name}", "temporary", p.numel * elem, phase) for t in temps]
+        events += made
+        lifetimes = {f"{p.name}.{t.name}": t.lifetime for t in temps}
+        events += [free(e.name, e.role, e.nbytes, phase) for e in made if lifetimes[e.name] == "expression"]
+        events += [free(e.name, e.role, e.nbytes, phase) for e in held]
+        held = [e for e in made if lifetimes[e.name] == "loop_variable"]
+        rebound = [e for e in made if lifetimes[e.name] == "iteration"]
+    events += [free(e.name, e.role, e.nbytes, phase) for e in held + rebound]
+    return events
+
+
+def _zero_grad_events(params: list[ParamTensor], shape: StepShape) -> list[Event]:
+    """``zero_grad(set_to_none=True)`` drops every gradient, in parameter order."""
+    return [
+        free(f"{p.name}.grad", "gradient", p.numel * shape.gradient_bytes, "zero_grad")
+        for p in params
+        if p.trainable
+    ]
