@@ -93,6 +93,17 @@ class OptimizerConfig(StrictModel):
             raise ValueError("nesterov applies to sgd and momentum only")
         return value
 
+    @field_validator("implementation")
+    @classmethod
+    def _fused_needs_kernel(cls, value: str, info: Any) -> str:
+        from estimator.optimizers import get_optimizer, optimizer_names
+
+        name = info.data.get("name")
+        if value == "fused" and name in optimizer_names() and not get_optimizer(name).fused:
+            fused = [n for n in optimizer_names() if get_optimizer(n).fused]
+            raise ValueError(f"{name} has no fused kernel in torch.optim (fused: {', '.join(fused)})")
+        return value
+
     def option(self, key: str) -> Any:
         """The value in force for ``key``: the user's, else the optimizer's registered default."""
         from estimator.optimizers import get_optimizer
@@ -153,3 +164,6 @@ class Config(StrictModel):
     model: ModelConfig = Field(default_factory=MLPConfig, description="the model (see `estimator models`)")
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    device: Literal["cuda", "cpu"] = Field(
+        "cuda", description="the device the step runs on: cuda (512-byte allocator blocks) or cpu"
+    )

@@ -142,8 +142,9 @@ def format_validation_error(exc: ValidationError) -> list[str]:
             known = list(parent.model_fields) if parent else []
             hint = _did_you_mean(loc[-1], known)
             lines.append(f"{path}: unknown key{hint}" + (f" (known: {', '.join(known)})" if known else ""))
-        elif kind == "union_tag_invalid":
-            tag = str(err.get("ctx", {}).get("tag", ""))
+        elif kind == "union_tag_invalid" or (kind == "literal_error" and loc == ["model", "family"]):
+            tag = str(err.get("ctx", {}).get("tag", err.get("input", "")))
+            path = "model"
             known = list(FAMILY_CONFIGS)
             lines.append(f"{path}.family: unknown model family {tag!r}{_did_you_mean(tag, known)}"
                          f" (known: {', '.join(known)})")

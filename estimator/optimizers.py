@@ -9,8 +9,9 @@ the live-tensor tracker on torch 2.13, CPU; see docs/peak.md). Pure Python: no t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from estimator.families.base import ParamTensor
 
@@ -30,20 +31,23 @@ class StateTensor:
 
 
 @dataclass(frozen=True)
-class LoopTemporary:
-    """A parameter-sized tensor allocated inside torch's for-loop ``step()`` for each parameter.
+class LoopOp:
+    """One step of what torch's for-loop ``step()`` does to a parameter-sized temporary.
 
-    ``lifetime`` says when it is released:
-
-    * ``expression``: as soon as the expression that made it completes (``exp_avg_sq.sqrt()``);
-    * ``loop_variable``: bound to a loop variable (``denom = ...``), so the previous parameter's
-      one goes only when the next parameter's is assigned;
-    * ``iteration``: bound to a variable that is rebound at the top of the next iteration
-      (``grad = grads[i]`` after ``grad = grad.add(param, alpha=wd)``).
+    ``alloc``: a new tensor the size of the parameter; ``free``: this parameter's one is released;
+    ``free_previous``: the *previous* parameter's one is released -- a tensor bound to a loop
+    variable (``denom = ...``) lives until the next iteration rebinds the name. Whatever is still
+    held after the last parameter is released when ``step()`` returns.
     """
 
+    action: Literal["alloc", "free", "free_previous"]
     name: str
-    lifetime: Literal["expression", "loop_variable", "iteration"]
+
+
+def _script(*ops: str) -> list[LoopOp]:
+    """``_script("+sqrt", "+denom", "-sqrt", "<denom")``: + alloc, - free, < free previous."""
+    kinds = {"+": "alloc", "-": "free", "<": "free_previous"}
+    return [LoopOp(kinds[op[0]], op[1:]) for op in ops]  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,9 @@ class OptimizerSpec:
     state_fn: Callable[[ParamTensor, Any], list[StateTensor]]
     step_tensor: bool
     state_init: StateInit
-    loop_temporaries: Callable[[Any], list[LoopTemporary]]
+    loop_script: Callable[[Any], list[LoopOp]]
+    foreach_temporaries: Callable[[Any], list[str]]
+    fused: bool
     defaults: dict[str, Any] = field(default_factory=dict)
 
     def state_tensors(self, param: ParamTensor, options: Any) -> list[StateTensor]:
@@ -71,7 +77,7 @@ class OptimizerSpec:
 _OPTIMIZERS: dict[str, OptimizerSpec] = {}
 
 
-def _no_temporaries(options: Any) -> list[LoopTemporary]:
+def _nothing(options: Any) -> list[Any]:
     return []
 
 
@@ -84,7 +90,9 @@ def register_optimizer(
     torch_class: str | None,
     step_tensor: bool,
     state_init: StateInit = "first_step",
-    loop_temporaries: Callable[[Any], list[LoopTemporary]] = _no_temporaries,
+    loop_script: Callable[[Any], list[LoopOp]] = _nothing,
+    foreach_temporaries: Callable[[Any], list[str]] = _nothing,
+    fused: bool = False,
     defaults: dict[str, Any] | None = None,
 ) -> Callable[[Callable[[ParamTensor, Any], list[StateTensor]]], Callable]:
     """Register ``fn(param, options) -> state tensors`` under ``name``; duplicates are refused."""
@@ -101,7 +109,9 @@ def register_optimizer(
             state_fn=fn,
             step_tensor=step_tensor,
             state_init=state_init,
-            loop_temporaries=loop_temporaries,
+            loop_script=loop_script,
+            foreach_temporaries=foreach_temporaries,
+            fused=fused,
             defaults=defaults or {},
         )
         return fn
@@ -122,17 +132,26 @@ def _like(param: ParamTensor, *names: str) -> list[StateTensor]:
     return [StateTensor(n, param.numel) for n in names]
 
 
-def _weight_decay_temp(options: Any) -> list[LoopTemporary]:
-    """Coupled (L2) weight decay makes ``grad = grad.add(param, alpha=wd)``: one more tensor."""
-    return [LoopTemporary("grad_with_weight_decay", "iteration")] if _option(options, "weight_decay") else []
+def _weight_decay(options: Any) -> list[LoopOp]:
+    """Coupled (L2) weight decay: ``grad = grad.add(param, alpha=wd)``, rebound at the next iteration."""
+    return _script("<grad_wd", "+grad_wd") if _option(options, "weight_decay") else []
 
 
-def _sgd_temps(options: Any) -> list[LoopTemporary]:
-    """SGD: weight decay and Nesterov each rebind ``grad`` to a new tensor."""
-    temps = _weight_decay_temp(options)
+def _sgd_script(options: Any) -> list[LoopOp]:
+    """SGD's update is in place; weight decay and Nesterov each rebind ``grad`` to a new tensor."""
+    ops = _weight_decay(options)
     if getattr(options, "nesterov", False):
-        temps.append(LoopTemporary("nesterov_grad", "iteration"))
-    return temps
+        ops += _script("<grad_nesterov", "+grad_nesterov")
+    return ops
+
+
+def _sgd_foreach(options: Any) -> list[str]:
+    lists = ["grad_wd"] if _option(options, "weight_decay") else []
+    return lists + (["grad_nesterov"] if getattr(options, "nesterov", False) else [])
+
+
+def _wd_list(options: Any) -> list[str]:
+    return ["grad_wd"] if _option(options, "weight_decay") else []
 
 
 def _option(options: Any, key: str) -> Any:
@@ -150,7 +169,9 @@ def _option(options: Any, key: str) -> Any:
     torch_class="torch.optim.SGD",
     step_tensor=False,
     state_init="first_step_inline",
-    loop_temporaries=_sgd_temps,
+    loop_script=_sgd_script,
+    foreach_temporaries=_sgd_foreach,
+    fused=True,
     defaults={"lr": 0.01, "momentum": 0.0, "weight_decay": 0.0},
 )
 def _sgd(param: ParamTensor, options: Any) -> list[StateTensor]:
@@ -166,7 +187,9 @@ def _sgd(param: ParamTensor, options: Any) -> list[StateTensor]:
     torch_class="torch.optim.SGD(momentum=μ)",
     step_tensor=False,
     state_init="first_step_inline",
-    loop_temporaries=_sgd_temps,
+    loop_script=_sgd_script,
+    foreach_temporaries=_sgd_foreach,
+    fused=True,
     defaults={"lr": 0.01, "momentum": 0.9, "weight_decay": 0.0},
 )
 def _momentum(param: ParamTensor, options: Any) -> list[StateTensor]:
@@ -181,15 +204,19 @@ def _momentum(param: ParamTensor, options: Any) -> list[StateTensor]:
     torch_class="torch.optim.Adagrad",
     step_tensor=True,
     state_init="constructor",
-    loop_temporaries=lambda o: [*_weight_decay_temp(o), LoopTemporary("std", "loop_variable")],
+    # std = state_sum.sqrt().add_(eps), bound to a loop variable; foreach: sqrt and the scaled grads.
+    loop_script=lambda o: [*_weight_decay(o), *_script("+std", "<std")],
+    foreach_temporaries=lambda o: [*_wd_list(o), "std", "scaled_grad"],
+    fused=True,
     defaults={"lr": 0.01, "eps": 1e-10, "weight_decay": 0.0},
 )
 def _adagrad(param: ParamTensor, options: Any) -> list[StateTensor]:
     return _like(param, "sum")  # the seed calls it g2
 
 
-def _rmsprop_temps(options: Any) -> list[LoopTemporary]:
-    return [*_weight_decay_temp(options), LoopTemporary("avg", "loop_variable")]
+def _rmsprop_script(options: Any) -> list[LoopOp]:
+    # avg = square_avg.sqrt().add_(eps) (centered: square_avg.addcmul(...).sqrt_()), a loop variable.
+    return [*_weight_decay(options), *_script("+avg", "<avg")]
 
 
 @register_optimizer(
@@ -199,7 +226,8 @@ def _rmsprop_temps(options: Any) -> list[LoopTemporary]:
     source="Tieleman & Hinton 2012, Coursera NN lecture 6.5; centered: Graves 2013",
     torch_class="torch.optim.RMSprop",
     step_tensor=True,
-    loop_temporaries=_rmsprop_temps,
+    loop_script=_rmsprop_script,
+    foreach_temporaries=lambda o: [*_wd_list(o), "avg"],
     defaults={"lr": 0.01, "alpha": 0.99, "eps": 1e-8, "momentum": 0.0, "weight_decay": 0.0},
 )
 def _rmsprop(param: ParamTensor, options: Any) -> list[StateTensor]:
@@ -211,10 +239,10 @@ def _rmsprop(param: ParamTensor, options: Any) -> list[StateTensor]:
     return _like(param, *names)
 
 
-def _adam_temps(options: Any) -> list[LoopTemporary]:
+def _adam_script(options: Any) -> list[LoopOp]:
     # denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps): the sqrt is freed at once,
     # denom lives until the next parameter's denom replaces it (measured: 3 tensors at the peak).
-    return [*_weight_decay_temp(options), LoopTemporary("sqrt", "expression"), LoopTemporary("denom", "loop_variable")]
+    return [*_weight_decay(options), *_script("+sqrt", "+denom", "-sqrt", "<denom")]
 
 
 def _adam_state(param: ParamTensor, options: Any) -> list[StateTensor]:
@@ -231,7 +259,9 @@ register_optimizer(
     source="Kingma & Ba 2015, ICLR; amsgrad: Reddi et al. 2018",
     torch_class="torch.optim.Adam",
     step_tensor=True,
-    loop_temporaries=_adam_temps,
+    loop_script=_adam_script,
+    foreach_temporaries=lambda o: [*_wd_list(o), "sqrt"],
+    fused=True,
     defaults={"lr": 0.001, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False},
 )(_adam_state)
 
@@ -244,7 +274,9 @@ register_optimizer(
     torch_class="torch.optim.AdamW",
     step_tensor=True,
     # Decoupled decay is param.mul_(1 − ηλ), in place: no extra temporary.
-    loop_temporaries=lambda o: [LoopTemporary("sqrt", "expression"), LoopTemporary("denom", "loop_variable")],
+    loop_script=lambda o: _script("+sqrt", "+denom", "-sqrt", "<denom"),
+    foreach_temporaries=lambda o: ["sqrt"],
+    fused=True,
     defaults={"lr": 0.001, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01, "amsgrad": False},
 )(_adam_state)
 
@@ -256,6 +288,9 @@ register_optimizer(
     source="Chen et al. 2023, 'Symbolic Discovery of Optimization Algorithms', NeurIPS",
     torch_class=None,
     step_tensor=False,
+    # The paper's reference code: update = exp_avg * b1 + grad * (1 - b1); p.add_(sign(update), ...)
+    loop_script=lambda o: _script("+m_b1", "+g_b1", "+update", "-m_b1", "-g_b1", "<update", "+sign", "-sign"),
+    foreach_temporaries=lambda o: ["update"],
     defaults={"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.0},
 )
 def _lion(param: ParamTensor, options: Any) -> list[StateTensor]:
@@ -270,6 +305,10 @@ def _lion(param: ParamTensor, options: Any) -> list[StateTensor]:
     source="Shazeer & Stern 2018, ICML; torch.optim.Adafactor (row_var/col_var for ≥2-D tensors)",
     torch_class="torch.optim.Adafactor",
     step_tensor=True,
+    # var_estimate = row_var @ col_var / row_mean: one parameter-sized tensor held by a loop variable
+    # (the row/column-sized temporaries beside it are not modelled).
+    loop_script=lambda o: _script("+var_estimate", "<var_estimate"),
+    foreach_temporaries=lambda o: ["var_estimate"],
     defaults={"lr": 0.01},
 )
 def _adafactor(param: ParamTensor, options: Any) -> list[StateTensor]:

@@ -75,7 +75,8 @@ def simulate(config: Config, device: str = "cpu") -> SimulatedStep:
     params = family.parameters(config.model)
     spec = get_optimizer(config.optimizer.name)
     impl = resolve_implementation(config, device)
-    step_bytes = 0 if device == "cuda" else STEP_TENSOR_BYTES  # on CUDA the step scalars stay on the CPU
+    # torch keeps the 'step' scalars on the CPU unless the kernel is fused (or capturable)
+    step_bytes = STEP_TENSOR_BYTES if device == "cpu" or impl == "fused" else 0
 
     setup = [alloc(p.name, "parameter", p.numel * shape.parameter_bytes, "setup") for p in params]
     setup += family.input_events(config.model, config.training, shape)
@@ -135,31 +136,56 @@ def optimizer_step_events(
     *,
     first: bool,
 ) -> list[Event]:
-    """What ``optimizer.step()`` allocates and frees (state on the first step, temporaries always)."""
-    if implementation != "for-loop":
-        raise EstimatorError(f"optimizer.implementation: {implementation!r} is not modelled yet; use for-loop")
+    """What ``optimizer.step()`` allocates and frees: state on the first step, temporaries always.
+
+    for-loop: the optimizer's per-parameter script (``LoopOp``); foreach: each temporary is a list
+    over all parameters, alive together until the step returns; fused: one kernel, no temporaries.
+    """
     phase = "optimizer_step"
     events: list[Event] = []
     if first and spec.state_init == "first_step":
         events += _state_events(spec, params, config, phase, step_bytes)
     elem = precision_plan(config.training.precision).state_bytes
-    temps = spec.loop_temporaries(config.optimizer)
-    held: list[Event] = []  # loop-variable temporaries of the previous parameter
-    rebound: list[Event] = []  # temporaries rebound at the top of the next iteration
+    if implementation == "fused":
+        if first and spec.state_init == "first_step_inline":
+            events += _state_events(spec, params, config, phase, step_bytes)
+        return events
+    if implementation == "foreach":
+        if first and spec.state_init == "first_step_inline":
+            events += _state_events(spec, params, config, phase, step_bytes)
+        if spec.step_tensor and step_bytes:
+            # torch._foreach_add_(steps, torch.tensor(1.0)): a scalar made and dropped at once
+            events += [alloc("step_increment", "temporary", step_bytes, phase),
+                       free("step_increment", "temporary", step_bytes, phase)]
+        lists = spec.foreach_temporaries(config.optimizer)
+        made = [alloc(f"{p.name}.{t}", "temporary", p.numel * elem, phase) for t in lists for p in params]
+        return events + made + [free(e.name, e.role, e.nbytes, phase) for e in reversed(made)]
+    return events + _for_loop_events(spec, params, config, elem, step_bytes, first)
+
+
+def _for_loop_events(
+    spec: OptimizerSpec, params: list[ParamTensor], config: Config, elem: int, step_bytes: int, first: bool
+) -> list[Event]:
+    phase = "optimizer_step"
+    script = spec.loop_script(config.optimizer)
+    events: list[Event] = []
+    previous: dict[str, Event] = {}  # temporaries of the previous parameter still bound to a name
     for p in params:
-        events += [free(e.name, e.role, e.nbytes, phase) for e in rebound]
-        rebound = []
         if first and spec.state_init == "first_step_inline":
             events += _state_events(spec, [p], config, phase, step_bytes)
-        made = [alloc(f"{p.name}.{t.name}", "temporary", p.numel * elem, phase) for t in temps]
-        events += made
-        lifetimes = {f"{p.name}.{t.name}": t.lifetime for t in temps}
-        events += [free(e.name, e.role, e.nbytes, phase) for e in made if lifetimes[e.name] == "expression"]
-        events += [free(e.name, e.role, e.nbytes, phase) for e in held]
-        held = [e for e in made if lifetimes[e.name] == "loop_variable"]
-        rebound = [e for e in made if lifetimes[e.name] == "iteration"]
-    events += [free(e.name, e.role, e.nbytes, phase) for e in held + rebound]
-    return events
+        current: dict[str, Event] = {}
+        for op in script:
+            if op.action == "alloc":
+                current[op.name] = alloc(f"{p.name}.{op.name}", "temporary", p.numel * elem, phase)
+                events.append(current[op.name])
+            elif op.action == "free":
+                done = current.pop(op.name)
+                events.append(free(done.name, done.role, done.nbytes, phase))
+            elif op.name in previous:
+                done = previous.pop(op.name)
+                events.append(free(done.name, done.role, done.nbytes, phase))
+        previous.update(current)
+    return events + [free(e.name, e.role, e.nbytes, phase) for e in previous.values()]
 
 
 def _zero_grad_events(params: list[ParamTensor], shape: StepShape) -> list[Event]:

@@ -8,9 +8,10 @@ Registry pattern after ``torch.utils.flop_counter``: a decorator that refuses du
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from math import prod
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from estimator.events import Event
 

@@ -1,0 +1,134 @@
+"""The public analytic API: a config in, an :class:`Estimate` out. Never imports torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from estimator.config import Config
+from estimator.families.base import FlopCount, ParamTensor, get_family
+from estimator.optimizers import get_optimizer
+from estimator.precision import precision_plan
+from estimator.simulate import STEP_TENSOR_BYTES, SimulatedStep, resolve_implementation, simulate, state_nbytes
+
+
+@dataclass(frozen=True)
+class MemoryTerms:
+    """The seed's first-order memory terms (section 6), in bytes, and their sum."""
+
+    parameters: int
+    activations: int
+    gradients: int
+    optimizer_state: int
+    optimizer_step_tensors: int  # torch's per-parameter 'step' scalars, kept apart from the seed's sum
+
+    @property
+    def total(self) -> int:
+        return self.parameters + self.activations + self.gradients + self.optimizer_state
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Everything the analytic path computes for one config."""
+
+    config: Config
+    device: str
+    implementation: str
+    parameters: int
+    trainable_parameters: int
+    memory: MemoryTerms
+    flops: FlopCount
+    step: SimulatedStep
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.step.steady_peak.bytes
+
+    @property
+    def first_step_peak_bytes(self) -> int:
+        return self.step.first_peak.bytes
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object printed by ``estimate --json`` (bytes and FLOPs exact integers)."""
+        m, f = self.memory, self.flops
+        return {
+            "parameters": self.parameters,
+            "trainable_parameters": self.trainable_parameters,
+            "memory": {
+                "parameters": m.parameters,
+                "activations": m.activations,
+                "gradients": m.gradients,
+                "optimizer_state": m.optimizer_state,
+                "total": m.total,
+                "optimizer_step_tensors": m.optimizer_step_tensors,
+            },
+            "flops": {
+                "per_step": f.per_step,
+                "forward": f.forward,
+                "backward": f.backward,
+                "matmul": f.matmul,
+                "matmul_forward": f.matmul_forward,
+                "attention": f.attention,
+            },
+            "peak_bytes": self.peak_bytes,
+            "first_step_peak_bytes": self.first_step_peak_bytes,
+            "peak_phase": self.step.steady_peak.phase,
+            "first_step_peak_phase": self.step.first_peak.phase,
+            "peak_by_role": self.step.steady_peak.by_role,
+            "optimizer": self.config.optimizer.name,
+            "precision": self.config.training.precision,
+            "device": self.device,
+            "implementation": self.implementation,
+            "config": self.config.model_dump(mode="json"),
+        }
+
+
+def estimate(config: Config | None = None, device: str | None = None) -> Estimate:
+    """Memory, FLOPs and the simulated peak of one training step of ``config``.
+
+    ``device`` ("cpu" or "cuda") overrides ``config.device``: it decides the CUDA allocator's
+    512-byte rounding, where torch keeps the 'step' scalars, and torch.optim's default kernel.
+    """
+    config = config or Config()
+    target = device or config.device
+    family = get_family(config.model.family)
+    plan = precision_plan(config.training.precision)
+    spec = get_optimizer(config.optimizer.name)
+    params = family.parameters(config.model)
+    trainable = [p for p in params if p.trainable]
+    n_params = sum(p.numel for p in params)
+    n_trainable = sum(p.numel for p in trainable)
+    memory = MemoryTerms(
+        parameters=n_params * plan.parameter_bytes,
+        activations=family.activation_elements(config.model, config.training) * plan.activation_bytes,
+        gradients=n_trainable * plan.gradient_bytes,
+        optimizer_state=sum(b for p in trainable for _, b in state_nbytes(spec, p, config)),
+        optimizer_step_tensors=STEP_TENSOR_BYTES * len(trainable) if spec.step_tensor else 0,
+    )
+    return Estimate(
+        config=config,
+        device=target,
+        implementation=resolve_implementation(config, target),
+        parameters=n_params,
+        trainable_parameters=n_trainable,
+        memory=memory,
+        flops=family.flops(config.model, config.training),
+        step=simulate(config, target),
+    )
+
+
+def compare(config: Config, optimizers: list[str], device: str | None = None) -> list[Estimate]:
+    """The same step under each optimizer in ``optimizers`` (names validated like the config's)."""
+    from estimator.loader import validate_config
+
+    results = []
+    for name in optimizers:
+        data = config.model_dump(mode="json")
+        data["optimizer"] = {"name": name, "implementation": config.optimizer.implementation}
+        results.append(estimate(validate_config(data), device))
+    return results
+
+
+def parameter_tensors(config: Config) -> list[ParamTensor]:
+    """The parameter tensors of the configured model (name, shape, trainable)."""
+    return get_family(config.model.family).parameters(config.model)

@@ -1,0 +1,174 @@
+"""The ``estimator`` command: parse options -> call the API -> render. No formulas here."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+
+from estimator.errors import EstimatorError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=False,
+    help="Memory and FLOPs of one training step: estimated instantly, then verified for real.",
+    pretty_exceptions_enable=False,
+)
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+ConfigArg = typer.Argument(None, help="YAML or JSON config; none = the seed's example (B=2, D=4, AdaGrad)")
+SetOpt = typer.Option(None, "--set", "-s", help="override a field: --set training.batch_size=8 (repeatable)")
+BatchOpt = typer.Option(None, "--batch-size", "-b", help="shortcut for --set training.batch_size=N")
+OptimOpt = typer.Option(None, "--optimizer", "-o", help="shortcut for --set optimizer.name=NAME")
+PrecOpt = typer.Option(None, "--precision", "-p", help="fp32 | bf16 | fp16 | amp-bf16 | amp-fp16")
+ModelOpt = typer.Option(None, "--model", "-m", help="a preset name (see `estimator models`)")
+JsonOpt = typer.Option(False, "--json", help="print one JSON object to stdout instead of tables")
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn EstimatorError into 'error: ...' lines on stderr and exit code 2 (never a traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except EstimatorError as exc:
+            for problem in exc.problems:
+                err.print(f"error: {problem}", markup=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def build_config(
+    path: Optional[Path],
+    sets: Optional[list[str]],
+    batch_size: Optional[int] = None,
+    optimizer: Optional[str] = None,
+    precision: Optional[str] = None,
+    model: Optional[str] = None,
+    device: Optional[str] = None,
+) -> Any:
+    """Load the config and apply the shortcut options, then the --set overrides (which win)."""
+    from estimator.loader import load_config, read_config_file
+
+    overrides: list[str] = []
+    if batch_size is not None:
+        overrides.append(f"training.batch_size={batch_size}")
+    if optimizer is not None:
+        overrides.append(f"optimizer.name={optimizer}")
+    if precision is not None:
+        overrides.append(f"training.precision={precision}")
+    if device is not None:
+        overrides.append(f"device={device}")
+    overrides += sets or []
+    if model is None:
+        return load_config(path, overrides)
+    data = read_config_file(path) if path is not None else {}
+    data["model"] = {"preset": model}
+    return load_config(None, overrides, base=data)
+
+
+def emit_json(payload: Any) -> None:
+    sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+
+
+@app.command()
+@user_errors
+def estimate(
+    config: Optional[Path] = ConfigArg,
+    set_: Optional[list[str]] = SetOpt,
+    batch_size: Optional[int] = BatchOpt,
+    optimizer: Optional[str] = OptimOpt,
+    precision: Optional[str] = PrecOpt,
+    model: Optional[str] = ModelOpt,
+    device: Optional[str] = typer.Option(None, "--device", "-d", help="cuda | cpu (default: the config's, cuda)"),
+    as_json: bool = JsonOpt,
+    timeline: bool = typer.Option(False, "--timeline", help="draw live bytes over the step's phases"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="write the timeline chart to this PNG (matplotlib)"),
+) -> None:
+    """Estimate memory, the peak and FLOPs of one training step (no torch needed)."""
+    from estimator.api import estimate as run_estimate
+
+    cfg = build_config(config, set_, batch_size, optimizer, precision, model, device)
+    result = run_estimate(cfg)
+    if plot is not None:
+        from estimator.plot import plot_timeline
+
+        plot_timeline(plot, estimated=result)
+    if as_json:
+        emit_json(result.to_json())
+        return
+    from estimator.report import render_estimate
+
+    render_estimate(result, out, timeline=timeline)
+    if plot is not None:
+        out.print(f"wrote {plot}")
+
+
+@app.command()
+@user_errors
+def compare(
+    config: Optional[Path] = ConfigArg,
+    optimizers: str = typer.Option(
+        "sgd,momentum,adagrad,rmsprop,adam,adamw", "--optimizers", help="comma-separated optimizer names"
+    ),
+    set_: Optional[list[str]] = SetOpt,
+    batch_size: Optional[int] = BatchOpt,
+    precision: Optional[str] = PrecOpt,
+    model: Optional[str] = ModelOpt,
+    device: Optional[str] = typer.Option(None, "--device", "-d", help="cuda | cpu"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Compare the same step under several optimizers."""
+    from estimator.api import compare as run_compare
+
+    cfg = build_config(config, set_, batch_size, None, precision, model, device)
+    names = [n.strip() for n in optimizers.split(",") if n.strip()]
+    if not names:
+        raise EstimatorError("--optimizers: give at least one optimizer name, e.g. sgd,adam")
+    results = run_compare(cfg, names)
+    if as_json:
+        emit_json([{"optimizer": r.config.optimizer.name, **r.to_json()} for r in results])
+        return
+    from estimator.report import render_compare
+
+    render_compare(results, out)
+
+
+@app.command()
+@user_errors
+def optimizers(as_json: bool = JsonOpt) -> None:
+    """List the registered optimizers: state tensors per parameter, update rule, source."""
+    from estimator.optimizers import get_optimizer, optimizer_names
+    from estimator.report import optimizer_state_summary, render_optimizers
+
+    if as_json:
+        emit_json([
+            {"name": n, "state": optimizer_state_summary(n), "update_rule": get_optimizer(n).update_rule,
+             "source": get_optimizer(n).source, "torch_class": get_optimizer(n).torch_class,
+             "step_tensor": get_optimizer(n).step_tensor}
+            for n in optimizer_names()
+        ])
+        return
+    render_optimizers(out)
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of the config file (for editor completion)."""
+    from estimator.config import Config
+
+    emit_json(Config.model_json_schema())
+
+
+def main() -> None:
+    """Entry point of the console script and of ``python -m estimator``."""
+    app(prog_name="estimator")

@@ -1,0 +1,417 @@
+"""The decoder-only transformer family: GPT-2, Llama, Mistral, Qwen2, GPT-NeoX as one config.
+
+Pure Python (no torch). Every number here describes the project's own torch implementation,
+``estimator.measure.transformer`` (a nanoGPT-style model), and is tested against it; see
+``docs/transformer.md`` for the formulas, their sources and how they compare with the literature.
+
+Notation used throughout: B batch, S sequence length, T = B·S tokens, d = d_model, L layers,
+H query heads, K key/value heads, h head size, F d_ff, V vocabulary, r rotary dims per head.
+FLOPs count 2 per multiply-add (the convention of Kaplan et al. 2020 and of FlopCounterMode).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from estimator.config import StrictModel, TrainingConfig
+from estimator.errors import EstimatorError
+from estimator.events import Event, alloc, free
+from estimator.families.base import FlopCount, ParamTensor, StepShape, register_family
+
+
+class TransformerConfig(StrictModel):
+    """A decoder-only transformer; the defaults are GPT-2 small (124M)."""
+
+    family: Literal["transformer"] = "transformer"
+    vocab_size: int = Field(50257, gt=0, description="V, the vocabulary size (rows of the token embedding)")
+    d_model: int = Field(768, gt=0, description="d, the width of the residual stream")
+    num_layers: int = Field(12, gt=0, description="L, the number of transformer blocks")
+    num_heads: int = Field(12, gt=0, description="H, attention (query) heads per block")
+    num_kv_heads: int | None = Field(
+        None, gt=0, description="K, key/value heads (grouped-query attention); null = num_heads (multi-head)"
+    )
+    head_dim: int | None = Field(
+        None, gt=0, description="h, the size of one head; null = d_model / num_heads"
+    )
+    d_ff: int | None = Field(
+        None, gt=0, description="F, the MLP hidden width; null = 4·d_model (gelu only; swiglu needs it given)"
+    )
+    mlp: Literal["gelu", "swiglu"] = Field(
+        "gelu", description="gelu: up, GELU, down (GPT-2) | swiglu: down(silu(gate)·up) (Llama)"
+    )
+    norm: Literal["layernorm", "rmsnorm"] = Field(
+        "layernorm", description="layernorm (weight, and bias if `bias`) | rmsnorm (weight only)"
+    )
+    bias: bool = Field(True, description="biases on every linear layer and layernorm (GPT-2, GPT-NeoX)")
+    qkv_bias: bool = Field(
+        False, description="biases on the query/key/value projections only (Qwen2); implied by `bias`"
+    )
+    positions: Literal["learned", "rope"] = Field(
+        "learned", description="learned: a max_seq_len x d position embedding (GPT-2) | rope: rotary (Llama)"
+    )
+    rotary_pct: float = Field(
+        1.0, gt=0, le=1, description="fraction of each head rotated by RoPE (GPT-NeoX uses 0.25)"
+    )
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency θ")
+    parallel_residual: bool = Field(
+        False, description="x + attn(norm1(x)) + mlp(norm2(x)) in one step (GPT-NeoX) instead of two"
+    )
+    max_seq_len: int = Field(1024, gt=0, description="the longest sequence (rows of a learned position table)")
+    tie_embeddings: bool = Field(True, description="the output head reuses the token embedding matrix")
+    attention: Literal["sdpa", "eager"] = Field(
+        "sdpa",
+        description="the torch implementation's kernel: sdpa (F.scaled_dot_product_attention, "
+        "saves no S x S scores) | eager (softmax(QKᵀ/√h + mask)·V, saves the probabilities)",
+    )
+    norm_eps: float = Field(1e-5, gt=0, description="ε of the normalisation layers")
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> TransformerConfig:
+        if self.head_dim is None and self.d_model % self.num_heads:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads}), or give head_dim"
+            )
+        if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.mlp == "swiglu" and self.d_ff is None:
+            raise ValueError("d_ff must be given for mlp: swiglu (there is no standard default)")
+        if self.positions == "rope":
+            rot = int(self.head_size * self.rotary_pct)
+            if rot < 2 or rot % 2:
+                raise ValueError(
+                    f"rotary dims per head (head size {self.head_size} x rotary_pct {self.rotary_pct} = {rot}) "
+                    "must be even and at least 2"
+                )
+        elif self.rotary_pct != 1.0:
+            raise ValueError("rotary_pct applies to positions: rope only")
+        return self
+
+    # Derived sizes (properties, so they never disagree with the fields).
+    @property
+    def kv_heads(self) -> int:
+        """K: key/value heads."""
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_size(self) -> int:
+        """h: the size of one head."""
+        return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        """F: the MLP hidden width."""
+        return self.d_ff or 4 * self.d_model
+
+    @property
+    def rotary_dim(self) -> int:
+        """r: the rotated dims per head (0 without RoPE); HF's ``int(head_size * rotary_pct)``."""
+        return int(self.head_size * self.rotary_pct) if self.positions == "rope" else 0
+
+    @property
+    def linear_bias(self) -> bool:
+        return self.bias
+
+    @property
+    def qkv_has_bias(self) -> bool:
+        return self.bias or self.qkv_bias
+
+    @property
+    def norm_has_bias(self) -> bool:
+        """LayerNorm carries a bias iff ``bias`` (nanoGPT's convention); RMSNorm never does."""
+        return self.norm == "layernorm" and self.bias
+
+
+def tokens_per_sequence(model: TransformerConfig, training: TrainingConfig) -> int:
+    """S: ``training.seq_len``, or ``model.max_seq_len`` when it is not given (documented default)."""
+    seq = training.seq_len if training.seq_len is not None else model.max_seq_len
+    if seq > model.max_seq_len:
+        raise EstimatorError(
+            f"training.seq_len: {seq} exceeds the model's max_seq_len {model.max_seq_len}"
+        )
+    return seq
+
+
+# --------------------------------------------------------------------------------------------
+# Parameters
+
+
+def parameter_tensors(model: TransformerConfig) -> list[ParamTensor]:
+    """Every parameter by name and shape, in ``named_parameters()`` order of the torch model.
+
+    Linear weights are (out, in) like ``nn.Linear``. Exact for the published architectures: GPT-2
+    (learned positions, biased layernorms and linears, tied head), Llama/Mistral (RMSNorm weight,
+    no biases, SwiGLU, untied head), Qwen2 (plus q/k/v biases), GPT-NeoX (biased, untied).
+    """
+    d, h, hq, hk, f, v = (model.d_model, model.head_size, model.num_heads, model.kv_heads,
+                          model.ffn_dim, model.vocab_size)
+    out: list[ParamTensor] = [ParamTensor("tok_emb.weight", (v, d))]
+    if model.positions == "learned":
+        out.append(ParamTensor("pos_emb.weight", (model.max_seq_len, d)))
+
+    def norm(prefix: str) -> list[ParamTensor]:
+        tensors = [ParamTensor(f"{prefix}.weight", (d,))]
+        if model.norm_has_bias:
+            tensors.append(ParamTensor(f"{prefix}.bias", (d,)))
+        return tensors
+
+    def linear(prefix: str, n_in: int, n_out: int, bias: bool) -> list[ParamTensor]:
+        tensors = [ParamTensor(f"{prefix}.weight", (n_out, n_in))]
+        if bias:
+            tensors.append(ParamTensor(f"{prefix}.bias", (n_out,)))
+        return tensors
+
+    for i in range(model.num_layers):
+        p = f"blocks.{i}"
+        out += norm(f"{p}.norm1")
+        out += linear(f"{p}.attn.q_proj", d, hq * h, model.qkv_has_bias)
+        out += linear(f"{p}.attn.k_proj", d, hk * h, model.qkv_has_bias)
+        out += linear(f"{p}.attn.v_proj", d, hk * h, model.qkv_has_bias)
+        out += linear(f"{p}.attn.o_proj", hq * h, d, model.linear_bias)
+        out += norm(f"{p}.norm2")
+        if model.mlp == "swiglu":
+            out += linear(f"{p}.mlp.gate_proj", d, f, model.linear_bias)
+        out += linear(f"{p}.mlp.up_proj", d, f, model.linear_bias)
+        out += linear(f"{p}.mlp.down_proj", f, d, model.linear_bias)
+    out += norm("norm_f")
+    if not model.tie_embeddings:
+        out.append(ParamTensor("lm_head.weight", (v, d)))
+    return out
+
+
+def parameter_count(model: TransformerConfig) -> int:
+    """Total parameters (a tied head counted once, as ``sum(p.numel() for p in model.parameters())``)."""
+    return sum(p.numel for p in parameter_tensors(model))
+
+
+def embedding_parameters(model: TransformerConfig) -> int:
+    """Token (and learned position) embedding parameters; the untied head is not an embedding here."""
+    n = model.vocab_size * model.d_model
+    return n + (model.max_seq_len * model.d_model if model.positions == "learned" else 0)
+
+
+def flop_parameters(model: TransformerConfig) -> int:
+    """N of the 6·N·D rule: every parameter except the embedding lookups, plus the head matrix.
+
+    Kaplan et al. 2020 (Table 1) use non-embedding N and leave out the de-embedding matmul; we
+    keep it (2·d·V FLOPs per token forward, a third of GPT-2 small's compute), counting the tied
+    matrix once as the head. Norm weights and biases are in N though they do no matmul.
+    """
+    head = model.vocab_size * model.d_model
+    return parameter_count(model) - embedding_parameters(model) + head
+
+
+# --------------------------------------------------------------------------------------------
+# FLOPs
+
+
+@dataclass(frozen=True)
+class MatmulFlops:
+    """The exact matmul FLOPs FlopCounterMode reports for one step of the torch implementation.
+
+    ``recompute`` is the forward rerun by activation checkpointing during backward (0 without);
+    ``total`` = forward + backward + recompute, which is what one FlopCounterMode around the
+    whole step reports.
+    """
+
+    forward: int
+    backward: int
+    recompute: int
+
+    @property
+    def total(self) -> int:
+        return self.forward + self.backward + self.recompute
+
+
+def _block_linear_weights(model: TransformerConfig) -> int:
+    """Multiply-adds per token of one block's linear layers (weights only, no biases)."""
+    d, h, hq, hk, f = model.d_model, model.head_size, model.num_heads, model.kv_heads, model.ffn_dim
+    mlp_mats = 3 if model.mlp == "swiglu" else 2
+    return d * (hq + 2 * hk) * h + hq * h * d + mlp_mats * d * f
+
+
+def matmul_flops(model: TransformerConfig, training: TrainingConfig) -> MatmulFlops:
+    """Every mm/addmm/bmm/SDPA FLOP of one training step, as FlopCounterMode counts them.
+
+    Per block and step (T tokens): linears 2·T·W forward, 4·T·W backward (input and weight
+    gradients; every block input requires grad). Attention forward 4·B·H·S²·h for both kernels
+    (QKᵀ and P·V, causal mask not discounted: torch's ``sdpa_flop`` and a dense bmm both count the
+    full S x S). Attention backward: eager 8·B·H·S²·h (two bmms per forward bmm); sdpa 10·B·H·S²·h,
+    torch's ``sdpa_backward_flop`` formula (it includes recomputing QKᵀ), which
+    ``estimator.measure.flop_formulas`` registers for the CPU kernel. Head: 2·T·d·V forward,
+    4·T·d·V backward. The embedding, norms, softmax, RoPE and the loss do no matmul.
+
+    Checkpointing (``full``) reruns each block's forward in backward, except the block's last
+    linear (``down_proj``): torch's non-reentrant checkpoint stops the rerun as soon as the last
+    saved tensor is repacked, which happens when ``down_proj``'s inputs are saved, before its
+    matmul runs (``torch.utils.checkpoint`` early stop, on by default).
+    """
+    seq = tokens_per_sequence(model, training)
+    t = training.batch_size * seq
+    w = _block_linear_weights(model)
+    attn_fwd = 4 * model.num_heads * model.head_size * seq * t
+    attn_bwd = (10 if model.attention == "sdpa" else 8) * model.num_heads * model.head_size * seq * t
+    head = model.vocab_size * model.d_model
+    layers = model.num_layers
+    forward = layers * (2 * t * w + attn_fwd) + 2 * t * head
+    backward = layers * (4 * t * w + attn_bwd) + 4 * t * head
+    recompute = 0
+    if training.activation_checkpointing == "full":
+        recompute = layers * (2 * t * w + attn_fwd - 2 * t * model.ffn_dim * model.d_model)
+    return MatmulFlops(forward, backward, recompute)
+
+
+# --------------------------------------------------------------------------------------------
+# Activations
+
+#: Dtype classes of saved tensors. "act": the activation dtype (16-bit matmul inputs/outputs
+#: under autocast); "stream": the residual stream's dtype (the parameter dtype: fp32 under
+#: autocast); "fp32": always float32 (SDPA's logsumexp, RMSNorm's upcast statistics).
+Kind = Literal["act", "stream", "fp32"]
+
+
+@dataclass(frozen=True)
+class SavedTensor:
+    """One tensor that autograd keeps from forward to backward (one storage, counted once)."""
+
+    name: str
+    numel: int
+    kind: Kind
+    layer: int  # block index; -1 before the blocks (embedding, RoPE tables), L after (head, loss)
+
+    def nbytes(self, shape: StepShape) -> int:
+        return self.numel * kind_bytes(self.kind, shape)
+
+
+def kind_bytes(kind: str, shape: StepShape) -> int:
+    """Bytes per element of a dtype class under a precision plan."""
+    if kind == "fp32":
+        return 4
+    if kind == "stream":
+        return shape.parameter_bytes
+    return shape.activation_bytes
+
+
+def _norm_saved(model: TransformerConfig, prefix: str, x_name: str, t: int, layer: int,
+                shares_input: bool, fp32_step: bool) -> list[SavedTensor]:
+    """What one norm saves, beyond its weight/bias (parameters).
+
+    LayerNorm (``native_layer_norm``): its input, mean and rstd (T each). Our RMSNorm (HF Llama's:
+    upcast to fp32, ``x·rsqrt(mean(x²)+ε)``, cast back, times weight): the fp32 input (``pow`` and
+    ``mul`` save it; the input itself when the stream already is fp32), rstd (fp32, T) and the
+    normalised tensor before the weight (``mul`` by the weight saves it).
+    ``shares_input``: the input was already saved by another norm (parallel residual).
+    """
+    d = model.d_model
+    out: list[SavedTensor] = []
+    if model.norm == "layernorm":
+        if not shares_input:
+            out.append(SavedTensor(x_name, d * t, "stream", layer))
+        out += [SavedTensor(f"{prefix}.mean", t, "stream", layer),
+                SavedTensor(f"{prefix}.rstd", t, "stream", layer)]
+        return out
+    if fp32_step:  # x.float() is x itself: the saved input is the stream tensor
+        if not shares_input:
+            out.append(SavedTensor(x_name, d * t, "stream", layer))
+    else:
+        out.append(SavedTensor(f"{prefix}.x_fp32", d * t, "fp32", layer))
+    out += [SavedTensor(f"{prefix}.rstd", t, "fp32", layer),
+            SavedTensor(f"{prefix}.normed", d * t, "stream", layer)]
+    return out
+
+
+def saved_tensors(model: TransformerConfig, training: TrainingConfig) -> list[SavedTensor]:
+    """Every tensor the torch implementation saves for backward in one step, in forward order.
+
+    Parameters (and their views), the token ids and the targets are excluded; each storage is
+    listed once (views such as q/k/v heads count as the projection output they view).
+    """
+    seq = tokens_per_sequence(model, training)
+    b = training.batch_size
+    t = b * seq
+    d, h, hq, hk, f, v = (model.d_model, model.head_size, model.num_heads, model.kv_heads,
+                          model.ffn_dim, model.vocab_size)
+    autocast = training.precision.startswith("amp")
+    fp32_step = training.precision == "fp32" or autocast  # the residual stream is fp32
+    layers = model.num_layers
+    out: list[SavedTensor] = []
+    if model.positions == "rope":
+        # cos and sin (S x r), built once per forward and saved by the RoPE multiplications.
+        out += [SavedTensor("rope.cos", seq * model.rotary_dim, "act", -1),
+                SavedTensor("rope.sin", seq * model.rotary_dim, "act", -1)]
+    if training.activation_checkpointing == "full":
+        # Only each block's input, saved by the checkpoint (its _NoopSaveInputs node).
+        out += [SavedTensor(f"blocks.{i}.x_in", d * t, "stream", i) for i in range(layers)]
+    else:
+        for i in range(layers):
+            out += _block_saved(model, i, b, seq, fp32_step, autocast)
+    x_last = f"blocks.{layers - 1}.x_out"
+    out += _norm_saved(model, "norm_f", x_last, t, layers, False, fp32_step)
+    out.append(SavedTensor("lm_head.x_in", d * t, "act", layers))
+    # cross_entropy = log_softmax (saves its output) + nll_loss (saves that and the total weight,
+    # a 0-dim tensor). Under autocast cross_entropy runs in fp32.
+    loss_kind: Kind = "fp32" if autocast else "act"
+    out += [SavedTensor("loss.log_probs", v * t, loss_kind, layers),
+            SavedTensor("loss.total_weight", 1, loss_kind, layers)]
+    return out
+
+
+def _block_saved(model: TransformerConfig, i: int, b: int, seq: int, fp32_step: bool,
+                 autocast: bool) -> list[SavedTensor]:
+    """What block ``i`` saves (no checkpointing); see docs/transformer.md for the table.
+
+    Under autocast every linear casts its fp32 input to 16 bits itself (autocast caches only the
+    weight casts), so q/k/v projections save three copies of their input, SwiGLU's gate/up two.
+    """
+    t = b * seq
+    d, h, hq, hk, f = model.d_model, model.head_size, model.num_heads, model.kv_heads, model.ffn_dim
+    p = f"blocks.{i}"
+    out = _norm_saved(model, f"{p}.norm1", f"{p}.x_in", t, i, False, fp32_step)
+    out.append(SavedTensor(f"{p}.attn.x_in", d * t, "act", i))  # q/k/v projections' input
+    if autocast:
+        out += [SavedTensor(f"{p}.attn.x_in.k", d * t, "act", i), SavedTensor(f"{p}.attn.x_in.v", d * t, "act", i)]
+    if model.attention == "sdpa":
+        # SDPA (flash kernel, GQA native): q, k, v, output and logsumexp. The output is laid out
+        # (B, S, H, h), so o_proj's input is a view of it: no separate copy.
+        out += [SavedTensor(f"{p}.attn.q", hq * h * t, "act", i),
+                SavedTensor(f"{p}.attn.k", hk * h * t, "act", i),
+                SavedTensor(f"{p}.attn.v", hk * h * t, "act", i),
+                SavedTensor(f"{p}.attn.out", hq * h * t, "act", i),
+                SavedTensor(f"{p}.attn.lse", hq * t, "fp32", i)]
+    else:
+        # Eager: the two bmms save their inputs (q, k and v broadcast to H heads) and the softmax
+        # its output P (B·H·S²), which the P·V bmm saves too (same storage); o_proj saves the
+        # (B, S, H·h) copy of the attention output.
+        out += [SavedTensor(f"{p}.attn.q", hq * h * t, "act", i),
+                SavedTensor(f"{p}.attn.k", hq * h * t, "act", i),
+                SavedTensor(f"{p}.attn.probs", hq * seq * t, "act", i),
+                SavedTensor(f"{p}.attn.v", hq * h * t, "act", i),
+                SavedTensor(f"{p}.attn.y", hq * h * t, "act", i)]
+    x2 = f"{p}.x_in" if model.parallel_residual else f"{p}.x_mid"
+    out += _norm_saved(model, f"{p}.norm2", x2, t, i, model.parallel_residual, fp32_step)
+    out.append(SavedTensor(f"{p}.mlp.x_in", d * t, "act", i))
+    if autocast and model.mlp == "swiglu":
+        out.append(SavedTensor(f"{p}.mlp.x_in.up", d * t, "act", i))
+    if model.mlp == "swiglu":
+        out += [SavedTensor(f"{p}.mlp.gate", f * t, "act", i),
+                SavedTensor(f"{p}.mlp.silu", f * t, "act", i),
+                SavedTensor(f"{p}.mlp.up", f * t, "act", i),
+                SavedTensor(f"{p}.mlp.hidden", f * t, "act", i)]
+    else:
+        out += [SavedTensor(f"{p}.mlp.up", f * t, "act", i),
+                SavedTensor(f"{p}.mlp.hidden", f * t, "act", i)]
+    return out
+
+
+def activation_elements_of(model: TransformerConfig, training: TrainingConfig) -> int:
+    """Elements saved for backward in one step (all dtype classes together)."""
+    return sum(s.numel for s in saved_tensors(model, training))
+
+
+def activation_bytes(model: TransformerConfig, training: TrainingConfig, shape: StepShape) -> int:
+    """Bytes saved for backward in one step, each tensor at its dtype class's size."""
+    return sum(s.nbytes(shape) for s in saved_tensors(model, training))

@@ -1,0 +1,190 @@
+"""Read a local Hugging Face ``config.json`` into TransformerConfig field values (no transformers).
+
+Supported ``model_type``s and what each maps to (all parameter counts exact):
+
+* ``gpt2``: learned positions, biased layernorm and linears, GELU MLP (``n_inner`` or 4·d), tied head.
+* ``llama``, ``mistral``: RoPE, RMSNorm, SwiGLU, no biases (``attention_bias``/``mlp_bias`` must
+  agree), GQA, optional ``head_dim``; untied unless ``tie_word_embeddings``.
+* ``qwen2``: as llama plus biases on the q/k/v projections only (``qkv_bias``).
+* ``phi3``: llama-shaped (its fused qkv_proj / gate_up_proj hold the same parameters).
+* ``gpt_neox``: biased layernorm and linears, GELU MLP, partial RoPE (``rotary_pct``), parallel
+  residual (``use_parallel_residual``), untied ``embed_out``.
+
+Settings that change neither the parameter count nor what our torch model computes within
+``max_seq_len`` are ignored: dropout, ``rope_scaling``, ``sliding_window`` (Mistral/Qwen2
+attend to a window only beyond it), initialisers, token ids. Model types whose blocks differ
+(q/k norms as in qwen3, MoE, Gemma's scaled embeddings) are refused rather than approximated.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from estimator.errors import EstimatorError
+
+_MISSING = object()
+
+
+class _Reader:
+    """Typed access to one config.json with errors that name the file and key."""
+
+    def __init__(self, path: Path, data: dict[str, Any]) -> None:
+        self.path, self.data = path, data
+
+    def get(self, key: str, default: Any = _MISSING, kind: type | tuple[type, ...] = int) -> Any:
+        value = self.data.get(key, default)
+        if value is _MISSING:
+            raise EstimatorError(f"{self.path}: missing key {key!r} (model_type {self.data.get('model_type')!r})")
+        if value is None and default is None:
+            return None
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+            raise EstimatorError(f"{self.path}: key {key!r} must be {names}, got {value!r}")
+        return value
+
+    def first(self, keys: tuple[str, ...], default: Any = _MISSING, kind: type = int) -> Any:
+        """The first of ``keys`` present (configs renamed some keys across versions)."""
+        for key in keys:
+            if key in self.data:
+                return self.get(key, kind=kind)
+        if default is _MISSING:
+            raise EstimatorError(f"{self.path}: missing key {keys[0]!r} (model_type {self.data.get('model_type')!r})")
+        return default
+
+    def rope_theta(self, default: float, legacy: str = "rope_theta") -> float:
+        """``rope_theta`` at the top level or, in newer configs, inside ``rope_parameters``."""
+        params = self.data.get("rope_parameters")
+        if isinstance(params, dict) and "rope_theta" in params:
+            return _Reader(self.path, params).get("rope_theta", kind=float)
+        return self.get(legacy, default, kind=float)
+
+    def refuse(self, message: str) -> EstimatorError:
+        return EstimatorError(f"{self.path}: {message}")
+
+
+def _gpt2(r: _Reader) -> dict[str, Any]:
+    return {
+        "vocab_size": r.get("vocab_size"),
+        "d_model": r.get("n_embd"),
+        "num_layers": r.get("n_layer"),
+        "num_heads": r.get("n_head"),
+        "d_ff": r.get("n_inner", None),
+        "mlp": "gelu",
+        "norm": "layernorm",
+        "bias": True,
+        "positions": "learned",
+        "max_seq_len": r.get("n_positions"),
+        "tie_embeddings": r.get("tie_word_embeddings", True, kind=bool),
+        "norm_eps": r.get("layer_norm_epsilon", 1e-5, kind=float),
+    }
+
+
+def _llama_like(r: _Reader, qkv_bias: bool = False) -> dict[str, Any]:
+    act = r.get("hidden_act", "silu", kind=str)
+    if act != "silu":
+        raise r.refuse(f"key 'hidden_act' is {act!r}; only 'silu' (SwiGLU) is supported for this model_type")
+    attention_bias = r.get("attention_bias", False, kind=bool)
+    mlp_bias = r.get("mlp_bias", False, kind=bool)
+    if attention_bias != mlp_bias:
+        raise r.refuse("key 'attention_bias' differs from 'mlp_bias'; biases on one half only are not supported")
+    rotary = r.get("partial_rotary_factor", 1.0, kind=float)
+    values: dict[str, Any] = {
+        "vocab_size": r.get("vocab_size"),
+        "d_model": r.get("hidden_size"),
+        "num_layers": r.get("num_hidden_layers"),
+        "num_heads": r.get("num_attention_heads"),
+        "num_kv_heads": r.get("num_key_value_heads", None),
+        "head_dim": r.get("head_dim", None),
+        "d_ff": r.get("intermediate_size"),
+        "mlp": "swiglu",
+        "norm": "rmsnorm",
+        "bias": attention_bias,
+        "qkv_bias": qkv_bias,
+        "positions": "rope",
+        "rope_theta": r.rope_theta(10000.0),
+        "max_seq_len": r.get("max_position_embeddings"),
+        "tie_embeddings": r.get("tie_word_embeddings", False, kind=bool),
+        "norm_eps": r.get("rms_norm_eps", 1e-6, kind=float),
+    }
+    if rotary != 1.0:
+        values["rotary_pct"] = rotary
+    return values
+
+
+def _qwen2(r: _Reader) -> dict[str, Any]:
+    return _llama_like(r, qkv_bias=True)
+
+
+def _gpt_neox(r: _Reader) -> dict[str, Any]:
+    act = r.get("hidden_act", "gelu", kind=str)
+    if not act.startswith("gelu"):
+        raise r.refuse(f"key 'hidden_act' is {act!r}; only gelu variants are supported for gpt_neox")
+    if not r.get("attention_bias", True, kind=bool):
+        raise r.refuse("key 'attention_bias' is false; gpt_neox without attention biases is not supported")
+    return {
+        "vocab_size": r.get("vocab_size"),
+        "d_model": r.get("hidden_size"),
+        "num_layers": r.get("num_hidden_layers"),
+        "num_heads": r.get("num_attention_heads"),
+        "d_ff": r.get("intermediate_size"),
+        "mlp": "gelu",
+        "norm": "layernorm",
+        "bias": True,
+        "positions": "rope",
+        "rotary_pct": r.first(("rotary_pct", "partial_rotary_factor"), 0.25, kind=float),
+        "rope_theta": r.rope_theta(10000.0, legacy="rotary_emb_base"),
+        "parallel_residual": r.get("use_parallel_residual", True, kind=bool),
+        "max_seq_len": r.get("max_position_embeddings"),
+        "tie_embeddings": r.get("tie_word_embeddings", False, kind=bool),
+        "norm_eps": r.get("layer_norm_eps", 1e-5, kind=float),
+    }
+
+
+_READERS: dict[str, Callable[[_Reader], dict[str, Any]]] = {
+    "gpt2": _gpt2,
+    "llama": _llama_like,
+    "mistral": _llama_like,
+    "qwen2": _qwen2,
+    "phi3": _llama_like,
+    "gpt_neox": _gpt_neox,
+}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_READERS)
+
+
+def read_hf_config(path: str | Path) -> dict[str, Any]:
+    """TransformerConfig field values (``family`` included) from a local HF ``config.json``.
+
+    ``path`` may be the file or the directory holding it. Problems raise EstimatorError with one
+    line naming the file (and the key).
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.is_file():
+        raise EstimatorError(f"Hugging Face config not found: {p}")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise EstimatorError(f"{p}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EstimatorError(f"cannot read {p}: {exc}") from None
+    if not isinstance(data, dict):
+        raise EstimatorError(f"{p}: expected a JSON object, got {type(data).__name__}")
+    model_type = data.get("model_type")
+    if model_type is None:
+        raise EstimatorError(f"{p}: missing key 'model_type'")
+    reader = _READERS.get(model_type) if isinstance(model_type, str) else None
+    if reader is None:
+        raise EstimatorError(
+            f"{p}: unsupported model_type {model_type!r} (supported: {', '.join(supported_model_types())})"
+        )
+    values = reader(_Reader(p, data))
+    return {"family": "transformer", **{k: v for k, v in values.items() if v is not None}}

@@ -1,0 +1,1 @@
+"""Torch-side measurement of real training steps (import explicitly; nothing here is imported eagerly)."""

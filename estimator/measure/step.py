@@ -1,0 +1,531 @@
+"""Run the seed's training step for real and measure its memory and FLOPs, on the CPU or an accelerator.
+
+One code path for every device: a :class:`_StepProbe` closes a phase by reading the peak since the
+last reset and then resetting it, the way ``torch.cuda.reset_peak_memory_stats`` is meant to be
+used. Only the source of the numbers differs: on the CPU a :class:`LiveTensorTracker` (which also
+gives a per-event timeline), on CUDA/other accelerators the caching allocator's statistics.
+
+Steps: (1) ``first_step`` creates the optimizer state lazily; (2) ``steady_step`` is the one the
+estimator predicts, with ``saved_tensors_hooks`` recording what forward saves for backward (a pass-
+through hook, checked not to change any allocation); (3) a step under ``FlopCounterMode``, kept out
+of the memory figures; (4, CPU, optional) a step under the profiler for the allocator's own view.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from estimator.errors import EstimatorError
+from estimator.measure.tracker import LiveTensorTracker
+
+STEP_PHASES: tuple[str, ...] = ("forward", "loss", "backward", "optimizer_step", "zero_grad")
+
+Batch = tuple[tuple[Tensor, ...], Tensor]
+
+
+@dataclass
+class StepMeasurement:
+    """Memory of one training step; every figure includes all bytes already live when it began."""
+
+    peak_bytes: int  # max live bytes during the step, including everything live at its start
+    start_bytes: int  # live bytes when the step began
+    end_bytes: int  # after zero_grad and after the step's prediction and loss were dropped
+    peak_phase: str  # "forward" | "loss" | "backward" | "optimizer_step" | "zero_grad"
+    phase_peaks: dict[str, int]
+    timeline: list[tuple[str, int]]  # (phase, live bytes): CPU every event; else start/peak/end per phase
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON types (the timeline as [phase, bytes] pairs)."""
+        data = asdict(self)
+        data["timeline"] = [[phase, nbytes] for phase, nbytes in self.timeline]
+        return data
+
+
+@dataclass
+class Measurement:
+    """What one real run of the step showed; byte counts are storage bytes on ``device`` only."""
+
+    device: str
+    first_step: StepMeasurement  # optimizer state created lazily inside this step
+    steady_step: StepMeasurement  # second step, state already exists
+    parameters: int  # bytes of all parameters
+    gradients: int  # bytes of all .grad tensors right after backward (steady step)
+    optimizer_state: int  # bytes of optimizer.state tensors after the step, excluding 'step' scalars
+    optimizer_step_tensors: int  # bytes of the per-parameter 'step' tensors torch keeps (on this device)
+    activations: int  # bytes saved for backward, deduplicated by storage, no parameters or inputs/targets
+    inputs: int  # bytes of inputs + targets
+    flops_matmul: int  # FlopCounterMode total for one step (forward + backward)
+    cuda_reserved_bytes: int | None  # max_memory_reserved during the two measured steps (CUDA only)
+    cuda_context_bytes: int | None  # driver/context overhead from mem_get_info (CUDA only)
+    baseline_bytes: int = 0  # live bytes before the model was built (CUDA: the cuBLAS workspaces)
+    allocator_peak_bytes: int | None = None  # CPU: steady peak as the allocator saw it (profiler), if asked
+
+    def to_json(self) -> dict[str, Any]:
+        """All byte and FLOP counts as ints (``None`` where not applicable), plus ``device``."""
+        data = {k: v for k, v in asdict(self).items() if k not in ("first_step", "steady_step")}
+        data["first_step"] = self.first_step.to_json()
+        data["steady_step"] = self.steady_step.to_json()
+        return data
+
+
+# --------------------------------------------------------------------------- devices
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` (or another accelerator) -> a usable torch.device.
+
+    Raises :class:`EstimatorError` with one readable line when the device cannot be used.
+    """
+    text = str(spec).strip().lower()
+    if text == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        acc = torch.accelerator.current_accelerator(check_available=True)
+        if acc is not None:
+            return torch.device(acc.type, torch.accelerator.current_device_index())
+        return torch.device("cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise EstimatorError(f"device: unknown device '{spec}'; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (
+                "this torch build has no CUDA support"
+                if torch.version.cuda is None
+                else "no CUDA GPU is visible"
+            )
+            raise EstimatorError(f"device: '{spec}' was requested but {why}; use --device cpu")
+        count = torch.cuda.device_count()
+    else:
+        acc = torch.accelerator.current_accelerator(check_available=True)
+        if acc is None or acc.type != device.type:
+            raise EstimatorError(f"device: '{spec}' is not available here; use auto, cpu, cuda or cuda:N")
+        count = torch.accelerator.device_count()
+    index = device.index if device.index is not None else 0
+    if index >= count:
+        raise EstimatorError(
+            f"device: '{spec}' is out of range; this machine has {count} {device.type} device(s) "
+            f"({device.type}:0..{device.type}:{count - 1})"
+        )
+    return torch.device(device.type, index)
+
+
+def free_bytes(device: str | torch.device) -> int:
+    """Bytes a new allocation could still get: device free memory, or MemAvailable on the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return int(torch.accelerator.get_memory_info(device.index)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+# --------------------------------------------------------------------------- memory sources
+class _MemorySource(Protocol):
+    """Where a probe reads live/peak bytes: the CPU tracker or an accelerator's caching allocator."""
+
+    def synchronize(self) -> None: ...
+    def allocated(self) -> int: ...
+    def peak(self) -> int: ...
+    def reset_peak(self) -> None: ...
+    def label(self, phase: str) -> None: ...
+    def events_mark(self) -> int: ...
+    def events_since(self, mark: int) -> list[tuple[str, int]] | None: ...
+
+
+class _TrackerSource:
+    """CPU: the live-tensor tracker; its timeline has one sample per allocation or free."""
+
+    def __init__(self, tracker: LiveTensorTracker) -> None:
+        self.tracker = tracker
+
+    def synchronize(self) -> None:
+        pass
+
+    def allocated(self) -> int:
+        return self.tracker.live_bytes
+
+    def peak(self) -> int:
+        return self.tracker.peak_bytes
+
+    def reset_peak(self) -> None:
+        self.tracker.reset_peak()
+
+    def label(self, phase: str) -> None:
+        self.tracker.set_phase(phase)
+
+    def events_mark(self) -> int:
+        return len(self.tracker.timeline)
+
+    def events_since(self, mark: int) -> list[tuple[str, int]] | None:
+        return list(self.tracker.timeline[mark:])
+
+
+class _AllocatorSource:
+    """CUDA (torch.cuda) or another accelerator (torch.accelerator): the caching allocator's counters."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        api: Any = torch.cuda if device.type == "cuda" else torch.accelerator
+        self._api = api
+        self.reserved_peak = 0  # max_memory_reserved across the resets the probe makes
+
+    def synchronize(self) -> None:
+        self._api.synchronize(self.device)
+
+    def allocated(self) -> int:
+        return int(self._api.memory_allocated(self.device))
+
+    def peak(self) -> int:
+        return int(self._api.max_memory_allocated(self.device))
+
+    def reset_peak(self) -> None:
+        self.reserved_peak = max(self.reserved_peak, self.max_reserved())
+        self._api.reset_peak_memory_stats(self.device)
+
+    def reserved(self) -> int:
+        return int(self._api.memory_reserved(self.device))
+
+    def max_reserved(self) -> int:
+        return int(self._api.max_memory_reserved(self.device))
+
+    def mem_info(self) -> tuple[int, int]:
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+        else:
+            free, total = torch.accelerator.get_memory_info(self.device.index)
+        return int(free), int(total)
+
+    def label(self, phase: str) -> None:
+        pass
+
+    def events_mark(self) -> int:
+        return 0
+
+    def events_since(self, mark: int) -> list[tuple[str, int]] | None:
+        return None
+
+
+class _StepProbe:
+    """Per-phase peaks by resetting the peak counter at every phase boundary (same on every device)."""
+
+    def __init__(self, source: _MemorySource, on_phase: Callable[[str], None] | None, label: str) -> None:
+        self.source, self.on_phase, self.label = source, on_phase, label
+        self.phase: str | None = None
+        self.phase_peaks: dict[str, int] = {}
+        self.samples: list[tuple[str, int]] = []
+
+    def begin(self) -> None:
+        self.source.synchronize()
+        self.start = self.source.allocated()
+        self.mark = self.source.events_mark()
+        self.source.reset_peak()
+
+    def enter(self, phase: str) -> None:
+        """Close the running phase (its peak, its end sample) and start ``phase``."""
+        self._close()
+        if self.on_phase is not None:
+            self.on_phase(f"{self.label}/{phase}")
+        self.phase = phase
+        self.source.label(phase)
+        self.samples.append((phase, self.source.allocated()))
+
+    def _close(self) -> None:
+        self.source.synchronize()
+        if self.phase is not None:
+            peak = max(self.source.peak(), self.samples[-1][1])
+            self.phase_peaks[self.phase] = max(self.phase_peaks.get(self.phase, 0), peak)
+            self.samples += [(self.phase, peak), (self.phase, self.source.allocated())]
+        self.source.reset_peak()
+
+    def end(self) -> StepMeasurement:
+        self._close()
+        end = self.source.allocated()
+        peak = max([self.start, *self.phase_peaks.values()])
+        peak_phase = max(self.phase_peaks, key=lambda p: self.phase_peaks[p]) if self.phase_peaks else ""
+        timeline = self.source.events_since(self.mark)
+        return StepMeasurement(
+            peak_bytes=peak,
+            start_bytes=self.start,
+            end_bytes=end,
+            peak_phase=peak_phase,
+            phase_peaks=dict(self.phase_peaks),
+            timeline=self.samples if timeline is None else timeline,
+        )
+
+
+# --------------------------------------------------------------------------- helpers
+def _storage_bytes(tensors: Iterable[Tensor | None], device: torch.device) -> int:
+    """Bytes of the distinct storages behind ``tensors`` that live on ``device``."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if isinstance(t, Tensor) and _on_device(t, device):
+            st = t.untyped_storage()
+            seen[st.data_ptr() or id(st)] = st.nbytes()
+    return sum(seen.values())
+
+
+def _on_device(t: Tensor, device: torch.device) -> bool:
+    return t.device.type == device.type and (device.index is None or t.device.index == device.index)
+
+
+def _state_tensors(optimizer: torch.optim.Optimizer, step: bool) -> Iterator[Tensor]:
+    """Tensors in ``optimizer.state``: only the 'step' entries if ``step``, else all the others."""
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if isinstance(value, Tensor) and (key == "step") == step:
+                yield value
+
+
+class _SavedTensorCounter:
+    """A pass-through pack hook that adds up the storages forward saves for backward."""
+
+    def __init__(self, device: torch.device, exclude: Iterable[Tensor]) -> None:
+        self.device = device
+        self.excluded = {t.untyped_storage().data_ptr() for t in exclude if _on_device(t, device)}
+        self.saved: dict[int, int] = {}
+
+    def pack(self, t: Tensor) -> Tensor:
+        if _on_device(t, self.device):
+            with contextlib.suppress(RuntimeError, NotImplementedError):  # tensors without storage
+                st = t.untyped_storage()
+                ptr = st.data_ptr()
+                if ptr not in self.excluded:
+                    self.saved[ptr or id(st)] = st.nbytes()
+        return t  # keep the tensor itself: no copy, no change of lifetime
+
+    @staticmethod
+    def unpack(t: Tensor) -> Tensor:
+        return t
+
+    @property
+    def total(self) -> int:
+        return sum(self.saved.values())
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Collect now, then keep the cyclic GC from freeing tensors at arbitrary points of the step."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _warm_up(device: torch.device) -> None:
+    """Create the BLAS handles and workspaces (forward thread and autograd thread) before measuring."""
+    a = torch.randn(16, 16, device=device, requires_grad=True)
+    (a @ a).sum().backward()
+    del a
+    gc.collect()
+
+
+# --------------------------------------------------------------------------- the step
+class _Runner:
+    """Holds what one training step needs and runs it, reporting phases to a probe."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batch: Batch,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        autocast_dtype: torch.dtype | None,
+    ) -> None:
+        self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
+        self.inputs, self.target = batch
+        self.device, self.autocast_dtype = device, autocast_dtype
+        self.grad_bytes = 0
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def run(self, enter: Callable[[str], None], saved: _SavedTensorCounter | None = None) -> None:
+        """The seed's step: forward, loss, backward, optimizer.step(), zero_grad(set_to_none=True)."""
+        hooks: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        if saved is not None:
+            hooks = torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack)
+        enter("forward")
+        with self._autocast(), hooks:
+            if self.loss_fn is None:  # the model computes its own loss from (inputs, target)
+                pred = None
+                loss = self.model(*self.inputs, self.target)
+            else:
+                pred = self.model(*self.inputs)
+                enter("loss")
+                loss = self.loss_fn(pred, self.target)
+        enter("backward")
+        loss.backward()
+        self.grad_bytes = _storage_bytes((p.grad for p in self.model.parameters()), self.device)
+        enter("optimizer_step")
+        self.optimizer.step()
+        enter("zero_grad")
+        self.optimizer.zero_grad(set_to_none=True)
+        del pred, loss  # the seed's loop keeps them until the next forward; we end the step clean
+
+    def measured(
+        self, source: _MemorySource, on_phase: Callable[[str], None] | None, label: str, **kw: Any
+    ) -> StepMeasurement:
+        probe = _StepProbe(source, on_phase, label)
+        with _gc_paused():
+            probe.begin()
+            self.run(probe.enter, **kw)
+            return probe.end()
+
+
+def measure_training_step(
+    build_model: Callable[[], nn.Module],
+    make_batch: Callable[[], Batch],
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None,
+    build_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
+    device: str | torch.device,
+    autocast_dtype: torch.dtype | None = None,
+    on_phase: Callable[[str], None] | None = None,
+    allocator_check: bool = False,
+) -> Measurement:
+    """Build the model on ``device`` and measure two real training steps plus one FLOP-counted step.
+
+    ``loss_fn=None`` means ``model(*inputs, target)`` returns the loss. ``on_phase`` is called with
+    ``"setup"``, ``"first_step/forward"``, ..., ``"flops"`` (it must not allocate tensors on the
+    device). ``allocator_check`` (CPU only) adds a profiled step: ``allocator_peak_bytes``.
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        tracker: LiveTensorTracker | None = LiveTensorTracker(device, phase="setup")
+        source: _MemorySource = _TrackerSource(tracker)
+        outer: contextlib.AbstractContextManager[Any] = tracker
+    else:
+        tracker = None
+        _warm_up(device)
+        source = _AllocatorSource(device)
+        outer = contextlib.nullcontext()
+    return _measure(
+        build_model,
+        make_batch,
+        loss_fn,
+        build_optimizer,
+        device,
+        autocast_dtype,
+        on_phase,
+        source,
+        outer,
+        allocator_check and tracker is not None,
+    )
+
+
+def _measure(
+    build_model: Callable[[], nn.Module],
+    make_batch: Callable[[], Batch],
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None,
+    build_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+    on_phase: Callable[[str], None] | None,
+    source: _MemorySource,
+    outer: contextlib.AbstractContextManager[Any],
+    allocator_check: bool,
+) -> Measurement:
+    """The device-independent body of :func:`measure_training_step` (tests inject a fake source)."""
+    if on_phase is not None:
+        on_phase("setup")
+    source.synchronize()
+    baseline = source.allocated()
+    with outer:
+        model = build_model().to(device)
+        inputs, target = make_batch()
+        inputs = tuple(t.to(device) for t in inputs)
+        target = target.to(device)
+        optimizer = build_optimizer(model.parameters())
+        runner = _Runner(model, (inputs, target), loss_fn, optimizer, device, autocast_dtype)
+
+        first = runner.measured(source, on_phase, "first_step")
+        saved = _SavedTensorCounter(device, [*model.parameters(), *inputs, target])
+        steady = runner.measured(source, on_phase, "steady_step", saved=saved)
+        gradients = runner.grad_bytes
+        reserved = context = None
+        if isinstance(source, _AllocatorSource):
+            source.synchronize()
+            free, total = source.mem_info()
+            context = (total - free) - source.reserved()
+            reserved = max(source.reserved_peak, source.max_reserved())
+        optimizer_state = _storage_bytes(_state_tensors(optimizer, step=False), device)
+        step_tensors = _storage_bytes(_state_tensors(optimizer, step=True), device)
+
+        if on_phase is not None:
+            on_phase("flops")
+        with _gc_paused(), FlopCounterMode(display=False) as counter:
+            runner.run(lambda _phase: None)
+        flops = int(counter.get_total_flops())
+
+        allocator_peak = None
+        if allocator_check:
+            if on_phase is not None:
+                on_phase("allocator_check")
+            start = source.allocated()
+            with _gc_paused():
+                growth = _profiled_peak_growth(lambda: runner.run(lambda _phase: None))
+            allocator_peak = start + growth
+
+        parameters = _storage_bytes(model.parameters(), device)
+        input_bytes = _storage_bytes([*inputs, target], device)
+    return Measurement(
+        device=str(device),
+        first_step=first,
+        steady_step=steady,
+        parameters=parameters,
+        gradients=gradients,
+        optimizer_state=optimizer_state,
+        optimizer_step_tensors=step_tensors,
+        activations=saved.total,
+        inputs=input_bytes,
+        flops_matmul=flops,
+        cuda_reserved_bytes=reserved,
+        cuda_context_bytes=context,
+        baseline_bytes=baseline,
+        allocator_peak_bytes=allocator_peak,
+    )
+
+
+def _profiled_peak_growth(fn: Callable[[], None]) -> int:
+    """Peak growth of the CPU allocator's own byte count while ``fn`` runs (torch.profiler).
+
+    Sees what a dispatch mode cannot: temporaries allocated inside a kernel (e.g. ``mse_loss``'s
+    unreduced buffer, wrapped Python scalars). Frees of blocks allocated before are not reported.
+    """
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    totals: list[tuple[int, int]] = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())  # type: ignore[union-attr]
+    while stack:
+        ev = stack.pop()
+        if ev.tag == _EventType.Allocation:
+            totals.append((ev.start_time_ns, ev.extra_fields.total_allocated))
+        stack.extend(ev.children)
+    return max((total for _, total in sorted(totals)), default=0)

@@ -1,0 +1,276 @@
+"""A readable nanoGPT-style torch implementation of :class:`TransformerConfig`.
+
+It exists so the analytic transformer family can be checked against a real step: parameter
+names and shapes equal ``parameter_tensors(cfg)``, and the tensors it saves for backward are the
+ones ``saved_tensors(cfg, training)`` lists (docs/transformer.md). Choices that matter for that:
+
+* q, k and v are separate projections (as in HF Llama), so each saved head tensor is its own
+  storage whether or not RoPE replaces q and k;
+* RoPE tables (cos, sin) are computed once per forward, not kept as buffers: the model's only
+  state is its parameters;
+* RMSNorm is written out (HF Llama's: upcast to fp32, normalise, cast back, times weight), so the
+  saved tensors do not depend on whether the device has a fused kernel;
+* the eager causal mask is an additive 0/-inf matrix (``add`` saves nothing), and GQA in eager
+  mode broadcasts k/v with expand+reshape (no saved index tensor);
+* ``cross_entropy`` on the flattened logits returns the mean loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from estimator.families.transformer import TransformerConfig
+
+
+class RMSNorm(nn.Module):
+    """``weight · x / sqrt(mean(x²) + ε)`` computed in fp32 and cast back (HF LlamaRMSNorm)."""
+
+    def __init__(
+        self, dim: int, eps: float, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * (x32 * rstd).to(dtype)
+
+
+def make_norm(
+    cfg: TransformerConfig, device: torch.device | str | None, dtype: torch.dtype | None
+) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.d_model, cfg.norm_eps, device, dtype)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.norm_has_bias, device=device, dtype=dtype)
+
+
+def rope_tables(
+    cfg: TransformerConfig, seq_len: int, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, (S, r), in HF's "rotate half" layout (frequencies repeated for both halves)."""
+    r = cfg.rotary_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, r, 2, device=device, dtype=torch.float32) / r))
+    t = torch.arange(seq_len, device=device, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first r dims of each head of x (B, S, heads, h); the rest pass through (NeoX).
+
+    Applied before the heads are transposed, so the result is laid out (B, S, heads, h) with or
+    without partial rotation; SDPA's output follows q's layout, so o_proj's input is a view of it.
+    """
+    r = cos.shape[-1]
+    cos, sin = cos[:, None, :], sin[:, None, :]  # (S, 1, r): broadcast over heads
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    x1, x2 = x_rot[..., : r // 2], x_rot[..., r // 2 :]
+    rotated = x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin
+    if r == x.shape[-1]:
+        return rotated
+    return torch.cat((rotated, x_pass), dim=-1)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, K, S, h) -> (B, K·n_rep, S, h), each kv head shared by n_rep query heads (HF's repeat_kv)."""
+    if n_rep == 1:
+        return x
+    b, k, s, h = x.shape
+    return x[:, :, None].expand(b, k, n_rep, s, h).reshape(b, k * n_rep, s, h)
+
+
+class Attention(nn.Module):
+    def __init__(
+        self, cfg: TransformerConfig, device: torch.device | str | None, dtype: torch.dtype | None
+    ) -> None:
+        super().__init__()
+        d, h, hq, hk = cfg.d_model, cfg.head_size, cfg.num_heads, cfg.kv_heads
+        kw = {"device": device, "dtype": dtype}
+        self.q_proj = nn.Linear(d, hq * h, bias=cfg.qkv_has_bias, **kw)
+        self.k_proj = nn.Linear(d, hk * h, bias=cfg.qkv_has_bias, **kw)
+        self.v_proj = nn.Linear(d, hk * h, bias=cfg.qkv_has_bias, **kw)
+        self.o_proj = nn.Linear(hq * h, d, bias=cfg.linear_bias, **kw)
+        self.num_heads, self.kv_heads, self.head_size = hq, hk, h
+        self.eager = cfg.attention == "eager"
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
+        b, s, _ = x.shape
+        hq, hk, h = self.num_heads, self.kv_heads, self.head_size
+        q = self.q_proj(x).view(b, s, hq, h)
+        k = self.k_proj(x).view(b, s, hk, h)
+        v = self.v_proj(x).view(b, s, hk, h).transpose(1, 2)
+        if cos is not None and sin is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, heads, S, h) views
+        if self.eager:
+            k, v = repeat_kv(k, hq // hk), repeat_kv(v, hq // hk)
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(h))
+            mask = torch.full((s, s), float("-inf"), device=x.device, dtype=att.dtype).triu(1)
+            att = F.softmax(att + mask, dim=-1)
+            y = att @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=hk != hq)
+        return self.o_proj(y.transpose(1, 2).reshape(b, s, hq * h))
+
+
+class MLP(nn.Module):
+    def __init__(
+        self, cfg: TransformerConfig, device: torch.device | str | None, dtype: torch.dtype | None
+    ) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.swiglu = cfg.mlp == "swiglu"
+        if self.swiglu:
+            self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.linear_bias, **kw)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.linear_bias, **kw)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=cfg.linear_bias, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x)))
+
+
+class Block(nn.Module):
+    def __init__(
+        self, cfg: TransformerConfig, device: torch.device | str | None, dtype: torch.dtype | None
+    ) -> None:
+        super().__init__()
+        self.norm1 = make_norm(cfg, device, dtype)
+        self.attn = Attention(cfg, device, dtype)
+        self.norm2 = make_norm(cfg, device, dtype)
+        self.mlp = MLP(cfg, device, dtype)
+        self.parallel = cfg.parallel_residual
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if self.parallel:
+            return x + self.attn(self.norm1(x), cos, sin) + self.mlp(self.norm2(x))
+        x = x + self.attn(self.norm1(x), cos, sin)
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    """Token ids (B, S) -> logits (B, S, V), or the mean cross-entropy when targets are given."""
+
+    def __init__(
+        self,
+        cfg: TransformerConfig,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        activation_checkpointing: str = "none",
+    ) -> None:
+        super().__init__()
+        if activation_checkpointing not in ("none", "full"):
+            raise ValueError(
+                f"activation_checkpointing must be 'none' or 'full', got {activation_checkpointing!r}"
+            )
+        self.cfg = cfg
+        self.checkpointing = activation_checkpointing == "full"
+        kw = {"device": device, "dtype": dtype}
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model, **kw)
+        self.pos_emb = (
+            nn.Embedding(cfg.max_seq_len, cfg.d_model, **kw) if cfg.positions == "learned" else None
+        )
+        self.blocks = nn.ModuleList([Block(cfg, device, dtype) for _ in range(cfg.num_layers)])
+        self.norm_f = make_norm(cfg, device, dtype)
+        self.lm_head = (
+            None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False, **kw)
+        )
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        b, s = idx.shape
+        if s > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {s} exceeds max_seq_len {self.cfg.max_seq_len}")
+        x = self.tok_emb(idx)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb.weight[:s]  # a view of the parameter: the add saves nothing
+        cos = sin = None
+        if self.cfg.positions == "rope":
+            dtype = (
+                torch.get_autocast_dtype(x.device.type)
+                if torch.is_autocast_enabled(x.device.type)
+                else x.dtype
+            )
+            cos, sin = rope_tables(self.cfg, s, x.device, dtype)
+        for block in self.blocks:
+            if self.checkpointing:
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin)
+        x = self.norm_f(x)
+        if self.lm_head is not None:
+            logits = self.lm_head(x)
+        else:
+            logits = F.linear(x, self.tok_emb.weight)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(b * s, -1), targets.view(b * s))
+
+
+def build_transformer(
+    cfg: TransformerConfig,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    activation_checkpointing: str = "none",
+) -> Transformer:
+    """The model of ``cfg`` created directly on ``device`` in ``dtype`` (small init, GPT-2 style)."""
+    model = Transformer(cfg, device=device, dtype=dtype, activation_checkpointing=activation_checkpointing)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.dim() == 2:
+                p.normal_(0.0, 0.02)
+    return model
+
+
+def measure_saved_bytes(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor,
+                        autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, dict[int, tuple]]:
+    """Run forward and collect what autograd saves for backward, one entry per storage.
+
+    Storages of parameters, of the inputs, and (under autocast) of the 16-bit weight casts are
+    left out: they are not activations. Returns the loss and ``{storage ptr: (shape, dtype, nbytes)}``.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    excluded = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    excluded |= {idx.untyped_storage().data_ptr(), targets.untyped_storage().data_ptr()}
+    params = set(excluded)
+
+    class _WeightCasts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN202
+            out = func(*args, **(kwargs or {}))
+            src = args[0] if args else None
+            if (func is torch.ops.aten._to_copy.default and isinstance(src, torch.Tensor)
+                    and src.untyped_storage().data_ptr() in params):
+                excluded.add(out.untyped_storage().data_ptr())
+            return out
+
+    seen: dict[int, tuple] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in excluded and ptr not in seen:
+            seen[ptr] = (tuple(t.shape), t.dtype, t.untyped_storage().nbytes())
+        return t
+
+    device = idx.device.type
+    with contextlib.ExitStack() as stack:
+        if autocast_dtype is not None:
+            stack.enter_context(torch.autocast(device, dtype=autocast_dtype))
+            stack.enter_context(_WeightCasts())
+        stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
+        loss = model(idx, targets)
+    return loss, seen

@@ -1,0 +1,118 @@
+"""Named transformer configurations with their published parameter counts.
+
+Each preset carries the :class:`~estimator.families.transformer.TransformerConfig` field values
+taken from the model's official ``config.json`` (Hugging Face hub), the total parameter count the
+checkpoint publishes (model card / safetensors metadata / paper table) and where that comes from.
+The tests check ``parameter_count(preset) == published`` exactly. Pure Python.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+from estimator.errors import EstimatorError
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named model: its config field values, the published parameter count and its source."""
+
+    name: str
+    values: dict[str, Any] = field(hash=False)
+    params: int  # published total parameter count (a tied head counted once)
+    source: str
+
+    def fields(self) -> dict[str, Any]:
+        """The model section this preset stands for (a fresh dict, ``family`` included)."""
+        return {"family": "transformer", **self.values}
+
+    def config(self) -> Any:
+        """The validated :class:`TransformerConfig`."""
+        from estimator.families.transformer import TransformerConfig
+
+        return TransformerConfig(**self.values)
+
+
+_GPT2 = {"mlp": "gelu", "norm": "layernorm", "bias": True, "positions": "learned", "tie_embeddings": True,
+         "vocab_size": 50257, "max_seq_len": 1024, "norm_eps": 1e-5}
+_LLAMA = {"mlp": "swiglu", "norm": "rmsnorm", "bias": False, "positions": "rope", "tie_embeddings": False}
+_NEOX = {"mlp": "gelu", "norm": "layernorm", "bias": True, "positions": "rope", "rotary_pct": 0.25,
+         "parallel_residual": True, "tie_embeddings": False, "vocab_size": 50304, "max_seq_len": 2048,
+         "norm_eps": 1e-5, "rope_theta": 10000.0}
+
+_HF = "config.json of {repo} on the Hugging Face hub; total from the checkpoint's parameters"
+
+
+def _p(name: str, params: int, source: str, **values: Any) -> Preset:
+    return Preset(name, values, params, source)
+
+
+_ALL = [
+    # GPT-2 (Radford et al. 2019): the paper rounds to 117M/345M/762M/1542M (its small count left
+    # out the position table); the exact totals are those of the released checkpoints.
+    _p("gpt2", 124_439_808, _HF.format(repo="openai-community/gpt2"),
+       **_GPT2, d_model=768, num_layers=12, num_heads=12),
+    _p("gpt2-medium", 354_823_168, _HF.format(repo="openai-community/gpt2-medium"),
+       **_GPT2, d_model=1024, num_layers=24, num_heads=16),
+    _p("gpt2-large", 774_030_080, _HF.format(repo="openai-community/gpt2-large"),
+       **_GPT2, d_model=1280, num_layers=36, num_heads=20),
+    _p("gpt2-xl", 1_557_611_200, _HF.format(repo="openai-community/gpt2-xl"),
+       **_GPT2, d_model=1600, num_layers=48, num_heads=25),
+    # Llama 2 (Touvron et al. 2023), HF conversions.
+    _p("llama-2-7b", 6_738_415_616, _HF.format(repo="meta-llama/Llama-2-7b-hf"),
+       **_LLAMA, vocab_size=32000, d_model=4096, num_layers=32, num_heads=32, d_ff=11008,
+       max_seq_len=4096, norm_eps=1e-5, rope_theta=10000.0),
+    _p("llama-2-13b", 13_015_864_320, _HF.format(repo="meta-llama/Llama-2-13b-hf"),
+       **_LLAMA, vocab_size=32000, d_model=5120, num_layers=40, num_heads=40, d_ff=13824,
+       max_seq_len=4096, norm_eps=1e-5, rope_theta=10000.0),
+    _p("llama-2-70b", 68_976_648_192, _HF.format(repo="meta-llama/Llama-2-70b-hf"),
+       **_LLAMA, vocab_size=32000, d_model=8192, num_layers=80, num_heads=64, num_kv_heads=8,
+       d_ff=28672, max_seq_len=4096, norm_eps=1e-5, rope_theta=10000.0),
+    # Llama 3 (Grattafiori et al. 2024, "The Llama 3 Herd of Models").
+    _p("llama-3-8b", 8_030_261_248, _HF.format(repo="meta-llama/Meta-Llama-3-8B"),
+       **_LLAMA, vocab_size=128256, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+       d_ff=14336, max_seq_len=8192, norm_eps=1e-5, rope_theta=500000.0),
+    _p("llama-3-70b", 70_553_706_496, _HF.format(repo="meta-llama/Meta-Llama-3-70B"),
+       **_LLAMA, vocab_size=128256, d_model=8192, num_layers=80, num_heads=64, num_kv_heads=8,
+       d_ff=28672, max_seq_len=8192, norm_eps=1e-5, rope_theta=500000.0),
+    # Mistral 7B (Jiang et al. 2023); the 4096-token sliding window does not change the count.
+    _p("mistral-7b", 7_241_732_096, _HF.format(repo="mistralai/Mistral-7B-v0.1"),
+       **_LLAMA, vocab_size=32000, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+       d_ff=14336, max_seq_len=32768, norm_eps=1e-5, rope_theta=10000.0),
+    # TinyLlama (Zhang et al. 2024) and Qwen2 (Yang et al. 2024): also shipped under configs/hf/.
+    _p("tinyllama-1.1b", 1_100_048_384, _HF.format(repo="TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T"),
+       **_LLAMA, vocab_size=32000, d_model=2048, num_layers=22, num_heads=32, num_kv_heads=4,
+       d_ff=5632, max_seq_len=2048, norm_eps=1e-5, rope_theta=10000.0),
+    _p("qwen2-0.5b", 494_032_768, _HF.format(repo="Qwen/Qwen2-0.5B"),
+       **{**_LLAMA, "tie_embeddings": True}, qkv_bias=True, vocab_size=151936, d_model=896, num_layers=24,
+       num_heads=14, num_kv_heads=2, d_ff=4864, max_seq_len=131072, norm_eps=1e-6, rope_theta=1000000.0),
+    # Pythia (Biderman et al. 2023, Table 1 / the EleutherAI/pythia README): GPT-NeoX blocks,
+    # vocabulary padded to 50304.
+    _p("pythia-70m", 70_426_624, _HF.format(repo="EleutherAI/pythia-70m") + "; Pythia README",
+       **_NEOX, d_model=512, num_layers=6, num_heads=8),
+    _p("pythia-160m", 162_322_944, _HF.format(repo="EleutherAI/pythia-160m") + "; Pythia README",
+       **_NEOX, d_model=768, num_layers=12, num_heads=12),
+    _p("pythia-410m", 405_334_016, _HF.format(repo="EleutherAI/pythia-410m") + "; Pythia README",
+       **_NEOX, d_model=1024, num_layers=24, num_heads=16),
+    _p("pythia-1b", 1_011_781_632, _HF.format(repo="EleutherAI/pythia-1b") + "; Pythia README",
+       **_NEOX, d_model=2048, num_layers=16, num_heads=8),
+]
+
+PRESETS: dict[str, Preset] = {p.name: p for p in _ALL}
+
+
+def preset_names() -> list[str]:
+    """The known preset names, in table order."""
+    return list(PRESETS)
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called ``name`` (case-insensitive); EstimatorError names the closest match."""
+    key = name.strip().lower()
+    if key in PRESETS:
+        return PRESETS[key]
+    close = difflib.get_close_matches(key, list(PRESETS), n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise EstimatorError(f"unknown preset {name!r}{hint} (known: {', '.join(PRESETS)})")

@@ -1,0 +1,255 @@
+"""Rich rendering of estimates (tables, the timeline chart) and their explanations. No formulas here."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from rich import box
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from estimator.units import human_bytes, human_count, human_flops
+
+if TYPE_CHECKING:
+    from estimator.api import Estimate
+
+BAR_WIDTH = 24
+SPARK = "▁▂▃▄▅▆▇█"
+ROLE_LABELS = {
+    "parameter": "parameters",
+    "input": "inputs + targets",
+    "activation": "activations",
+    "gradient": "gradients",
+    "optimizer_state": "optimizer state",
+    "temporary": "temporaries",
+}
+
+
+def bar(fraction: float, width: int = BAR_WIDTH) -> str:
+    """A bar of ``width`` cells for a fraction in [0, 1], with eighth-cell resolution."""
+    fraction = min(max(fraction, 0.0), 1.0)
+    eighths = round(fraction * width * 8)
+    full, rest = divmod(eighths, 8)
+    return "█" * full + (" ▏▎▍▌▋▊▉"[rest] if rest else "")
+
+
+def describe(est: Estimate) -> str:
+    """One line naming the model, batch, optimizer, precision and device."""
+    cfg = est.config
+    model = cfg.model
+    if model.family == "mlp":
+        shape = f"mlp D={model.dim}, {model.num_layers} layers"
+    else:
+        shape = f"{model.family} d_model={model.d_model}, {model.num_layers} layers"
+    batch = f"B={cfg.training.batch_size}"
+    if cfg.training.seq_len:
+        batch += f", seq_len={cfg.training.seq_len}"
+    return (f"{shape} · {batch} · {cfg.optimizer.name} · {cfg.training.precision} · "
+            f"{est.device} ({est.implementation} optimizer kernels)")
+
+
+def memory_table(est: Estimate) -> Table:
+    """The seed's first-order table: each term with bytes, units, share and a bar."""
+    m = est.memory
+    table = Table(title="Memory, the seed's first-order sum (section 6)", title_justify="left", box=box.SIMPLE_HEAD)
+    for col, justify in (("term", "left"), ("bytes", "right"), ("", "right"), ("share", "right"), ("", "left")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    rows = [("parameters", m.parameters), ("activations", m.activations), ("gradients", m.gradients),
+            ("optimizer state", m.optimizer_state)]
+    for name, value in rows:
+        share = value / m.total if m.total else 0.0
+        table.add_row(name, f"{value:,}", human_bytes(value), f"{share:6.1%}", bar(share))
+    table.add_section()
+    table.add_row("total", f"{m.total:,}", human_bytes(m.total), "100.0%", "", style="bold")
+    return table
+
+
+def peak_table(est: Estimate) -> Table:
+    """The simulated peak of a steady step and of the first step, by role at the peak moment."""
+    steady, first = est.step.steady_peak, est.step.first_peak
+    table = Table(title="Peak of a real step (simulated timeline)", title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("live at the peak")
+    table.add_column("steady step", justify="right")
+    table.add_column("first step", justify="right")
+    for role, label in ROLE_LABELS.items():
+        a, b = steady.by_role.get(role, 0), first.by_role.get(role, 0)
+        if a or b:
+            table.add_row(label, human_bytes(a), human_bytes(b))
+    table.add_section()
+    table.add_row("peak", f"{human_bytes(steady.bytes)}", f"{human_bytes(first.bytes)}", style="bold")
+    table.add_row("bytes", f"{steady.bytes:,}", f"{first.bytes:,}")
+    table.add_row("phase", steady.phase, first.phase)
+    return table
+
+
+def flops_table(est: Estimate) -> Table:
+    f = est.flops
+    tokens = est.config.training.batch_size * (est.config.training.seq_len or 1)
+    table = Table(title="FLOPs per step (2 FLOPs per multiply-add)", title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("count")
+    table.add_column("FLOPs", justify="right")
+    table.add_column("", justify="right")
+    table.add_row("6·B·P  (forward 2·B·P + backward 4·B·P)", f"{f.per_step:,}", human_flops(f.per_step))
+    table.add_row("  forward", f"{f.forward:,}", human_flops(f.forward))
+    table.add_row("  backward", f"{f.backward:,}", human_flops(f.backward))
+    if f.attention:
+        table.add_row("attention term (PaLM app. B)", f"{f.attention:,}", human_flops(f.attention))
+    table.add_row("exact matmul count (FlopCounterMode)", f"{f.matmul:,}", human_flops(f.matmul))
+    table.caption = f"B·P uses {human_count(tokens)} samples/tokens and P = {est.parameters:,} parameters"
+    return table
+
+
+def explain(est: Estimate) -> list[str]:
+    """Why the peak differs from the seed's sum, term by term, from the live set at the peak."""
+    m, peak = est.memory, est.step.steady_peak
+    live = peak.by_role
+    notes = [f"The seed's sum is {human_bytes(m.total)}; the steady step peaks at {human_bytes(peak.bytes)} "
+             f"during {peak.phase} ({_ratio(peak.bytes, m.total)} of the sum)."]
+    if live.get("input"):
+        notes.append(f"+ {human_bytes(live['input'])} inputs and targets live on the device; the seed omits them.")
+    if live.get("temporary"):
+        notes.append(f"+ {human_bytes(live['temporary'])} temporaries live at that moment "
+                     f"(gradients flowing back, optimizer step buffers, casts); the seed omits them.")
+    held = live.get("activation", 0)
+    if held < m.activations:
+        notes.append(f"- only {human_bytes(held)} of the {human_bytes(m.activations)} activations are live then: "
+                     "backward frees each layer's saved tensors as its gradients appear.")
+    elif held > m.activations:
+        notes.append(f"+ {human_bytes(held - m.activations)} more activations than the seed's B·D·layers "
+                     "(e.g. the head's output, saved by the loss).")
+    grads = live.get("gradient", 0)
+    if grads < m.gradients:
+        notes.append(f"- {human_bytes(m.gradients - grads)} of gradients do not exist yet at the peak.")
+    state = live.get("optimizer_state", 0)
+    if state != m.optimizer_state:
+        diff = state - m.optimizer_state
+        sign = "+" if diff > 0 else "-"
+        notes.append(f"{sign} {human_bytes(abs(diff))} optimizer state: torch's per-parameter 'step' scalars "
+                     "(kept apart from the seed's sum)" if diff > 0 else
+                     f"{sign} {human_bytes(abs(diff))} optimizer state is not allocated at that moment.")
+    if est.device == "cuda":
+        notes.append("On CUDA every tensor is rounded up to 512-byte blocks (what max_memory_allocated counts); "
+                     "the CUDA context (~300-500 MiB) and the allocator's cache come on top (nvidia-smi shows those).")
+    return notes
+
+
+def _ratio(a: int, b: int) -> str:
+    return f"{a / b:.2f}×" if b else "n/a"
+
+
+def render_estimate(est: Estimate, console: Console, timeline: bool = False) -> None:
+    console.print(Text(describe(est), style="bold"))
+    count = f"{est.parameters:,}" + (f" ({human_count(est.parameters)})" if est.parameters >= 1000 else "")
+    console.print(f"parameters: {count}"
+                  + (f", trainable {est.trainable_parameters:,}" if est.trainable_parameters != est.parameters
+                     else ""))
+    console.print(memory_table(est))
+    if est.memory.optimizer_step_tensors:
+        console.print(f"  + {est.memory.optimizer_step_tensors:,} B of torch 'step' tensors "
+                      "(one float32 scalar per parameter tensor), not part of the seed's sum")
+    console.print(peak_table(est))
+    console.print(Panel("\n".join(explain(est)), title="why the peak is not the sum", title_align="left"))
+    if timeline:
+        console.print(timeline_panel(est))
+    console.print(flops_table(est))
+
+
+def timeline_panel(est: Estimate, width: int = 64) -> Panel:
+    """Live bytes over a steady step: a per-phase bar chart and a sparkline of the whole curve."""
+    points = est.step.steady_curve()
+    return Panel(Group(*timeline_rows(points, est.step.steady_peak.bytes, width)),
+                 title="live bytes over a steady step", title_align="left")
+
+
+def timeline_rows(points: list[tuple[str, int]], top: int, width: int = 64) -> list[Any]:
+    """Rows for a timeline chart; shared by the estimate and the measurement."""
+    from estimator.timeline import phase_peaks
+
+    table = Table.grid(padding=(0, 1))
+    table.add_column()
+    table.add_column(justify="right")
+    table.add_column()
+    for phase, value in phase_peaks(points).items():
+        table.add_row(phase, human_bytes(value), bar(value / top if top else 0, 40))
+    return [table, Text(sparkline([v for _, v in points], width), style="cyan"),
+            Text(phase_axis(points, width), style="dim")]
+
+
+def sparkline(values: list[int], width: int) -> str:
+    """The maximum of each of ``width`` buckets, as block characters scaled from 0 to the max."""
+    if not values:
+        return ""
+    top = max(values) or 1
+    buckets = _buckets(len(values), width)
+    return "".join(SPARK[min(7, int(max(values[a:b]) / top * 7.999))] for a, b in buckets)
+
+
+def phase_axis(points: list[tuple[str, int]], width: int) -> str:
+    """Under the sparkline: the first letter of the phase each bucket starts in."""
+    buckets = _buckets(len(points), width)
+    letters = {"setup": "s", "forward": "F", "loss": "L", "backward": "B", "optimizer_step": "O", "zero_grad": "Z"}
+    out, last = [], None
+    for a, _ in buckets:
+        phase = points[a][0]
+        out.append(letters.get(phase, "?") if phase != last else "·")
+        last = phase
+    return "".join(out) + "   F forward, L loss, B backward, O optimizer step, Z zero_grad"
+
+
+def _buckets(n: int, width: int) -> list[tuple[int, int]]:
+    width = max(1, min(width, n))
+    return [(i * n // width, max((i + 1) * n // width, i * n // width + 1)) for i in range(width)]
+
+
+def render_compare(results: list[Estimate], console: Console) -> None:
+    """One row per optimizer: state, seed's total, simulated peaks, bytes per parameter."""
+    if not results:
+        return
+    console.print(Text(describe(results[0]).split(" · ")[0] + " · compare optimizers", style="bold"))
+    table = Table(box=box.SIMPLE_HEAD, padding=(0, 1))
+    for col in ("optimizer", "copies", "state", "seed sum", "peak", "1st peak", "B/param"):
+        table.add_column(col, justify="left" if col == "optimizer" else "right", no_wrap=True)
+    for est in results:
+        n = est.trainable_parameters or 1
+        m = est.memory
+        table.add_row(est.config.optimizer.name, f"{m.optimizer_state / n / _param_bytes(est):.2f}×",
+                      human_bytes(m.optimizer_state), human_bytes(m.total), human_bytes(est.peak_bytes),
+                      human_bytes(est.first_step_peak_bytes),
+                      f"{(m.parameters + m.gradients + m.optimizer_state) / n:.2f}")
+    console.print(table)
+    console.print("copies: optimizer-state tensors per parameter; seed sum: parameters + activations + "
+                  "gradients + state; peak / 1st peak: simulated peak of a steady / the first step; "
+                  "B/param: bytes of parameters + gradients + optimizer state, per parameter.")
+
+
+def _param_bytes(est: Estimate) -> int:
+    from estimator.precision import precision_plan
+
+    return precision_plan(est.config.training.precision).state_bytes
+
+
+def render_optimizers(console: Console) -> None:
+    from estimator.optimizers import get_optimizer, optimizer_names
+
+    table = Table(title="Registered optimizers", title_justify="left", show_lines=True)
+    for col in ("name", "state per parameter", "update rule", "source", "torch"):
+        table.add_column(col)
+    for name in optimizer_names():
+        spec = get_optimizer(name)
+        table.add_row(name, optimizer_state_summary(name), spec.update_rule, spec.source, spec.torch_class or "—")
+    console.print(table)
+
+
+def optimizer_state_summary(name: str) -> str:
+    """The state tensors a 2-D parameter gets, with default options (e.g. 'exp_avg, exp_avg_sq (2)')."""
+    from estimator.families.base import ParamTensor
+    from estimator.optimizers import get_optimizer
+
+    spec = get_optimizer(name)
+    states = spec.state_tensors(ParamTensor("w", (4096, 4096)), None)
+    names = ", ".join(s.name for s in states) or "none"
+    full = sum(s.numel for s in states if s.dtype is None) / (4096 * 4096)
+    extra = " + step" if spec.step_tensor else ""
+    return f"{names}{extra}  ({full:g}× params in the param dtype)" if states else f"none{extra}"
