@@ -97,6 +97,10 @@ def estimate(
     """Estimate memory, the peak and FLOPs of one training step (no torch needed)."""
     from estimator.api import estimate as run_estimate
 
+    if plot is not None:
+        from estimator.plot import check_plot_path
+
+        check_plot_path(plot)
     cfg = build_config(config, set_, batch_size, optimizer, precision, model, device)
     result = run_estimate(cfg)
     if plot is not None:

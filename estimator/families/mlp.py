@@ -50,57 +50,65 @@ class MLPFamily:
         return [alloc("x", "input", b * d * e, "setup"), alloc("y", "input", b * e, "setup")]
 
     def forward_backward_events(self, model: MLPConfig, batch: TrainingConfig, shape: StepShape) -> list[Event]:
-        """Forward, MSE loss and backward of one step, in the order torch runs them."""
+        """Forward, MSE loss and backward of one step, in the order torch runs them.
+
+        Under autocast (forward and loss inside ``torch.autocast``, backward outside, the AMP recipe)
+        each weight and the input are cast to 16 bits; every cast but the first layer's weight is
+        saved for backward (the input needs no gradient), so that one goes when autocast exits and
+        clears its cache. ``mse_loss`` runs in fp32 under autocast, on an fp32 copy of the output.
+        """
         b, d, n = batch.batch_size, model.dim, model.num_layers
-        act = shape.activation_bytes
-        loss_bytes = shape.parameter_bytes  # mse_loss computes in the promoted (parameter) dtype
+        act, amp = shape.activation_bytes, shape.autocast
+        full = shape.parameter_bytes  # the loss is computed in the parameter dtype (fp32 under autocast)
         ev: list[Event] = []
-        if shape.autocast:
-            # autocast casts the fp32 input and each weight to 16 bits once; the casts are cached
-            # for the whole forward and saved by mm for backward.
-            ev.append(alloc("x.16bit", "temporary", b * d * act, "forward"))
         for i in range(n):
-            if shape.autocast:
+            if amp:
                 ev.append(alloc(f"layers.{i}.weight.16bit", "temporary", d * d * act, "forward"))
+                if i == 0:
+                    ev.append(alloc("x.16bit", "temporary", b * d * act, "forward"))
             ev.append(alloc(f"h{i + 1}", "activation", b * d * act, "forward"))
-        if shape.autocast:
+        if amp:
             ev.append(alloc("final.weight.16bit", "temporary", d * act, "forward"))
         ev.append(alloc("out", "activation", b * act, "forward"))
-        # mse_loss keeps its result as a view of a B-element buffer (measured); it runs in fp32 under
-        # autocast (mse_loss is on autocast's fp32 list), casting the 16-bit output first.
-        if shape.autocast:
-            ev.append(alloc("out.fp32", "temporary", b * loss_bytes, "loss"))
-        ev.append(alloc("loss", "temporary", b * loss_bytes, "loss"))
-        ev.append(alloc("grad_loss", "temporary", loss_bytes, "backward"))
-        ev.append(alloc("grad_out", "temporary", b * loss_bytes, "backward"))
+        if amp:
+            ev.append(alloc("out.fp32", "temporary", b * full, "loss"))
+        ev.append(alloc("loss", "temporary", b * full, "loss"))  # a view of a B-element buffer (measured)
+        if amp:
+            ev.append(free("layers.0.weight.16bit", "temporary", d * d * act, "loss"))
+        ev.append(alloc("grad_loss", "temporary", full, "backward"))
+        ev.append(alloc("grad_out", "temporary", b * full, "backward"))
+        if amp:
+            ev.append(free("out.fp32", "temporary", b * full, "backward"))
+            ev.append(alloc("grad_out.16bit", "temporary", b * act, "backward"))
+            ev.append(free("grad_out", "temporary", b * full, "backward"))
         ev.extend(self._backward(model, batch, shape))
-        ev.append(free("grad_loss", "temporary", loss_bytes, "backward"))
+        ev.append(free("grad_loss", "temporary", full, "backward"))
         return ev
 
     def _backward(self, model: MLPConfig, batch: TrainingConfig, shape: StepShape) -> list[Event]:
+        """Each layer from the head down: weight grad, input grad, then the frees (torch's order)."""
         b, d, n = batch.batch_size, model.dim, model.num_layers
-        act, grad = shape.activation_bytes, shape.gradient_bytes
-        loss_bytes = shape.parameter_bytes
+        act, amp = shape.activation_bytes, shape.autocast
+        grad = shape.gradient_bytes
         ev: list[Event] = []
-        # The head: weight grad, then the input grad; then the incoming grad and saved h_n go.
-        ev.append(alloc("final.weight.grad", "gradient", d * grad, "backward"))
-        ev.append(alloc(f"grad_h{n}", "temporary", b * d * act, "backward"))
-        ev.append(free("grad_out", "temporary", b * loss_bytes, "backward"))
-        if shape.autocast:
-            ev.append(free("out.fp32", "temporary", b * loss_bytes, "backward"))
-            ev.append(free("final.weight.16bit", "temporary", d * act, "backward"))
-        ev.append(free(f"h{n}", "activation", b * d * act, "backward"))
-        for i in range(n - 1, -1, -1):
-            ev.append(alloc(f"layers.{i}.weight.grad", "gradient", d * d * grad, "backward"))
-            if i > 0:
-                ev.append(alloc(f"grad_h{i}", "temporary", b * d * act, "backward"))
-            ev.append(free(f"grad_h{i + 1}", "temporary", b * d * act, "backward"))
-            if shape.autocast:
-                ev.append(free(f"layers.{i}.weight.16bit", "temporary", d * d * act, "backward"))
-            if i > 0:
-                ev.append(free(f"h{i}", "activation", b * d * act, "backward"))
-        if shape.autocast:
-            ev.append(free("x.16bit", "temporary", b * d * act, "backward"))
+        layers = [("final.weight", d, f"h{n}", "grad_out.16bit" if amp else "grad_out", b * (act if amp else
+                                                                                          shape.parameter_bytes))]
+        layers += [(f"layers.{i}.weight", d * d, f"h{i}" if i else "x.16bit" if amp else None, f"grad_h{i + 1}",
+                    b * d * act) for i in range(n - 1, -1, -1)]
+        for name, numel, saved_input, incoming, incoming_bytes in layers:
+            ev.append(alloc(f"{name}.grad{'.16bit' if amp else ''}", "temporary" if amp else "gradient",
+                            numel * (act if amp else grad), "backward"))
+            if saved_input is not None and saved_input != "x.16bit":
+                ev.append(alloc(f"grad_{saved_input}", "temporary", b * d * act, "backward"))
+            ev.append(free(incoming, "temporary", incoming_bytes, "backward"))
+            if amp and name != "layers.0.weight":
+                ev.append(free(f"{name}.16bit", "temporary", numel * act, "backward"))
+            if saved_input is not None:
+                role = "temporary" if saved_input == "x.16bit" else "activation"
+                ev.append(free(saved_input, role, b * d * act, "backward"))
+            if amp:  # the 16-bit weight gradient is cast to the fp32 parameter's dtype, then dropped
+                ev.append(alloc(f"{name}.grad", "gradient", numel * grad, "backward"))
+                ev.append(free(f"{name}.grad.16bit", "temporary", numel * act, "backward"))
         return ev
 
     def end_of_step_events(self, model: MLPConfig, batch: TrainingConfig, shape: StepShape) -> list[Event]:
