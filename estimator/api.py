@@ -48,6 +48,20 @@ class Estimate:
     def first_step_peak_bytes(self) -> int:
         return self.step.first_peak.bytes
 
+    @property
+    def saved_activation_bytes(self) -> int:
+        """Bytes autograd saves for backward in one step (what saved_tensors_hooks sees), from the events.
+
+        Unlike the seed's ``B·D·num_layers`` this includes everything the implementation saves:
+        the head's output, and under autocast the 16-bit copies of weights and inputs.
+        """
+        return sum(e.nbytes for e in self.step.steady_step
+                   if e.nbytes > 0 and e.role == "activation" and e.phase in ("forward", "loss"))
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(e.nbytes for e in self.step.setup if e.role == "input")
+
     def to_json(self) -> dict[str, Any]:
         """The JSON object printed by ``estimate --json`` (bytes and FLOPs exact integers)."""
         m, f = self.memory, self.flops
@@ -75,6 +89,8 @@ class Estimate:
             "peak_phase": self.step.steady_peak.phase,
             "first_step_peak_phase": self.step.first_peak.phase,
             "peak_by_role": self.step.steady_peak.by_role,
+            "saved_activations": self.saved_activation_bytes,
+            "inputs": self.input_bytes,
             "optimizer": self.config.optimizer.name,
             "precision": self.config.training.precision,
             "device": self.device,

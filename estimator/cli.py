@@ -166,6 +166,85 @@ def optimizers(as_json: bool = JsonOpt) -> None:
 
 
 @app.command()
+@user_errors
+def verify(
+    config: Optional[Path] = ConfigArg,
+    device: str = typer.Option("auto", "--device", "-d", help="auto (CUDA if present, else the CPU), cpu, cuda, cuda:N"),
+    impl: str = typer.Option("torch", "--impl", help="torch (torch.optim) | textbook (the seed's optimizers)"),
+    set_: Optional[list[str]] = SetOpt,
+    batch_size: Optional[int] = BatchOpt,
+    optimizer: Optional[str] = OptimOpt,
+    precision: Optional[str] = PrecOpt,
+    model: Optional[str] = ModelOpt,
+    tolerance: Optional[float] = typer.Option(
+        None, "--tolerance", help="exit 1 if any compared figure is off by more than this fraction (e.g. 0.05)"),
+    show_state: bool = typer.Option(False, "--show-state", help="print state_dict and optimizer state before/after"),
+    timeline: bool = typer.Option(False, "--timeline", help="draw the measured live bytes over the step"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="write estimated and measured timelines to this PNG"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Run one real optimizer step on the device and show estimate and measurement side by side."""
+    if impl not in ("torch", "textbook"):
+        raise EstimatorError(f"--impl: expected torch or textbook, got {impl!r}")
+    if tolerance is not None and not 0 <= tolerance < 10:
+        raise EstimatorError(f"--tolerance: expected a fraction such as 0.05, got {tolerance}")
+    if plot is not None:
+        from estimator.plot import check_plot_path
+
+        check_plot_path(plot)
+    cfg = build_config(config, set_, batch_size, optimizer, precision, model)
+    torch_modules = _import_torch_side()
+    if show_state:
+        device_obj = torch_modules.step.resolve_device(device)
+        torch_modules.show_state.show_state(cfg, device_obj, impl, err if as_json else out)
+        if not as_json:
+            return
+    status = err.status("building the model", spinner="dots") if not as_json else None
+    if status is not None:
+        status.start()
+    try:
+        result = torch_modules.verify.run_verify(
+            cfg, device, impl, on_phase=(lambda p: status.update(f"running: {p}")) if status else None)
+    finally:
+        if status is not None:
+            status.stop()
+    if plot is not None:
+        from estimator.plot import plot_timeline
+
+        plot_timeline(plot, estimated=result.estimate, measured=result.measurement.steady_step.timeline,
+                      title=f"live bytes over one steady-state step ({result.measurement.device})")
+    if as_json:
+        emit_json(result.to_json())
+    else:
+        from estimator.report import render_verification
+
+        render_verification(result, out, tolerance, plot_points=timeline)
+        if plot is not None:
+            out.print(f"wrote {plot}")
+    if tolerance is not None and result.failures(tolerance):
+        bad = ", ".join(f"{r.key} (ratio {r.ratio:.4f})" if r.ratio else r.key for r in result.failures(tolerance))
+        err.print(f"verify: off by more than {tolerance:g}: {bad}", markup=False)
+        raise typer.Exit(1)
+
+
+def _import_torch_side() -> Any:
+    """Import the torch-side modules, or explain in one line how to install torch."""
+    try:
+        import importlib
+
+        import torch  # noqa: F401
+    except ImportError:
+        raise EstimatorError("verify needs PyTorch: pip install 'estimator[torch]' (or any torch >= 2.4)") from None
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        verify=importlib.import_module("estimator.measure.verify"),
+        step=importlib.import_module("estimator.measure.step"),
+        show_state=importlib.import_module("estimator.measure.show_state"),
+    )
+
+
+@app.command()
 def schema() -> None:
     """Print the JSON Schema of the config file (for editor completion)."""
     from estimator.config import Config

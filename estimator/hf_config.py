@@ -19,8 +19,9 @@ attend to a window only beyond it), initialisers, token ids. Model types whose b
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from estimator.errors import EstimatorError
 
@@ -36,7 +37,7 @@ class _Reader:
     def get(self, key: str, default: Any = _MISSING, kind: type | tuple[type, ...] = int) -> Any:
         value = self.data.get(key, default)
         if value is _MISSING:
-            raise EstimatorError(f"{self.path}: missing key {key!r} (model_type {self.data.get('model_type')!r})")
+            raise self._missing(key)
         if value is None and default is None:
             return None
         ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
@@ -53,7 +54,7 @@ class _Reader:
             if key in self.data:
                 return self.get(key, kind=kind)
         if default is _MISSING:
-            raise EstimatorError(f"{self.path}: missing key {keys[0]!r} (model_type {self.data.get('model_type')!r})")
+            raise self._missing(keys[0])
         return default
 
     def rope_theta(self, default: float, legacy: str = "rope_theta") -> float:
@@ -62,6 +63,10 @@ class _Reader:
         if isinstance(params, dict) and "rope_theta" in params:
             return _Reader(self.path, params).get("rope_theta", kind=float)
         return self.get(legacy, default, kind=float)
+
+    def _missing(self, key: str) -> EstimatorError:
+        model_type = self.data.get("model_type")
+        return EstimatorError(f"{self.path}: missing key {key!r} (model_type {model_type!r})")
 
     def refuse(self, message: str) -> EstimatorError:
         return EstimatorError(f"{self.path}: {message}")
@@ -91,7 +96,7 @@ def _llama_like(r: _Reader, qkv_bias: bool = False) -> dict[str, Any]:
     attention_bias = r.get("attention_bias", False, kind=bool)
     mlp_bias = r.get("mlp_bias", False, kind=bool)
     if attention_bias != mlp_bias:
-        raise r.refuse("key 'attention_bias' differs from 'mlp_bias'; biases on one half only are not supported")
+        raise r.refuse("keys 'attention_bias' and 'mlp_bias' differ; biases on one half are unsupported")
     rotary = r.get("partial_rotary_factor", 1.0, kind=float)
     values: dict[str, Any] = {
         "vocab_size": r.get("vocab_size"),
@@ -173,7 +178,8 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise EstimatorError(f"{p}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+        where = f"line {exc.lineno}, column {exc.colno}"
+        raise EstimatorError(f"{p}: invalid JSON at {where}: {exc.msg}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise EstimatorError(f"cannot read {p}: {exc}") from None
     if not isinstance(data, dict):

@@ -82,7 +82,8 @@ _ALL = [
        **_LLAMA, vocab_size=32000, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8,
        d_ff=14336, max_seq_len=32768, norm_eps=1e-5, rope_theta=10000.0),
     # TinyLlama (Zhang et al. 2024) and Qwen2 (Yang et al. 2024): also shipped under configs/hf/.
-    _p("tinyllama-1.1b", 1_100_048_384, _HF.format(repo="TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T"),
+    _p("tinyllama-1.1b", 1_100_048_384,
+       _HF.format(repo="TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T"),
        **_LLAMA, vocab_size=32000, d_model=2048, num_layers=22, num_heads=32, num_kv_heads=4,
        d_ff=5632, max_seq_len=2048, norm_eps=1e-5, rope_theta=10000.0),
     _p("qwen2-0.5b", 494_032_768, _HF.format(repo="Qwen/Qwen2-0.5B"),

@@ -253,3 +253,49 @@ def optimizer_state_summary(name: str) -> str:
     full = sum(s.numel for s in states if s.dtype is None) / (4096 * 4096)
     extra = " + step" if spec.step_tensor else ""
     return f"{names}{extra}  ({full:g}× params in the param dtype)" if states else f"none{extra}"
+
+
+def render_verification(ver: Any, console: Console, tolerance: float | None, plot_points: bool = False) -> None:
+    """Estimate and measurement side by side, with ratios and what the seed's sum leaves out."""
+    est, m = ver.estimate, ver.measurement
+    console.print(Text(describe(est) + f" · measured on {m.device} with {ver.impl} optimizers", style="bold"))
+    table = Table(title="Estimate vs measurement (one real step)", title_justify="left", box=box.SIMPLE_HEAD)
+    for col, justify in (("figure", "left"), ("estimated", "right"), ("measured", "right"), ("ratio", "right"),
+                         ("", "left")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for row in ver.rows:
+        ok = "" if tolerance is None else ("✓" if row.within(tolerance) else "✗")
+        fmt = human_flops if row.key == "flops_matmul" else human_bytes
+        ratio = f"{row.ratio:.4f}" if row.ratio is not None else ("=" if row.measured == row.estimated else "—")
+        table.add_row(row.label, fmt(row.estimated), fmt(row.measured), ratio, ok)
+    console.print(table)
+    exact = Table(box=None, padding=(0, 2), show_header=True)
+    exact.add_column("exact bytes")
+    exact.add_column("estimated", justify="right")
+    exact.add_column("measured", justify="right")
+    for key in ("first_step_peak_bytes", "peak_bytes"):
+        row = next(r for r in ver.rows if r.key == key)
+        exact.add_row(row.label, f"{row.estimated:,}", f"{row.measured:,}")
+    console.print(exact)
+    notes = [
+        f"The seed's first-order total is {human_bytes(est.memory.total)}; the measured steady step peaks at "
+        f"{human_bytes(m.steady_step.peak_bytes)} during {m.steady_step.peak_phase}.",
+        "The seed's total leaves out: the inputs and targets, everything autograd saves beyond B·D·layers "
+        "(the head's output, casts under autocast), the gradients flowing back during backward, the "
+        "optimizer's temporaries, and torch's 'step' scalars; and it assumes activations and gradients coexist, "
+        "which they never do in full: backward frees each layer's saved tensors as its gradients appear.",
+        "Measured figures are all live tensor bytes on the device, including those that existed before the step "
+        "(what torch.cuda.max_memory_allocated means; on the CPU a live-tensor tracker gives the same figure).",
+    ]
+    if m.cuda_context_bytes is not None:
+        notes.append(f"CUDA: the allocator reserved up to {human_bytes(m.cuda_reserved_bytes or 0)}; the CUDA "
+                     f"context takes another {human_bytes(m.cuda_context_bytes)} (both show in nvidia-smi, "
+                     "neither in max_memory_allocated).")
+    if ver.impl == "textbook":
+        notes.append("--impl textbook: the estimate models torch.optim's kernels; the seed's textbook optimizers "
+                     "allocate different temporaries (e.g. `lr * grad / torch.sqrt(g2 + eps)` makes three), "
+                     "so their peaks differ — see docs/measurement.md.")
+    console.print(Panel("\n".join(notes), title="what the numbers mean", title_align="left"))
+    if plot_points:
+        console.print(Panel(Group(*timeline_rows(m.steady_step.timeline, m.steady_step.peak_bytes)),
+                            title="measured live bytes over the steady step", title_align="left"))

@@ -63,22 +63,25 @@ class MLPFamily:
         ev: list[Event] = []
         for i in range(n):
             if amp:
-                ev.append(alloc(f"layers.{i}.weight.16bit", "temporary", d * d * act, "forward"))
+                # saved by mm for the input gradient, except the first layer's (its input needs none)
+                role = "temporary" if i == 0 else "activation"
+                ev.append(alloc(f"layers.{i}.weight.16bit", role, d * d * act, "forward"))
                 if i == 0:
-                    ev.append(alloc("x.16bit", "temporary", b * d * act, "forward"))
+                    ev.append(alloc("x.16bit", "activation", b * d * act, "forward"))
             ev.append(alloc(f"h{i + 1}", "activation", b * d * act, "forward"))
         if amp:
-            ev.append(alloc("final.weight.16bit", "temporary", d * act, "forward"))
-        ev.append(alloc("out", "activation", b * act, "forward"))
+            ev.append(alloc("final.weight.16bit", "activation", d * act, "forward"))
+        # mse_loss saves its input: the output itself, or under autocast its fp32 copy
+        ev.append(alloc("out", "temporary" if amp else "activation", b * act, "forward"))
         if amp:
-            ev.append(alloc("out.fp32", "temporary", b * full, "loss"))
+            ev.append(alloc("out.fp32", "activation", b * full, "loss"))
         ev.append(alloc("loss", "temporary", b * full, "loss"))  # a view of a B-element buffer (measured)
         if amp:
             ev.append(free("layers.0.weight.16bit", "temporary", d * d * act, "loss"))
         ev.append(alloc("grad_loss", "temporary", full, "backward"))
         ev.append(alloc("grad_out", "temporary", b * full, "backward"))
         if amp:
-            ev.append(free("out.fp32", "temporary", b * full, "backward"))
+            ev.append(free("out.fp32", "activation", b * full, "backward"))
             ev.append(alloc("grad_out.16bit", "temporary", b * act, "backward"))
             ev.append(free("grad_out", "temporary", b * full, "backward"))
         ev.extend(self._backward(model, batch, shape))
@@ -102,10 +105,9 @@ class MLPFamily:
                 ev.append(alloc(f"grad_{saved_input}", "temporary", b * d * act, "backward"))
             ev.append(free(incoming, "temporary", incoming_bytes, "backward"))
             if amp and name != "layers.0.weight":
-                ev.append(free(f"{name}.16bit", "temporary", numel * act, "backward"))
+                ev.append(free(f"{name}.16bit", "activation", numel * act, "backward"))
             if saved_input is not None:
-                role = "temporary" if saved_input == "x.16bit" else "activation"
-                ev.append(free(saved_input, role, b * d * act, "backward"))
+                ev.append(free(saved_input, "activation", b * d * act, "backward"))
             if amp:  # the 16-bit weight gradient is cast to the fp32 parameter's dtype, then dropped
                 ev.append(alloc(f"{name}.grad", "gradient", numel * grad, "backward"))
                 ev.append(free(f"{name}.grad.16bit", "temporary", numel * act, "backward"))
@@ -114,5 +116,5 @@ class MLPFamily:
     def end_of_step_events(self, model: MLPConfig, batch: TrainingConfig, shape: StepShape) -> list[Event]:
         """The step's output and loss, held by the caller until the step is over."""
         b, act = batch.batch_size, shape.activation_bytes
-        return [free("out", "activation", b * act, "zero_grad"),
+        return [free("out", "temporary" if shape.autocast else "activation", b * act, "zero_grad"),
                 free("loss", "temporary", b * shape.parameter_bytes, "zero_grad")]

@@ -59,7 +59,9 @@ class TransformerConfig(StrictModel):
     parallel_residual: bool = Field(
         False, description="x + attn(norm1(x)) + mlp(norm2(x)) in one step (GPT-NeoX) instead of two"
     )
-    max_seq_len: int = Field(1024, gt=0, description="the longest sequence (rows of a learned position table)")
+    max_seq_len: int = Field(
+        1024, gt=0, description="the longest sequence (rows of a learned position table)"
+    )
     tie_embeddings: bool = Field(True, description="the output head reuses the token embedding matrix")
     attention: Literal["sdpa", "eager"] = Field(
         "sdpa",
@@ -72,7 +74,8 @@ class TransformerConfig(StrictModel):
     def _check_shapes(self) -> TransformerConfig:
         if self.head_dim is None and self.d_model % self.num_heads:
             raise ValueError(
-                f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads}), or give head_dim"
+                f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads}), "
+                "or give head_dim"
             )
         if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
             raise ValueError(
@@ -84,7 +87,8 @@ class TransformerConfig(StrictModel):
             rot = int(self.head_size * self.rotary_pct)
             if rot < 2 or rot % 2:
                 raise ValueError(
-                    f"rotary dims per head (head size {self.head_size} x rotary_pct {self.rotary_pct} = {rot}) "
+                    f"rotary dims per head (head size {self.head_size} x rotary_pct {self.rotary_pct}"
+                    f" = {rot}) "
                     "must be even and at least 2"
                 )
         elif self.rotary_pct != 1.0:
@@ -333,8 +337,7 @@ def saved_tensors(model: TransformerConfig, training: TrainingConfig) -> list[Sa
     seq = tokens_per_sequence(model, training)
     b = training.batch_size
     t = b * seq
-    d, h, hq, hk, f, v = (model.d_model, model.head_size, model.num_heads, model.kv_heads,
-                          model.ffn_dim, model.vocab_size)
+    d, v = model.d_model, model.vocab_size
     autocast = training.precision.startswith("amp")
     fp32_step = training.precision == "fp32" or autocast  # the residual stream is fp32
     layers = model.num_layers
@@ -373,7 +376,8 @@ def _block_saved(model: TransformerConfig, i: int, b: int, seq: int, fp32_step: 
     out = _norm_saved(model, f"{p}.norm1", f"{p}.x_in", t, i, False, fp32_step)
     out.append(SavedTensor(f"{p}.attn.x_in", d * t, "act", i))  # q/k/v projections' input
     if autocast:
-        out += [SavedTensor(f"{p}.attn.x_in.k", d * t, "act", i), SavedTensor(f"{p}.attn.x_in.v", d * t, "act", i)]
+        out += [SavedTensor(f"{p}.attn.x_in.k", d * t, "act", i),
+                SavedTensor(f"{p}.attn.x_in.v", d * t, "act", i)]
     if model.attention == "sdpa":
         # SDPA (flash kernel, GQA native): q, k, v, output and logsumexp. The output is laid out
         # (B, S, H, h), so o_proj's input is a view of it: no separate copy.
@@ -415,3 +419,541 @@ def activation_elements_of(model: TransformerConfig, training: TrainingConfig) -
 def activation_bytes(model: TransformerConfig, training: TrainingConfig, shape: StepShape) -> int:
     """Bytes saved for backward in one step, each tensor at its dtype class's size."""
     return sum(s.nbytes(shape) for s in saved_tensors(model, training))
+
+
+# --------------------------------------------------------------------------------------------
+# Timeline events: a small simulation of the torch implementation's autograd graph.
+#
+# Forward records each tensor the model allocates, the autograd node that produces it (which
+# tensors it saves, which inputs it sends gradients to) and when Python drops its last reference.
+# A tensor is freed when it is dead and no node still saves it. Backward runs the nodes in reverse
+# creation order (what torch's engine does on one device: the ready node with the highest sequence
+# number goes first, and that is always the last one created), allocating each input gradient,
+# accumulating fan-in gradients in place, freeing a node's incoming gradient and its saved tensors
+# after it runs, and allocating each parameter's .grad (AccumulateGrad keeps the computed tensor).
+
+PASS = "pass"  # an input whose gradient is the incoming gradient itself (add, views, cat)
+
+
+@dataclass
+class _T:
+    name: str
+    nbytes: int
+    role: str = ""  # fixed when the events are materialised: activation if ever saved
+    kind: str = "act"
+    saved_by: int = 0
+    ever_saved: bool = False
+    dead: bool = False
+    live: bool = True
+
+
+@dataclass
+class _Node:
+    out: str
+    inputs: list[tuple[str, bool]]  # (tensor or "param:<name>", passthrough)
+    saves: list[str]
+    block: int  # checkpointed block index, or -1
+
+
+class _Sim:
+    """Builds the event list of one forward + backward."""
+
+    def __init__(self, model: TransformerConfig, training: TrainingConfig, shape: StepShape) -> None:
+        self.model, self.training, self.shape = model, training, shape
+        self.seq = tokens_per_sequence(model, training)
+        self.t = training.batch_size * self.seq
+        self.autocast = shape.autocast
+        self.fp32_stream = shape.parameter_bytes == 4
+        self.params = {p.name: p.numel for p in parameter_tensors(model)}
+        self.tensors: dict[str, _T] = {}
+        self.records: list[tuple[str, _T, str]] = []  # ("alloc"|"free", tensor, phase)
+        self.nodes: list[_Node] = []
+        self.phase = "forward"
+        self.ckpt_block = -1  # the checkpointed block being built (-1: none)
+        self.recomputing = False
+        self.block_inputs: dict[int, str] = {}
+        self.casts: set[str] = set()
+        self.grads_done: set[str] = set()
+
+    # --- tensors -------------------------------------------------------------------------
+    def new(self, name: str, numel: int, kind: Kind, role: str = "") -> str:
+        name = self.new_bytes(name, numel * kind_bytes(kind, self.shape), role)
+        self.tensors[name].kind = kind
+        return name
+
+    def new_bytes(self, name: str, nbytes: int, role: str = "") -> str:
+        if name in self.tensors and self.tensors[name].live:
+            raise AssertionError(f"{name} allocated twice")
+        tensor = _T(name, nbytes, role)
+        self.tensors[name] = tensor
+        self.records.append(("alloc", tensor, self.phase))
+        return name
+
+    def _free(self, tensor: _T) -> None:
+        if tensor.live:
+            tensor.live = False
+            self.records.append(("free", tensor, self.phase))
+
+    def dead(self, *names: str) -> None:
+        """Python dropped its last reference; free now unless a node saves the tensor."""
+        for name in names:
+            tensor = self.tensors[name]
+            tensor.dead = True
+            if tensor.saved_by == 0:
+                self._free(tensor)
+
+    def node(self, out: str, inputs: list[str | tuple[str, str]], saves: tuple[str, ...] = ()) -> None:
+        ins = [(i, False) if isinstance(i, str) else (i[0], True) for i in inputs]
+        if self.ckpt_block < 0 or self.recomputing:
+            for s in saves:
+                self.tensors[s].saved_by += 1
+                self.tensors[s].ever_saved = True
+        if not self.recomputing:
+            self.nodes.append(_Node(out, ins, list(saves), self.ckpt_block))
+
+    # --- layers --------------------------------------------------------------------------
+    def linear(self, prefix: str, x: str, n_in: int, n_out: int, weight: str, bias: str | None,
+               stop: bool = False) -> str:
+        """``F.linear``; under autocast it casts its input (and, once per forward, the weight).
+
+        ``stop``: checkpoint recomputation ends here, right after the inputs are saved.
+        """
+        t = self.t
+        saves: list[str] = []
+        cast = self.autocast and self.tensors[x].kind != "act"  # a 16-bit input is used as is
+        if cast:
+            xc = self.new(f"{prefix}.x16", n_in * t, "act")
+            self.node(xc, [x])
+            x = xc
+        if self.autocast:
+            wc = f"{weight}.16bit"
+            if wc not in self.tensors or not self.tensors[wc].live:
+                self.new(wc, self.params[weight], "act", role="temporary")
+                self.casts.add(wc)
+            saves = [wc]
+        if stop:
+            for s in (x, *saves):
+                self.tensors[s].saved_by += 1
+            if cast:
+                self.dead(x)
+            return ""
+        out = self.new(f"{prefix}.out", n_out * t, "act")
+        params = [f"param:{weight}"] + ([f"param:{bias}"] if bias else [])
+        self.node(out, [*params, x], saves=(x, *saves))  # mm backward: weight grad, then input grad
+        if cast:
+            self.dead(x)
+        return out
+
+    def norm(self, prefix: str, x: str) -> str:
+        m, t, d = self.model, self.t, self.model.d_model
+        w, b = f"param:{prefix}.weight", f"param:{prefix}.bias"
+        if m.norm == "layernorm":
+            out = self.new(f"{prefix}.out", d * t, "stream")
+            mean = self.new(f"{prefix}.mean", t, "stream")
+            rstd = self.new(f"{prefix}.rstd", t, "stream")
+            self.node(out, [x, w] + ([b] if m.norm_has_bias else []), saves=(x, mean, rstd))
+            self.dead(mean, rstd)
+            return out
+        x32 = x
+        if not self.fp32_stream:
+            x32 = self.new(f"{prefix}.x_fp32", d * t, "fp32")
+            self.node(x32, [x])
+        sq = self.new(f"{prefix}.sq", d * t, "fp32")
+        self.node(sq, [x32], saves=(x32,))
+        ms = self.new(f"{prefix}.ms", t, "fp32")
+        self.node(ms, [sq])
+        self.dead(sq)
+        mse = self.new(f"{prefix}.ms_eps", t, "fp32")
+        self.node(mse, [(ms, PASS)])
+        self.dead(ms)
+        rstd = self.new(f"{prefix}.rstd", t, "fp32")
+        self.node(rstd, [mse], saves=(rstd,))
+        self.dead(mse)
+        normed = self.new(f"{prefix}.normed" if self.fp32_stream else f"{prefix}.n32", d * t, "fp32")
+        self.node(normed, [x32, rstd], saves=(x32, rstd))
+        if not self.fp32_stream:
+            n32, normed = normed, self.new(f"{prefix}.normed", d * t, "stream")
+            self.node(normed, [n32])
+            self.dead(n32)
+        out = self.new(f"{prefix}.out", d * t, "stream")
+        self.node(out, [w, normed], saves=(normed,))
+        self.dead(normed, rstd)
+        if x32 != x:
+            self.dead(x32)
+        return out
+
+    def rope(self, prefix: str, x: str, heads: int) -> str:
+        m, t = self.model, self.t
+        r, h = m.rotary_dim, m.head_size
+        a = self.new(f"{prefix}.xcos", heads * r * t, "act")
+        self.node(a, [x], saves=("rope.cos",))
+        n = self.new(f"{prefix}.neg", heads * (r // 2) * t, "act")
+        self.node(n, [(x, PASS)])
+        c = self.new(f"{prefix}.cat", heads * r * t, "act")
+        self.node(c, [(n, PASS), (x, PASS)])
+        self.dead(n)
+        s = self.new(f"{prefix}.xsin", heads * r * t, "act")
+        self.node(s, [c], saves=("rope.sin",))
+        self.dead(c)
+        rot = self.new(f"{prefix}.rot", heads * r * t, "act")
+        self.node(rot, [(a, PASS), (s, PASS)])
+        self.dead(a, s)
+        if r == h:
+            return rot
+        out = self.new(f"{prefix}.roped", heads * h * t, "act")
+        self.node(out, [(rot, PASS), (x, PASS)])
+        self.dead(rot)
+        return out
+
+    def attention(self, p: str, x: str) -> str:
+        m, t, seq = self.model, self.t, self.seq
+        d, h, hq, hk = m.d_model, m.head_size, m.num_heads, m.kv_heads
+        qb = f"{p}.attn.q_proj.bias" if m.qkv_has_bias else None
+        kb = f"{p}.attn.k_proj.bias" if m.qkv_has_bias else None
+        vb = f"{p}.attn.v_proj.bias" if m.qkv_has_bias else None
+        q = self.linear(f"{p}.attn.q_proj", x, d, hq * h, f"{p}.attn.q_proj.weight", qb)
+        k = self.linear(f"{p}.attn.k_proj", x, d, hk * h, f"{p}.attn.k_proj.weight", kb)
+        v = self.linear(f"{p}.attn.v_proj", x, d, hk * h, f"{p}.attn.v_proj.weight", vb)
+        if m.positions == "rope":
+            q_lin, q = q, self.rope(f"{p}.attn.q", q, hq)
+            self.dead(q_lin)
+            k_lin, k = k, self.rope(f"{p}.attn.k", k, hk)
+            self.dead(k_lin)
+        temps = [q, k, v]
+        if m.attention == "sdpa":
+            y = self.new(f"{p}.attn.sdpa", hq * h * t, "act")
+            lse = self.new(f"{p}.attn.lse", hq * t, "fp32")
+            self.node(y, [q, k, v], saves=(q, k, v, y, lse))
+            self.dead(lse)
+        else:
+            if hk != hq:
+                k = self.new(f"{p}.attn.k_rep", hq * h * t, "act")
+                self.node(k, [temps[1]])
+                v = self.new(f"{p}.attn.v_rep", hq * h * t, "act")
+                self.node(v, [temps[2]])
+                self.dead(temps[1], temps[2])
+                temps = [q]
+            qc = self.new(f"{p}.attn.qc", hq * h * t, "act")
+            self.node(qc, [(q, PASS)])
+            kc = k
+            if hk == hq:
+                kc = self.new(f"{p}.attn.kc", hq * h * t, "act")
+                self.node(kc, [(k, PASS)])
+            scores = self.new(f"{p}.attn.scores", hq * seq * t, "act")
+            self.node(scores, [qc, kc], saves=(qc, kc))
+            self.dead(qc, kc)
+            scaled = self.new(f"{p}.attn.scaled", hq * seq * t, "act")
+            self.node(scaled, [scores])
+            self.dead(scores)
+            mask = self.new(f"{p}.attn.mask", seq * seq, "act")
+            masked = self.new(f"{p}.attn.masked", hq * seq * t, "act")
+            self.node(masked, [(scaled, PASS)])
+            self.dead(scaled)
+            probs = self.new(f"{p}.attn.probs", hq * seq * t, "act")
+            self.node(probs, [masked], saves=(probs,))
+            self.dead(masked)
+            vc = v
+            if hk == hq:
+                vc = self.new(f"{p}.attn.vc", hq * h * t, "act")
+                self.node(vc, [(v, PASS)])
+            pv = self.new(f"{p}.attn.pv", hq * h * t, "act")
+            self.node(pv, [probs, vc], saves=(probs, vc))
+            self.dead(probs)
+            if vc != v:
+                self.dead(vc)
+            y = self.new(f"{p}.attn.y", hq * h * t, "act")
+            self.node(y, [(pv, PASS)])
+            self.dead(pv)
+            temps += [mask] + ([k, v] if hk != hq else [])
+        ob = f"{p}.attn.o_proj.bias" if m.linear_bias else None
+        out = self.linear(f"{p}.attn.o_proj", y, hq * h, d, f"{p}.attn.o_proj.weight", ob)
+        self.dead(y, *temps)
+        return out
+
+    def mlp(self, p: str, x: str) -> str:
+        m, t, d, f = self.model, self.t, self.model.d_model, self.model.ffn_dim
+
+        def lin(name: str, x: str, n_in: int, n_out: int, stop: bool = False) -> str:
+            return self.linear(f"{p}.mlp.{name}", x, n_in, n_out, f"{p}.mlp.{name}.weight",
+                               f"{p}.mlp.{name}.bias" if m.linear_bias else None, stop=stop)
+
+        if m.mlp == "swiglu":
+            gate = lin("gate_proj", x, d, f)
+            silu = self.new(f"{p}.mlp.silu", f * t, "act")
+            self.node(silu, [gate], saves=(gate,))
+            self.dead(gate)
+            up = lin("up_proj", x, d, f)
+            hidden = self.new(f"{p}.mlp.hidden", f * t, "act")
+            self.node(hidden, [silu, up], saves=(silu, up))
+            self.dead(silu, up)
+        else:
+            up = lin("up_proj", x, d, f)
+            hidden = self.new(f"{p}.mlp.hidden", f * t, "act")
+            self.node(hidden, [up], saves=(up,))
+            self.dead(up)
+        # Under checkpoint recomputation torch stops once down_proj's inputs are saved (early stop).
+        out = lin("down_proj", hidden, f, d, stop=self.recomputing)
+        self.dead(hidden)
+        return out
+
+    def block(self, i: int, x: str) -> str:
+        """Block ``i`` on input ``x``; returns its output (the next block's input)."""
+        m, t, d = self.model, self.t, self.model.d_model
+        p = f"blocks.{i}"
+        out_name = f"blocks.{i + 1}.x_in" if i + 1 < m.num_layers else f"{p}.x_out"
+        h1 = self.norm(f"{p}.norm1", x)
+        a = self.attention(p, h1)
+        self.dead(h1)
+        if m.parallel_residual:
+            xa = self.new(f"{p}.x_attn", d * t, "stream")
+            self.node(xa, [(x, PASS), (a, PASS)])
+            self.dead(a)
+            h2 = self.norm(f"{p}.norm2", x)
+            mo = self.mlp(p, h2)
+            self.dead(h2)
+            if not mo:
+                self.dead(xa)
+                return ""
+            out = self.new(out_name, d * t, "stream")
+            self.node(out, [(xa, PASS), (mo, PASS)])
+            self.dead(xa, mo)
+            return out
+        xm = self.new(f"{p}.x_mid", d * t, "stream")
+        self.node(xm, [(x, PASS), (a, PASS)])
+        self.dead(a)
+        h2 = self.norm(f"{p}.norm2", xm)
+        mo = self.mlp(p, h2)
+        self.dead(h2)
+        if not mo:
+            self.dead(xm)
+            return ""
+        out = self.new(out_name, d * t, "stream")
+        self.node(out, [(xm, PASS), (mo, PASS)])
+        self.dead(xm, mo)
+        return out
+
+    # --- the step ------------------------------------------------------------------------
+    def forward(self) -> None:
+        m, t, d, seq = self.model, self.t, self.model.d_model, self.seq
+        emb = self.new("tok_emb.out", d * t, "stream")
+        self.node(emb, ["param:tok_emb.weight"])
+        x = emb
+        if m.positions == "learned":
+            x = self.new("blocks.0.x_in", d * t, "stream")
+            self.node(x, [(emb, PASS), "param:pos_emb.weight"])
+            self.dead(emb)
+        if m.positions == "rope":
+            self.new("rope.cos", seq * m.rotary_dim, "act")
+            self.new("rope.sin", seq * m.rotary_dim, "act")
+        ckpt = self.training.activation_checkpointing == "full"
+        for i in range(m.num_layers):
+            if ckpt:
+                # The checkpoint saves the block's inputs (its _NoopSaveInputs node) until the
+                # block's backward is over: modelled as a marker node created before the block.
+                kept = [x] + (["rope.cos", "rope.sin"] if m.positions == "rope" else [])
+                self.node(f"ckpt{i}", [], saves=tuple(kept))
+                self.ckpt_block, self.block_inputs[i] = i, x
+                self.nodes[-1].block = i
+            x_next = self.block(i, x)
+            self.ckpt_block = -1
+            self.dead(x)
+            x = x_next
+        if m.positions == "rope":
+            self.dead("rope.cos", "rope.sin")
+        hf = self.norm("norm_f", x)
+        self.dead(x)
+        head = "lm_head.weight" if not m.tie_embeddings else "tok_emb.weight"
+        logits = self.linear("lm_head", hf, d, m.vocab_size, head, None)
+        self.dead(hf)
+        self.phase = "loss"
+        loss_kind: Kind = "fp32" if self.autocast else "act"
+        src = logits
+        if self.autocast:
+            src = self.new("logits.fp32", m.vocab_size * t, "fp32")
+            self.node(src, [logits])
+        logp = self.new("loss.log_probs", m.vocab_size * t, loss_kind)
+        self.node(logp, [src], saves=(logp,))
+        if src != logits:
+            self.dead(src)
+        loss = self.new("loss", 1, loss_kind, role="temporary")
+        tw = self.new("loss.total_weight", 1, loss_kind)
+        self.node(loss, [logp], saves=(logp, tw))
+        self.dead(tw, logp, logits)
+        for cast in self.casts:  # autocast's weight cache is cleared when the forward ends
+            if self.tensors[cast].live:
+                self.dead(cast)
+
+    def backward(self) -> None:
+        self.phase = "backward"
+        loss_kind: Kind = "fp32" if self.autocast else "act"
+        grad_loss = self.new("grad.loss", 1, loss_kind, role="temporary")
+        buffers: dict[str, str] = {"loss": grad_loss}
+        refs: dict[str, int] = {grad_loss: 2}  # backward() keeps its own reference until the end
+        count = 0
+
+        def release(storage: str) -> None:
+            refs[storage] -= 1
+            if refs[storage] == 0:
+                self._free(self.tensors[storage])
+
+        recomputed: set[int] = set()
+        for node in reversed(self.nodes):
+            marker = node.out.startswith("ckpt")
+            if node.block >= 0 and node.block not in recomputed and node.saves and not marker:
+                recomputed.add(node.block)
+                self._recompute(node.block)
+            incoming = buffers.pop(node.out, None)
+            for name, passthrough in node.inputs:
+                if name.startswith("param:"):
+                    self._param_grad(name[6:])
+                    continue
+                if passthrough and incoming is not None:
+                    key = incoming
+                    refs[key] += 1
+                else:
+                    count += 1
+                    key = self.new_bytes(f"grad.{name}#{count}", self.tensors[name].nbytes, "temporary")
+                    refs[key] = 1
+                if name in buffers:  # fan-in: accumulate into the buffer that is not shared
+                    old = buffers[name]
+                    if refs[old] == 1:
+                        release(key)
+                    elif refs[key] == 1:
+                        buffers[name] = key
+                        release(old)
+                    else:
+                        count += 1
+                        total = self.new_bytes(f"grad.{name}#{count}", self.tensors[name].nbytes, "temporary")
+                        refs[total] = 1
+                        buffers[name] = total
+                        release(old)
+                        release(key)
+                else:
+                    buffers[name] = key
+            if incoming is not None:
+                release(incoming)
+            for s in node.saves:
+                tensor = self.tensors[s]
+                tensor.saved_by -= 1
+                if tensor.saved_by == 0 and tensor.dead:
+                    self._free(tensor)
+        for key in list(buffers.values()):
+            release(key)
+        release(grad_loss)
+
+    def _param_grad(self, name: str) -> None:
+        """AccumulateGrad: the first gradient becomes .grad; a second one (tied) is added in place."""
+        numel = self.params[name]
+        tmp = None
+        if f"{name}.16bit" in self.casts:  # the gradient reaches the 16-bit cast first
+            tmp = self.new(f"{name}.grad16", numel, "act", role="temporary")
+        nbytes = numel * self.shape.gradient_bytes
+        if name in self.grads_done:
+            # Tied weight: AccumulateGrad adds out of place (.grad = .grad + new), then drops both.
+            # Named so the final tensor keeps the name ``<param>.grad`` (zero_grad frees it).
+            extra = self.new_bytes(f"{name}.grad_extra", nbytes, "temporary")
+            acc = self.new_bytes(f"{name}.grad_sum", nbytes, "temporary")
+            self._free(self.tensors[f"{name}.grad"])
+            self._free(self.tensors[extra])
+            self._free(self.tensors[acc])
+            self.new_bytes(f"{name}.grad", nbytes, "gradient")
+        else:
+            self.grads_done.add(name)
+            if name == "pos_emb.weight":  # the batch-summed (S, d) gradient, then slice_backward
+                tmp_sum = self.new("pos_emb.grad_rows", self.seq * self.model.d_model, "stream")
+                self.new_bytes(f"{name}.grad", nbytes, "gradient")
+                self._free(self.tensors[tmp_sum])
+            else:
+                self.new_bytes(f"{name}.grad", nbytes, "gradient")
+        if tmp is not None:
+            self._free(self.tensors[tmp])
+
+    def _recompute(self, i: int) -> None:
+        """Checkpoint reruns block ``i``'s forward (up to down_proj's saved input) in backward."""
+        before = {n for n in self.casts if self.tensors[n].live}
+        self.recomputing, self.ckpt_block = True, i
+        self.block(i, self.block_inputs[i])
+        self.recomputing, self.ckpt_block = False, -1
+        for cast in self.casts:  # the recompute's own autocast cache is dropped
+            if cast not in before and self.tensors[cast].live and not self.tensors[cast].dead:
+                self.dead(cast)
+
+    def events(self) -> list[Event]:
+        out: list[Event] = []
+        for kind, tensor, phase in self.records:
+            role = tensor.role or ("activation" if tensor.ever_saved else "temporary")
+            fn = alloc if kind == "alloc" else free
+            out.append(fn(tensor.name, role, tensor.nbytes, phase))
+        return out
+
+
+def step_events(model: TransformerConfig, training: TrainingConfig, shape: StepShape) -> list[Event]:
+    """Forward, loss and backward events of one step (see the simulation notes above)."""
+    sim = _Sim(model, training, shape)
+    sim.forward()
+    sim.backward()
+    return sim.events()
+
+
+# --------------------------------------------------------------------------------------------
+# The family
+
+
+@register_family("transformer")
+class TransformerFamily:
+    """Decoder-only transformers (GPT-2, Llama, Mistral, Qwen2, GPT-NeoX); docs/transformer.md."""
+
+    name = "transformer"
+
+    def parameters(self, model: TransformerConfig) -> list[ParamTensor]:
+        """Every parameter tensor by name, matching the torch model's ``named_parameters()``."""
+        return parameter_tensors(model)
+
+    def activation_elements(self, model: TransformerConfig, batch: TrainingConfig) -> int:
+        """Elements autograd saves for backward in one step of our torch model (``saved_tensors``).
+
+        Without checkpointing, per block and token: the norms' inputs and statistics, the q/k/v
+        projections' input, q, k, v, the attention output (plus SDPA's logsumexp, or eager's
+        B·H·S² probabilities), the MLP's input and hidden tensors; then the final norm, the head's
+        input and the log-probabilities (V per token). With ``full`` checkpointing, each block's
+        input only. Dtype classes differ under 16-bit precision: see :func:`activation_bytes`.
+        """
+        return activation_elements_of(model, batch)
+
+    def flops(self, model: TransformerConfig, batch: TrainingConfig) -> FlopCount:
+        """The 6·N·D rule plus PaLM's attention term, and the exact matmul count of our model.
+
+        ``forward`` = 2·N·T + 4·L·H·h·S·T and ``backward`` = 4·N·T + 8·L·H·h·S·T, with N from
+        :func:`flop_parameters` (non-embedding parameters plus the head matrix) and T = B·S tokens;
+        the attention part (``attention`` = 12·L·H·h·S·T, PaLM appendix B, causal mask not
+        discounted) is included in forward/backward, not added to them. Checkpointing's
+        recomputation is not model FLOPs, so it is only in ``matmul`` (see :func:`matmul_flops`).
+        """
+        seq = tokens_per_sequence(model, batch)
+        t = batch.batch_size * seq
+        n = flop_parameters(model)
+        attn = model.num_layers * model.num_heads * model.head_size * seq * t
+        exact = matmul_flops(model, batch)
+        return FlopCount(
+            forward=2 * n * t + 4 * attn,
+            backward=4 * n * t + 8 * attn,
+            matmul=exact.total,
+            matmul_forward=exact.forward,
+            attention=12 * attn,
+        )
+
+    def input_events(self, model: TransformerConfig, batch: TrainingConfig, shape: StepShape) -> list[Event]:
+        """Token ids and targets, (B, S) int64 each."""
+        tokens = batch.batch_size * tokens_per_sequence(model, batch)
+        return [alloc("idx", "input", tokens * 8, "setup"), alloc("targets", "input", tokens * 8, "setup")]
+
+    def forward_backward_events(self, model: TransformerConfig, batch: TrainingConfig,
+                                shape: StepShape) -> list[Event]:
+        """Every allocation and release of forward, loss and backward, in torch's order."""
+        return step_events(model, batch, shape)
+
+    def end_of_step_events(self, model: TransformerConfig, batch: TrainingConfig,
+                           shape: StepShape) -> list[Event]:
+        """The loss, held by the caller until the step is over."""
+        loss_bytes = 4 if shape.autocast else shape.activation_bytes
+        return [free("loss", "temporary", loss_bytes, "zero_grad")]

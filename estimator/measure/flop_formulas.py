@@ -10,8 +10,9 @@ its backward: forward 4·B·H·S_q·S_k·h (QKᵀ and P·V, causal mask not disc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.utils import flop_counter

@@ -17,7 +17,7 @@ import contextlib
 import gc
 import os
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -42,6 +42,7 @@ class StepMeasurement:
     peak_phase: str  # "forward" | "loss" | "backward" | "optimizer_step" | "zero_grad"
     phase_peaks: dict[str, int]
     timeline: list[tuple[str, int]]  # (phase, live bytes): CPU every event; else start/peak/end per phase
+    phase_start_bytes: dict[str, int] = field(default_factory=dict)  # live bytes when each phase began
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON types (the timeline as [phase, bytes] pairs)."""
@@ -104,12 +105,14 @@ def resolve_device(spec: str) -> torch.device:
                 if torch.version.cuda is None
                 else "no CUDA GPU is visible"
             )
-            raise EstimatorError(f"device: '{spec}' was requested but {why}; use --device cpu")
+            raise EstimatorError(f"device: '{spec}' was requested but {why}; use 'cpu'")
         count = torch.cuda.device_count()
+        if device.index is None:
+            return torch.device("cuda", torch.cuda.current_device())
     else:
         acc = torch.accelerator.current_accelerator(check_available=True)
         if acc is None or acc.type != device.type:
-            raise EstimatorError(f"device: '{spec}' is not available here; use auto, cpu, cuda or cuda:N")
+            raise EstimatorError(f"device: cannot run a training step on '{spec}' here; use auto, cpu or cuda")
         count = torch.accelerator.device_count()
     index = device.index if device.index is not None else 0
     if index >= count:
@@ -230,6 +233,7 @@ class _StepProbe:
         self.source, self.on_phase, self.label = source, on_phase, label
         self.phase: str | None = None
         self.phase_peaks: dict[str, int] = {}
+        self.phase_starts: dict[str, int] = {}
         self.samples: list[tuple[str, int]] = []
 
     def begin(self) -> None:
@@ -246,6 +250,7 @@ class _StepProbe:
         self.phase = phase
         self.source.label(phase)
         self.samples.append((phase, self.source.allocated()))
+        self.phase_starts.setdefault(phase, self.samples[-1][1])
 
     def _close(self) -> None:
         self.source.synchronize()
@@ -268,6 +273,7 @@ class _StepProbe:
             peak_phase=peak_phase,
             phase_peaks=dict(self.phase_peaks),
             timeline=self.samples if timeline is None else timeline,
+            phase_start_bytes=dict(self.phase_starts),
         )
 
 

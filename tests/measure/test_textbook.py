@@ -32,7 +32,10 @@ PAIRS: dict[str, tuple[MakeOpt, MakeOpt]] = {
         lambda p: torch.optim.Adagrad(p, lr=0.05, eps=1e-10),
     ),
     # ... or with ε = 0, where the placement does not matter.
-    "adagrad_eps0": (lambda p: tb.AdaGrad(p, lr=0.05, eps=0.0), lambda p: torch.optim.Adagrad(p, lr=0.05, eps=0.0)),
+    "adagrad_eps0": (
+        lambda p: tb.AdaGrad(p, lr=0.05, eps=0.0),
+        lambda p: torch.optim.Adagrad(p, lr=0.05, eps=0.0),
+    ),
     "rmsprop": (
         lambda p: tb.RMSProp(p, lr=0.01, alpha=0.99, eps=1e-8, eps_outside_sqrt=True),
         lambda p: torch.optim.RMSprop(p, lr=0.01, alpha=0.99, eps=1e-8),
@@ -54,7 +57,9 @@ PAIRS: dict[str, tuple[MakeOpt, MakeOpt]] = {
 TOLERANCES = {torch.float64: (1e-6, 1e-12), torch.float32: (1e-6, 1e-6)}
 
 
-def train(make_opt: MakeOpt, dtype: torch.dtype, steps: int = 50) -> tuple[torch.Tensor, torch.optim.Optimizer]:
+def train(
+    make_opt: MakeOpt, dtype: torch.dtype, steps: int = 50
+) -> tuple[torch.Tensor, torch.optim.Optimizer]:
     """A Cruncher (D=16, 3 layers), a fresh random batch each step, fixed seeds."""
     torch.manual_seed(0)
     model = build_cruncher(16, 3, dtype=dtype)

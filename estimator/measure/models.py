@@ -1,0 +1,121 @@
+"""From a validated config to the torch pieces of a real step: model, batch, loss and optimizer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from estimator.config import Config
+from estimator.errors import EstimatorError
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+AUTOCAST_DTYPES = {"amp-bf16": torch.bfloat16, "amp-fp16": torch.float16}
+
+
+@dataclass
+class StepParts:
+    """What ``measure_training_step`` needs for one config."""
+
+    build_model: Callable[[], nn.Module]
+    make_batch: Callable[[], tuple[tuple[Tensor, ...], Tensor]]
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None
+    autocast_dtype: torch.dtype | None
+
+
+def parameter_dtype(config: Config) -> torch.dtype:
+    """The dtype the model is built in (fp32 under autocast)."""
+    return TORCH_DTYPES.get(config.training.precision, torch.float32)
+
+
+def step_parts(config: Config, device: torch.device) -> StepParts:
+    """The model builder, batch maker and loss of the configured family on ``device``."""
+    dtype = parameter_dtype(config)
+    autocast = AUTOCAST_DTYPES.get(config.training.precision)
+    model = config.model
+    b = config.training.batch_size
+    if model.family == "mlp":
+        from estimator.measure.mlp import build_cruncher
+
+        def make_mlp_batch() -> tuple[tuple[Tensor, ...], Tensor]:
+            x = torch.randn(b, model.dim, device=device, dtype=dtype)
+            y = torch.arange(4, 4 + b, device=device, dtype=dtype)  # the seed's y = [4., 5.] for B=2
+            return (x,), y
+
+        return StepParts(lambda: build_cruncher(model.dim, model.num_layers, device, dtype), make_mlp_batch,
+                         F.mse_loss, autocast)
+    if model.family == "transformer":
+        from estimator.measure.transformer import build_transformer
+
+        seq = config.training.seq_len or model.max_seq_len
+
+        def make_tokens() -> tuple[tuple[Tensor, ...], Tensor]:
+            idx = torch.randint(0, model.vocab_size, (b, seq), device=device)
+            targets = torch.randint(0, model.vocab_size, (b, seq), device=device)
+            return (idx,), targets
+
+        return StepParts(
+            lambda: build_transformer(model, device, dtype,
+                                      activation_checkpointing=config.training.activation_checkpointing),
+            make_tokens, None, autocast)
+    raise EstimatorError(f"model.family: verify cannot build {model.family!r} models")
+
+
+def optimizer_factory(config: Config, impl: str = "torch") -> Callable[[Iterable[nn.Parameter]], Any]:
+    """A function that makes the configured optimizer: torch.optim, or the seed's textbook classes."""
+    opt = config.optimizer
+    name = opt.name
+    if impl == "textbook":
+        from estimator.measure.textbook import TEXTBOOK
+
+        if name not in TEXTBOOK:
+            raise EstimatorError(f"--impl textbook: no textbook {name!r}; textbook optimizers: {', '.join(TEXTBOOK)}")
+        cls = TEXTBOOK[name]
+        kwargs = {"lr": opt.option("lr")}
+        if name in ("momentum",):
+            kwargs.update(momentum=opt.option("momentum"), nesterov=opt.nesterov)
+        return lambda params: cls(params, **kwargs)
+    kwargs = _torch_kwargs(config)
+    cls = _torch_class(name)
+    return lambda params: cls(params, **kwargs)
+
+
+def _torch_class(name: str) -> type:
+    classes = {
+        "sgd": torch.optim.SGD, "momentum": torch.optim.SGD, "adagrad": torch.optim.Adagrad,
+        "rmsprop": torch.optim.RMSprop, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
+    }
+    if hasattr(torch.optim, "Adafactor"):
+        classes["adafactor"] = torch.optim.Adafactor
+    if name not in classes:
+        raise EstimatorError(f"optimizer.name: {name!r} has no torch.optim implementation to run; verify runs "
+                             f"{', '.join(classes)}")
+    return classes[name]
+
+
+def _torch_kwargs(config: Config) -> dict[str, Any]:
+    opt = config.optimizer
+    name = opt.name
+    kwargs: dict[str, Any] = {"lr": opt.option("lr")}
+    if name in ("sgd", "momentum"):
+        kwargs.update(momentum=opt.option("momentum") or 0.0, nesterov=opt.nesterov,
+                      weight_decay=opt.option("weight_decay") or 0.0)
+    elif name == "adagrad":
+        kwargs.update(eps=opt.option("eps"), weight_decay=opt.option("weight_decay") or 0.0)
+    elif name == "rmsprop":
+        kwargs.update(alpha=opt.option("alpha"), eps=opt.option("eps"), momentum=opt.option("momentum") or 0.0,
+                      centered=opt.centered, weight_decay=opt.option("weight_decay") or 0.0)
+    elif name in ("adam", "adamw"):
+        kwargs.update(betas=tuple(opt.option("betas")), eps=opt.option("eps"), amsgrad=opt.amsgrad,
+                      weight_decay=opt.option("weight_decay") or 0.0)
+    if opt.implementation == "for-loop":
+        kwargs["foreach"] = False
+    elif opt.implementation == "foreach":
+        kwargs["foreach"] = True
+    elif opt.implementation == "fused":
+        kwargs["fused"] = True
+    return kwargs

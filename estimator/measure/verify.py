@@ -1,0 +1,135 @@
+"""``estimator verify``: run the configured step for real and put the estimate beside the measurement."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from estimator.api import Estimate, estimate
+from estimator.config import Config
+from estimator.errors import EstimatorError
+from estimator.measure.models import optimizer_factory, step_parts
+from estimator.measure.step import Measurement, free_bytes, measure_training_step, resolve_device
+from estimator.units import human_bytes
+
+SAFETY_FRACTION = 0.8  # never plan to use more than this share of what the device has free
+TRACKING_OVERHEAD = 64 << 20  # the Python side of a CPU run: interpreter, tracker records, profiler
+
+
+@dataclass(frozen=True)
+class Row:
+    """One figure, estimated and measured."""
+
+    key: str
+    label: str
+    estimated: int
+    measured: int
+
+    @property
+    def ratio(self) -> float | None:
+        return self.measured / self.estimated if self.estimated else None
+
+    def within(self, tolerance: float) -> bool:
+        if self.estimated == self.measured:
+            return True
+        if not self.estimated:
+            return False
+        return abs(self.measured - self.estimated) / self.estimated <= tolerance
+
+
+@dataclass(frozen=True)
+class Verification:
+    """An estimate, a measurement of the same step, and the figures compared."""
+
+    estimate: Estimate
+    measurement: Measurement
+    rows: list[Row]
+    impl: str
+
+    def failures(self, tolerance: float) -> list[Row]:
+        return [row for row in self.rows if not row.within(tolerance)]
+
+    def to_json(self) -> dict[str, Any]:
+        """The estimate object plus ``measured`` (integers) and ``device``."""
+        m = self.measurement
+        data = self.estimate.to_json()
+        data["device"] = m.device
+        data["optimizer_impl"] = self.impl
+        data["measured"] = {
+            "device": m.device,
+            "peak_bytes": m.steady_step.peak_bytes,
+            "first_step_peak_bytes": m.first_step.peak_bytes,
+            "peak_phase": m.steady_step.peak_phase,
+            "first_step_peak_phase": m.first_step.peak_phase,
+            "parameters": m.parameters,
+            "gradients": m.gradients,
+            "optimizer_state": m.optimizer_state,
+            "optimizer_step_tensors": m.optimizer_step_tensors,
+            "activations": m.activations,
+            "inputs": m.inputs,
+            "flops_matmul": m.flops_matmul,
+            "phase_peaks": m.steady_step.phase_peaks,
+            "cuda_reserved_bytes": m.cuda_reserved_bytes,
+            "cuda_context_bytes": m.cuda_context_bytes,
+        }
+        data["comparison"] = {
+            row.key: {"estimated": row.estimated, "measured": row.measured, "ratio": row.ratio} for row in self.rows
+        }
+        return data
+
+
+def device_kind(device: torch.device) -> str:
+    """The estimate's device model: CUDA's allocator rounding, or exact bytes (CPU and others)."""
+    return "cuda" if device.type == "cuda" else "cpu"
+
+
+def check_fits(est: Estimate, device: torch.device) -> None:
+    """Refuse, before allocating anything, a step that would not fit in what the device has free."""
+    need = max(est.peak_bytes, est.first_step_peak_bytes)
+    if device.type == "cpu":
+        need += TRACKING_OVERHEAD
+    free = free_bytes(device)
+    if need > SAFETY_FRACTION * free:
+        raise EstimatorError(
+            f"verify: this step needs about {human_bytes(need)} on {device} but only {human_bytes(free)} is free "
+            f"(verify uses at most {SAFETY_FRACTION:.0%} of it); reduce training.batch_size or the model"
+        )
+
+
+def run_verify(
+    config: Config,
+    device_spec: str = "auto",
+    impl: str = "torch",
+    on_phase: Callable[[str], None] | None = None,
+) -> Verification:
+    """Estimate, check it fits, run two real steps, and compare."""
+    device = resolve_device(device_spec)
+    est = estimate(config, device_kind(device))
+    check_fits(est, device)
+    parts = step_parts(config, device)
+    make_optimizer = optimizer_factory(config, impl)
+    measurement = measure_training_step(
+        parts.build_model, parts.make_batch, parts.loss_fn, make_optimizer, device,
+        autocast_dtype=parts.autocast_dtype, on_phase=on_phase,
+    )
+    return Verification(est, measurement, compare_rows(est, measurement), impl)
+
+
+def compare_rows(est: Estimate, m: Measurement) -> list[Row]:
+    """The figures both sides know, in the order the report shows them."""
+    mem = est.memory
+    step_tensors = sum(t.nbytes for name, t in est.step.live_before_steady.items() if name.endswith(".step"))
+    return [
+        Row("parameters", "parameters", mem.parameters, m.parameters),
+        Row("gradients", "gradients", mem.gradients, m.gradients),
+        Row("optimizer_state", "optimizer state", mem.optimizer_state, m.optimizer_state),
+        Row("optimizer_step_tensors", "'step' tensors on the device", step_tensors, m.optimizer_step_tensors),
+        Row("activations", "saved for backward", est.saved_activation_bytes, m.activations),
+        Row("inputs", "inputs + targets", est.input_bytes, m.inputs),
+        Row("first_step_peak_bytes", "first-step peak", est.first_step_peak_bytes, m.first_step.peak_bytes),
+        Row("peak_bytes", "steady-step peak", est.peak_bytes, m.steady_step.peak_bytes),
+        Row("flops_matmul", "matmul FLOPs", est.flops.matmul, m.flops_matmul),
+    ]
