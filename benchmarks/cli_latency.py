@@ -32,7 +32,7 @@ def main() -> None:
     for _ in range(args.runs):
         a.append(wall(estimate))
         b.append(wall(torch_import))
-    ratios = [x / y for x, y in zip(a, b)]
+    ratios = [x / y for x, y in zip(a, b, strict=True)]
     print(f"{'command':<40} {'median s':>9} {'min s':>7} {'max s':>7}")
     print(f"{'estimator estimate --json':<40} {statistics.median(a):9.3f} {min(a):7.3f} {max(a):7.3f}")
     label = 'python -c "import torch"'

@@ -169,7 +169,7 @@ def optimizers(as_json: bool = JsonOpt) -> None:
 @user_errors
 def verify(
     config: Optional[Path] = ConfigArg,
-    device: str = typer.Option("auto", "--device", "-d", help="auto (CUDA if present, else the CPU), cpu, cuda, cuda:N"),
+    device: str = typer.Option("auto", "--device", "-d", help="auto (CUDA if present, else the CPU) | cpu | cuda[:N]"),
     impl: str = typer.Option("torch", "--impl", help="torch (torch.optim) | textbook (the seed's optimizers)"),
     set_: Optional[list[str]] = SetOpt,
     batch_size: Optional[int] = BatchOpt,

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from estimator.config import Config
-from estimator.errors import EstimatorError
 from estimator.events import Event, alloc, free
 from estimator.families.base import ParamTensor, StepShape, get_family
 from estimator.optimizers import OptimizerSpec, get_optimizer

@@ -69,12 +69,13 @@ def test_unknown_key_in_file(tmp_path: Path) -> None:
 
 
 def test_unknown_top_level_key(tmp_path: Path) -> None:
-    fails(["estimate", write(tmp_path, "trainig:\n  batch_size: 4\n")], "trainig: unknown key; did you mean 'training'?")
+    fails(["estimate", write(tmp_path, "trainig:\n  batch_size: 4\n")],
+          "trainig: unknown key; did you mean 'training'?")
 
 
 def test_set_path_that_does_not_exist() -> None:
-    fails(["estimate", "--set", "optimizer.betaz=[0.9,0.99]"], "--set optimizer.betaz=[0.9,0.99]: optimizer has no field",
-          "did you mean 'betas'?")
+    fails(["estimate", "--set", "optimizer.betaz=[0.9,0.99]"],
+          "--set optimizer.betaz=[0.9,0.99]: optimizer has no field", "did you mean 'betas'?")
 
 
 def test_set_without_equals() -> None:
