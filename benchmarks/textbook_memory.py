@@ -60,7 +60,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     args = parser.parse_args()
 
-    print(f"Cruncher D={args.dim}, num_layers={args.layers}, B={args.batch}, fp32, CPU, torch {torch.__version__}")
+    size = f"Cruncher D={args.dim}, num_layers={args.layers}, B={args.batch}"
+    print(f"{size}, fp32, CPU, torch {torch.__version__}")
     print()
     print(
         "| optimizer | implementation | state MiB | step tensors B | steady peak MiB | steady peak bytes "
@@ -78,10 +79,9 @@ def main() -> None:
         )
         s = m.steady_step
         temporaries = s.phase_peaks["optimizer_step"] - s.phase_start_bytes["optimizer_step"]
-        print(
-            f"| {name} | {impl} | {mib(m.optimizer_state)} | {m.optimizer_step_tensors} | {mib(s.peak_bytes)} "
-            f"| {s.peak_bytes} | {mib(temporaries)} | {mib(m.first_step.peak_bytes)} | {s.peak_phase} |"
-        )
+        cells = [name, impl, mib(m.optimizer_state), m.optimizer_step_tensors, mib(s.peak_bytes)]
+        cells += [s.peak_bytes, mib(temporaries), mib(m.first_step.peak_bytes), s.peak_phase]
+        print("| " + " | ".join(str(c) for c in cells) + " |")
     p = m.parameters
     print()
     print(f"parameters {p} B ({mib(p)} MiB), gradients {m.gradients} B, activations {m.activations} B")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from estimator.config import Config
@@ -83,6 +83,7 @@ class Estimate:
                 "matmul": f.matmul,
                 "matmul_forward": f.matmul_forward,
                 "attention": f.attention,
+                "matmul_optimizer": f.optimizer_matmul,
             },
             "peak_bytes": self.peak_bytes,
             "first_step_peak_bytes": self.first_step_peak_bytes,
@@ -128,9 +129,15 @@ def estimate(config: Config | None = None, device: str | None = None) -> Estimat
         parameters=n_params,
         trainable_parameters=n_trainable,
         memory=memory,
-        flops=family.flops(config.model, config.training),
+        flops=_with_optimizer_flops(family.flops(config.model, config.training), spec, trainable),
         step=simulate(config, target),
     )
+
+
+def _with_optimizer_flops(flops: FlopCount, spec: Any, params: list[ParamTensor]) -> FlopCount:
+    """Add the matmuls of ``optimizer.step()`` (Adafactor has some), as FlopCounterMode sees a step."""
+    extra = sum(spec.matmul_flops(p) for p in params)
+    return replace(flops, matmul=flops.matmul + extra, optimizer_matmul=extra)
 
 
 def compare(config: Config, optimizers: list[str], device: str | None = None) -> list[Estimate]:

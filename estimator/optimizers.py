@@ -65,6 +65,7 @@ class OptimizerSpec:
     loop_script: Callable[[Any], list[LoopOp]]
     foreach_temporaries: Callable[[Any], list[str]]
     fused: bool
+    matmul_flops: Callable[[ParamTensor], int]
     defaults: dict[str, Any] = field(default_factory=dict)
 
     def state_tensors(self, param: ParamTensor, options: Any) -> list[StateTensor]:
@@ -93,6 +94,7 @@ def register_optimizer(
     loop_script: Callable[[Any], list[LoopOp]] = _nothing,
     foreach_temporaries: Callable[[Any], list[str]] = _nothing,
     fused: bool = False,
+    matmul_flops: Callable[[ParamTensor], int] = lambda param: 0,
     defaults: dict[str, Any] | None = None,
 ) -> Callable[[Callable[[ParamTensor, Any], list[StateTensor]]], Callable]:
     """Register ``fn(param, options) -> state tensors`` under ``name``; duplicates are refused."""
@@ -112,6 +114,7 @@ def register_optimizer(
             loop_script=loop_script,
             foreach_temporaries=foreach_temporaries,
             fused=fused,
+            matmul_flops=matmul_flops,
             defaults=defaults or {},
         )
         return fn
@@ -309,6 +312,8 @@ def _lion(param: ParamTensor, options: Any) -> list[StateTensor]:
     # (the row/column-sized temporaries beside it are not modelled).
     loop_script=lambda o: _script("+var_estimate", "<var_estimate"),
     foreach_temporaries=lambda o: ["var_estimate"],
+    # row_var (R x 1) @ col_var (1 x C): a matmul of 2·R·C FLOPs per matrix, which FlopCounterMode counts
+    matmul_flops=lambda param: 2 * param.numel if len(param.shape) >= 2 else 0,
     defaults={"lr": 0.01},
 )
 def _adafactor(param: ParamTensor, options: Any) -> list[StateTensor]:

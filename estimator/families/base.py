@@ -36,7 +36,8 @@ class FlopCount:
     ``forward``/``backward`` follow the seed's 6·B·P rule (2·B·P forward, 4·B·P backward, with B
     the number of tokens or samples); ``matmul`` is the exact matmul count of the project's own torch
     implementation (forward + backward), what ``torch.utils.flop_counter.FlopCounterMode`` reports;
-    ``attention`` is the extra attention term (PaLM appendix B) where the family has one.
+    ``attention`` is the extra attention term (PaLM appendix B) where the family has one;
+    ``optimizer_matmul`` the matmuls of ``optimizer.step()``, which FlopCounterMode counts too.
     """
 
     forward: int
@@ -44,6 +45,7 @@ class FlopCount:
     matmul: int
     matmul_forward: int
     attention: int = 0
+    optimizer_matmul: int = 0  # matmuls inside optimizer.step() (Adafactor), included in ``matmul``
 
     @property
     def per_step(self) -> int:

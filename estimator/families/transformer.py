@@ -11,6 +11,7 @@ FLOPs count 2 per multiply-add (the convention of Kaplan et al. 2020 and of Flop
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -525,12 +526,13 @@ class _Sim:
             xc = self.new(f"{prefix}.x16", n_in * t, "act")
             self.node(xc, [x])
             x = xc
-        if self.autocast:
-            wc = f"{weight}.16bit"
-            if wc not in self.tensors or not self.tensors[wc].live:
-                self.new(wc, self.params[weight], "act", role="temporary")
-                self.casts.add(wc)
-            saves = [wc]
+        if self.autocast:  # cached casts, dropped when the forward's autocast region ends
+            for param in (weight, bias):
+                cast_name = f"{param}.16bit"
+                if param and (cast_name not in self.tensors or not self.tensors[cast_name].live):
+                    self.new(cast_name, self.params[param], "act", role="temporary")
+                    self.casts.add(cast_name)
+            saves = [f"{weight}.16bit"]
         if stop:
             for s in (x, *saves):
                 self.tensors[s].saved_by += 1
@@ -538,7 +540,8 @@ class _Sim:
                 self.dead(x)
             return ""
         out = self.new(f"{prefix}.out", n_out * t, "act")
-        params = [f"param:{weight}"] + ([f"param:{bias}"] if bias else [])
+        tag = "param16" if self.autocast else "param"
+        params = [f"{tag}:{weight}"] + ([f"{tag}:{bias}"] if bias else [])
         self.node(out, [*params, x], saves=(x, *saves))  # mm backward: weight grad, then input grad
         if cast:
             self.dead(x)
@@ -764,7 +767,6 @@ class _Sim:
         self.dead(x)
         head = "lm_head.weight" if not m.tie_embeddings else "tok_emb.weight"
         logits = self.linear("lm_head", hf, d, m.vocab_size, head, None)
-        self.dead(hf)
         self.phase = "loss"
         loss_kind: Kind = "fp32" if self.autocast else "act"
         src = logits
@@ -778,7 +780,7 @@ class _Sim:
         loss = self.new("loss", 1, loss_kind, role="temporary")
         tw = self.new("loss.total_weight", 1, loss_kind)
         self.node(loss, [logp], saves=(logp, tw))
-        self.dead(tw, logp, logits)
+        self.dead(tw, logp, logits, hf)  # forward's locals (x, logits) live until it returns
         for cast in self.casts:  # autocast's weight cache is cleared when the forward ends
             if self.tensors[cast].live:
                 self.dead(cast)
@@ -803,9 +805,11 @@ class _Sim:
                 recomputed.add(node.block)
                 self._recompute(node.block)
             incoming = buffers.pop(node.out, None)
+            later: list[Callable[[], None]] = []
             for name, passthrough in node.inputs:
-                if name.startswith("param:"):
-                    self._param_grad(name[6:])
+                if name.startswith("param"):
+                    kind, _, pname = name.partition(":")
+                    self._param_grad(pname, kind == "param16", later)
                     continue
                 if passthrough and incoming is not None:
                     key = incoming
@@ -837,36 +841,51 @@ class _Sim:
                 tensor.saved_by -= 1
                 if tensor.saved_by == 0 and tensor.dead:
                     self._free(tensor)
+            for step in later:
+                step()
         for key in list(buffers.values()):
             release(key)
         release(grad_loss)
 
-    def _param_grad(self, name: str) -> None:
-        """AccumulateGrad: the first gradient becomes .grad; a second one (tied) is added in place."""
+    def _param_grad(self, name: str, via_cast: bool, later: list[Callable[[], None]]) -> None:
+        """A parameter's gradient, as mm/embedding backward computes it and AccumulateGrad keeps it.
+
+        The node allocates the gradient (16-bit when it reaches an autocast weight cast). What
+        happens after the node has released its inputs goes to ``later``: the cast back to the
+        parameter dtype (ToCopyBackward), and for a tied weight's second gradient the out-of-place
+        ``.grad + new`` of AccumulateGrad.
+        """
         numel = self.params[name]
-        tmp = None
-        if f"{name}.16bit" in self.casts:  # the gradient reaches the 16-bit cast first
-            tmp = self.new(f"{name}.grad16", numel, "act", role="temporary")
         nbytes = numel * self.shape.gradient_bytes
-        if name in self.grads_done:
-            # Tied weight: AccumulateGrad adds out of place (.grad = .grad + new), then drops both.
-            # Named so the final tensor keeps the name ``<param>.grad`` (zero_grad frees it).
-            extra = self.new_bytes(f"{name}.grad_extra", nbytes, "temporary")
-            acc = self.new_bytes(f"{name}.grad_sum", nbytes, "temporary")
-            self._free(self.tensors[f"{name}.grad"])
-            self._free(self.tensors[extra])
-            self._free(self.tensors[acc])
+        if via_cast:
+            g16 = self.new(f"{name}.grad16", numel, "act", role="temporary")
+        elif name in self.grads_done:
+            g16 = self.new_bytes(f"{name}.grad_extra", nbytes, "temporary")
+        elif name == "pos_emb.weight":  # the batch-summed (S, d) gradient, then slice_backward
+            rows = self.new("pos_emb.grad_rows", self.seq * self.model.d_model, "stream")
+            self.grads_done.add(name)
             self.new_bytes(f"{name}.grad", nbytes, "gradient")
+            self._free(self.tensors[rows])
+            return
         else:
             self.grads_done.add(name)
-            if name == "pos_emb.weight":  # the batch-summed (S, d) gradient, then slice_backward
-                tmp_sum = self.new("pos_emb.grad_rows", self.seq * self.model.d_model, "stream")
+            self.new_bytes(f"{name}.grad", nbytes, "gradient")
+            return
+
+        def accumulate() -> None:
+            if name not in self.grads_done:
+                self.grads_done.add(name)
                 self.new_bytes(f"{name}.grad", nbytes, "gradient")
-                self._free(self.tensors[tmp_sum])
-            else:
-                self.new_bytes(f"{name}.grad", nbytes, "gradient")
-        if tmp is not None:
-            self._free(self.tensors[tmp])
+                self._free(self.tensors[g16])
+                return
+            # Named so the final tensor keeps the name ``<param>.grad`` (zero_grad frees it).
+            total = self.new_bytes(f"{name}.grad_sum", nbytes, "temporary")
+            self._free(self.tensors[f"{name}.grad"])
+            self._free(self.tensors[g16])
+            self._free(self.tensors[total])
+            self.new_bytes(f"{name}.grad", nbytes, "gradient")
+
+        later.append(accumulate)
 
     def _recompute(self, i: int) -> None:
         """Checkpoint reruns block ``i``'s forward (up to down_proj's saved input) in backward."""

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from estimator.config import Config
@@ -36,7 +37,7 @@ def show_state(config: Config, device: torch.device, impl: str, console: Console
     optimizer.zero_grad(set_to_none=True)
     _print_state(console, "after the step", model, optimizer)
     changed = {k: not torch.equal(before[k], v) for k, v in model.state_dict().items()}
-    checks: dict[str, Any] = {"loss": float(loss), "weights_changed": changed}
+    checks: dict[str, Any] = {"loss": float(loss.detach()), "weights_changed": changed}
     accum = _accumulators(model, optimizer)
     if accum:
         # after one step from a zero accumulator: G_1 = g_1 ⊙ g_1
@@ -64,8 +65,8 @@ def _accumulators(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> d
 
 def _print_state(console: Console, title: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     table = Table(title=f"state {title}", title_justify="left", show_lines=False)
-    table.add_column("tensor")
-    table.add_column("values")
+    table.add_column("tensor", no_wrap=True)
+    table.add_column("values", overflow="fold")
     for key, value in model.state_dict().items():
         table.add_row(f"model.{key}", _fmt(value))
     names = {id(p): n for n, p in model.named_parameters()}
@@ -73,7 +74,7 @@ def _print_state(console: Console, title: str, model: torch.nn.Module, optimizer
         for key, value in state.items():
             shown = _fmt(value) if isinstance(value, torch.Tensor) and value.dim() else str(
                 float(value) if isinstance(value, torch.Tensor) else value)
-            table.add_row(f"optimizer[{names.get(id(p), '?')}].{key}", shown)
+            table.add_row(escape(f"optimizer[{names.get(id(p), '?')}].{key}"), shown)
     if not optimizer.state:
         table.add_row("optimizer state", "(empty: created lazily inside the first step)")
     console.print(table)

@@ -112,7 +112,7 @@ def resolve_device(spec: str) -> torch.device:
     else:
         acc = torch.accelerator.current_accelerator(check_available=True)
         if acc is None or acc.type != device.type:
-            raise EstimatorError(f"device: cannot run a training step on '{spec}' here; use auto, cpu or cuda")
+            raise EstimatorError(f"device: cannot run a training step on '{spec}' here; use auto, cpu, cuda")
         count = torch.accelerator.device_count()
     index = device.index if device.index is not None else 0
     if index >= count:
@@ -149,6 +149,7 @@ class _MemorySource(Protocol):
     def peak(self) -> int: ...
     def reset_peak(self) -> None: ...
     def label(self, phase: str) -> None: ...
+    def adopt(self, tensors: Iterable[Tensor]) -> None: ...
     def events_mark(self) -> int: ...
     def events_since(self, mark: int) -> list[tuple[str, int]] | None: ...
 
@@ -173,6 +174,9 @@ class _TrackerSource:
 
     def label(self, phase: str) -> None:
         self.tracker.set_phase(phase)
+
+    def adopt(self, tensors: Iterable[Tensor]) -> None:
+        self.tracker.track_existing(tensors)
 
     def events_mark(self) -> int:
         return len(self.tracker.timeline)
@@ -218,6 +222,9 @@ class _AllocatorSource:
 
     def label(self, phase: str) -> None:
         pass
+
+    def adopt(self, tensors: Iterable[Tensor]) -> None:
+        pass  # the allocator counts every block, however it was made
 
     def events_mark(self) -> int:
         return 0
@@ -466,6 +473,8 @@ def _measure(
         inputs = tuple(t.to(device) for t in inputs)
         target = target.to(device)
         optimizer = build_optimizer(model.parameters())
+        # tensors the builders did not create under the tracker (e.g. a batch cached in a closure)
+        source.adopt([*model.parameters(), *model.buffers(), *inputs, target])
         runner = _Runner(model, (inputs, target), loss_fn, optimizer, device, autocast_dtype)
 
         first = runner.measured(source, on_phase, "first_step")

@@ -1,0 +1,167 @@
+"""verify on the CPU: the estimate against a real step, figure by figure, and its refusals."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from typer.testing import CliRunner  # noqa: E402
+
+from estimator import load_config  # noqa: E402
+from estimator.cli import app  # noqa: E402
+from estimator.measure.verify import run_verify  # noqa: E402
+
+runner = CliRunner()
+
+SHAPES = {
+    "tiny": ["model.dim=4", "model.num_layers=2", "training.batch_size=2"],
+    "parameters-dominate": ["model.dim=256", "model.num_layers=3", "training.batch_size=8"],
+    "activations-dominate": ["model.dim=32", "model.num_layers=3", "training.batch_size=2048"],
+}
+
+
+def test_seed_example_matches_byte_for_byte() -> None:
+    result = run_verify(load_config(), "cpu")
+    assert {row.key: (row.estimated, row.measured) for row in result.rows} == {
+        "parameters": (144, 144),
+        "gradients": (144, 144),
+        "optimizer_state": (144, 144),
+        "optimizer_step_tensors": (12, 12),
+        "activations": (72, 72),  # h1, h2 (the seed's 64) + the head's output saved by mse_loss (8)
+        "inputs": (40, 40),
+        "first_step_peak_bytes": (628, 628),
+        "peak_bytes": (628, 628),
+        "flops_matmul": (368, 368),
+    }
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "amp-bf16"])
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adagrad", "rmsprop", "adam", "adamw"])
+def test_every_figure_exact_on_cpu(shape: str, precision: str, optimizer: str) -> None:
+    cfg = load_config(overrides=[*SHAPES[shape], f"optimizer.name={optimizer}", f"training.precision={precision}"])
+    result = run_verify(cfg, "cpu")
+    mismatches = [(r.key, r.estimated, r.measured) for r in result.rows if r.estimated != r.measured]
+    assert mismatches == []
+
+
+@pytest.mark.parametrize("impl", ["foreach", "fused"])
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adagrad", "adam", "adamw"])
+def test_foreach_and_fused_kernels_exact(impl: str, optimizer: str) -> None:
+    cfg = load_config(overrides=[*SHAPES["parameters-dominate"], f"optimizer.name={optimizer}",
+                                 f"optimizer.implementation={impl}"])
+    result = run_verify(cfg, "cpu")
+    assert [(r.key, r.estimated, r.measured) for r in result.rows if r.estimated != r.measured] == []
+
+
+def test_adafactor_within_bar() -> None:
+    """Adafactor's row/column-sized temporaries are not modelled: within 64 B tiny, 0.1% otherwise."""
+    tiny = run_verify(load_config(overrides=[*SHAPES["tiny"], "optimizer.name=adafactor"]), "cpu")
+    peak = next(r for r in tiny.rows if r.key == "peak_bytes")
+    assert abs(peak.measured - peak.estimated) <= 64
+    big = run_verify(load_config(overrides=[*SHAPES["parameters-dominate"], "optimizer.name=adafactor"]), "cpu")
+    for row in big.rows:
+        assert row.within(0.001), row
+    flops = next(r for r in big.rows if r.key == "flops_matmul")
+    assert flops.estimated == flops.measured  # includes row_var @ col_var inside the step
+
+
+def test_cli_verify_json() -> None:
+    result = runner.invoke(app, ["verify", "--device", "cpu", "--optimizer", "adam", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    measured = data["measured"]
+    for key in ("peak_bytes", "first_step_peak_bytes", "parameters", "gradients", "optimizer_state", "activations",
+                "flops_matmul"):
+        assert isinstance(measured[key], int), key
+    assert data["device"] == "cpu" == measured["device"]
+    assert measured["optimizer_state"] == 288 and data["memory"]["total"] == 640
+    assert measured["peak_bytes"] == data["peak_bytes"]
+
+
+def test_cli_verify_table_and_tolerance() -> None:
+    result = runner.invoke(app, ["verify", "--device", "cpu", "--tolerance", "0.02"])
+    assert result.exit_code == 0, result.output
+    assert "steady-step peak" in result.stdout and "628" in result.stdout and "✓" in result.stdout
+
+
+def test_tolerance_fails_with_exit_1_for_textbook_optimizers() -> None:
+    # The seed's AdaGrad computes lr * grad / torch.sqrt(g2 + 1e-5): more temporaries than torch.optim's.
+    result = runner.invoke(app, ["verify", "--device", "cpu", "--impl", "textbook", "--tolerance", "0.02",
+                                 "--set", "model.dim=256", "--set", "model.num_layers=3"])
+    assert result.exit_code == 1, result.output
+    assert "off by more than 0.02" in result.stderr and "peak_bytes" in result.stderr
+
+
+def test_textbook_adagrad_state_is_g2() -> None:
+    result = runner.invoke(app, ["verify", "--device", "cpu", "--impl", "textbook", "--show-state"])
+    assert result.exit_code == 0, result.output
+    assert "optimizer[layers.0.weight].g2" in result.stdout
+    assert "optimizer accumulator == grad² of this step: True" in result.stdout
+    assert "layers.0.weight: changed by the step" in result.stdout
+
+
+def test_show_state_with_torch_adagrad() -> None:
+    result = runner.invoke(app, ["verify", "--device", "cpu", "--show-state"])
+    assert result.exit_code == 0, result.output
+    assert "optimizer[final.weight].sum" in result.stdout and "UNCHANGED" not in result.stdout
+
+
+def test_refuses_what_does_not_fit() -> None:
+    result = runner.invoke(app, ["verify", "--device", "cpu", "--set", "model.dim=300000", "--set",
+                                 "model.num_layers=4"])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: verify: this step needs about") and "is free" in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_cuda_requested_without_cuda() -> None:
+    result = runner.invoke(app, ["verify", "--device", "cuda:0"])
+    assert result.exit_code == 2 and "error: device: 'cuda:0' was requested but" in result.stderr
+
+
+def test_unknown_device_string() -> None:
+    result = runner.invoke(app, ["verify", "--device", "tpu9"])
+    assert result.exit_code == 2 and "error: device: unknown device 'tpu9'" in result.stderr
+
+
+def test_optimizer_without_torch_implementation() -> None:
+    result = runner.invoke(app, ["verify", "--device", "cpu", "-o", "lion"])
+    assert result.exit_code == 2 and "has no torch.optim implementation" in result.stderr
+
+
+def test_without_torch_installed_one_line() -> None:
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from estimator.cli import main\nsys.argv = ['estimator', 'verify']\nmain()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: verify needs PyTorch: pip install 'estimator[torch]' (or any torch >= 2.4)"
+
+
+def test_verify_plot_overlays_measurement(tmp_path: Path) -> None:
+    target = tmp_path / "step.png"
+    result = runner.invoke(app, ["verify", "--device", "cpu", "-o", "adam", "--plot", str(target)])
+    assert result.exit_code == 0, result.output
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_plot_path_leaves_no_file(tmp_path: Path) -> None:
+    target = tmp_path / "step.txt"
+    result = runner.invoke(app, ["verify", "--device", "cpu", "--plot", str(target)])
+    assert result.exit_code == 2 and "expected a file ending in .png" in result.stderr
+    assert not target.exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_verify_within_two_percent() -> None:
+    cfg = load_config(overrides=[*SHAPES["parameters-dominate"], "optimizer.name=adam"])
+    result = run_verify(cfg, "cuda")
+    for key in ("peak_bytes", "first_step_peak_bytes", "parameters", "optimizer_state"):
+        row = next(r for r in result.rows if r.key == key)
+        assert row.within(0.02), row
