@@ -206,8 +206,8 @@ def flop_parameters(model: TransformerConfig) -> int:
     keep it (2·d·V FLOPs per token forward, a third of GPT-2 small's compute), counting the tied
     matrix once as the head. Norm weights and biases are in N though they do no matmul.
     """
-    head = model.vocab_size * model.d_model
-    return parameter_count(model) - embedding_parameters(model) + head
+    tied_head = model.vocab_size * model.d_model if model.tie_embeddings else 0
+    return parameter_count(model) - embedding_parameters(model) + tied_head
 
 
 # --------------------------------------------------------------------------------------------
@@ -454,6 +454,7 @@ class _Node:
     inputs: list[tuple[str, bool]]  # (tensor or "param:<name>", passthrough)
     saves: list[str]
     block: int  # checkpointed block index, or -1
+    scratch: int = 0  # bytes the node's backward allocates and frees while computing its gradients
 
 
 class _Sim:
@@ -503,14 +504,15 @@ class _Sim:
             if tensor.saved_by == 0:
                 self._free(tensor)
 
-    def node(self, out: str, inputs: list[str | tuple[str, str]], saves: tuple[str, ...] = ()) -> None:
+    def node(self, out: str, inputs: list[str | tuple[str, str]], saves: tuple[str, ...] = (),
+             scratch: int = 0) -> None:
         ins = [(i, False) if isinstance(i, str) else (i[0], True) for i in inputs]
         if self.ckpt_block < 0 or self.recomputing:
             for s in saves:
                 self.tensors[s].saved_by += 1
                 self.tensors[s].ever_saved = True
         if not self.recomputing:
-            self.nodes.append(_Node(out, ins, list(saves), self.ckpt_block))
+            self.nodes.append(_Node(out, ins, list(saves), self.ckpt_block, scratch))
 
     # --- layers --------------------------------------------------------------------------
     def linear(self, prefix: str, x: str, n_in: int, n_out: int, weight: str, bias: str | None,
@@ -562,7 +564,8 @@ class _Sim:
             x32 = self.new(f"{prefix}.x_fp32", d * t, "fp32")
             self.node(x32, [x])
         sq = self.new(f"{prefix}.sq", d * t, "fp32")
-        self.node(sq, [x32], saves=(x32,))
+        # pow backward: grad · 2 · x^1 materialises x^1 and 2·grad before the product.
+        self.node(sq, [x32], saves=(x32,), scratch=2 * d * t * 4)
         ms = self.new(f"{prefix}.ms", t, "fp32")
         self.node(ms, [sq])
         self.dead(sq)
@@ -573,13 +576,13 @@ class _Sim:
         self.node(rstd, [mse], saves=(rstd,))
         self.dead(mse)
         normed = self.new(f"{prefix}.normed" if self.fp32_stream else f"{prefix}.n32", d * t, "fp32")
-        self.node(normed, [x32, rstd], saves=(x32, rstd))
+        self.node(normed, [x32, rstd], saves=(x32, rstd), scratch=d * t * 4)  # grad·x32 before the sum
         if not self.fp32_stream:
             n32, normed = normed, self.new(f"{prefix}.normed", d * t, "stream")
             self.node(normed, [n32])
             self.dead(n32)
         out = self.new(f"{prefix}.out", d * t, "stream")
-        self.node(out, [w, normed], saves=(normed,))
+        self.node(out, [w, normed], saves=(normed,), scratch=d * t * kind_bytes("stream", self.shape))
         self.dead(normed, rstd)
         if x32 != x:
             self.dead(x32)
@@ -629,45 +632,41 @@ class _Sim:
             self.node(y, [q, k, v], saves=(q, k, v, y, lse))
             self.dead(lse)
         else:
-            if hk != hq:
+            if 1 < hk < hq:  # repeat_kv: expand + reshape copies (a view when there is one kv head)
                 k = self.new(f"{p}.attn.k_rep", hq * h * t, "act")
                 self.node(k, [temps[1]])
                 v = self.new(f"{p}.attn.v_rep", hq * h * t, "act")
                 self.node(v, [temps[2]])
                 self.dead(temps[1], temps[2])
                 temps = [q]
+            # matmul copies its operands into (B·H, ...) batches: q, kᵀ and v are never views here.
             qc = self.new(f"{p}.attn.qc", hq * h * t, "act")
             self.node(qc, [(q, PASS)])
-            kc = k
-            if hk == hq:
-                kc = self.new(f"{p}.attn.kc", hq * h * t, "act")
-                self.node(kc, [(k, PASS)])
+            kc = self.new(f"{p}.attn.kc", hq * h * t, "act")
+            self.node(kc, [(k, PASS)])
             scores = self.new(f"{p}.attn.scores", hq * seq * t, "act")
             self.node(scores, [qc, kc], saves=(qc, kc))
             self.dead(qc, kc)
             scaled = self.new(f"{p}.attn.scaled", hq * seq * t, "act")
             self.node(scaled, [scores])
             self.dead(scores)
+            full = self.new(f"{p}.attn.mask_full", seq * seq, "act")  # torch.full(...).triu(1)
             mask = self.new(f"{p}.attn.mask", seq * seq, "act")
+            self.dead(full)
             masked = self.new(f"{p}.attn.masked", hq * seq * t, "act")
             self.node(masked, [(scaled, PASS)])
-            self.dead(scaled)
             probs = self.new(f"{p}.attn.probs", hq * seq * t, "act")
             self.node(probs, [masked], saves=(probs,))
-            self.dead(masked)
-            vc = v
-            if hk == hq:
-                vc = self.new(f"{p}.attn.vc", hq * h * t, "act")
-                self.node(vc, [(v, PASS)])
+            self.dead(masked, scaled)  # `att` is rebound only once softmax has returned
+            vc = self.new(f"{p}.attn.vc", hq * h * t, "act")
+            self.node(vc, [(v, PASS)])
             pv = self.new(f"{p}.attn.pv", hq * h * t, "act")
             self.node(pv, [probs, vc], saves=(probs, vc))
-            self.dead(probs)
-            if vc != v:
-                self.dead(vc)
+            self.dead(vc)
             y = self.new(f"{p}.attn.y", hq * h * t, "act")
             self.node(y, [(pv, PASS)])
-            self.dead(pv)
-            temps += [mask] + ([k, v] if hk != hq else [])
+            # Locals `att` (probs) and `y` (pv) live until the attention forward returns.
+            temps += [mask, probs, pv] + ([k, v] if 1 < hk < hq else [])
         ob = f"{p}.attn.o_proj.bias" if m.linear_bias else None
         out = self.linear(f"{p}.attn.o_proj", y, hq * h, d, f"{p}.attn.o_proj.weight", ob)
         self.dead(y, *temps)
@@ -806,6 +805,7 @@ class _Sim:
                 self._recompute(node.block)
             incoming = buffers.pop(node.out, None)
             later: list[Callable[[], None]] = []
+            scratch = self.new_bytes(f"scratch#{id(node)}", node.scratch, "temporary") if node.scratch else ""
             for name, passthrough in node.inputs:
                 if name.startswith("param"):
                     kind, _, pname = name.partition(":")
@@ -834,6 +834,8 @@ class _Sim:
                         release(key)
                 else:
                     buffers[name] = key
+            if scratch:
+                self._free(self.tensors[scratch])
             if incoming is not None:
                 release(incoming)
             for s in node.saves:

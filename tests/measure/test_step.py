@@ -263,6 +263,10 @@ def test_seed_example_on_cuda() -> None:
 def test_tensors_made_before_the_measurement_are_counted() -> None:
     x, y = seed_batch()  # made outside, before tracking starts
     m = measure_training_step(
-        lambda: build_cruncher(D, LAYERS), lambda: (x, y), F.mse_loss, lambda p: torch.optim.SGD(p, lr=0.01), "cpu"
+        lambda: build_cruncher(D, LAYERS),
+        lambda: (x, y),
+        F.mse_loss,
+        lambda p: torch.optim.SGD(p, lr=0.01),
+        "cpu",
     )
     assert m.first_step.start_bytes == m.parameters + m.inputs == 144 + 40

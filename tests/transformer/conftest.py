@@ -16,7 +16,8 @@ SMALL: dict[str, dict] = {
     "qwen2": {**BASE, "num_kv_heads": 1, "head_dim": 16, "d_ff": 48, "mlp": "swiglu", "norm": "rmsnorm",
               "bias": False, "qkv_bias": True, "positions": "rope", "tie_embeddings": True},
     # GPT-NeoX: partial rope, parallel residual, biased, untied.
-    "neox": {**BASE, "positions": "rope", "rotary_pct": 0.25, "parallel_residual": True, "tie_embeddings": False},
+    "neox": {**BASE, "positions": "rope", "rotary_pct": 0.25, "parallel_residual": True,
+             "tie_embeddings": False},
     # Untied GPT-2 without biases (layernorm weight only).
     "gpt2-nobias-untied": {**BASE, "bias": False, "tie_embeddings": False, "num_layers": 3},
 }
