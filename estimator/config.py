@@ -7,7 +7,7 @@ Every problem becomes one readable line naming the field path (``optimizer.name:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -119,8 +119,11 @@ def _did_you_mean(word: str, choices: list[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-FAMILY_CONFIGS: dict[str, type[StrictModel]] = {"mlp": MLPConfig}
-ModelConfig = MLPConfig
+# Family configs live with their families; imported here, after the base classes they build on.
+from estimator.families.transformer import TransformerConfig  # noqa: E402
+
+FAMILY_CONFIGS: dict[str, type[StrictModel]] = {"mlp": MLPConfig, "transformer": TransformerConfig}
+ModelConfig = Annotated[Union[MLPConfig, TransformerConfig], Field(discriminator="family")]
 
 MODEL_SOURCE_KEYS = ("preset", "hf_config")
 """Other ways to give the model section: a named preset, or a local Hugging Face config.json."""
@@ -143,7 +146,7 @@ def expand_model_section(section: dict[str, Any], source_dir: Path) -> dict[str,
     if len(given) > 1:
         raise EstimatorError(f"model: give one of {', '.join(MODEL_SOURCE_KEYS)}, not {' and '.join(given)}")
     if not given:
-        return section
+        return {"family": "mlp", **section}
     key = given[0]
     value = section.pop(key)
     if key == "preset":
@@ -161,7 +164,7 @@ def expand_model_section(section: dict[str, Any], source_dir: Path) -> dict[str,
 class Config(StrictModel):
     """One training step to estimate. The defaults are the seed's example (Cruncher, B=2, D=4)."""
 
-    model: ModelConfig = Field(default_factory=MLPConfig, description="the model (see `estimator models`)")
+    model: ModelConfig = Field(default_factory=MLPConfig, description="the model (see `estimator models`)")  # type: ignore[valid-type]
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     device: Literal["cuda", "cpu"] = Field(

@@ -65,35 +65,40 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return path, value
 
 
-def apply_override(data: dict[str, Any], path: list[str], value: Any, text: str) -> None:
-    """Set ``data[path] = value``, checking each step against the config schema."""
-    from estimator.config import model_config_class
-
-    model: type[BaseModel] | None = Config
+def set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
+    """``data[path[0]][path[1]]... = value``, creating mappings on the way."""
     node = data
-    for depth, part in enumerate(path):
-        if model is not None:
-            fields = dict(model.model_fields)
-            if model is not Config and depth == 1 and path[0] == "model":
-                fields.update(dict.fromkeys(MODEL_SOURCE_KEYS))
-            if part not in fields:
-                where = ".".join(path[:depth]) or "the config"
-                raise EstimatorError(f"--set {text}: {where} has no field {part!r}"
-                                     f"{_did_you_mean(part, list(fields))} (fields: {', '.join(fields)})")
-            if depth == 0 and part == "model":
-                section = node.get("model") if isinstance(node.get("model"), dict) else {}
-                model = model_config_class(section if depth < len(path) - 1 else {})
-            else:
-                annotation = getattr(fields[part], "annotation", None)
-                model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
-        if depth == len(path) - 1:
-            node[part] = value
-            return
+    for part in path[:-1]:
         child = node.get(part)
         if not isinstance(child, dict):
             child = {}
             node[part] = child
         node = child
+    node[path[-1]] = value
+
+
+def check_override_path(data: dict[str, Any], path: list[str], text: str) -> None:
+    """Refuse a ``--set`` path that names no field, judged on the final config (so that
+    ``--set model.num_heads=8 --set model.preset=gpt2`` works in either order)."""
+    from estimator.config import model_config_class
+
+    model: type[BaseModel] | None = Config
+    for depth, part in enumerate(path):
+        if model is None:
+            return
+        fields: dict[str, Any] = dict(model.model_fields)
+        if depth == 1 and path[0] == "model":
+            fields.update(dict.fromkeys(MODEL_SOURCE_KEYS))
+        if part not in fields:
+            where = ".".join(path[:depth]) or "the config"
+            raise EstimatorError(f"--set {text}: {where} has no field {part!r}"
+                                 f"{_did_you_mean(part, list(fields))} (fields: {', '.join(fields)})")
+        if depth == 0 and part == "model":
+            section = data.get("model")
+            model = model_config_class(section if isinstance(section, dict) else {})
+        else:
+            annotation = getattr(fields[part], "annotation", None)
+            model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 
 
 def load_config(
@@ -107,9 +112,11 @@ def load_config(
     if path is not None:
         data = read_config_file(path)
         source_dir = Path(path).resolve().parent
-    for text in overrides or []:
-        keys, value = parse_override(text)
-        apply_override(data, keys, value, text)
+    parsed = [(text, *parse_override(text)) for text in overrides or []]
+    for _, keys, value in parsed:
+        set_path(data, keys, value)
+    for text, keys, _ in parsed:
+        check_override_path(data, keys, text)
     return validate_config(data, source_dir)
 
 
