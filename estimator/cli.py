@@ -245,6 +245,27 @@ def _import_torch_side() -> Any:
 
 
 @app.command()
+@user_errors
+def models(as_json: bool = JsonOpt) -> None:
+    """List the model presets (use with --model NAME or `model: {preset: NAME}`)."""
+    from estimator.presets import PRESETS
+    from estimator.report import render_models
+
+    rows = []
+    for name, preset in PRESETS.items():
+        from estimator.families.transformer import parameter_count
+
+        cfg = preset.config()
+        rows.append({"name": name, "parameters": parameter_count(cfg), "published": preset.params,
+                     "d_model": cfg.d_model, "num_layers": cfg.num_layers, "num_heads": cfg.num_heads,
+                     "num_kv_heads": cfg.kv_heads, "vocab_size": cfg.vocab_size, "source": preset.source})
+    if as_json:
+        emit_json(rows)
+        return
+    render_models(rows, out)
+
+
+@app.command()
 def schema() -> None:
     """Print the JSON Schema of the config file (for editor completion)."""
     from estimator.config import Config

@@ -299,3 +299,17 @@ def render_verification(ver: Any, console: Console, tolerance: float | None, plo
     if plot_points:
         console.print(Panel(Group(*timeline_rows(m.steady_step.timeline, m.steady_step.peak_bytes)),
                             title="measured live bytes over the steady step", title_align="left"))
+
+
+def render_models(rows: list[dict[str, Any]], console: Console) -> None:
+    """The preset table: computed and published parameter counts side by side."""
+    table = Table(title="Model presets (estimator estimate --model NAME)", title_justify="left", box=box.SIMPLE_HEAD)
+    for col in ("name", "parameters", "pub.", "d_model", "L", "H/KV", "vocab"):
+        table.add_column(col, justify="left" if col == "name" else "right", no_wrap=True)
+    for r in rows:
+        same = "✓" if r["parameters"] == r["published"] else f"{r['published']:,}"
+        table.add_row(r["name"], f"{r['parameters']:,}", same, str(r["d_model"]), str(r["num_layers"]),
+                      f"{r['num_heads']}/{r['num_kv_heads']}", str(r["vocab_size"]))
+    console.print(table)
+    console.print("pub.: ✓ when the computed count equals the released checkpoint's total; L layers, H/KV query and "
+                  "key/value heads; sources in docs/transformer.md")

@@ -110,3 +110,25 @@ def test_python_dash_m_runs() -> None:
     proc = subprocess.run([sys.executable, "-m", "estimator", "estimate", "--json"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and json.loads(proc.stdout)["parameters"] == 36
+
+
+def test_models_lists_presets_with_published_counts() -> None:
+    result = runner.invoke(app, ["models"])
+    assert result.exit_code == 0
+    assert "gpt2" in result.stdout and "124,439,808" in result.stdout and "6,738,415,616" in result.stdout
+    rows = run_json("models", "--json")
+    by_name = {r["name"]: r for r in rows}
+    assert set(by_name) >= {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "llama-2-7b", "llama-2-13b",
+                            "llama-3-8b", "mistral-7b"}
+    assert all(r["parameters"] == r["published"] for r in rows)
+
+
+def test_model_preset_shortcut() -> None:
+    data = run_json("estimate", "--model", "llama-2-7b", "--set", "training.seq_len=512", "-b", "1", "--json")
+    assert data["parameters"] == 6_738_415_616
+    assert data["config"]["model"]["family"] == "transformer"
+
+
+def test_unknown_preset_suggests_closest() -> None:
+    result = runner.invoke(app, ["estimate", "--model", "gpt-2"])
+    assert result.exit_code == 2 and "gpt2" in result.stderr and result.stderr.startswith("error: ")

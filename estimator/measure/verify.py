@@ -106,6 +106,9 @@ def run_verify(
     on_phase: Callable[[str], None] | None = None,
 ) -> Verification:
     """Estimate, check it fits, run two real steps, and compare."""
+    from estimator.measure.flop_formulas import register_sdpa_flops
+
+    register_sdpa_flops()  # FlopCounterMode counts 0 for the CPU's SDPA kernel without it
     device = resolve_device(device_spec)
     est = estimate(config, device_kind(device))
     check_fits(est, device)
