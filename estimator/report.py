@@ -91,11 +91,12 @@ def flops_table(est: Estimate) -> Table:
     table.add_column("count")
     table.add_column("FLOPs", justify="right")
     table.add_column("", justify="right")
-    table.add_row("6·B·P  (forward 2·B·P + backward 4·B·P)", f"{f.per_step:,}", human_flops(f.per_step))
+    rule = "6·B·P  (forward 2·B·P + backward 4·B·P)" if not f.attention else "6·N·T + attention (forward + backward)"
+    table.add_row(rule, f"{f.per_step:,}", human_flops(f.per_step))
     table.add_row("  forward", f"{f.forward:,}", human_flops(f.forward))
     table.add_row("  backward", f"{f.backward:,}", human_flops(f.backward))
     if f.attention:
-        table.add_row("attention term (PaLM app. B)", f"{f.attention:,}", human_flops(f.attention))
+        table.add_row("  of which attention, 12·L·H·Q·T (PaLM app. B)", f"{f.attention:,}", human_flops(f.attention))
     table.add_row("exact matmul count (FlopCounterMode)", f"{f.matmul:,}", human_flops(f.matmul))
     table.caption = f"B·P uses {human_count(tokens)} samples/tokens and P = {est.parameters:,} parameters"
     return table
@@ -114,7 +115,8 @@ def explain(est: Estimate) -> list[str]:
                      f"(gradients flowing back, optimizer step buffers, casts); the seed omits them.")
     held = live.get("activation", 0)
     if held < m.activations:
-        notes.append(f"- only {human_bytes(held)} of the {human_bytes(m.activations)} activations are live then: "
+        part = f"only {human_bytes(held)} of the" if held else "none of the"
+        notes.append(f"- {part} {human_bytes(m.activations)} of activations are live then: "
                      "backward frees each layer's saved tensors as its gradients appear.")
     elif held > m.activations:
         notes.append(f"+ {human_bytes(held - m.activations)} more activations than the seed's B·D·layers "
@@ -147,8 +149,9 @@ def render_estimate(est: Estimate, console: Console, timeline: bool = False) -> 
                      else ""))
     console.print(memory_table(est))
     if est.memory.optimizer_step_tensors:
-        console.print(f"  + {est.memory.optimizer_step_tensors:,} B of torch 'step' tensors "
-                      "(one float32 scalar per parameter tensor), not part of the seed's sum")
+        where = "on the CPU" if est.device == "cuda" and est.implementation != "fused" else "on the device"
+        console.print(f"  + {est.memory.optimizer_step_tensors:,} B of torch 'step' tensors (one float32 scalar "
+                      f"per parameter tensor, {where}), not part of the seed's sum")
     console.print(peak_table(est))
     console.print(Panel("\n".join(explain(est)), title="why the peak is not the sum", title_align="left"))
     if timeline:

@@ -165,3 +165,23 @@ def test_cuda_verify_within_two_percent() -> None:
     for key in ("peak_bytes", "first_step_peak_bytes", "parameters", "optimizer_state"):
         row = next(r for r in result.rows if r.key == key)
         assert row.within(0.02), row
+
+
+TINY_GPT = ["model.family=transformer", "model.vocab_size=512", "model.d_model=64", "model.num_layers=2",
+            "model.num_heads=4", "model.max_seq_len=64", "training.batch_size=2", "training.seq_len=32"]
+TINY_LLAMA = ["model.family=transformer", "model.vocab_size=512", "model.d_model=64", "model.num_layers=2",
+              "model.num_heads=4", "model.num_kv_heads=2", "model.d_ff=176", "model.mlp=swiglu",
+              "model.norm=rmsnorm", "model.bias=false", "model.positions=rope", "model.tie_embeddings=false",
+              "model.max_seq_len=64", "training.batch_size=2", "training.seq_len=32"]
+
+
+@pytest.mark.parametrize("model", [TINY_GPT, TINY_LLAMA], ids=["gpt", "llama"])
+@pytest.mark.parametrize(("precision", "ckpt", "attention"),
+                         [("fp32", "none", "sdpa"), ("bf16", "full", "sdpa"), ("fp32", "none", "eager"),
+                          ("bf16", "full", "eager")])
+def test_transformer_verify_exact(model: list[str], precision: str, ckpt: str, attention: str) -> None:
+    cfg = load_config(overrides=[*model, f"training.precision={precision}",
+                                 f"training.activation_checkpointing={ckpt}", f"model.attention={attention}",
+                                 "optimizer.name=adamw"])
+    result = run_verify(cfg, "cpu")
+    assert [(r.key, r.estimated, r.measured) for r in result.rows if r.estimated != r.measured] == []
