@@ -185,3 +185,12 @@ def test_transformer_verify_exact(model: list[str], precision: str, ckpt: str, a
                                  "optimizer.name=adamw"])
     result = run_verify(cfg, "cpu")
     assert [(r.key, r.estimated, r.measured) for r in result.rows if r.estimated != r.measured] == []
+
+
+@pytest.mark.parametrize("precision", ["fp16", "amp-fp16"])
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adagrad", "rmsprop", "adam", "adamw"])
+def test_fp16_precisions_exact(precision: str, optimizer: str) -> None:
+    cfg = load_config(overrides=[*SHAPES["activations-dominate"], f"optimizer.name={optimizer}",
+                                 f"training.precision={precision}"])
+    result = run_verify(cfg, "cpu")
+    assert [(r.key, r.estimated, r.measured) for r in result.rows if r.estimated != r.measured] == []
