@@ -40,13 +40,14 @@ class LoopOp:
     held after the last parameter is released when ``step()`` returns.
     """
 
-    action: Literal["alloc", "free", "free_previous"]
+    action: Literal["alloc", "free", "free_previous", "state"]
     name: str
 
 
 def _script(*ops: str) -> list[LoopOp]:
-    """``_script("+sqrt", "+denom", "-sqrt", "<denom")``: + alloc, - free, < free previous."""
-    kinds = {"+": "alloc", "-": "free", "<": "free_previous"}
+    """``_script("+sqrt", "+denom", "-sqrt", "<denom")``: + alloc, - free, < free previous,
+    ``@state``: where state created inside the loop (SGD's momentum buffer) appears."""
+    kinds = {"+": "alloc", "-": "free", "<": "free_previous", "@": "state"}
     return [LoopOp(kinds[op[0]], op[1:]) for op in ops]  # type: ignore[arg-type]
 
 
@@ -63,7 +64,7 @@ class OptimizerSpec:
     step_tensor: bool
     state_init: StateInit
     loop_script: Callable[[Any], list[LoopOp]]
-    foreach_temporaries: Callable[[Any], list[str]]
+    foreach_script: Callable[[Any], list[LoopOp]]
     fused: bool
     matmul_flops: Callable[[ParamTensor], int]
     defaults: dict[str, Any] = field(default_factory=dict)
@@ -92,7 +93,7 @@ def register_optimizer(
     step_tensor: bool,
     state_init: StateInit = "first_step",
     loop_script: Callable[[Any], list[LoopOp]] = _nothing,
-    foreach_temporaries: Callable[[Any], list[str]] = _nothing,
+    foreach_script: Callable[[Any], list[LoopOp]] = _nothing,
     fused: bool = False,
     matmul_flops: Callable[[ParamTensor], int] = lambda param: 0,
     defaults: dict[str, Any] | None = None,
@@ -112,7 +113,7 @@ def register_optimizer(
             step_tensor=step_tensor,
             state_init=state_init,
             loop_script=loop_script,
-            foreach_temporaries=foreach_temporaries,
+            foreach_script=foreach_script,
             fused=fused,
             matmul_flops=matmul_flops,
             defaults=defaults or {},
@@ -141,20 +142,27 @@ def _weight_decay(options: Any) -> list[LoopOp]:
 
 
 def _sgd_script(options: Any) -> list[LoopOp]:
-    """SGD's update is in place; weight decay and Nesterov each rebind ``grad`` to a new tensor."""
-    ops = _weight_decay(options)
-    if getattr(options, "nesterov", False):
-        ops += _script("<grad_nesterov", "+grad_nesterov")
-    return ops
+    """torch's ``_single_tensor_sgd``: the update is in place, but ``grad`` is rebound.
+
+    ``grad = grad.add(param, alpha=wd)`` makes a tensor that lives until ``grad`` is rebound: by
+    ``grad = buf`` (momentum), by the Nesterov sum ``grad = grad.add(buf, alpha=μ)``, or at the top
+    of the next iteration. The first step clones the momentum buffer after the decay.
+    """
+    wd, momentum = bool(_option(options, "weight_decay")), bool(_option(options, "momentum"))
+    nesterov = momentum and getattr(options, "nesterov", False)
+    ops = ["<grad_nesterov", "<grad_wd"] + (["+grad_wd"] if wd else []) + ["@state"]
+    ops += ["+grad_nesterov"] if nesterov else []
+    ops += ["-grad_wd"] if wd and momentum else []
+    return _script(*ops)
 
 
-def _sgd_foreach(options: Any) -> list[str]:
-    lists = ["grad_wd"] if _option(options, "weight_decay") else []
-    return lists + (["grad_nesterov"] if getattr(options, "nesterov", False) else [])
+def _sgd_foreach(options: Any) -> list[LoopOp]:
+    """``_multi_tensor_sgd``: a new grads list for weight decay; Nesterov adds into it in place."""
+    return _script("@state", "+grad_wd") if _option(options, "weight_decay") else _script("@state")
 
 
-def _wd_list(options: Any) -> list[str]:
-    return ["grad_wd"] if _option(options, "weight_decay") else []
+def _wd_list(options: Any) -> list[LoopOp]:
+    return _script("+grad_wd") if _option(options, "weight_decay") else []
 
 
 def _option(options: Any, key: str) -> Any:
@@ -173,7 +181,7 @@ def _option(options: Any, key: str) -> Any:
     step_tensor=False,
     state_init="first_step_inline",
     loop_script=_sgd_script,
-    foreach_temporaries=_sgd_foreach,
+    foreach_script=_sgd_foreach,
     fused=True,
     defaults={"lr": 0.01, "momentum": 0.0, "weight_decay": 0.0},
 )
@@ -191,7 +199,7 @@ def _sgd(param: ParamTensor, options: Any) -> list[StateTensor]:
     step_tensor=False,
     state_init="first_step_inline",
     loop_script=_sgd_script,
-    foreach_temporaries=_sgd_foreach,
+    foreach_script=_sgd_foreach,
     fused=True,
     defaults={"lr": 0.01, "momentum": 0.9, "weight_decay": 0.0},
 )
@@ -209,7 +217,10 @@ def _momentum(param: ParamTensor, options: Any) -> list[StateTensor]:
     state_init="constructor",
     # std = state_sum.sqrt().add_(eps), bound to a loop variable; foreach: sqrt and the scaled grads.
     loop_script=lambda o: [*_weight_decay(o), *_script("+std", "<std")],
-    foreach_temporaries=lambda o: [*_wd_list(o), "std", "scaled_grad"],
+    # foreach: std = _foreach_sqrt(sums) and numerator = _foreach_mul(grads, -clr); with weight decay
+    # the decayed grads list is reused as the numerator.
+    foreach_script=lambda o: _script("+grad_wd", "+std") if _option(o, "weight_decay") else _script("+std",
+                                                                                                   "+scaled_grad"),
     fused=True,
     defaults={"lr": 0.01, "eps": 1e-10, "weight_decay": 0.0},
 )
@@ -230,7 +241,7 @@ def _rmsprop_script(options: Any) -> list[LoopOp]:
     torch_class="torch.optim.RMSprop",
     step_tensor=True,
     loop_script=_rmsprop_script,
-    foreach_temporaries=lambda o: [*_wd_list(o), "avg"],
+    foreach_script=lambda o: [*_wd_list(o), *_script("+avg")],
     defaults={"lr": 0.01, "alpha": 0.99, "eps": 1e-8, "momentum": 0.0, "weight_decay": 0.0},
 )
 def _rmsprop(param: ParamTensor, options: Any) -> list[StateTensor]:
@@ -248,6 +259,12 @@ def _adam_script(options: Any) -> list[LoopOp]:
     return [*_weight_decay(options), *_script("+sqrt", "+denom", "-sqrt", "<denom")]
 
 
+def _adam_foreach(options: Any) -> list[LoopOp]:
+    """``_multi_tensor_adam``: the decayed grads list is deleted before ``_foreach_sqrt(exp_avg_sqs)``."""
+    decay = _script("+grad_wd", "-grad_wd") if _option(options, "weight_decay") else []
+    return [*decay, *_script("+sqrt")]
+
+
 def _adam_state(param: ParamTensor, options: Any) -> list[StateTensor]:
     names = ["exp_avg", "exp_avg_sq"]
     if getattr(options, "amsgrad", False):
@@ -263,7 +280,7 @@ register_optimizer(
     torch_class="torch.optim.Adam",
     step_tensor=True,
     loop_script=_adam_script,
-    foreach_temporaries=lambda o: [*_wd_list(o), "sqrt"],
+    foreach_script=_adam_foreach,
     fused=True,
     defaults={"lr": 0.001, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False},
 )(_adam_state)
@@ -278,7 +295,7 @@ register_optimizer(
     step_tensor=True,
     # Decoupled decay is param.mul_(1 − ηλ), in place: no extra temporary.
     loop_script=lambda o: _script("+sqrt", "+denom", "-sqrt", "<denom"),
-    foreach_temporaries=lambda o: ["sqrt"],
+    foreach_script=lambda o: _script("+sqrt"),
     fused=True,
     defaults={"lr": 0.001, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01, "amsgrad": False},
 )(_adam_state)
@@ -293,7 +310,7 @@ register_optimizer(
     step_tensor=False,
     # The paper's reference code: update = exp_avg * b1 + grad * (1 - b1); p.add_(sign(update), ...)
     loop_script=lambda o: _script("+m_b1", "+g_b1", "+update", "-m_b1", "-g_b1", "<update", "+sign", "-sign"),
-    foreach_temporaries=lambda o: ["update"],
+    foreach_script=lambda o: _script("+update"),
     defaults={"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.0},
 )
 def _lion(param: ParamTensor, options: Any) -> list[StateTensor]:
@@ -311,7 +328,7 @@ def _lion(param: ParamTensor, options: Any) -> list[StateTensor]:
     # var_estimate = row_var @ col_var / row_mean: one parameter-sized tensor held by a loop variable
     # (the row/column-sized temporaries beside it are not modelled).
     loop_script=lambda o: _script("+var_estimate", "<var_estimate"),
-    foreach_temporaries=lambda o: ["var_estimate"],
+    foreach_script=lambda o: _script("+var_estimate"),
     # row_var (R x 1) @ col_var (1 x C): a matmul of 2·R·C FLOPs per matrix, which FlopCounterMode counts
     matmul_flops=lambda param: 2 * param.numel if len(param.shape) >= 2 else 0,
     defaults={"lr": 0.01},

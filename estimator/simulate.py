@@ -137,44 +137,66 @@ def optimizer_step_events(
 ) -> list[Event]:
     """What ``optimizer.step()`` allocates and frees: state on the first step, temporaries always.
 
-    for-loop: the optimizer's per-parameter script (``LoopOp``); foreach: each temporary is a list
-    over all parameters, alive together until the step returns; fused: one kernel, no temporaries.
+    for-loop: the optimizer's per-parameter script (``LoopOp``); foreach: the same kind of script
+    over lists of all parameters; fused: one kernel, no temporaries.
     """
     phase = "optimizer_step"
     events: list[Event] = []
     if first and spec.state_init == "first_step":
         events += _state_events(spec, params, config, phase, step_bytes)
     elem = precision_plan(config.training.precision).state_bytes
+    inline_state = first and spec.state_init == "first_step_inline"
     if implementation == "fused":
-        if first and spec.state_init == "first_step_inline":
-            events += _state_events(spec, params, config, phase, step_bytes)
-        return events
+        return events + (_state_events(spec, params, config, phase, step_bytes) if inline_state else [])
     if implementation == "foreach":
-        if first and spec.state_init == "first_step_inline":
-            events += _state_events(spec, params, config, phase, step_bytes)
         if spec.step_tensor and step_bytes:
             # torch._foreach_add_(steps, torch.tensor(1.0)): a scalar made and dropped at once
             events += [alloc("step_increment", "temporary", step_bytes, phase),
                        free("step_increment", "temporary", step_bytes, phase)]
-        lists = spec.foreach_temporaries(config.optimizer)
-        made = [alloc(f"{p.name}.{t}", "temporary", p.numel * elem, phase) for t in lists for p in params]
-        return events + made + [free(e.name, e.role, e.nbytes, phase) for e in reversed(made)]
-    return events + _for_loop_events(spec, params, config, elem, step_bytes, first)
+        return events + _foreach_events(spec, params, config, elem, step_bytes, inline_state)
+    return events + _for_loop_events(spec, params, config, elem, step_bytes, inline_state)
+
+
+def _foreach_events(
+    spec: OptimizerSpec, params: list[ParamTensor], config: Config, elem: int, step_bytes: int, inline_state: bool
+) -> list[Event]:
+    """The foreach script, each temporary a list over all parameters; what is left goes at return."""
+    phase = "optimizer_step"
+    events: list[Event] = []
+    live: dict[str, list[Event]] = {}
+    script = spec.foreach_script(config.optimizer)
+    if inline_state and not any(op.action == "state" for op in script):
+        events += _state_events(spec, params, config, phase, step_bytes)
+    for op in script:
+        if op.action == "state":
+            events += _state_events(spec, params, config, phase, step_bytes) if inline_state else []
+        elif op.action == "alloc":
+            live[op.name] = [alloc(f"{p.name}.{op.name}", "temporary", p.numel * elem, phase) for p in params]
+            events += live[op.name]
+        else:
+            events += [free(e.name, e.role, e.nbytes, phase) for e in reversed(live.pop(op.name))]
+    for made in reversed(list(live.values())):
+        events += [free(e.name, e.role, e.nbytes, phase) for e in reversed(made)]
+    return events
 
 
 def _for_loop_events(
-    spec: OptimizerSpec, params: list[ParamTensor], config: Config, elem: int, step_bytes: int, first: bool
+    spec: OptimizerSpec, params: list[ParamTensor], config: Config, elem: int, step_bytes: int, inline_state: bool
 ) -> list[Event]:
+    """The per-parameter script; a loop variable's tensor lives until the next iteration rebinds it."""
     phase = "optimizer_step"
     script = spec.loop_script(config.optimizer)
+    has_state_op = any(op.action == "state" for op in script)
     events: list[Event] = []
     previous: dict[str, Event] = {}  # temporaries of the previous parameter still bound to a name
     for p in params:
-        if first and spec.state_init == "first_step_inline":
+        if inline_state and not has_state_op:
             events += _state_events(spec, [p], config, phase, step_bytes)
         current: dict[str, Event] = {}
         for op in script:
-            if op.action == "alloc":
+            if op.action == "state":
+                events += _state_events(spec, [p], config, phase, step_bytes) if inline_state else []
+            elif op.action == "alloc":
                 current[op.name] = alloc(f"{p.name}.{op.name}", "temporary", p.numel * elem, phase)
                 events.append(current[op.name])
             elif op.action == "free":

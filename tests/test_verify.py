@@ -194,3 +194,27 @@ def test_fp16_precisions_exact(precision: str, optimizer: str) -> None:
                                  f"training.precision={precision}"])
     result = run_verify(cfg, "cpu")
     assert [(r.key, r.estimated, r.measured) for r in result.rows if r.estimated != r.measured] == []
+
+
+OPTION_VARIANTS = [
+    ["optimizer.name=adam", "optimizer.weight_decay=0.1"],
+    ["optimizer.name=adam", "optimizer.amsgrad=true"],
+    ["optimizer.name=adamw", "optimizer.amsgrad=true"],
+    ["optimizer.name=momentum", "optimizer.nesterov=true"],
+    ["optimizer.name=momentum", "optimizer.weight_decay=0.1"],
+    ["optimizer.name=momentum", "optimizer.nesterov=true", "optimizer.weight_decay=0.1"],
+    ["optimizer.name=sgd", "optimizer.weight_decay=0.1"],
+    ["optimizer.name=rmsprop", "optimizer.centered=true", "optimizer.momentum=0.9"],
+    ["optimizer.name=adagrad", "optimizer.weight_decay=0.1"],
+    ["optimizer.name=rmsprop", "optimizer.weight_decay=0.1"],
+]
+
+
+@pytest.mark.parametrize("impl", ["for-loop", "foreach"])
+@pytest.mark.parametrize("options", OPTION_VARIANTS, ids=lambda o: "+".join(x.split("=")[1] for x in o))
+def test_optimizer_options_exact(impl: str, options: list[str]) -> None:
+    """Weight decay, Nesterov, amsgrad, centered: each changes torch's temporaries (docs/peak.md)."""
+    cfg = load_config(overrides=["model.dim=128", "model.num_layers=3", "training.batch_size=8", *options,
+                                 f"optimizer.implementation={impl}"])
+    result = run_verify(cfg, "cpu")
+    assert [(r.key, r.estimated, r.measured) for r in result.rows if r.estimated != r.measured] == []
