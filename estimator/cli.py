@@ -93,6 +93,8 @@ def estimate(
     as_json: bool = JsonOpt,
     timeline: bool = typer.Option(False, "--timeline", help="draw live bytes over the step's phases"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="write the timeline chart to this PNG (matplotlib)"),
+    gpu: Optional[str] = typer.Option(None, "--gpu", "-g", help="does it fit, largest batch, step time (see `gpus`)"),
+    mfu: float = typer.Option(0.4, "--mfu", help="model FLOPs utilisation assumed for the step time (0-1]"),
 ) -> None:
     """Estimate memory, the peak and FLOPs of one training step (no torch needed)."""
     from estimator.api import estimate as run_estimate
@@ -101,18 +103,32 @@ def estimate(
         from estimator.plot import check_plot_path
 
         check_plot_path(plot)
+    if not 0 < mfu <= 1:
+        raise EstimatorError(f"--mfu: expected a fraction in (0, 1], got {mfu}")
+    gpu_spec = None
+    if gpu is not None:
+        from estimator.hardware import get_gpu
+
+        gpu_spec = get_gpu(gpu)
     cfg = build_config(config, set_, batch_size, optimizer, precision, model, device)
     result = run_estimate(cfg)
+    fit = None
+    if gpu_spec is not None:
+        from estimator.fit import fit_on
+
+        fit = fit_on(result, gpu_spec, mfu)
     if plot is not None:
         from estimator.plot import plot_timeline
 
         plot_timeline(plot, estimated=result)
     if as_json:
-        emit_json(result.to_json())
+        emit_json({**result.to_json(), **({"gpu": fit.to_json()} if fit else {})})
         return
-    from estimator.report import render_estimate
+    from estimator.report import render_estimate, render_fit
 
     render_estimate(result, out, timeline=timeline)
+    if fit is not None:
+        render_fit(fit, result, out)
     if plot is not None:
         out.print(f"wrote {plot}")
 
@@ -263,6 +279,20 @@ def models(as_json: bool = JsonOpt) -> None:
         emit_json(rows)
         return
     render_models(rows, out)
+
+
+@app.command()
+@user_errors
+def gpus(as_json: bool = JsonOpt) -> None:
+    """List the GPUs `estimate --gpu` knows: memory and dense peak throughput, with sources."""
+    from estimator.hardware import GPUS
+    from estimator.report import render_gpus
+
+    if as_json:
+        emit_json([{"name": g.name, "memory_bytes": g.memory_bytes, "bf16_tflops": g.bf16_tflops,
+                    "fp32_tflops": g.fp32_tflops, "source": g.source} for g in GPUS.values()])
+        return
+    render_gpus(out)
 
 
 @app.command()

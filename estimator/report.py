@@ -316,3 +316,40 @@ def render_models(rows: list[dict[str, Any]], console: Console) -> None:
     console.print(table)
     console.print("pub.: ✓ when the computed count equals the released checkpoint's total; L layers, H/KV query and "
                   "key/value heads; sources in docs/transformer.md")
+
+
+def render_fit(fit: Any, est: Estimate, console: Console) -> None:
+    """Fits or not, headroom, the largest batch that fits, and the step time bounds."""
+    g = fit.gpu
+    verdict = "[green]fits[/green]" if fit.fits else "[red]does not fit[/red]"
+    lines = [
+        f"{g.name}: {human_bytes(g.memory_bytes)}. The step needs {human_bytes(fit.needed_bytes)} "
+        f"(peak {human_bytes(fit.peak_bytes)} with CUDA's 512-byte blocks + "
+        f"{human_bytes(fit.needed_bytes - fit.peak_bytes)} kept for the CUDA context): {verdict}, "
+        f"headroom {human_bytes(fit.headroom_bytes)}.",
+        f"Largest training.batch_size that fits: {fit.max_batch_size:,}"
+        + (" (not even a batch of 1: shard the model, see ZeRO/FSDP)" if fit.max_batch_size == 0 else ""),
+        f"Step time: at least {_seconds(fit.step_seconds_at_peak)} at the dense peak "
+        f"({g.peak_flops(est.config.training.precision) / 1e12:g} TFLOP/s for {est.config.training.precision}); "
+        f"{_seconds(fit.step_seconds_at_mfu)} at {fit.mfu:.0%} MFU.",
+        f"Source: {g.source}.",
+    ]
+    console.print(Panel("\n".join(lines), title=f"on {g.name}", title_align="left"))
+
+
+def _seconds(s: float) -> str:
+    return f"{s * 1e3:.3g} ms" if s < 1 else f"{s:.3g} s"
+
+
+def render_gpus(console: Console) -> None:
+    from estimator.hardware import GPUS
+
+    table = Table(title="GPUs (estimator estimate --gpu NAME)", title_justify="left", box=box.SIMPLE_HEAD)
+    for col in ("name", "memory", "16-bit TFLOP/s", "FP32 TFLOP/s"):
+        table.add_column(col, justify="left" if col == "name" else "right")
+    for g in GPUS.values():
+        table.add_row(g.name, human_bytes(g.memory_bytes), f"{g.bf16_tflops:g}" if g.bf16_tflops else "—",
+                      f"{g.fp32_tflops:g}")
+    console.print(table)
+    console.print("Dense peaks (no structured sparsity) from NVIDIA's datasheets; `estimator gpus --json` lists "
+                  "the source of each row. V100 and T4 have no bf16: their 16-bit figure is fp16.")
