@@ -1,0 +1,516 @@
+"""Timeline events of the transformer family: a small simulation of our torch model's autograd graph.
+
+Split from ``transformer.py`` (parameters, FLOPs, first-order activations): this module says in
+which order forward, the loss and backward allocate and free each tensor, so the peak can be taken
+(see docs/peak.md). Pure Python; checked against the live-tensor tracker in
+``tests/transformer/test_events.py`` and against ``verify`` in docs/accuracy.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from estimator.config import TrainingConfig
+from estimator.events import Event, alloc, free
+from estimator.families.base import StepShape
+from estimator.families.transformer import (
+    Kind,
+    TransformerConfig,
+    kind_bytes,
+    parameter_tensors,
+    tokens_per_sequence,
+)
+
+# --------------------------------------------------------------------------------------------
+# Timeline events: a small simulation of the torch implementation's autograd graph.
+#
+# Forward records each tensor the model allocates, the autograd node that produces it (which
+# tensors it saves, which inputs it sends gradients to) and when Python drops its last reference.
+# A tensor is freed when it is dead and no node still saves it. Backward runs the nodes in reverse
+# creation order (what torch's engine does on one device: the ready node with the highest sequence
+# number goes first, and that is always the last one created), allocating each input gradient,
+# accumulating fan-in gradients in place, freeing a node's incoming gradient and its saved tensors
+# after it runs, and allocating each parameter's .grad (AccumulateGrad keeps the computed tensor).
+
+PASS = "pass"  # an input whose gradient is the incoming gradient itself (add, views, cat)
+
+
+@dataclass
+class _T:
+    name: str
+    nbytes: int
+    role: str = ""  # fixed when the events are materialised: activation if ever saved
+    kind: str = "act"
+    saved_by: int = 0
+    ever_saved: bool = False
+    dead: bool = False
+    live: bool = True
+
+
+@dataclass
+class _Node:
+    out: str
+    inputs: list[tuple[str, bool]]  # (tensor or "param:<name>", passthrough)
+    saves: list[str]
+    block: int  # checkpointed block index, or -1
+    scratch: int = 0  # bytes the node's backward allocates and frees while computing its gradients
+
+
+class _Sim:
+    """Builds the event list of one forward + backward."""
+
+    def __init__(self, model: TransformerConfig, training: TrainingConfig, shape: StepShape) -> None:
+        self.model, self.training, self.shape = model, training, shape
+        self.seq = tokens_per_sequence(model, training)
+        self.t = training.batch_size * self.seq
+        self.autocast = shape.autocast
+        self.fp32_stream = shape.parameter_bytes == 4
+        self.params = {p.name: p.numel for p in parameter_tensors(model)}
+        self.tensors: dict[str, _T] = {}
+        self.records: list[tuple[str, _T, str]] = []  # ("alloc"|"free", tensor, phase)
+        self.nodes: list[_Node] = []
+        self.phase = "forward"
+        self.ckpt_block = -1  # the checkpointed block being built (-1: none)
+        self.recomputing = False
+        self.block_inputs: dict[int, str] = {}
+        self.casts: set[str] = set()
+        self.grads_done: set[str] = set()
+
+    # --- tensors -------------------------------------------------------------------------
+    def new(self, name: str, numel: int, kind: Kind, role: str = "") -> str:
+        name = self.new_bytes(name, numel * kind_bytes(kind, self.shape), role)
+        self.tensors[name].kind = kind
+        return name
+
+    def new_bytes(self, name: str, nbytes: int, role: str = "") -> str:
+        if name in self.tensors and self.tensors[name].live:
+            raise AssertionError(f"{name} allocated twice")
+        tensor = _T(name, nbytes, role)
+        self.tensors[name] = tensor
+        self.records.append(("alloc", tensor, self.phase))
+        return name
+
+    def _free(self, tensor: _T) -> None:
+        if tensor.live:
+            tensor.live = False
+            self.records.append(("free", tensor, self.phase))
+
+    def dead(self, *names: str) -> None:
+        """Python dropped its last reference; free now unless a node saves the tensor."""
+        for name in names:
+            tensor = self.tensors[name]
+            tensor.dead = True
+            if tensor.saved_by == 0:
+                self._free(tensor)
+
+    def node(self, out: str, inputs: list[str | tuple[str, str]], saves: tuple[str, ...] = (),
+             scratch: int = 0) -> None:
+        ins = [(i, False) if isinstance(i, str) else (i[0], True) for i in inputs]
+        if self.ckpt_block < 0 or self.recomputing:
+            for s in saves:
+                self.tensors[s].saved_by += 1
+                self.tensors[s].ever_saved = True
+        if not self.recomputing:
+            self.nodes.append(_Node(out, ins, list(saves), self.ckpt_block, scratch))
+
+    # --- layers --------------------------------------------------------------------------
+    def linear(self, prefix: str, x: str, n_in: int, n_out: int, weight: str, bias: str | None,
+               stop: bool = False) -> str:
+        """``F.linear``; under autocast it casts its input (and, once per forward, the weight).
+
+        ``stop``: checkpoint recomputation ends here, right after the inputs are saved.
+        """
+        t = self.t
+        saves: list[str] = []
+        cast = self.autocast and self.tensors[x].kind != "act"  # a 16-bit input is used as is
+        if cast:
+            xc = self.new(f"{prefix}.x16", n_in * t, "act")
+            self.node(xc, [x])
+            x = xc
+        if self.autocast:  # cached casts, dropped when the forward's autocast region ends
+            for param in (weight, bias):
+                cast_name = f"{param}.16bit"
+                if param and (cast_name not in self.tensors or not self.tensors[cast_name].live):
+                    self.new(cast_name, self.params[param], "act", role="temporary")
+                    self.casts.add(cast_name)
+            saves = [f"{weight}.16bit"]
+        if stop:
+            for s in (x, *saves):
+                self.tensors[s].saved_by += 1
+            if cast:
+                self.dead(x)
+            return ""
+        out = self.new(f"{prefix}.out", n_out * t, "act")
+        tag = "param16" if self.autocast else "param"
+        params = [f"{tag}:{weight}"] + ([f"{tag}:{bias}"] if bias else [])
+        self.node(out, [*params, x], saves=(x, *saves))  # mm backward: weight grad, then input grad
+        if cast:
+            self.dead(x)
+        return out
+
+    def norm(self, prefix: str, x: str) -> str:
+        m, t, d = self.model, self.t, self.model.d_model
+        w, b = f"param:{prefix}.weight", f"param:{prefix}.bias"
+        if m.norm == "layernorm":
+            out = self.new(f"{prefix}.out", d * t, "stream")
+            mean = self.new(f"{prefix}.mean", t, "stream")
+            rstd = self.new(f"{prefix}.rstd", t, "stream")
+            self.node(out, [x, w] + ([b] if m.norm_has_bias else []), saves=(x, mean, rstd))
+            self.dead(mean, rstd)
+            return out
+        x32 = x
+        if not self.fp32_stream:
+            x32 = self.new(f"{prefix}.x_fp32", d * t, "fp32")
+            self.node(x32, [x])
+        sq = self.new(f"{prefix}.sq", d * t, "fp32")
+        # pow backward: grad · 2 · x^1 materialises x^1 and 2·grad before the product.
+        self.node(sq, [x32], saves=(x32,), scratch=2 * d * t * 4)
+        ms = self.new(f"{prefix}.ms", t, "fp32")
+        self.node(ms, [sq])
+        self.dead(sq)
+        mse = self.new(f"{prefix}.ms_eps", t, "fp32")
+        self.node(mse, [(ms, PASS)])
+        self.dead(ms)
+        rstd = self.new(f"{prefix}.rstd", t, "fp32")
+        self.node(rstd, [mse], saves=(rstd,))
+        self.dead(mse)
+        normed = self.new(f"{prefix}.normed" if self.fp32_stream else f"{prefix}.n32", d * t, "fp32")
+        self.node(normed, [x32, rstd], saves=(x32, rstd), scratch=d * t * 4)  # grad·x32 before the sum
+        if not self.fp32_stream:
+            n32, normed = normed, self.new(f"{prefix}.normed", d * t, "stream")
+            self.node(normed, [n32])
+            self.dead(n32)
+        out = self.new(f"{prefix}.out", d * t, "stream")
+        self.node(out, [w, normed], saves=(normed,), scratch=d * t * kind_bytes("stream", self.shape))
+        self.dead(normed, rstd)
+        if x32 != x:
+            self.dead(x32)
+        return out
+
+    def rope(self, prefix: str, x: str, heads: int) -> str:
+        m, t = self.model, self.t
+        r, h = m.rotary_dim, m.head_size
+        a = self.new(f"{prefix}.xcos", heads * r * t, "act")
+        self.node(a, [x], saves=("rope.cos",))
+        n = self.new(f"{prefix}.neg", heads * (r // 2) * t, "act")
+        self.node(n, [(x, PASS)])
+        c = self.new(f"{prefix}.cat", heads * r * t, "act")
+        self.node(c, [(n, PASS), (x, PASS)])
+        self.dead(n)
+        s = self.new(f"{prefix}.xsin", heads * r * t, "act")
+        self.node(s, [c], saves=("rope.sin",))
+        self.dead(c)
+        rot = self.new(f"{prefix}.rot", heads * r * t, "act")
+        self.node(rot, [(a, PASS), (s, PASS)])
+        self.dead(a, s)
+        if r == h:
+            return rot
+        out = self.new(f"{prefix}.roped", heads * h * t, "act")
+        self.node(out, [(rot, PASS), (x, PASS)])
+        self.dead(rot)
+        return out
+
+    def attention(self, p: str, x: str) -> str:
+        m, t, seq = self.model, self.t, self.seq
+        d, h, hq, hk = m.d_model, m.head_size, m.num_heads, m.kv_heads
+        qb = f"{p}.attn.q_proj.bias" if m.qkv_has_bias else None
+        kb = f"{p}.attn.k_proj.bias" if m.qkv_has_bias else None
+        vb = f"{p}.attn.v_proj.bias" if m.qkv_has_bias else None
+        q = self.linear(f"{p}.attn.q_proj", x, d, hq * h, f"{p}.attn.q_proj.weight", qb)
+        k = self.linear(f"{p}.attn.k_proj", x, d, hk * h, f"{p}.attn.k_proj.weight", kb)
+        v = self.linear(f"{p}.attn.v_proj", x, d, hk * h, f"{p}.attn.v_proj.weight", vb)
+        if m.positions == "rope":
+            q_lin, q = q, self.rope(f"{p}.attn.q", q, hq)
+            self.dead(q_lin)
+            k_lin, k = k, self.rope(f"{p}.attn.k", k, hk)
+            self.dead(k_lin)
+        temps = [q, k, v]
+        if m.attention == "sdpa":
+            y = self.new(f"{p}.attn.sdpa", hq * h * t, "act")
+            lse = self.new(f"{p}.attn.lse", hq * t, "fp32")
+            self.node(y, [q, k, v], saves=(q, k, v, y, lse))
+            self.dead(lse)
+        else:
+            if 1 < hk < hq:  # repeat_kv: expand + reshape copies (a view when there is one kv head)
+                k = self.new(f"{p}.attn.k_rep", hq * h * t, "act")
+                self.node(k, [temps[1]])
+                v = self.new(f"{p}.attn.v_rep", hq * h * t, "act")
+                self.node(v, [temps[2]])
+                self.dead(temps[1], temps[2])
+                temps = [q]
+            # matmul copies its operands into (B·H, ...) batches: q, kᵀ and v are never views here.
+            qc = self.new(f"{p}.attn.qc", hq * h * t, "act")
+            self.node(qc, [(q, PASS)])
+            kc = self.new(f"{p}.attn.kc", hq * h * t, "act")
+            self.node(kc, [(k, PASS)])
+            scores = self.new(f"{p}.attn.scores", hq * seq * t, "act")
+            self.node(scores, [qc, kc], saves=(qc, kc))
+            self.dead(qc, kc)
+            scaled = self.new(f"{p}.attn.scaled", hq * seq * t, "act")
+            self.node(scaled, [scores])
+            self.dead(scores)
+            full = self.new(f"{p}.attn.mask_full", seq * seq, "act")  # torch.full(...).triu(1)
+            mask = self.new(f"{p}.attn.mask", seq * seq, "act")
+            self.dead(full)
+            masked = self.new(f"{p}.attn.masked", hq * seq * t, "act")
+            self.node(masked, [(scaled, PASS)])
+            probs = self.new(f"{p}.attn.probs", hq * seq * t, "act")
+            self.node(probs, [masked], saves=(probs,))
+            self.dead(masked, scaled)  # `att` is rebound only once softmax has returned
+            vc = self.new(f"{p}.attn.vc", hq * h * t, "act")
+            self.node(vc, [(v, PASS)])
+            pv = self.new(f"{p}.attn.pv", hq * h * t, "act")
+            self.node(pv, [probs, vc], saves=(probs, vc))
+            self.dead(vc)
+            y = self.new(f"{p}.attn.y", hq * h * t, "act")
+            self.node(y, [(pv, PASS)])
+            # Locals `att` (probs) and `y` (pv) live until the attention forward returns.
+            temps += [mask, probs, pv] + ([k, v] if 1 < hk < hq else [])
+        ob = f"{p}.attn.o_proj.bias" if m.linear_bias else None
+        out = self.linear(f"{p}.attn.o_proj", y, hq * h, d, f"{p}.attn.o_proj.weight", ob)
+        self.dead(y, *temps)
+        return out
+
+    def mlp(self, p: str, x: str) -> str:
+        m, t, d, f = self.model, self.t, self.model.d_model, self.model.ffn_dim
+
+        def lin(name: str, x: str, n_in: int, n_out: int, stop: bool = False) -> str:
+            return self.linear(f"{p}.mlp.{name}", x, n_in, n_out, f"{p}.mlp.{name}.weight",
+                               f"{p}.mlp.{name}.bias" if m.linear_bias else None, stop=stop)
+
+        if m.mlp == "swiglu":
+            gate = lin("gate_proj", x, d, f)
+            silu = self.new(f"{p}.mlp.silu", f * t, "act")
+            self.node(silu, [gate], saves=(gate,))
+            self.dead(gate)
+            up = lin("up_proj", x, d, f)
+            hidden = self.new(f"{p}.mlp.hidden", f * t, "act")
+            self.node(hidden, [silu, up], saves=(silu, up))
+            self.dead(silu, up)
+        else:
+            up = lin("up_proj", x, d, f)
+            hidden = self.new(f"{p}.mlp.hidden", f * t, "act")
+            self.node(hidden, [up], saves=(up,))
+            self.dead(up)
+        # Under checkpoint recomputation torch stops once down_proj's inputs are saved (early stop).
+        out = lin("down_proj", hidden, f, d, stop=self.recomputing)
+        self.dead(hidden)
+        return out
+
+    def block(self, i: int, x: str) -> str:
+        """Block ``i`` on input ``x``; returns its output (the next block's input)."""
+        m, t, d = self.model, self.t, self.model.d_model
+        p = f"blocks.{i}"
+        out_name = f"blocks.{i + 1}.x_in" if i + 1 < m.num_layers else f"{p}.x_out"
+        h1 = self.norm(f"{p}.norm1", x)
+        a = self.attention(p, h1)
+        self.dead(h1)
+        if m.parallel_residual:
+            xa = self.new(f"{p}.x_attn", d * t, "stream")
+            self.node(xa, [(x, PASS), (a, PASS)])
+            self.dead(a)
+            h2 = self.norm(f"{p}.norm2", x)
+            mo = self.mlp(p, h2)
+            self.dead(h2)
+            if not mo:
+                self.dead(xa)
+                return ""
+            out = self.new(out_name, d * t, "stream")
+            self.node(out, [(xa, PASS), (mo, PASS)])
+            self.dead(xa, mo)
+            return out
+        xm = self.new(f"{p}.x_mid", d * t, "stream")
+        self.node(xm, [(x, PASS), (a, PASS)])
+        self.dead(a)
+        h2 = self.norm(f"{p}.norm2", xm)
+        mo = self.mlp(p, h2)
+        self.dead(h2)
+        if not mo:
+            self.dead(xm)
+            return ""
+        out = self.new(out_name, d * t, "stream")
+        self.node(out, [(xm, PASS), (mo, PASS)])
+        self.dead(xm, mo)
+        return out
+
+    # --- the step ------------------------------------------------------------------------
+    def forward(self) -> None:
+        m, t, d, seq = self.model, self.t, self.model.d_model, self.seq
+        emb = self.new("tok_emb.out", d * t, "stream")
+        self.node(emb, ["param:tok_emb.weight"])
+        x = emb
+        if m.positions == "learned":
+            x = self.new("blocks.0.x_in", d * t, "stream")
+            self.node(x, [(emb, PASS), "param:pos_emb.weight"])
+            self.dead(emb)
+        if m.positions == "rope":
+            self.new("rope.cos", seq * m.rotary_dim, "act")
+            self.new("rope.sin", seq * m.rotary_dim, "act")
+        ckpt = self.training.activation_checkpointing == "full"
+        for i in range(m.num_layers):
+            if ckpt:
+                # The checkpoint saves the block's inputs (its _NoopSaveInputs node) until the
+                # block's backward is over: modelled as a marker node created before the block.
+                kept = [x] + (["rope.cos", "rope.sin"] if m.positions == "rope" else [])
+                self.node(f"ckpt{i}", [], saves=tuple(kept))
+                self.ckpt_block, self.block_inputs[i] = i, x
+                self.nodes[-1].block = i
+            x_next = self.block(i, x)
+            self.ckpt_block = -1
+            self.dead(x)
+            x = x_next
+        if m.positions == "rope":
+            self.dead("rope.cos", "rope.sin")
+        hf = self.norm("norm_f", x)
+        self.dead(x)
+        head = "lm_head.weight" if not m.tie_embeddings else "tok_emb.weight"
+        logits = self.linear("lm_head", hf, d, m.vocab_size, head, None)
+        self.phase = "loss"
+        loss_kind: Kind = "fp32" if self.autocast else "act"
+        src = logits
+        if self.autocast:
+            src = self.new("logits.fp32", m.vocab_size * t, "fp32")
+            self.node(src, [logits])
+        logp = self.new("loss.log_probs", m.vocab_size * t, loss_kind)
+        self.node(logp, [src], saves=(logp,))
+        if src != logits:
+            self.dead(src)
+        loss = self.new("loss", 1, loss_kind, role="temporary")
+        tw = self.new("loss.total_weight", 1, loss_kind)
+        self.node(loss, [logp], saves=(logp, tw))
+        self.dead(tw, logp, logits, hf)  # forward's locals (x, logits) live until it returns
+        for cast in self.casts:  # autocast's weight cache is cleared when the forward ends
+            if self.tensors[cast].live:
+                self.dead(cast)
+
+    def backward(self) -> None:
+        self.phase = "backward"
+        loss_kind: Kind = "fp32" if self.autocast else "act"
+        grad_loss = self.new("grad.loss", 1, loss_kind, role="temporary")
+        buffers: dict[str, str] = {"loss": grad_loss}
+        refs: dict[str, int] = {grad_loss: 2}  # backward() keeps its own reference until the end
+        count = 0
+
+        def release(storage: str) -> None:
+            refs[storage] -= 1
+            if refs[storage] == 0:
+                self._free(self.tensors[storage])
+
+        recomputed: set[int] = set()
+        for node in reversed(self.nodes):
+            marker = node.out.startswith("ckpt")
+            if node.block >= 0 and node.block not in recomputed and node.saves and not marker:
+                recomputed.add(node.block)
+                self._recompute(node.block)
+            incoming = buffers.pop(node.out, None)
+            later: list[Callable[[], None]] = []
+            scratch = self.new_bytes(f"scratch#{id(node)}", node.scratch, "temporary") if node.scratch else ""
+            for name, passthrough in node.inputs:
+                if name.startswith("param"):
+                    kind, _, pname = name.partition(":")
+                    self._param_grad(pname, kind == "param16", later)
+                    continue
+                if passthrough and incoming is not None:
+                    key = incoming
+                    refs[key] += 1
+                else:
+                    count += 1
+                    key = self.new_bytes(f"grad.{name}#{count}", self.tensors[name].nbytes, "temporary")
+                    refs[key] = 1
+                if name in buffers:  # fan-in: accumulate into the buffer that is not shared
+                    old = buffers[name]
+                    if refs[old] == 1:
+                        release(key)
+                    elif refs[key] == 1:
+                        buffers[name] = key
+                        release(old)
+                    else:
+                        count += 1
+                        total = self.new_bytes(f"grad.{name}#{count}", self.tensors[name].nbytes, "temporary")
+                        refs[total] = 1
+                        buffers[name] = total
+                        release(old)
+                        release(key)
+                else:
+                    buffers[name] = key
+            if scratch:
+                self._free(self.tensors[scratch])
+            if incoming is not None:
+                release(incoming)
+            for s in node.saves:
+                tensor = self.tensors[s]
+                tensor.saved_by -= 1
+                if tensor.saved_by == 0 and tensor.dead:
+                    self._free(tensor)
+            for step in later:
+                step()
+        for key in list(buffers.values()):
+            release(key)
+        release(grad_loss)
+
+    def _param_grad(self, name: str, via_cast: bool, later: list[Callable[[], None]]) -> None:
+        """A parameter's gradient, as mm/embedding backward computes it and AccumulateGrad keeps it.
+
+        The node allocates the gradient (16-bit when it reaches an autocast weight cast). What
+        happens after the node has released its inputs goes to ``later``: the cast back to the
+        parameter dtype (ToCopyBackward), and for a tied weight's second gradient the out-of-place
+        ``.grad + new`` of AccumulateGrad.
+        """
+        numel = self.params[name]
+        nbytes = numel * self.shape.gradient_bytes
+        if via_cast:
+            g16 = self.new(f"{name}.grad16", numel, "act", role="temporary")
+        elif name in self.grads_done:
+            g16 = self.new_bytes(f"{name}.grad_extra", nbytes, "temporary")
+        elif name == "pos_emb.weight":  # the batch-summed (S, d) gradient, then slice_backward
+            rows = self.new("pos_emb.grad_rows", self.seq * self.model.d_model, "stream")
+            self.grads_done.add(name)
+            self.new_bytes(f"{name}.grad", nbytes, "gradient")
+            self._free(self.tensors[rows])
+            return
+        else:
+            self.grads_done.add(name)
+            self.new_bytes(f"{name}.grad", nbytes, "gradient")
+            return
+
+        def accumulate() -> None:
+            if name not in self.grads_done:
+                self.grads_done.add(name)
+                self.new_bytes(f"{name}.grad", nbytes, "gradient")
+                self._free(self.tensors[g16])
+                return
+            # Named so the final tensor keeps the name ``<param>.grad`` (zero_grad frees it).
+            total = self.new_bytes(f"{name}.grad_sum", nbytes, "temporary")
+            self._free(self.tensors[f"{name}.grad"])
+            self._free(self.tensors[g16])
+            self._free(self.tensors[total])
+            self.new_bytes(f"{name}.grad", nbytes, "gradient")
+
+        later.append(accumulate)
+
+    def _recompute(self, i: int) -> None:
+        """Checkpoint reruns block ``i``'s forward (up to down_proj's saved input) in backward."""
+        before = {n for n in self.casts if self.tensors[n].live}
+        self.recomputing, self.ckpt_block = True, i
+        self.block(i, self.block_inputs[i])
+        self.recomputing, self.ckpt_block = False, -1
+        for cast in self.casts:  # the recompute's own autocast cache is dropped
+            if cast not in before and self.tensors[cast].live and not self.tensors[cast].dead:
+                self.dead(cast)
+
+    def events(self) -> list[Event]:
+        out: list[Event] = []
+        for kind, tensor, phase in self.records:
+            role = tensor.role or ("activation" if tensor.ever_saved else "temporary")
+            fn = alloc if kind == "alloc" else free
+            out.append(fn(tensor.name, role, tensor.nbytes, phase))
+        return out
+
+
+def step_events(model: TransformerConfig, training: TrainingConfig, shape: StepShape) -> list[Event]:
+    """Forward, loss and backward events of one step (see the simulation notes above)."""
+    sim = _Sim(model, training, shape)
+    sim.forward()
+    sim.backward()
+    return sim.events()
