@@ -1,6 +1,6 @@
 """Steady-step memory of the textbook optimizers against torch.optim, measured on the CPU.
 
-    /work/venv/bin/python benchmarks/textbook_memory.py [--dim 1024] [--layers 4] [--batch 64]
+    python benchmarks/textbook_memory.py [--dim 1024] [--layers 4] [--batch 64]
 
 Runs the seed's step (Cruncher, MSE loss, fp32) with ``measure_training_step`` for each optimizer
 and prints a Markdown table. ``opt. temporaries`` is the optimizer phase's peak minus the bytes live
