@@ -194,7 +194,8 @@ def verify(
     model: Optional[str] = ModelOpt,
     tolerance: Optional[float] = typer.Option(
         None, "--tolerance", help="exit 1 if any compared figure is off by more than this fraction (e.g. 0.05)"),
-    show_state: bool = typer.Option(False, "--show-state", help="print state_dict and optimizer state before/after"),
+    show_state: bool = typer.Option(
+        False, "--show-state", help="also print state_dict and optimizer state before/after one step"),
     timeline: bool = typer.Option(False, "--timeline", help="draw the measured live bytes over the step"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="write estimated and measured timelines to this PNG"),
     as_json: bool = JsonOpt,
@@ -210,11 +211,6 @@ def verify(
         check_plot_path(plot)
     cfg = build_config(config, set_, batch_size, optimizer, precision, model)
     torch_modules = _import_torch_side()
-    if show_state:
-        device_obj = torch_modules.step.resolve_device(device)
-        torch_modules.show_state.show_state(cfg, device_obj, impl, err if as_json else out)
-        if not as_json:
-            return
     status = err.status("building the model", spinner="dots") if not as_json else None
     if status is not None:
         status.start()
@@ -224,6 +220,9 @@ def verify(
     finally:
         if status is not None:
             status.stop()
+    if show_state:  # after run_verify, which refused anything that would not fit
+        device_obj = torch_modules.step.resolve_device(device)
+        torch_modules.show_state.show_state(cfg, device_obj, impl, err if as_json else out)
     if plot is not None:
         from estimator.plot import plot_timeline
 

@@ -120,10 +120,12 @@ def _did_you_mean(word: str, choices: list[str]) -> str:
 
 
 # Family configs live with their families; imported here, after the base classes they build on.
+from estimator.families.module import ModuleConfig  # noqa: E402
 from estimator.families.transformer import TransformerConfig  # noqa: E402
 
-FAMILY_CONFIGS: dict[str, type[StrictModel]] = {"mlp": MLPConfig, "transformer": TransformerConfig}
-ModelConfig = Annotated[Union[MLPConfig, TransformerConfig], Field(discriminator="family")]
+FAMILY_CONFIGS: dict[str, type[StrictModel]] = {"mlp": MLPConfig, "transformer": TransformerConfig,
+                                                "module": ModuleConfig}
+ModelConfig = Annotated[Union[MLPConfig, TransformerConfig, ModuleConfig], Field(discriminator="family")]
 
 MODEL_SOURCE_KEYS = ("preset", "hf_config")
 """Other ways to give the model section: a named preset, or a local Hugging Face config.json."""
@@ -133,7 +135,8 @@ def model_config_class(section: dict[str, Any]) -> type[StrictModel]:
     """The family config class a raw model section will validate as (for --set path checks)."""
     if any(key in section for key in MODEL_SOURCE_KEYS):
         return FAMILY_CONFIGS.get("transformer", MLPConfig)
-    return FAMILY_CONFIGS.get(str(section.get("family", "mlp")), MLPConfig)
+    default = "module" if "module" in section else "mlp"  # `module: pkg:factory` implies the module family
+    return FAMILY_CONFIGS.get(str(section.get("family", default)), MLPConfig)
 
 
 def expand_model_section(section: dict[str, Any], source_dir: Path) -> dict[str, Any]:
@@ -146,7 +149,7 @@ def expand_model_section(section: dict[str, Any], source_dir: Path) -> dict[str,
     if len(given) > 1:
         raise EstimatorError(f"model: give one of {', '.join(MODEL_SOURCE_KEYS)}, not {' and '.join(given)}")
     if not given:
-        return {"family": "mlp", **section}
+        return {"family": "module" if "module" in section else "mlp", **section}
     key = given[0]
     value = section.pop(key)
     if key == "preset":

@@ -1,3 +1,3 @@
 """Model families. Importing this package registers every built-in family."""
 
-from estimator.families import mlp, transformer  # noqa: F401  (registers "mlp" and "transformer")
+from estimator.families import mlp, module, transformer  # noqa: F401  (registers the three families)

@@ -1,0 +1,536 @@
+"""The torch side of the module family: import the factory, trace one step on fake tensors.
+
+Why fake tensors rather than plain ``device="meta"`` tensors: both have meta storages (shapes and
+byte counts, no data, no memory), but a fake tensor reports the CPU as its device, so the step
+dispatches like the real CPU step it stands for -- ``torch.autocast("cpu")`` works (autocast has no
+meta backend) and ``F.scaled_dot_product_attention`` picks the CPU flash kernel (on meta it falls
+back to the math path and saves the S x S probabilities). Observed with the live-tensor tracker,
+the fake step allocates and frees the same storages as the real CPU step, byte for byte, except
+where a real kernel's output storage differs from its meta kernel's: those are corrected in
+:data:`_REAL_KERNEL_BYTES` (``mse_loss`` returns a view of its unreduced buffer; batch/group norm
+keep fp32 statistics for 16-bit inputs under autocast). ``allow_fallback_kernels=False``: an op
+without a meta kernel is an error, never a silent run on real zero-filled tensors.
+
+Shared with ``module_parts.py`` (verify) so the real step is the traced one: the factory call,
+the dtype conversion, the batch and the loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib
+import inspect
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils._pytree import tree_flatten
+
+from estimator.errors import EstimatorError
+from estimator.events import Event, alloc, free
+from estimator.families.base import ParamTensor
+from estimator.families.module import (
+    AUTOCAST_DTYPES,
+    DATA_DTYPES,
+    INTEGER_DTYPES,
+    ModuleConfig,
+    ModuleTrace,
+    TensorSpec,
+    resolve_spec,
+)
+from estimator.measure.tracker import ALLOC, EXISTING, FREE, RESIZE, LiveTensorTracker
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+    "int64": torch.int64, "int32": torch.int32, "bool": torch.bool,
+}
+_aten = torch.ops.aten
+#: table lookups: a parameter read only through these does no multiply-add per token (6·B·P rule)
+_LOOKUPS = {_aten.embedding.default, _aten._embedding_bag.default, _aten._embedding_bag_forward_only.default,
+            _aten.index.Tensor, _aten.index_select.default}
+_SIXTEEN_BIT = (torch.bfloat16, torch.float16)
+
+
+# --------------------------------------------------------------------------- the factory
+def load_factory(model: ModuleConfig) -> Callable[..., Any]:
+    """Import ``package.module`` and get ``factory``; every failure is one line naming model.module.
+
+    The current directory is searched last, so a factory next to the config works from the CLI.
+    """
+    module_name, _, attr_path = model.module.partition(":")
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.append(cwd)
+    try:
+        mod = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if module_name == missing or module_name.startswith(missing + "."):
+            raise EstimatorError(f"model.module: no module named {missing!r} (from {model.module!r}); "
+                                 "is it installed or in the current directory?") from None
+        raise EstimatorError(f"model.module: importing {module_name!r} failed: {_one_line(exc)}") from None
+    except Exception as exc:  # the user's module raised at import time
+        raise EstimatorError(f"model.module: importing {module_name!r} raised {_one_line(exc)}") from None
+    finally:
+        if added:
+            sys.path.remove(cwd)
+    obj: Any = mod
+    for part in attr_path.split("."):
+        if not hasattr(obj, part):
+            raise EstimatorError(f"model.module: {module_name!r} has no attribute {attr_path!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise EstimatorError(f"model.module: {model.module!r} is not callable (it is a {type(obj).__name__})")
+    return obj
+
+
+def build_module(factory: Callable[..., Any], model: ModuleConfig, device: str | torch.device) -> nn.Module:
+    """Call the factory with ``kwargs`` (and ``device=`` if it takes one); check it made a Module."""
+    kwargs = dict(model.kwargs)
+    if _takes_device(factory):
+        kwargs["device"] = device
+    try:
+        module = factory(**kwargs)
+    except Exception as exc:
+        raise EstimatorError(f"model.module: {model.module}(**kwargs) raised {_one_line(exc)}") from None
+    if not isinstance(module, nn.Module):
+        raise EstimatorError(f"model.module: {model.module} returned a {type(module).__name__}, "
+                             "not a torch.nn.Module")
+    return module
+
+
+def _takes_device(factory: Callable[..., Any]) -> bool:
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+    return "device" in params
+
+
+def convert_floating(module: nn.Module, dtype: torch.dtype) -> None:
+    """``module.to(dtype)`` for fake tensors: ``_apply`` swaps fake parameters, which fails, so set ``.data``.
+
+    Same semantics: floating parameters and buffers only; a tied parameter stays one Parameter.
+    """
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+        for sub in module.modules():
+            for key, buf in sub._buffers.items():
+                if buf is not None and buf.is_floating_point() and buf.dtype != dtype:
+                    sub._buffers[key] = buf.to(dtype)
+
+
+# --------------------------------------------------------------------------- batch and loss
+def make_tensor(spec: TensorSpec, device: str | torch.device) -> Tensor:
+    """A random tensor of ``spec`` (integers in [0, high)); on fake tensors only the shape matters."""
+    dtype = TORCH_DTYPES[spec.dtype]
+    if spec.dtype in INTEGER_DTYPES:
+        return torch.randint(0, spec.high or 2, spec.shape, dtype=dtype, device=device)
+    if spec.dtype == "bool":
+        return torch.randint(0, 2, spec.shape, device=device).bool()
+    return torch.randn(spec.shape, dtype=dtype, device=device)
+
+
+def first_output(pred: Any) -> Tensor:
+    """The tensor the loss is computed on: the output, or the first element of a tuple/list."""
+    if isinstance(pred, (tuple, list)) and pred:
+        pred = pred[0]
+    if not isinstance(pred, Tensor):
+        raise EstimatorError(f"model.module: forward returned a {type(pred).__name__}; the module family needs "
+                             "a tensor (or a tuple/list whose first element is one)")
+    return pred
+
+
+def module_loss(kind: str) -> Callable[[Any, Tensor], Tensor]:
+    """The configured loss of (forward's result, target); cross_entropy runs over the last dimension."""
+
+    def loss_fn(pred: Any, target: Tensor) -> Tensor:
+        out = first_output(pred)
+        if kind == "sum":
+            return out.sum()
+        if kind == "mse":
+            return F.mse_loss(out, target)
+        classes = out.shape[-1]
+        flat_target = target.reshape(-1, classes) if target.is_floating_point() else target.reshape(-1)
+        return F.cross_entropy(out.reshape(-1, classes), flat_target)
+
+    return loss_fn
+
+
+def default_target(model: ModuleConfig, out: Tensor, precision: str) -> TensorSpec | None:
+    """mse: the output's shape (the data dtype under autocast) | cross_entropy: class ids | sum: none."""
+    if model.loss == "sum":
+        return None
+    if model.target is not None:
+        return resolve_spec(model.target, precision)
+    shape = tuple(out.shape)
+    if model.loss == "cross_entropy":
+        if not shape:
+            raise EstimatorError("model.loss: cross_entropy needs an output with a class dimension, got a scalar")
+        return TensorSpec(shape[:-1], "int64", shape[-1])
+    dtype = DATA_DTYPES[precision] if precision in AUTOCAST_DTYPES else str(out.dtype).removeprefix("torch.")
+    if dtype not in TORCH_DTYPES:
+        raise EstimatorError(f"model.target: cannot make an mse target like the output ({dtype}); give model.target")
+    return TensorSpec(shape, dtype)
+
+
+# --------------------------------------------------------------------------- the tracker
+def _mse_loss_bytes(args: tuple, kwargs: dict, outs: list[Tensor]) -> dict[int, int]:
+    """mse_loss (mean/sum) returns a view of its unreduced, broadcast-shaped buffer."""
+    reduction = args[2] if len(args) > 2 else kwargs.get("reduction", 1)
+    if not reduction:
+        return {}
+    numel = torch.broadcast_shapes(args[0].shape, args[1].shape).numel()
+    return {0: numel * outs[0].element_size()}
+
+
+def _norm_stats_bytes(args: tuple, kwargs: dict, outs: list[Tensor]) -> dict[int, int]:
+    """Batch/group norm keep fp32 mean and inverse std for a 16-bit input with fp32 weights (autocast)."""
+    x, weight = args[0], args[1] if len(args) > 1 else None
+    if x.dtype in _SIXTEEN_BIT and isinstance(weight, Tensor) and weight.dtype == torch.float32:
+        return {i: outs[i].numel() * 4 for i in (1, 2) if len(outs) > i and outs[i].numel()}
+    return {}
+
+
+#: ops whose real kernel's output storage is not what the meta kernel says: output index -> bytes
+_REAL_KERNEL_BYTES: dict[Any, Callable[[tuple, dict, list[Tensor]], dict[int, int]]] = {
+    _aten.mse_loss.default: _mse_loss_bytes,
+    _aten.native_batch_norm.default: _norm_stats_bytes,
+    _aten.native_group_norm.default: _norm_stats_bytes,
+}
+
+
+class _StepTracker(LiveTensorTracker):
+    """The live-tensor tracker plus what the family needs: where each storage came from.
+
+    While ``watching``: the module that allocated each storage (for event names), which parameters
+    the forward reads (for P), which storages are casts of parameters or inputs (autocast copies),
+    and the real kernels' storage sizes where they differ from the meta kernels'.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("cpu")  # fake tensors report the CPU; their storages are meta
+        self.watching = False
+        self.leaves: dict[int, str | None] = {}  # id(storage) of parameters (-> name) and inputs (-> None)
+        self.read_parameters: set[str] = set()
+        self.casts: set[int] = set()  # sids
+        self.real_bytes: dict[int, int] = {}  # sid -> bytes the real kernel's storage has
+        self.where: dict[int, str] = {}  # sid -> module path
+        self.modules: list[str] = []
+
+    def sid_of(self, t: Tensor) -> int | None:
+        """The tracker's id of the storage behind ``t`` (None if untracked)."""
+        storages = self._storages(t)
+        entry = self._entries.get(id(storages[0])) if storages else None
+        return entry.sid if entry is not None else None
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if self.watching:
+            self._observe(func, args, kwargs or {}, out)
+        return out
+
+    def _observe(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
+        phase = self.phase
+        if phase == "forward" and self.modules:
+            for t in outs:
+                sid = self.sid_of(t)
+                if sid is not None:
+                    self.where.setdefault(sid, self.modules[-1])
+        if phase in ("forward", "loss"):
+            read = [self.leaves[id(st)] for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)
+                    for st in self._storages(t) if id(st) in self.leaves]
+            if read:
+                computes = outs and func not in _LOOKUPS and not getattr(func, "is_view", False)
+                if phase == "forward" and computes:  # not prim.device, views or table lookups
+                    self.read_parameters.update(name for name in read if name is not None)
+                if func is _aten._to_copy.default and outs:
+                    sid = self.sid_of(outs[0])
+                    if sid is not None:
+                        self.casts.add(sid)
+        fix = _REAL_KERNEL_BYTES.get(func)
+        if fix is not None:
+            for index, nbytes in fix(args, kwargs, outs).items():
+                sid = self.sid_of(outs[index])
+                if sid is not None:
+                    self.real_bytes[sid] = nbytes
+
+
+@contextlib.contextmanager
+def _module_paths(tracker: _StepTracker, root: nn.Module) -> Iterator[None]:
+    """Keep ``tracker.modules`` as the stack of running submodules' names (global forward hooks)."""
+    names = {id(m): name or type(root).__name__ for name, m in root.named_modules()}
+
+    def push(module: nn.Module, _args: Any) -> None:
+        tracker.modules.append(names.get(id(module), type(module).__name__))
+
+    def pop(module: nn.Module, _args: Any, _out: Any) -> None:
+        if tracker.modules:
+            tracker.modules.pop()
+
+    from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+    handles = [register_module_forward_pre_hook(push), register_module_forward_hook(pop)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic collection inside the step: frees happen where reference counting puts them."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    if len(first) > 300:
+        first = first[:297] + "..."
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+@contextlib.contextmanager
+def _stage(field: str, what: str) -> Iterator[None]:
+    """Turn an exception inside one stage of the trace into one EstimatorError line."""
+    from torch._subclasses.fake_tensor import (
+        DataDependentOutputException,
+        DynamicOutputShapeException,
+        UnsupportedOperatorException,
+    )
+
+    try:
+        yield
+    except EstimatorError:
+        raise
+    except UnsupportedOperatorException as exc:
+        raise EstimatorError(f"model.module: {exc} has no meta kernel, so the step cannot be traced without "
+                             "running it (docs/module.md, limits)") from None
+    except (DataDependentOutputException, DynamicOutputShapeException) as exc:
+        raise EstimatorError(f"model.module: {what} depends on tensor values ({exc}: .item(), if on a tensor, "
+                             "nonzero, ...), which a meta-device trace cannot know (docs/module.md, limits)") from None
+    except Exception as exc:
+        raise EstimatorError(f"{field}: {what} failed: {_one_line(exc)}") from None
+
+
+# --------------------------------------------------------------------------- the trace
+def run_trace(model: ModuleConfig, precision: str) -> ModuleTrace:
+    """Build the module on fake tensors and trace forward, loss and backward of one step."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from estimator.measure.flop_formulas import register_sdpa_flops
+
+    started = time.perf_counter()
+    register_sdpa_flops()  # FlopCounterMode counts 0 for the CPU's SDPA kernel without it
+    factory = load_factory(model)
+    data_dtype = TORCH_DTYPES[DATA_DTYPES[precision]]
+    amp = AUTOCAST_DTYPES.get(precision)
+    tracker = _StepTracker()
+    fake = FakeTensorMode(allow_fallback_kernels=False, allow_non_fake_inputs=True)
+    with fake, tracker:
+        with _stage("model.module", f"building {model.module}"):
+            module = build_module(factory, model, "cpu")
+            convert_floating(module, data_dtype)
+        named = dict(module.named_parameters())
+        real = [name for name, p in named.items() if not isinstance(p, FakeTensor)]
+        if real:
+            raise EstimatorError(f"model.module: {model.module} returned a module whose parameters exist already "
+                                 f"({real[0]}, ...); the factory must create the module when called")
+        inputs_spec = tuple(resolve_spec(s, precision) for s in model.inputs)
+        inputs = [make_tensor(s, "cpu") for s in inputs_spec]
+        target_spec = resolve_spec(model.target, precision) if model.target is not None else None
+        target = make_tensor(target_spec, "cpu") if target_spec is not None else None
+        gc.collect()
+
+        param_sids = {tracker.sid_of(p): name for name, p in named.items()}
+        tracker.leaves = {id(tracker._storages(p)[0]): name for name, p in named.items()}
+        tracker.leaves.update({id(tracker._storages(t)[0]): None for t in inputs})
+        skip = set(param_sids) | {tracker.sid_of(t) for t in inputs}
+        if target is not None:
+            skip.add(tracker.sid_of(target))
+        state_events = _state_events(tracker, module, skip)
+        skip |= {sid for sid, _ in tracker_live(tracker)}
+
+        saved: dict[int, str] = {}  # sid -> phase in which autograd saved it
+
+        def pack(t: Tensor) -> Tensor:
+            sid = tracker.sid_of(t)
+            if sid is not None:
+                saved.setdefault(sid, tracker.phase)
+            return t
+
+        loss_fn = module_loss(model.loss)
+        autocast = (torch.autocast("cpu", dtype=TORCH_DTYPES[amp]) if amp else contextlib.nullcontext())
+        mark = len(tracker.events)
+        counter = FlopCounterMode(display=False)
+        with _gc_paused(), counter:
+            tracker.watching = True
+            tracker.set_phase("forward")
+            with _module_paths(tracker, module), autocast, torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
+                with _stage("model.inputs", f"{model.module} forward on inputs {_shapes(inputs_spec)}"):
+                    pred = module(*inputs)
+                out = first_output(pred)
+                if target is None:
+                    target_spec = default_target(model, out, precision)
+                    if target_spec is not None:
+                        target = make_tensor(target_spec, "cpu")
+                        skip.add(tracker.sid_of(target))
+                tracker.set_phase("loss")
+                with _stage("model.loss", f"{model.loss} of output {tuple(out.shape)} {_dtype(out)}"
+                                          + (f" and target {tuple(target.shape)} {_dtype(target)}" if target is not None
+                                             else "")):
+                    loss = loss_fn(pred, target if target is not None else torch.empty(0))
+            matmul_forward = int(counter.get_total_flops())
+            tracker.set_phase("backward")
+            with _stage("model.module", "backward"):
+                loss.backward()
+            matmul = int(counter.get_total_flops())
+            tracker.watching = False
+            grads = {}
+            trainable: set[str] = set()
+            for name, p in named.items():
+                if p.grad is not None:
+                    trainable.add(name)
+                    grads[tracker.sid_of(p.grad)] = (name, p.numel() * p.element_size())
+            tracker.set_phase("zero_grad")
+            for p in named.values():
+                p.grad = None
+            out_numel, out_last = out.numel(), (out.shape[-1] if out.dim() else 1)
+            del pred, out, loss
+        step, end = _step_events(tracker, mark, skip, grads, saved)
+        parameters = tuple(ParamTensor(name, tuple(p.shape), name in trainable) for name, p in named.items())
+        read = sum(p.numel() for name, p in named.items() if name in tracker.read_parameters)
+        forward_saved = sum(tracker.real_bytes.get(sid, nbytes) for sid, nbytes in _saved_sizes(tracker, saved)
+                            if saved[sid] == "forward" and sid not in skip and sid not in tracker.casts
+                            and sid not in grads)
+        del module, named, inputs, target
+    if model.loss == "cross_entropy" and target_spec is not None and target_spec.dtype in INTEGER_DTYPES:
+        tokens = target_spec.numel
+    elif model.loss == "cross_entropy":
+        tokens = out_numel // max(out_last, 1)
+    else:
+        tokens = inputs_spec[0].shape[0] if inputs_spec[0].shape else 1
+    return ModuleTrace(
+        precision=precision,
+        parameters=parameters,
+        inputs=inputs_spec,
+        target=target_spec,
+        state_events=tuple(state_events),
+        step_events=tuple(step),
+        end_events=tuple(end),
+        forward_saved_bytes=forward_saved,
+        flop_tokens=tokens,
+        flop_parameters=read,
+        matmul_forward=matmul_forward,
+        matmul=matmul,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _unpack(t: Tensor) -> Tensor:
+    return t
+
+
+def _shapes(specs: tuple[TensorSpec, ...]) -> str:
+    return "[" + ", ".join(f"{list(s.shape)} {s.dtype}" for s in specs) + "]"
+
+
+def _dtype(t: Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def tracker_live(tracker: LiveTensorTracker) -> list[tuple[int, int]]:
+    """(sid, bytes) of every storage the tracker sees alive now."""
+    with tracker._lock:
+        return [(e.sid, e.nbytes) for e in tracker._entries.values()]
+
+
+def _saved_sizes(tracker: _StepTracker, saved: dict[int, str]) -> list[tuple[int, int]]:
+    """(sid, bytes) of the saved storages, from their allocation records."""
+    sizes = {e.storage_id: e.nbytes for e in tracker.events if e.kind in (ALLOC, EXISTING)}
+    return [(sid, sizes[sid]) for sid in saved if sid in sizes]
+
+
+def _state_events(tracker: _StepTracker, module: nn.Module, skip: set[int]) -> list[Event]:
+    """Storages the built module holds besides its parameters: buffers by name, others by number."""
+    buffers = {}
+    for name, buf in module.named_buffers():
+        sid = tracker.sid_of(buf)
+        if sid is not None:
+            buffers.setdefault(sid, name)
+    return [alloc(f"buffer:{buffers[sid]}" if sid in buffers else f"module_state#{sid}", "parameter", nbytes, "setup")
+            for sid, nbytes in tracker_live(tracker) if sid not in skip]
+
+
+def _step_events(
+    tracker: _StepTracker,
+    mark: int,
+    skip: set[int],
+    grads: dict[int | None, tuple[str, int]],
+    saved: dict[int, str],
+) -> tuple[list[Event], list[Event]]:
+    """The tracker's records of the step as family events: (forward/loss/backward, end of step).
+
+    Gradient storages keep their allocation (renamed ``{param}.grad``); their release belongs to
+    ``zero_grad`` (simulate.py). Whatever is still alive at the end (besides gradients) is released
+    with the output and the loss, so every step starts from the same state.
+    """
+    step: list[Event] = []
+    end: list[Event] = []
+    live: dict[int, tuple[str, str, int]] = {}
+    excess: list[Event] = []
+    resized: dict[int, int] = {}
+    for ev in tracker.events[mark:]:
+        sid = ev.storage_id
+        if ev.kind == EXISTING or sid in skip:
+            continue
+        out = end if ev.phase == "zero_grad" else step
+        if sid in grads:
+            if ev.kind == ALLOC:
+                name, expected = grads[sid]
+                step.append(alloc(f"{name}.grad", "gradient", expected, ev.phase))
+                actual = tracker.real_bytes.get(sid, ev.nbytes)
+                if actual > expected:  # a gradient that is a view of a bigger storage
+                    extra = alloc(f"{name}.grad.storage", "temporary", actual - expected, ev.phase)
+                    step.append(extra)
+                    excess.append(free(extra.name, extra.role, extra.nbytes, "zero_grad"))
+            continue
+        role = "activation" if sid in saved else "temporary"
+        if ev.kind == ALLOC:
+            prefix = tracker.where.get(sid, ev.phase)
+            name = f"{prefix}:{ev.op.removeprefix('aten.').removesuffix('.default')}#{sid}"
+            live[sid] = (name, role, tracker.real_bytes.get(sid, ev.nbytes))
+            out.append(alloc(*live[sid], ev.phase))
+        elif ev.kind == FREE and sid in live:
+            out.append(free(*live.pop(sid), ev.phase))
+        elif ev.kind == RESIZE and sid in live:
+            name, role, nbytes = live.pop(sid)
+            out.append(free(name, role, nbytes, ev.phase))
+            resized[sid] = resized.get(sid, 0) + 1
+            live[sid] = (f"{name.split('~')[0]}~{resized[sid]}", role, ev.nbytes)
+            if ev.nbytes:
+                out.append(alloc(*live[sid], ev.phase))
+            else:
+                live.pop(sid)
+    end += [free(name, role, nbytes, "zero_grad") for name, role, nbytes in live.values()]
+    return step, end + excess
