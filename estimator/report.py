@@ -290,6 +290,9 @@ def render_verification(ver: Any, console: Console, tolerance: float | None, plo
         "Measured figures are all live tensor bytes on the device, including those that existed before the step "
         "(what torch.cuda.max_memory_allocated means; on the CPU a live-tensor tracker gives the same figure).",
     ]
+    if m.baseline_bytes:
+        notes.append(f"{human_bytes(m.baseline_bytes)} were allocated before the model was built (cuBLAS "
+                     "workspaces from the warm-up); max_memory_allocated includes them, the peaks above do not.")
     if m.cuda_context_bytes is not None:
         notes.append(f"CUDA: the allocator reserved up to {human_bytes(m.cuda_reserved_bytes or 0)}; the CUDA "
                      f"context takes another {human_bytes(m.cuda_context_bytes)} (both show in nvidia-smi, "
