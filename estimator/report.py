@@ -41,9 +41,12 @@ def describe(est: Estimate) -> str:
     model = cfg.model
     if model.family == "mlp":
         shape = f"mlp D={model.dim}, {model.num_layers} layers"
+    elif model.family == "module":
+        shape = f"module {model.module}"
     else:
         shape = f"{model.family} d_model={model.d_model}, {model.num_layers} layers"
-    batch = f"B={cfg.training.batch_size}"
+    batch = f"B={cfg.training.batch_size}" if model.family != "module" else "inputs " + ", ".join(
+        f"{list(i.shape)} {i.dtype}" for i in model.inputs)
     if cfg.training.seq_len:
         batch += f", seq_len={cfg.training.seq_len}"
     return (f"{shape} · {batch} · {cfg.optimizer.name} · {cfg.training.precision} · "

@@ -97,3 +97,10 @@ def test_bad_precision() -> None:
 
 def test_compare_with_unknown_optimizer() -> None:
     fails(["compare", "--optimizers", "sgd,lamb"], "unknown optimizer 'lamb'")
+
+
+def test_module_forward_failure_is_one_line() -> None:
+    pytest.importorskip("torch")
+    err = fails(["estimate", "--set", "model.module=estimator.measure.examples:make_lora_mlp",
+                 "--set", "model.inputs=[{shape: [8, 16]}]"], "model.inputs:", "failed: RuntimeError")
+    assert len(err.strip().splitlines()) == 1

@@ -33,7 +33,7 @@ from pydantic import Field, field_validator, model_validator
 
 from estimator.config import StrictModel, TrainingConfig
 from estimator.errors import EstimatorError
-from estimator.events import Event
+from estimator.events import Event, alloc
 from estimator.families.base import FlopCount, ParamTensor, StepShape, register_family
 from estimator.precision import precision_plan
 
@@ -230,8 +230,6 @@ class ModuleFamily:
     def input_events(self, model: ModuleConfig, batch: TrainingConfig, shape: StepShape) -> list[Event]:
         """The module's buffers (role parameter), then each input and the target."""
         t = self.trace(model, batch)
-        from estimator.events import alloc
-
         events = list(t.state_events)
         events += [alloc(f"inputs.{i}", "input", s.nbytes, "setup") for i, s in enumerate(t.inputs)]
         if t.target is not None and t.target.nbytes:

@@ -82,3 +82,12 @@ class TinyLM(nn.Module):
 
 def make_tiny_lm(vocab: int = 64, dim: int = 32, device: torch.device | str | None = None) -> TinyLM:
     return TinyLM(vocab, dim, device=device)
+
+
+def make_convnet(channels: int = 8, classes: int = 10, size: int = 8,
+                 device: torch.device | str | None = None) -> nn.Sequential:
+    """Conv2d, BatchNorm2d (buffers: running statistics), ReLU, then a linear classifier."""
+    return nn.Sequential(
+        nn.Conv2d(3, channels, 3, device=device), nn.BatchNorm2d(channels, device=device), nn.ReLU(),
+        nn.Flatten(), nn.Linear(channels * (size - 2) ** 2, classes, device=device),
+    )

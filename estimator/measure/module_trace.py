@@ -11,6 +11,10 @@ where a real kernel's output storage differs from its meta kernel's: those are c
 keep fp32 statistics for 16-bit inputs under autocast). ``allow_fallback_kernels=False``: an op
 without a meta kernel is an error, never a silent run on real zero-filled tensors.
 
+FLOPs are counted in the same pass with FlopCounterMode's own formulas (``flop_registry``), not
+with a FlopCounterMode: its module tracker keeps module outputs alive for backward hooks, and it
+decomposes ops it has no formula for, so inside the trace it would change the memory being traced.
+
 Shared with ``module_parts.py`` (verify) so the real step is the traced one: the factory call,
 the dtype conversion, the batch and the loss.
 """
@@ -21,16 +25,18 @@ import contextlib
 import gc
 import importlib
 import inspect
+import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry
 
 from estimator.errors import EstimatorError
 from estimator.events import Event, alloc, free
@@ -87,7 +93,7 @@ def load_factory(model: ModuleConfig) -> Callable[..., Any]:
             raise EstimatorError(f"model.module: {module_name!r} has no attribute {attr_path!r}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise EstimatorError(f"model.module: {model.module!r} is not callable (it is a {type(obj).__name__})")
+        raise EstimatorError(f"model.module: {model.module!r} is not callable (got {type(obj).__name__})")
     return obj
 
 
@@ -141,12 +147,15 @@ def make_tensor(spec: TensorSpec, device: str | torch.device) -> Tensor:
 
 
 def first_output(pred: Any) -> Tensor:
-    """The tensor the loss is computed on: the output, or the first element of a tuple/list."""
-    if isinstance(pred, (tuple, list)) and pred:
+    """The tensor the loss is computed on: the output, a tuple/list's first element, a mapping's
+    ``logits`` (Hugging Face's ModelOutput) or else its first value."""
+    if isinstance(pred, Mapping) and pred:
+        pred = pred["logits"] if "logits" in pred else next(iter(pred.values()))
+    elif isinstance(pred, (tuple, list)) and pred:
         pred = pred[0]
     if not isinstance(pred, Tensor):
         raise EstimatorError(f"model.module: forward returned a {type(pred).__name__}; the module family needs "
-                             "a tensor (or a tuple/list whose first element is one)")
+                             "a tensor (or a tuple/list/dict holding one first, or under 'logits')")
     return pred
 
 
@@ -226,6 +235,7 @@ class _StepTracker(LiveTensorTracker):
         self.real_bytes: dict[int, int] = {}  # sid -> bytes the real kernel's storage has
         self.where: dict[int, str] = {}  # sid -> module path
         self.modules: list[str] = []
+        self.flops = 0  # FlopCounterMode's formulas, counted here (see run_trace)
 
     def sid_of(self, t: Tensor) -> int | None:
         """The tracker's id of the storage behind ``t`` (None if untracked)."""
@@ -237,6 +247,9 @@ class _StepTracker(LiveTensorTracker):
         out = super().__torch_dispatch__(func, types, args, kwargs)
         if self.watching:
             self._observe(func, args, kwargs or {}, out)
+            formula = flop_registry.get(getattr(func, "_overloadpacket", None))
+            if formula is not None:
+                self.flops += int(formula(*args, **(kwargs or {}), out_val=out))
         return out
 
     def _observe(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
@@ -326,17 +339,29 @@ def _stage(field: str, what: str) -> Iterator[None]:
         raise EstimatorError(f"model.module: {exc} has no meta kernel, so the step cannot be traced without "
                              "running it (docs/module.md, limits)") from None
     except (DataDependentOutputException, DynamicOutputShapeException) as exc:
-        raise EstimatorError(f"model.module: {what} depends on tensor values ({exc}: .item(), if on a tensor, "
+        raise EstimatorError(f"model.module: {what} depends on tensor values ({exc}: `if tensor:`, .item(), "
                              "nonzero, ...), which a meta-device trace cannot know (docs/module.md, limits)") from None
     except Exception as exc:
         raise EstimatorError(f"{field}: {what} failed: {_one_line(exc)}") from None
 
 
 # --------------------------------------------------------------------------- the trace
+@contextlib.contextmanager
+def _quiet_fake_tensor_log() -> Iterator[None]:
+    """FakeTensorMode logs a traceback when a meta kernel rejects the user's shapes; the user gets
+    our one-line error instead (``_stage``), so that log is silenced while tracing."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def run_trace(model: ModuleConfig, precision: str) -> ModuleTrace:
     """Build the module on fake tensors and trace forward, loss and backward of one step."""
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-    from torch.utils.flop_counter import FlopCounterMode
 
     from estimator.measure.flop_formulas import register_sdpa_flops
 
@@ -347,7 +372,7 @@ def run_trace(model: ModuleConfig, precision: str) -> ModuleTrace:
     amp = AUTOCAST_DTYPES.get(precision)
     tracker = _StepTracker()
     fake = FakeTensorMode(allow_fallback_kernels=False, allow_non_fake_inputs=True)
-    with fake, tracker:
+    with _quiet_fake_tensor_log(), fake, tracker:
         with _stage("model.module", f"building {model.module}"):
             module = build_module(factory, model, "cpu")
             convert_floating(module, data_dtype)
@@ -382,8 +407,7 @@ def run_trace(model: ModuleConfig, precision: str) -> ModuleTrace:
         loss_fn = module_loss(model.loss)
         autocast = (torch.autocast("cpu", dtype=TORCH_DTYPES[amp]) if amp else contextlib.nullcontext())
         mark = len(tracker.events)
-        counter = FlopCounterMode(display=False)
-        with _gc_paused(), counter:
+        with _gc_paused():
             tracker.watching = True
             tracker.set_phase("forward")
             with _module_paths(tracker, module), autocast, torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
@@ -400,11 +424,11 @@ def run_trace(model: ModuleConfig, precision: str) -> ModuleTrace:
                                           + (f" and target {tuple(target.shape)} {_dtype(target)}" if target is not None
                                              else "")):
                     loss = loss_fn(pred, target if target is not None else torch.empty(0))
-            matmul_forward = int(counter.get_total_flops())
+            matmul_forward = tracker.flops
             tracker.set_phase("backward")
             with _stage("model.module", "backward"):
                 loss.backward()
-            matmul = int(counter.get_total_flops())
+            matmul = tracker.flops
             tracker.watching = False
             grads = {}
             trainable: set[str] = set()

@@ -472,13 +472,14 @@ def _measure(
         inputs, target = make_batch()
         inputs = tuple(t.to(device) for t in inputs)
         target = target.to(device)
-        optimizer = build_optimizer(model.parameters())
+        # only what trains goes to the optimizer (frozen LoRA bases get no state, as in HF's Trainer)
+        optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad])
         # tensors the builders did not create under the tracker (e.g. a batch cached in a closure)
         source.adopt([*model.parameters(), *model.buffers(), *inputs, target])
         runner = _Runner(model, (inputs, target), loss_fn, optimizer, device, autocast_dtype)
 
         first = runner.measured(source, on_phase, "first_step")
-        saved = _SavedTensorCounter(device, [*model.parameters(), *inputs, target])
+        saved = _SavedTensorCounter(device, [*model.parameters(), *model.buffers(), *inputs, target])
         steady = runner.measured(source, on_phase, "steady_step", saved=saved)
         gradients = runner.grad_bytes
         reserved = context = None
