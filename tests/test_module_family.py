@@ -354,3 +354,13 @@ def test_analytic_path_and_module_config_do_not_import_torch() -> None:
         """)
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT)
     assert json.loads(out.stdout) == {"peak": 628, "family": "module", "torch": False}
+
+
+@pytest.mark.parametrize("ckpt", ["none", "full"])
+def test_traced_transformer_module_with_checkpointing_matches_verify(run_verify: Any, ckpt: str) -> None:
+    kwargs = {"name": "llama-2-7b", "vocab_size": 256, "d_model": 64, "num_layers": 2, "num_heads": 4,
+              "num_kv_heads": 2, "d_ff": 176, "max_seq_len": 32, "activation_checkpointing": ckpt}
+    cfg = config({"module": "estimator.measure.transformer_factory:preset_model", "kwargs": kwargs,
+                  "inputs": [{"shape": [2, 32], "dtype": "int64", "high": 256}], "loss": "cross_entropy"},
+                 "fp32", "adamw")
+    assert mismatches(run_verify(cfg)) == []

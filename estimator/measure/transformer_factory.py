@@ -16,7 +16,13 @@ from estimator.measure.transformer import Transformer, build_transformer
 from estimator.presets import get_preset
 
 
-def preset_model(name: str, device: torch.device | str = "cpu", **overrides: Any) -> Transformer:
-    """The preset's model, ``overrides`` replacing its config fields; returns logits (B, S, V)."""
+def preset_model(
+    name: str, device: torch.device | str = "cpu", activation_checkpointing: str = "none", **overrides: Any
+) -> Transformer:
+    """The preset's model, ``overrides`` replacing its config fields; returns logits (B, S, V).
+
+    ``activation_checkpointing="full"`` wraps each block in ``torch.utils.checkpoint`` inside the
+    module, as a user's own model would.
+    """
     cfg = TransformerConfig(**{**get_preset(name).values, **overrides})
-    return build_transformer(cfg, device)
+    return build_transformer(cfg, device, activation_checkpointing=activation_checkpointing)
