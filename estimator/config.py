@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from estimator.errors import EstimatorError
+from estimator.names import unknown
 
 PrecisionName = Literal["fp32", "bf16", "fp16", "amp-bf16", "amp-fp16"]
 
@@ -69,7 +70,7 @@ class OptimizerConfig(StrictModel):
         key = name.strip().lower()
         known = optimizer_names()
         if key not in known:
-            raise ValueError(f"unknown optimizer {name!r}{_did_you_mean(key, known)} (known: {', '.join(known)})")
+            raise ValueError(unknown("optimizer", name, known))
         return key
 
     @field_validator("amsgrad")
@@ -112,11 +113,6 @@ class OptimizerConfig(StrictModel):
         return get_optimizer(self.name).defaults.get(key) if value is None else value
 
 
-def _did_you_mean(word: str, choices: list[str]) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
-    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 # Family configs live with their families; imported here, after the base classes they build on.

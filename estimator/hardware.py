@@ -8,10 +8,9 @@ TFLOP/s, from the same datasheets. Pure data; no torch.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 
-from estimator.errors import EstimatorError
+from estimator.names import lookup
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -56,9 +55,4 @@ GPUS: dict[str, GPU] = {g.name: g for g in [
 
 def get_gpu(name: str) -> GPU:
     """The GPU called ``name``; a typo names the closest match and the known ones."""
-    key = name.strip().lower()
-    if key in GPUS:
-        return GPUS[key]
-    close = difflib.get_close_matches(key, list(GPUS), n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise EstimatorError(f"--gpu: unknown GPU {name!r}{hint} (known: {', '.join(GPUS)})")
+    return lookup(GPUS, name, "--gpu", "GPU")

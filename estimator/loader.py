@@ -7,7 +7,6 @@ path (``training.batch_size: must be greater than 0, got 0``), so the CLI can pr
 from __future__ import annotations
 
 import copy
-import difflib
 import json
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from estimator.config import MODEL_SOURCE_KEYS, Config
 from estimator.errors import EstimatorError
+from estimator.names import did_you_mean
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -92,7 +92,7 @@ def check_override_path(data: dict[str, Any], path: list[str], text: str) -> Non
         if part not in fields:
             where = ".".join(path[:depth]) or "the config"
             raise EstimatorError(f"--set {text}: {where} has no field {part!r}"
-                                 f"{_did_you_mean(part, list(fields))} (fields: {', '.join(fields)})")
+                                 f"{did_you_mean(part, list(fields))} (fields: {', '.join(fields)})")
         if depth == 0 and part == "model":
             section = data.get("model")
             model = model_config_class(section if isinstance(section, dict) else {})
@@ -147,13 +147,13 @@ def format_validation_error(exc: ValidationError) -> list[str]:
         if kind == "extra_forbidden":
             parent = _model_at(loc[:-1], family)
             known = list(parent.model_fields) if parent else []
-            hint = _did_you_mean(loc[-1], known)
+            hint = did_you_mean(loc[-1], known)
             lines.append(f"{path}: unknown key{hint}" + (f" (known: {', '.join(known)})" if known else ""))
         elif kind == "union_tag_invalid" or (kind == "literal_error" and loc == ["model", "family"]):
             tag = str(err.get("ctx", {}).get("tag", err.get("input", "")))
             path = "model"
             known = list(FAMILY_CONFIGS)
-            lines.append(f"{path}.family: unknown model family {tag!r}{_did_you_mean(tag, known)}"
+            lines.append(f"{path}.family: unknown model family {tag!r}{did_you_mean(tag, known)}"
                          f" (known: {', '.join(known)})")
         elif kind == "value_error":
             lines.append(f"{path}: {err['msg'].removeprefix('Value error, ')}")
@@ -180,6 +180,3 @@ def _model_at(loc: list[str], family: str | None) -> type[BaseModel] | None:
     return model
 
 
-def _did_you_mean(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
-    return f"; did you mean {close[0]!r}?" if close else ""

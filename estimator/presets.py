@@ -8,11 +8,10 @@ The tests check ``parameter_count(preset) == published`` exactly. Pure Python.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
-from estimator.errors import EstimatorError
+from estimator.names import lookup
 
 
 @dataclass(frozen=True)
@@ -111,9 +110,4 @@ def preset_names() -> list[str]:
 
 def get_preset(name: str) -> Preset:
     """The preset called ``name`` (case-insensitive); EstimatorError names the closest match."""
-    key = name.strip().lower()
-    if key in PRESETS:
-        return PRESETS[key]
-    close = difflib.get_close_matches(key, list(PRESETS), n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise EstimatorError(f"unknown preset {name!r}{hint} (known: {', '.join(PRESETS)})")
+    return lookup(PRESETS, name, "model.preset", "preset")

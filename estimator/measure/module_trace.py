@@ -50,6 +50,7 @@ from estimator.families.module import (
     TensorSpec,
     resolve_spec,
 )
+from estimator.measure.step import gc_paused
 from estimator.measure.tracker import ALLOC, EXISTING, FREE, RESIZE, LiveTensorTracker
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -301,19 +302,6 @@ def _module_paths(tracker: _StepTracker, root: nn.Module) -> Iterator[None]:
             h.remove()
 
 
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """No cyclic collection inside the step: frees happen where reference counting puts them."""
-    gc.collect()
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     first = text[0] if text else ""
@@ -407,7 +395,7 @@ def run_trace(model: ModuleConfig, precision: str) -> ModuleTrace:
         loss_fn = module_loss(model.loss)
         autocast = (torch.autocast("cpu", dtype=TORCH_DTYPES[amp]) if amp else contextlib.nullcontext())
         mark = len(tracker.events)
-        with _gc_paused():
+        with gc_paused():
             tracker.watching = True
             tracker.set_phase("forward")
             with _module_paths(tracker, module), autocast, torch.autograd.graph.saved_tensors_hooks(pack, _unpack):

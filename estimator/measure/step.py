@@ -334,7 +334,7 @@ class _SavedTensorCounter:
 
 
 @contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
+def gc_paused() -> Iterator[None]:
     """Collect now, then keep the cyclic GC from freeing tensors at arbitrary points of the step."""
     gc.collect()
     enabled = gc.isenabled()
@@ -404,7 +404,7 @@ class _Runner:
         self, source: _MemorySource, on_phase: Callable[[str], None] | None, label: str, **kw: Any
     ) -> StepMeasurement:
         probe = _StepProbe(source, on_phase, label)
-        with _gc_paused():
+        with gc_paused():
             probe.begin()
             self.run(probe.enter, **kw)
             return probe.end()
@@ -493,7 +493,7 @@ def _measure(
 
         if on_phase is not None:
             on_phase("flops")
-        with _gc_paused(), FlopCounterMode(display=False) as counter:
+        with gc_paused(), FlopCounterMode(display=False) as counter:
             runner.run(lambda _phase: None)
         flops = int(counter.get_total_flops())
 
@@ -502,7 +502,7 @@ def _measure(
             if on_phase is not None:
                 on_phase("allocator_check")
             start = source.allocated()
-            with _gc_paused():
+            with gc_paused():
                 growth = _profiled_peak_growth(lambda: runner.run(lambda _phase: None))
             allocator_peak = start + growth
 
