@@ -12,8 +12,12 @@ T = TypeVar("T")
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
-    """``"; did you mean 'adam'?"`` for the closest choice, or ``""`` when none is close."""
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    """``"; did you mean 'adam'?"`` for the closest choice, or ``""`` when none is close.
+
+    A choice that starts with the word wins (``a100`` -> ``a100-40gb``, not ``a10``).
+    """
+    choices = list(choices)
+    close = [c for c in choices if c.startswith(word)] or difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
     return f"; did you mean {close[0]!r}?" if close else ""
 
 

@@ -63,7 +63,7 @@ def test_cli_gpu_json_and_table() -> None:
 
 def test_unknown_gpu_and_bad_mfu() -> None:
     result = runner.invoke(app, ["estimate", "--gpu", "a100"])
-    assert result.exit_code == 2 and "unknown GPU 'a100'" in result.stderr and "did you mean" in result.stderr
+    assert result.exit_code == 2 and "unknown GPU 'a100'; did you mean 'a100-40gb'?" in result.stderr
     result = runner.invoke(app, ["estimate", "--gpu", "t4", "--mfu", "1.5"])
     assert result.exit_code == 2 and "--mfu" in result.stderr
 
