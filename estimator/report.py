@@ -49,7 +49,10 @@ def describe(est: Estimate) -> str:
         f"{list(i.shape)} {i.dtype}" for i in model.inputs)
     if cfg.training.seq_len:
         batch += f", seq_len={cfg.training.seq_len}"
-    return (f"{shape} · {batch} · {cfg.optimizer.name} · {cfg.training.precision} · "
+    opt = cfg.optimizer
+    options = ", ".join(f"{k}={opt.option(k)}" for k in ("lr", "momentum", "betas", "eps", "weight_decay")
+                        if opt.option(k) not in (None, 0, 0.0))
+    return (f"{shape} · {batch} · {opt.name}({options}) · {cfg.training.precision} · "
             f"{est.device} ({est.implementation} optimizer kernels)")
 
 
