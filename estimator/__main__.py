@@ -2,4 +2,5 @@
 
 from estimator.cli import main
 
-main()
+if __name__ == "__main__":  # guarded: verify --parallel spawns processes that re-import __main__
+    main()

@@ -30,6 +30,8 @@ OptimOpt = typer.Option(None, "--optimizer", "-o", help="shortcut for --set opti
 PrecOpt = typer.Option(None, "--precision", "-p", help="fp32 | bf16 | fp16 | amp-bf16 | amp-fp16")
 ModelOpt = typer.Option(None, "--model", "-m", help="a preset name (see `estimator models`)")
 JsonOpt = typer.Option(False, "--json", help="print one JSON object to stdout instead of tables")
+ParallelOpt = typer.Option(None, "--parallel", help="per-rank memory under ddp | zero1 | zero2 | zero3 (FSDP)")
+WorldSizeOpt = typer.Option(2, "--world-size", "-n", help="ranks for --parallel (batch_size is per rank)")
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -76,6 +78,15 @@ def build_config(
     return load_config(None, overrides, base=data)
 
 
+def _rank_estimates(cfg: Any, parallel: Optional[str], world_size: int, device: str) -> list[Any]:
+    """Per-rank estimates for --parallel, or [] without it."""
+    if parallel is None:
+        return []
+    from estimator.distributed import per_rank_estimates
+
+    return per_rank_estimates(cfg, parallel, world_size, device)
+
+
 def emit_json(payload: Any) -> None:
     sys.stdout.write(json.dumps(payload, indent=2) + "\n")
 
@@ -95,6 +106,8 @@ def estimate(
     plot: Optional[Path] = typer.Option(None, "--plot", help="write the timeline chart to this PNG (matplotlib)"),
     gpu: Optional[str] = typer.Option(None, "--gpu", "-g", help="does it fit, largest batch, step time (see `gpus`)"),
     mfu: float = typer.Option(0.4, "--mfu", help="model FLOPs utilisation assumed for the step time (0-1]"),
+    parallel: Optional[str] = ParallelOpt,
+    world_size: int = WorldSizeOpt,
 ) -> None:
     """Estimate memory, the peak and FLOPs of one training step (no torch needed)."""
     from estimator.api import estimate as run_estimate
@@ -117,18 +130,25 @@ def estimate(
         from estimator.fit import fit_on
 
         fit = fit_on(result, gpu_spec, mfu)
+    ranks = _rank_estimates(cfg, parallel, world_size, result.device)
     if plot is not None:
         from estimator.plot import plot_timeline
 
         plot_timeline(plot, estimated=result)
     if as_json:
-        emit_json({**result.to_json(), **({"gpu": fit.to_json()} if fit else {})})
+        extra = {"gpu": fit.to_json()} if fit else {}
+        if ranks:
+            extra["distributed"] = {"strategy": parallel, "world_size": world_size,
+                                    "ranks": [r.to_json() for r in ranks]}
+        emit_json({**result.to_json(), **extra})
         return
-    from estimator.report import render_estimate, render_fit
+    from estimator.report import render_estimate, render_fit, render_ranks
 
     render_estimate(result, out, timeline=timeline)
     if fit is not None:
         render_fit(fit, result, out)
+    if ranks:
+        render_ranks(ranks, None, out, None)
     if plot is not None:
         out.print(f"wrote {plot}")
 
@@ -198,6 +218,9 @@ def verify(
         False, "--show-state", help="also print state_dict and optimizer state before/after one step"),
     timeline: bool = typer.Option(False, "--timeline", help="draw the measured live bytes over the step"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="write estimated and measured timelines to this PNG"),
+    parallel: Optional[str] = typer.Option(
+        None, "--parallel", help="run --world-size gloo processes on the CPU: ddp | zero1 | zero3 (FSDP2)"),
+    world_size: int = WorldSizeOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Run one real optimizer step on the device and show estimate and measurement side by side."""
@@ -211,6 +234,9 @@ def verify(
         check_plot_path(plot)
     cfg = build_config(config, set_, batch_size, optimizer, precision, model)
     torch_modules = _import_torch_side()
+    if parallel is not None:
+        _verify_parallel(cfg, parallel, world_size, device, tolerance, as_json)
+        return
     status = err.status("building the model", spinner="dots") if not as_json else None
     if status is not None:
         status.start()
@@ -240,6 +266,49 @@ def verify(
         bad = ", ".join(f"{r.key} (ratio {r.ratio:.4f})" if r.ratio else r.key for r in result.failures(tolerance))
         err.print(f"verify: off by more than {tolerance:g}: {bad}", markup=False)
         raise typer.Exit(1)
+
+
+def _verify_parallel(cfg: Any, parallel: str, world_size: int, device: str, tolerance: Optional[float],
+                     as_json: bool) -> None:
+    """verify --parallel: real gloo processes on the CPU, each rank's figures beside its estimate."""
+    from estimator.distributed import per_rank_estimates
+    from estimator.measure.distributed import measure_distributed
+    from estimator.report import rank_rows, render_ranks
+
+    if device not in ("auto", "cpu"):
+        raise EstimatorError(f"--parallel: runs on the CPU with the gloo backend; got --device {device}")
+    if world_size < 2:
+        raise EstimatorError(f"--world-size: --parallel needs at least 2 ranks, got {world_size}")
+    estimates = per_rank_estimates(cfg, parallel, world_size, "cpu")
+    need = max(max(r.peak_bytes, r.first_step_peak_bytes) for r in estimates) * world_size
+    from estimator.measure.step import free_bytes
+
+    if need > 0.8 * free_bytes("cpu"):
+        raise EstimatorError(f"verify: {world_size} ranks need about {need:,} bytes but only "
+                             f"{free_bytes('cpu'):,} are free")
+    with err.status(f"running {world_size} {parallel} processes", spinner="dots") if not as_json else _nothing():
+        measured = measure_distributed(cfg, parallel, world_size, "cpu")
+    if as_json:
+        emit_json({"strategy": parallel, "world_size": world_size, "ranks": [
+            {"estimate": e.to_json(), "measurement": m.to_json(),
+             "comparison": {k: {"estimated": a, "measured": b} for k, _, a, b in rank_rows(e, m)}}
+            for e, m in zip(estimates, measured, strict=True)]})
+    else:
+        render_ranks(estimates, measured, out, tolerance)
+    if tolerance is not None:
+        bad = [f"rank {e.rank} {k}" for e, m in zip(estimates, measured, strict=True)
+               for k, _, a, b in rank_rows(e, m) if abs(b - a) > tolerance * max(a, 1)]
+        if bad:
+            err.print(f"verify: off by more than {tolerance:g}: {', '.join(bad)}", markup=False)
+            raise typer.Exit(1)
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
 
 
 def _import_torch_side() -> Any:

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 BAR_WIDTH = 24
 SPARK = "▁▂▃▄▅▆▇█"
+PHASE_SHORT = {"optimizer_step": "optim."}
 ROLE_LABELS = {
     "parameter": "parameters",
     "input": "inputs + targets",
@@ -362,3 +363,73 @@ def render_gpus(console: Console) -> None:
     console.print(table)
     console.print("Dense peaks (no structured sparsity) from NVIDIA's datasheets; `estimator gpus --json` lists "
                   "the source of each row. V100 and T4 have no bf16: their 16-bit figure is fp16.")
+
+
+def rank_rows(est: Any, measured: Any | None) -> list[tuple[str, str, int, int | None]]:
+    """(key, label, estimated, measured) for one rank; measured is None for an estimate alone."""
+    def m(attr: str) -> int | None:
+        if measured is None:
+            return None
+        if attr in ("peak_bytes", "first_step_peak_bytes"):
+            step = measured.steady_step if attr == "peak_bytes" else measured.first_step
+            return step.peak_bytes
+        return getattr(measured, attr)
+
+    return [
+        ("parameters", "parameters", est.parameters, m("parameters")),
+        ("gradients", "gradients", est.gradients, m("gradients")),
+        ("optimizer_state", "opt. state", est.optimizer_state, m("optimizer_state")),
+        ("first_step_peak_bytes", "1st peak", est.first_step_peak_bytes, m("first_step_peak_bytes")),
+        ("peak_bytes", "steady peak", est.peak_bytes, m("peak_bytes")),
+    ]
+
+
+def render_ranks(estimates: list[Any], measured: list[Any] | None, console: Console, tolerance: float | None) -> None:
+    """Estimated (and measured) bytes per rank under the data-parallel strategy."""
+    if measured is None:
+        render_rank_estimates(estimates, console)
+        return
+    first = estimates[0]
+    table = Table(title=f"Per rank: {first.strategy} on {first.world_size} ranks (training.batch_size is per rank)",
+                  title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1))
+    table.add_column("figure", no_wrap=True)
+    for est in estimates:
+        table.add_column(f"rank {est.rank}" + (" est." if measured else ""), justify="right", no_wrap=True)
+        if measured:
+            table.add_column(f"rank {est.rank} meas.", justify="right", no_wrap=True)
+    keys = rank_rows(first, None)
+    for i, (_, label, _, _) in enumerate(keys):
+        cells: list[str] = []
+        for r, est in enumerate(estimates):
+            _, _, a, b = rank_rows(est, measured[r] if measured else None)[i]
+            cells.append(f"{a:,}")
+            if measured:
+                ok = "" if tolerance is None else (" ✓" if abs((b or 0) - a) <= tolerance * max(a, 1) else " ✗")
+                cells.append(f"{b:,}{ok}")
+        table.add_row(label, *cells)
+    table.add_row("comm.", *[c for est in estimates
+                                             for c in ([f"{est.communication:,}"] + ([""] if measured else []))])
+    table.add_row("peak phase", *[PHASE_SHORT.get(c, c) for r, est in enumerate(estimates) for c in
+                                  ([est.step.steady_peak.phase] + ([measured[r].steady_step.peak_phase]
+                                                                   if measured else []))])
+    console.print(table)
+    console.print("bytes; comm.: DDP's gradient buckets; optim.: optimizer_step. docs/distributed.md: what torch "
+                  "allocates per strategy (buckets, FSDP2 all-gathers and reduce-scatters) and the sources.")
+
+
+def render_rank_estimates(estimates: list[Any], console: Console) -> None:
+    """One row per rank (any number of ranks fits the terminal); exact bytes are in --json."""
+    first = estimates[0]
+    table = Table(title=f"Per rank: {first.strategy} on {first.world_size} ranks (training.batch_size is per rank)",
+                  title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), pad_edge=False)
+    for col in ("rank", "params", "grads", "state", "comm.", "1st peak", "peak", "phase"):
+        table.add_column(col, justify="left" if col in ("rank", "phase") else "right", no_wrap=True)
+    for est in estimates:
+        table.add_row(str(est.rank), human_bytes(est.parameters), human_bytes(est.gradients),
+                      human_bytes(est.optimizer_state), human_bytes(est.communication),
+                      human_bytes(est.first_step_peak_bytes), human_bytes(est.peak_bytes),
+                      PHASE_SHORT.get(est.step.steady_peak.phase, est.step.steady_peak.phase))
+    console.print(table)
+    console.print("state: optimizer state; comm.: DDP's gradient buckets; optim.: optimizer_step. "
+                  "docs/distributed.md: what torch allocates per strategy and the sources of the formulas; "
+                  "exact bytes with --json.")

@@ -1,0 +1,263 @@
+"""Run one data-parallel training step for real on ``world_size`` CPU processes (gloo) and measure each rank.
+
+Each rank is a spawned process on the loopback interface; it builds the model, wraps it for the
+strategy (ddp: ``DistributedDataParallel``; zero1: DDP + ``ZeroRedundancyOptimizer``; zero3: FSDP2
+``fully_shard`` per layer, then the root) and measures a first and a steady step with the same
+:class:`LiveTensorTracker` and phase probe as ``measure_training_step``: all live tensor bytes on the
+device, including what existed before the step. zero2 has no torch implementation that matches
+ZeRO-2 (FSDP's SHARD_GRAD_OP keeps parameters unsharded only between forward and backward), so it
+is estimate-only. Results come back as one JSON file per rank in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from estimator.config import Config
+from estimator.errors import EstimatorError
+from estimator.measure.models import _torch_class, _torch_kwargs, step_parts
+from estimator.measure.step import StepMeasurement, _StepProbe, _TrackerSource, gc_paused
+from estimator.measure.tracker import LiveTensorTracker
+
+MEASURED_STRATEGIES: tuple[str, ...] = ("ddp", "zero1", "zero3")
+DEFAULT_TIMEOUT_S = 120.0
+
+
+@dataclass
+class RankMeasurement:
+    """What one rank measured; bytes are storage bytes of this process's tensors on the CPU."""
+
+    rank: int
+    world_size: int
+    strategy: str
+    setup_bytes: int  # live after building, wrapping and the optimizer's constructor
+    first_step: StepMeasurement
+    steady_step: StepMeasurement
+    parameters: int  # this rank's parameter bytes (its shards under zero3)
+    gradients: int  # this rank's .grad bytes right after the steady backward (shards under zero3)
+    optimizer_state: int  # this rank's optimizer state, excluding 'step' scalars
+    optimizer_step_tensors: int
+
+    def to_json(self) -> dict[str, Any]:
+        data = {k: v for k, v in asdict(self).items() if k not in ("first_step", "steady_step")}
+        data["first_step"] = self.first_step.to_json()
+        data["steady_step"] = self.steady_step.to_json()
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RankMeasurement:
+        steps = {k: StepMeasurement(**{**data[k], "timeline": [tuple(p) for p in data[k]["timeline"]]})
+                 for k in ("first_step", "steady_step")}
+        return cls(**{**data, **steps})
+
+
+def _free_port() -> int:
+    """A free TCP port on the loopback interface (bind to port 0, let the kernel choose)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def measure_distributed(
+    config: Config, strategy: str, world_size: int, device: str = "cpu", timeout: float = DEFAULT_TIMEOUT_S,
+) -> list[RankMeasurement]:
+    """Spawn ``world_size`` gloo processes, run two steps on each, return each rank's measurement."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessException
+
+    if not dist.is_available():
+        raise EstimatorError("torch.distributed is not available in this torch build")
+    if device != "cpu":
+        raise EstimatorError("measure_distributed: only device 'cpu' (gloo) is supported")
+    if strategy not in MEASURED_STRATEGIES:
+        raise EstimatorError(f"--parallel {strategy}: torch has no implementation to measure; estimate only "
+                             f"(measured: {', '.join(MEASURED_STRATEGIES)})")
+    if config.model.family not in ("mlp", "transformer"):
+        raise EstimatorError(f"--parallel: measures the mlp and transformer families, not {config.model.family!r}")
+    with tempfile.TemporaryDirectory(prefix="estimator-dist-") as out:
+        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "GLOO_SOCKET_IFNAME": "lo"}
+        ctx = mp.start_processes(_worker, args=(world_size, strategy, config, env, out), nprocs=world_size,
+                                 join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout
+        try:
+            while not ctx.join(timeout=max(0.1, min(1.0, deadline - time.monotonic()))):
+                if time.monotonic() > deadline:
+                    raise EstimatorError(f"distributed measurement did not finish within {timeout:.0f} s")
+        except ProcessException as exc:  # a rank raised or died: one line, not its traceback
+            first = str(exc).strip().splitlines()
+            raise EstimatorError(f"--parallel {strategy}: rank {exc.error_index} failed: "
+                                 f"{first[-1] if first else type(exc).__name__}") from None
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+                p.join(5)
+        results = []
+        for rank in range(world_size):
+            with open(os.path.join(out, f"rank{rank}.json")) as f:
+                results.append(RankMeasurement.from_json(json.load(f)))
+    return results
+
+
+# --------------------------------------------------------------------------- inside each rank
+def _worker(rank: int, world_size: int, strategy: str, config: Config, env: dict[str, str], out: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(env)
+    torch.set_num_threads(1)  # 2 cores shared by the ranks; the figures do not depend on threads
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        result = _measure_rank(config, strategy, rank, world_size)
+        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+            json.dump(result.to_json(), f)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _wrap(model: nn.Module, strategy: str, world_size: int) -> nn.Module:
+    """DDP for ddp/zero1 (default bucket_cap_mb, gradient_as_bucket_view=False); FSDP2 for zero3."""
+    if strategy in ("ddp", "zero1"):
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    for block in _blocks(model):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """The FSDP units: the MLP's layers (each with its own weight), the transformer's blocks."""
+    layers = getattr(model, "layers", None) or getattr(model, "blocks", None)
+    if layers is None:
+        raise EstimatorError("zero3: no 'layers' or 'blocks' to shard")
+    return list(layers)
+
+
+def _local(t: Tensor | None) -> Tensor | None:
+    """The local shard of a DTensor (FSDP2), the tensor itself otherwise."""
+    if t is not None and hasattr(t, "to_local"):
+        return t.to_local()  # type: ignore[no-any-return]
+    return t
+
+
+def _bytes(tensors: Any) -> int:
+    seen: dict[int, int] = {}
+    for t in tensors:
+        t = _local(t)
+        if isinstance(t, Tensor) and t.device.type == "cpu":
+            st = t.untyped_storage()
+            seen[st.data_ptr() or id(st)] = st.nbytes()
+    return sum(seen.values())
+
+
+def _optimizer(config: Config, strategy: str, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    cls, kwargs = _torch_class(config.optimizer.name), _torch_kwargs(config)
+    if strategy == "zero1":
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(params, optimizer_class=cls, **kwargs)
+    return cls(params, **kwargs)  # type: ignore[no-any-return]
+
+
+def _state(optimizer: torch.optim.Optimizer, step: bool) -> list[Tensor]:
+    inner = getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer keeps the local one in .optim
+    return [v for s in inner.state.values() for k, v in s.items() if isinstance(v, Tensor) and (k == "step") == step]
+
+
+def _measure_rank(config: Config, strategy: str, rank: int, world_size: int) -> RankMeasurement:
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    parts = step_parts(config, device)
+    tracker = LiveTensorTracker(device, phase="setup")
+    source = _TrackerSource(tracker)
+    grads = 0
+    with tracker:
+        model = _wrap(parts.build_model(), strategy, world_size)
+        inputs, target = parts.make_batch()
+        optimizer = _optimizer(config, strategy, [p for p in model.parameters() if p.requires_grad])
+        setup = tracker.live_bytes
+
+        def run(enter: Any) -> None:
+            nonlocal grads
+            enter("forward")
+            autocast: Any = contextlib.nullcontext()
+            if parts.autocast_dtype is not None:
+                autocast = torch.autocast(device_type="cpu", dtype=parts.autocast_dtype)
+            with autocast:
+                if parts.loss_fn is None:
+                    pred, loss = None, model(*inputs, target)
+                else:
+                    pred = model(*inputs)
+                    enter("loss")
+                    loss = parts.loss_fn(pred, target)
+            enter("backward")
+            loss.backward()
+            grads = _bytes(p.grad for p in model.parameters())
+            enter("optimizer_step")
+            optimizer.step()
+            enter("zero_grad")
+            optimizer.zero_grad(set_to_none=True)
+            del pred, loss
+
+        steps = []
+        for label in ("first_step", "steady_step"):
+            probe = _StepProbe(source, None, label)
+            with gc_paused():
+                probe.begin()
+                run(probe.enter)
+                steps.append(probe.end())
+        debug = os.environ.get("ESTIMATOR_DIST_EVENTS")  # a directory: dump every tracker event per rank
+        if debug:
+            with open(os.path.join(debug, f"rank{rank}.events"), "w") as f:
+                f.writelines(f"{e.phase} {e.kind} {e.delta} {e.live_bytes} {e.op} {e.shape}\n" for e in tracker.events)
+    return RankMeasurement(
+        rank=rank, world_size=world_size, strategy=strategy, setup_bytes=setup,
+        first_step=steps[0], steady_step=steps[1],
+        parameters=_bytes(model.parameters()), gradients=grads,
+        optimizer_state=_bytes(_state(optimizer, step=False)),
+        optimizer_step_tensors=_bytes(_state(optimizer, step=True)),
+    )
+
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m estimator.measure.distributed [--world-size N] [--set k=v ...]``: the accuracy table."""
+    import argparse
+
+    from estimator import load_config
+    from estimator.distributed import per_rank_estimate
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--world-size", type=int, default=2)
+    parser.add_argument("--strategies", default=",".join(MEASURED_STRATEGIES))
+    parser.add_argument("--set", action="append", default=[])
+    args = parser.parse_args(argv)
+    config = load_config(None, overrides=args.set)
+    print("| strategy | rank | first-step est. | measured | steady est. | measured | steady phase |")
+    print("|---|---|---|---|---|---|---|")
+    for strategy in args.strategies.split(","):
+        for m in measure_distributed(config, strategy, args.world_size):
+            e = per_rank_estimate(config, strategy, args.world_size, "cpu", m.rank)
+            print(f"| {strategy} | {m.rank} | {e.first_step_peak_bytes:,} | {m.first_step.peak_bytes:,} | "
+                  f"{e.peak_bytes:,} | {m.steady_step.peak_bytes:,} | {m.steady_step.peak_phase} |")
+
+
+if __name__ == "__main__":
+    main()
