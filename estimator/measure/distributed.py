@@ -17,6 +17,7 @@ import os
 import socket
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -116,6 +117,9 @@ def _worker(rank: int, world_size: int, strategy: str, config: Config, env: dict
 
     os.environ.update(env)
     torch.set_num_threads(1)  # 2 cores shared by the ranks; the figures do not depend on threads
+    # The Cruncher returns squeeze(-1), a view; FSDP2 warns in case a caller modifies it in place,
+    # which the step never does.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         result = _measure_rank(config, strategy, rank, world_size)
