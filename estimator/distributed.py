@@ -44,11 +44,11 @@ from estimator.precision import precision_plan
 from estimator.simulate import (
     STEP_TENSOR_BYTES,
     SimulatedStep,
-    _round_blocks,
-    _state_events,
     optimizer_step_events,
     resolve_implementation,
+    round_blocks,
     simulate,
+    state_events,
     state_nbytes,
 )
 from estimator.timeline import find_peak, replay
@@ -129,7 +129,7 @@ def per_rank_estimate(
         setup = [e for e in base.setup if e.role != "optimizer_state"]
         setup += [alloc(f"ddp.bucket.{i}", "temporary", b, "setup") for i, b in enumerate(buckets)]
         if spec.state_init == "constructor":
-            setup += _state_events(spec, local_state, config, "setup", step_bytes)
+            setup += state_events(spec, local_state, config, "setup", step_bytes)
         owned = {p.name for p in local_state}
         first = _replace_optimizer(base.first_step, spec, local_state, config, impl, step_bytes, True,
                                    None if strategy != "zero2" else owned)
@@ -142,7 +142,7 @@ def per_rank_estimate(
     state = sum(n for p in local_state for _, n in state_nbytes(spec, p, config))
     step_tensors = len(local_state) * step_bytes if spec.step_tensor else 0
     if device == "cuda":
-        setup, first, steady = (_round_blocks(e) for e in (setup, first, steady))
+        setup, first, steady = (round_blocks(e) for e in (setup, first, steady))
     live_first = replay(setup)
     live_steady = replay(first, live_first)
     step = SimulatedStep(setup, first, steady, find_peak(first, live_first), find_peak(steady, live_steady),
@@ -324,7 +324,7 @@ def _zero3_events(
         setup.append(alloc("device_mesh.rank_map", "temporary", 4 * world_size, "setup"))
     setup += family.input_events(config.model, config.training, _shape(config))
     if spec.state_init == "constructor":
-        setup += _state_events(spec, local, config, "setup", step_bytes)
+        setup += state_events(spec, local, config, "setup", step_bytes)
     first = body + optimizer_step_events(spec, local, config, impl, step_bytes, first=True) + tail
     steady = body + optimizer_step_events(spec, local, config, impl, step_bytes, first=False) + tail
     return setup, first, steady

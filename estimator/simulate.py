@@ -80,7 +80,7 @@ def simulate(config: Config, device: str = "cpu") -> SimulatedStep:
     setup = [alloc(p.name, "parameter", p.numel * shape.parameter_bytes, "setup") for p in params]
     setup += family.input_events(config.model, config.training, shape)
     if spec.state_init == "constructor":
-        setup += _state_events(spec, params, config, "setup", step_bytes)
+        setup += state_events(spec, params, config, "setup", step_bytes)
 
     body = family.forward_backward_events(config.model, config.training, shape)
     tail = _zero_grad_events(params, shape) + family.end_of_step_events(config.model, config.training, shape)
@@ -89,7 +89,7 @@ def simulate(config: Config, device: str = "cpu") -> SimulatedStep:
     steady = body + optimizer_step_events(spec, trainable, config, impl, step_bytes, first=False) + tail
 
     if device == "cuda":
-        setup, first, steady = (_round_blocks(e) for e in (setup, first, steady))
+        setup, first, steady = (round_blocks(e) for e in (setup, first, steady))
     live_first = replay(setup)
     live_steady = replay(first, live_first)
     return SimulatedStep(
@@ -103,7 +103,7 @@ def simulate(config: Config, device: str = "cpu") -> SimulatedStep:
     )
 
 
-def _round_blocks(events: list[Event]) -> list[Event]:
+def round_blocks(events: list[Event]) -> list[Event]:
     """CUDA's caching allocator hands out multiples of 512 bytes (what max_memory_allocated counts)."""
     def up(n: int) -> int:
         sign = 1 if n > 0 else -1
@@ -112,7 +112,7 @@ def _round_blocks(events: list[Event]) -> list[Event]:
     return [Event(e.name, e.role, up(e.nbytes), e.phase) for e in events]
 
 
-def _state_events(
+def state_events(
     spec: OptimizerSpec, params: list[ParamTensor], config: Config, phase: str, step_bytes: int
 ) -> list[Event]:
     events: list[Event] = []
@@ -143,11 +143,11 @@ def optimizer_step_events(
     phase = "optimizer_step"
     events: list[Event] = []
     if first and spec.state_init == "first_step":
-        events += _state_events(spec, params, config, phase, step_bytes)
+        events += state_events(spec, params, config, phase, step_bytes)
     elem = precision_plan(config.training.precision).state_bytes
     inline_state = first and spec.state_init == "first_step_inline"
     if implementation == "fused":
-        return events + (_state_events(spec, params, config, phase, step_bytes) if inline_state else [])
+        return events + (state_events(spec, params, config, phase, step_bytes) if inline_state else [])
     if implementation == "foreach":
         if spec.step_tensor and step_bytes:
             # torch._foreach_add_(steps, torch.tensor(1.0)): a scalar made and dropped at once
@@ -166,10 +166,10 @@ def _foreach_events(
     live: dict[str, list[Event]] = {}
     script = spec.foreach_script(config.optimizer)
     if inline_state and not any(op.action == "state" for op in script):
-        events += _state_events(spec, params, config, phase, step_bytes)
+        events += state_events(spec, params, config, phase, step_bytes)
     for op in script:
         if op.action == "state":
-            events += _state_events(spec, params, config, phase, step_bytes) if inline_state else []
+            events += state_events(spec, params, config, phase, step_bytes) if inline_state else []
         elif op.action == "alloc":
             live[op.name] = [alloc(f"{p.name}.{op.name}", "temporary", p.numel * elem, phase) for p in params]
             events += live[op.name]
@@ -191,11 +191,11 @@ def _for_loop_events(
     previous: dict[str, Event] = {}  # temporaries of the previous parameter still bound to a name
     for p in params:
         if inline_state and not has_state_op:
-            events += _state_events(spec, [p], config, phase, step_bytes)
+            events += state_events(spec, [p], config, phase, step_bytes)
         current: dict[str, Event] = {}
         for op in script:
             if op.action == "state":
-                events += _state_events(spec, [p], config, phase, step_bytes) if inline_state else []
+                events += state_events(spec, [p], config, phase, step_bytes) if inline_state else []
             elif op.action == "alloc":
                 current[op.name] = alloc(f"{p.name}.{op.name}", "temporary", p.numel * elem, phase)
                 events.append(current[op.name])

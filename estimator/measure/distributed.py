@@ -26,8 +26,8 @@ from torch import Tensor, nn
 
 from estimator.config import Config
 from estimator.errors import EstimatorError
-from estimator.measure.models import _torch_class, _torch_kwargs, step_parts
-from estimator.measure.step import StepMeasurement, _StepProbe, _TrackerSource, gc_paused
+from estimator.measure.models import step_parts, torch_optimizer_class, torch_optimizer_kwargs
+from estimator.measure.step import StepMeasurement, StepProbe, TrackerSource, gc_paused
 from estimator.measure.tracker import LiveTensorTracker
 
 MEASURED_STRATEGIES: tuple[str, ...] = ("ddp", "zero1", "zero3")
@@ -172,7 +172,7 @@ def _bytes(tensors: Any) -> int:
 
 
 def _optimizer(config: Config, strategy: str, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    cls, kwargs = _torch_class(config.optimizer.name), _torch_kwargs(config)
+    cls, kwargs = torch_optimizer_class(config.optimizer.name), torch_optimizer_kwargs(config)
     if strategy == "zero1":
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -190,7 +190,7 @@ def _measure_rank(config: Config, strategy: str, rank: int, world_size: int) -> 
     torch.manual_seed(0)
     parts = step_parts(config, device)
     tracker = LiveTensorTracker(device, phase="setup")
-    source = _TrackerSource(tracker)
+    source = TrackerSource(tracker)
     grads = 0
     with tracker:
         model = _wrap(parts.build_model(), strategy, world_size)
@@ -222,7 +222,7 @@ def _measure_rank(config: Config, strategy: str, rank: int, world_size: int) -> 
 
         steps = []
         for label in ("first_step", "steady_step"):
-            probe = _StepProbe(source, None, label)
+            probe = StepProbe(source, None, label)
             with gc_paused():
                 probe.begin()
                 run(probe.enter)

@@ -83,12 +83,12 @@ def optimizer_factory(config: Config, impl: str = "torch") -> Callable[[Iterable
         if name in ("momentum",):
             kwargs.update(momentum=opt.option("momentum"), nesterov=opt.nesterov)
         return lambda params: cls(params, **kwargs)
-    kwargs = _torch_kwargs(config)
-    cls = _torch_class(name)
+    kwargs = torch_optimizer_kwargs(config)
+    cls = torch_optimizer_class(name)
     return lambda params: cls(params, **kwargs)
 
 
-def _torch_class(name: str) -> type:
+def torch_optimizer_class(name: str) -> type:
     classes = {
         "sgd": torch.optim.SGD, "momentum": torch.optim.SGD, "adagrad": torch.optim.Adagrad,
         "rmsprop": torch.optim.RMSprop, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
@@ -101,7 +101,7 @@ def _torch_class(name: str) -> type:
     return classes[name]
 
 
-def _torch_kwargs(config: Config) -> dict[str, Any]:
+def torch_optimizer_kwargs(config: Config) -> dict[str, Any]:
     opt = config.optimizer
     name = opt.name
     kwargs: dict[str, Any] = {"lr": opt.option("lr")}

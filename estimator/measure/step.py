@@ -1,6 +1,6 @@
 """Run the seed's training step for real and measure its memory and FLOPs, on the CPU or an accelerator.
 
-One code path for every device: a :class:`_StepProbe` closes a phase by reading the peak since the
+One code path for every device: a :class:`StepProbe` closes a phase by reading the peak since the
 last reset and then resetting it, the way ``torch.cuda.reset_peak_memory_stats`` is meant to be
 used. Only the source of the numbers differs: on the CPU a :class:`LiveTensorTracker` (which also
 gives a per-event timeline), on CUDA/other accelerators the caching allocator's statistics.
@@ -154,7 +154,7 @@ class _MemorySource(Protocol):
     def events_since(self, mark: int) -> list[tuple[str, int]] | None: ...
 
 
-class _TrackerSource:
+class TrackerSource:
     """CPU: the live-tensor tracker; its timeline has one sample per allocation or free."""
 
     def __init__(self, tracker: LiveTensorTracker) -> None:
@@ -233,7 +233,7 @@ class _AllocatorSource:
         return None
 
 
-class _StepProbe:
+class StepProbe:
     """Per-phase peaks by resetting the peak counter at every phase boundary (same on every device)."""
 
     def __init__(self, source: _MemorySource, on_phase: Callable[[str], None] | None, label: str) -> None:
@@ -403,7 +403,7 @@ class _Runner:
     def measured(
         self, source: _MemorySource, on_phase: Callable[[str], None] | None, label: str, **kw: Any
     ) -> StepMeasurement:
-        probe = _StepProbe(source, on_phase, label)
+        probe = StepProbe(source, on_phase, label)
         with gc_paused():
             probe.begin()
             self.run(probe.enter, **kw)
@@ -429,7 +429,7 @@ def measure_training_step(
     device = torch.device(device)
     if device.type == "cpu":
         tracker: LiveTensorTracker | None = LiveTensorTracker(device, phase="setup")
-        source: _MemorySource = _TrackerSource(tracker)
+        source: _MemorySource = TrackerSource(tracker)
         outer: contextlib.AbstractContextManager[Any] = tracker
     else:
         tracker = None

@@ -167,7 +167,7 @@ def test_autocast_saves_the_low_precision_copies() -> None:
     assert m.flops_matmul == 368
 
 
-class _TrackerAsAllocator(step_module._TrackerSource):
+class _TrackerAsAllocator(step_module.TrackerSource):
     """The accelerator code path, fed by a tracker: peaks come only from resets at phase boundaries."""
 
     def events_since(self, mark: int) -> None:
@@ -193,7 +193,7 @@ def test_allocator_code_path_matches_the_tracker() -> None:
             False,
         )
 
-    by_events, by_resets = run(step_module._TrackerSource), run(_TrackerAsAllocator)
+    by_events, by_resets = run(step_module.TrackerSource), run(_TrackerAsAllocator)
     for a, b in [
         (by_events.first_step, by_resets.first_step),
         (by_events.steady_step, by_resets.steady_step),
