@@ -55,8 +55,7 @@ class Estimate:
         Unlike the seed's ``B·D·num_layers`` this includes everything the implementation saves:
         the head's output, and under autocast the 16-bit copies of weights and inputs.
         """
-        return sum(e.nbytes for e in self.step.steady_step
-                   if e.nbytes > 0 and e.role == "activation" and e.phase in ("forward", "loss"))
+        return self.step.saved_activation_bytes
 
     @property
     def input_bytes(self) -> int:

@@ -6,6 +6,7 @@ import functools
 import json
 import sys
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Optional
 
@@ -238,14 +239,9 @@ def verify(
         _verify_parallel(cfg, parallel, world_size, device, tolerance, as_json)
         return
     status = err.status("building the model", spinner="dots") if not as_json else None
-    if status is not None:
-        status.start()
-    try:
+    with status or nullcontext():
         result = torch_modules.verify.run_verify(
             cfg, device, impl, on_phase=(lambda p: status.update(f"running: {p}")) if status else None)
-    finally:
-        if status is not None:
-            status.stop()
     if show_state:  # after run_verify, which refused anything that would not fit
         device_obj = torch_modules.step.resolve_device(device)
         torch_modules.show_state.show_state(cfg, device_obj, impl, err if as_json else out)
@@ -279,36 +275,26 @@ def _verify_parallel(cfg: Any, parallel: str, world_size: int, device: str, tole
         raise EstimatorError(f"--parallel: runs on the CPU with the gloo backend; got --device {device}")
     if world_size < 2:
         raise EstimatorError(f"--world-size: --parallel needs at least 2 ranks, got {world_size}")
+    from estimator.measure.verify import refuse_if_too_large
+
     estimates = per_rank_estimates(cfg, parallel, world_size, "cpu")
     need = max(max(r.peak_bytes, r.first_step_peak_bytes) for r in estimates) * world_size
-    from estimator.measure.step import free_bytes
-
-    if need > 0.8 * free_bytes("cpu"):
-        raise EstimatorError(f"verify: {world_size} ranks need about {need:,} bytes but only "
-                             f"{free_bytes('cpu'):,} are free")
-    with err.status(f"running {world_size} {parallel} processes", spinner="dots") if not as_json else _nothing():
+    refuse_if_too_large(need, "cpu", f"{world_size} ranks")
+    with err.status(f"running {world_size} {parallel} processes", spinner="dots") if not as_json else nullcontext():
         measured = measure_distributed(cfg, parallel, world_size, "cpu")
     if as_json:
         emit_json({"strategy": parallel, "world_size": world_size, "ranks": [
             {"estimate": e.to_json(), "measurement": m.to_json(),
-             "comparison": {k: {"estimated": a, "measured": b} for k, _, a, b in rank_rows(e, m)}}
+             "comparison": {r.key: {"estimated": r.estimated, "measured": r.measured} for r in rank_rows(e, m)}}
             for e, m in zip(estimates, measured, strict=True)]})
     else:
         render_ranks(estimates, measured, out, tolerance)
     if tolerance is not None:
-        bad = [f"rank {e.rank} {k}" for e, m in zip(estimates, measured, strict=True)
-               for k, _, a, b in rank_rows(e, m) if abs(b - a) > tolerance * max(a, 1)]
+        bad = [f"rank {e.rank} {r.key}" for e, m in zip(estimates, measured, strict=True)
+               for r in rank_rows(e, m) if not r.within(tolerance)]
         if bad:
             err.print(f"verify: off by more than {tolerance:g}: {', '.join(bad)}", markup=False)
             raise typer.Exit(1)
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def _import_torch_side() -> Any:

@@ -109,8 +109,7 @@ def per_rank_estimate(
     spec = get_optimizer(config.optimizer.name)
     impl = resolve_implementation(config, device)
     step_bytes = STEP_TENSOR_BYTES if device == "cpu" or impl == "fused" else 0
-    activations = sum(e.nbytes for e in base.steady_step
-                      if e.nbytes > 0 and e.role == "activation" and e.phase in ("forward", "loss"))
+    activations = base.saved_activation_bytes
 
     if strategy == "zero3":
         if config.model.family != "mlp":

@@ -10,6 +10,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from estimator.comparison import Row
 from estimator.units import human_bytes, human_count, human_flops
 
 if TYPE_CHECKING:
@@ -365,22 +366,14 @@ def render_gpus(console: Console) -> None:
                   "the source of each row. V100 and T4 have no bf16: their 16-bit figure is fp16.")
 
 
-def rank_rows(est: Any, measured: Any | None) -> list[tuple[str, str, int, int | None]]:
-    """(key, label, estimated, measured) for one rank; measured is None for an estimate alone."""
-    def m(attr: str) -> int | None:
-        if measured is None:
-            return None
-        if attr in ("peak_bytes", "first_step_peak_bytes"):
-            step = measured.steady_step if attr == "peak_bytes" else measured.first_step
-            return step.peak_bytes
-        return getattr(measured, attr)
-
+def rank_rows(est: Any, measured: Any) -> list[Row]:
+    """The figures one rank's estimate and measurement both have."""
     return [
-        ("parameters", "parameters", est.parameters, m("parameters")),
-        ("gradients", "gradients", est.gradients, m("gradients")),
-        ("optimizer_state", "opt. state", est.optimizer_state, m("optimizer_state")),
-        ("first_step_peak_bytes", "1st peak", est.first_step_peak_bytes, m("first_step_peak_bytes")),
-        ("peak_bytes", "steady peak", est.peak_bytes, m("peak_bytes")),
+        Row("parameters", "parameters", est.parameters, measured.parameters),
+        Row("gradients", "gradients", est.gradients, measured.gradients),
+        Row("optimizer_state", "opt. state", est.optimizer_state, measured.optimizer_state),
+        Row("first_step_peak_bytes", "1st peak", est.first_step_peak_bytes, measured.first_step.peak_bytes),
+        Row("peak_bytes", "steady peak", est.peak_bytes, measured.steady_step.peak_bytes),
     ]
 
 
@@ -394,24 +387,18 @@ def render_ranks(estimates: list[Any], measured: list[Any] | None, console: Cons
                   title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1))
     table.add_column("figure", no_wrap=True)
     for est in estimates:
-        table.add_column(f"rank {est.rank}" + (" est." if measured else ""), justify="right", no_wrap=True)
-        if measured:
-            table.add_column(f"rank {est.rank} meas.", justify="right", no_wrap=True)
-    keys = rank_rows(first, None)
-    for i, (_, label, _, _) in enumerate(keys):
+        table.add_column(f"rank {est.rank} est.", justify="right", no_wrap=True)
+        table.add_column(f"rank {est.rank} meas.", justify="right", no_wrap=True)
+    rows = [rank_rows(est, m) for est, m in zip(estimates, measured, strict=True)]
+    for i, row in enumerate(rows[0]):
         cells: list[str] = []
-        for r, est in enumerate(estimates):
-            _, _, a, b = rank_rows(est, measured[r] if measured else None)[i]
-            cells.append(f"{a:,}")
-            if measured:
-                ok = "" if tolerance is None else (" ✓" if abs((b or 0) - a) <= tolerance * max(a, 1) else " ✗")
-                cells.append(f"{b:,}{ok}")
-        table.add_row(label, *cells)
-    table.add_row("comm.", *[c for est in estimates
-                                             for c in ([f"{est.communication:,}"] + ([""] if measured else []))])
-    table.add_row("peak phase", *[PHASE_SHORT.get(c, c) for r, est in enumerate(estimates) for c in
-                                  ([est.step.steady_peak.phase] + ([measured[r].steady_step.peak_phase]
-                                                                   if measured else []))])
+        for rank in rows:
+            ok = "" if tolerance is None else (" ✓" if rank[i].within(tolerance) else " ✗")
+            cells += [f"{rank[i].estimated:,}", f"{rank[i].measured:,}{ok}"]
+        table.add_row(row.label, *cells)
+    table.add_row("comm.", *[c for est in estimates for c in (f"{est.communication:,}", "")])
+    table.add_row("peak phase", *[PHASE_SHORT.get(c, c) for est, m in zip(estimates, measured, strict=True)
+                                  for c in (est.step.steady_peak.phase, m.steady_step.peak_phase)])
     console.print(table)
     console.print("bytes; comm.: DDP's gradient buckets; optim.: optimizer_step. docs/distributed.md: what torch "
                   "allocates per strategy (buckets, FSDP2 all-gathers and reduce-scatters) and the sources.")

@@ -33,6 +33,12 @@ class SimulatedStep:
     live_before_first: dict[str, LiveTensor]
     live_before_steady: dict[str, LiveTensor]
 
+    @property
+    def saved_activation_bytes(self) -> int:
+        """Bytes autograd saves for backward in one step (what saved_tensors_hooks sees)."""
+        return sum(e.nbytes for e in self.steady_step
+                   if e.nbytes > 0 and e.role == "activation" and e.phase in ("forward", "loss"))
+
     def first_curve(self) -> list[tuple[str, int]]:
         return curve(self.first_step, self.live_before_first)
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from estimator.api import Estimate, estimate
+from estimator.comparison import Row
 from estimator.config import Config
 from estimator.errors import EstimatorError
 from estimator.measure.models import optimizer_factory, step_parts
@@ -17,27 +18,6 @@ from estimator.units import human_bytes
 
 SAFETY_FRACTION = 0.8  # never plan to use more than this share of what the device has free
 TRACKING_OVERHEAD = 64 << 20  # the Python side of a CPU run: interpreter, tracker records, profiler
-
-
-@dataclass(frozen=True)
-class Row:
-    """One figure, estimated and measured."""
-
-    key: str
-    label: str
-    estimated: int
-    measured: int
-
-    @property
-    def ratio(self) -> float | None:
-        return self.measured / self.estimated if self.estimated else None
-
-    def within(self, tolerance: float) -> bool:
-        if self.estimated == self.measured:
-            return True
-        if not self.estimated:
-            return False
-        return abs(self.measured - self.estimated) / self.estimated <= tolerance
 
 
 @dataclass(frozen=True)
@@ -90,12 +70,15 @@ def device_kind(device: torch.device) -> str:
 def check_fits(est: Estimate, device: torch.device) -> None:
     """Refuse, before allocating anything, a step that would not fit in what the device has free."""
     need = max(est.peak_bytes, est.first_step_peak_bytes)
-    if device.type == "cpu":
-        need += TRACKING_OVERHEAD
+    refuse_if_too_large(need + (TRACKING_OVERHEAD if device.type == "cpu" else 0), device, "this step")
+
+
+def refuse_if_too_large(need: int, device: torch.device | str, what: str) -> None:
+    """One rule for every real run: use at most ``SAFETY_FRACTION`` of what the device has free."""
     free = free_bytes(device)
     if need > SAFETY_FRACTION * free:
         raise EstimatorError(
-            f"verify: this step needs about {human_bytes(need)} on {device} but only {human_bytes(free)} is free "
+            f"verify: {what} needs about {human_bytes(need)} on {device} but only {human_bytes(free)} is free "
             f"(verify uses at most {SAFETY_FRACTION:.0%} of it); reduce training.batch_size or the model"
         )
 
