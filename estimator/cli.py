@@ -279,7 +279,7 @@ def _verify_parallel(cfg: Any, parallel: str, world_size: int, device: str, tole
 
     estimates = per_rank_estimates(cfg, parallel, world_size, "cpu")
     need = max(max(r.peak_bytes, r.first_step_peak_bytes) for r in estimates) * world_size
-    refuse_if_too_large(need, "cpu", f"{world_size} ranks")
+    refuse_if_too_large(need, "cpu", f"this step on {world_size} ranks")
     with err.status(f"running {world_size} {parallel} processes", spinner="dots") if not as_json else nullcontext():
         measured = measure_distributed(cfg, parallel, world_size, "cpu")
     if as_json:
