@@ -6,15 +6,27 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from estimator.config import Config
-from estimator.families.base import FlopCount, ParamTensor, get_family
+from estimator.families.base import BatchInForce, FlopCount, ParamTensor, get_family
 from estimator.optimizers import get_optimizer
 from estimator.precision import precision_plan
-from estimator.simulate import STEP_TENSOR_BYTES, SimulatedStep, resolve_implementation, simulate, state_nbytes
+from estimator.simulate import (
+    STEP_TENSOR_BYTES,
+    SimulatedStep,
+    resolve_implementation,
+    simulate,
+    state_nbytes,
+    step_shape,
+)
 
 
 @dataclass(frozen=True)
 class MemoryTerms:
-    """The seed's first-order memory terms (section 6), in bytes, and their sum."""
+    """The seed's first-order memory terms (section 6), in bytes, and their sum.
+
+    ``activations`` is what the family's forward saves for backward, each tensor at its real dtype
+    (transformers and traced modules: exactly ``saved_activations``); for the seed's MLP it is the
+    seed's own ``B·D·num_layers`` term, so that the seed's example stays 64 + ... = 496 bytes.
+    """
 
     parameters: int
     activations: int
@@ -39,6 +51,8 @@ class Estimate:
     memory: MemoryTerms
     flops: FlopCount
     step: SimulatedStep
+    batch: BatchInForce  # the batch (and sequence length) the step really uses
+    saved_activations: int  # bytes saved for backward, exact (see saved_activation_bytes)
 
     @property
     def peak_bytes(self) -> int:
@@ -52,10 +66,12 @@ class Estimate:
     def saved_activation_bytes(self) -> int:
         """Bytes autograd saves for backward in one step (what saved_tensors_hooks sees), from the events.
 
-        Unlike the seed's ``B·D·num_layers`` this includes everything the implementation saves:
-        the head's output, and under autocast the 16-bit copies of weights and inputs.
+        Exact tensor bytes on every device (not rounded to CUDA's 512-byte blocks, like the
+        measurement's figure). Equal to ``memory.activations`` except for the seed's MLP, whose
+        first-order term is the seed's ``B·D·num_layers``: autograd also keeps the head's output
+        (and, under autocast, the 16-bit copies of the weights and of the input).
         """
-        return self.step.saved_activation_bytes
+        return self.saved_activations
 
     @property
     def input_bytes(self) -> int:
@@ -83,6 +99,8 @@ class Estimate:
                 "matmul_forward": f.matmul_forward,
                 "attention": f.attention,
                 "matmul_optimizer": f.optimizer_matmul,
+                "rule_tokens": f.tokens,
+                "rule_parameters": f.rule_parameters,
             },
             "peak_bytes": self.peak_bytes,
             "first_step_peak_bytes": self.first_step_peak_bytes,
@@ -95,8 +113,17 @@ class Estimate:
             "precision": self.config.training.precision,
             "device": self.device,
             "implementation": self.implementation,
-            "config": self.config.model_dump(mode="json"),
+            "config": self.config_in_force(),
         }
+
+    def config_in_force(self) -> dict[str, Any]:
+        """The config as JSON with the values the step really used: a transformer's ``seq_len``
+        resolved (``max_seq_len`` when not given), a module's batch read off its input shapes."""
+        data = self.config.model_dump(mode="json")
+        data["training"]["batch_size"] = self.batch.batch_size
+        if self.batch.seq_len is not None:
+            data["training"]["seq_len"] = self.batch.seq_len
+        return data
 
 
 def estimate(config: Config | None = None, device: str | None = None) -> Estimate:
@@ -108,6 +135,7 @@ def estimate(config: Config | None = None, device: str | None = None) -> Estimat
     config = config or Config()
     target = device or config.device
     family = get_family(config.model.family)
+    step = simulate(config, target)
     plan = precision_plan(config.training.precision)
     spec = get_optimizer(config.optimizer.name)
     params = family.parameters(config.model)
@@ -116,7 +144,7 @@ def estimate(config: Config | None = None, device: str | None = None) -> Estimat
     n_trainable = sum(p.numel for p in trainable)
     memory = MemoryTerms(
         parameters=n_params * plan.parameter_bytes,
-        activations=family.activation_elements(config.model, config.training) * plan.activation_bytes,
+        activations=family.activation_bytes(config.model, config.training, step_shape(config)),
         gradients=n_trainable * plan.gradient_bytes,
         optimizer_state=sum(b for p in trainable for _, b in state_nbytes(spec, p, config)),
         optimizer_step_tensors=STEP_TENSOR_BYTES * len(trainable) if spec.step_tensor else 0,
@@ -129,8 +157,17 @@ def estimate(config: Config | None = None, device: str | None = None) -> Estimat
         trainable_parameters=n_trainable,
         memory=memory,
         flops=_with_optimizer_flops(family.flops(config.model, config.training), spec, trainable),
-        step=simulate(config, target),
+        step=step,
+        batch=family.batch_in_force(config.model, config.training),
+        saved_activations=step.saved_activation_bytes if target == "cpu" else _saved_bytes(config),
     )
+
+
+def _saved_bytes(config: Config) -> int:
+    """Bytes saved for backward from the family's own (unrounded) forward and loss events."""
+    events = get_family(config.model.family).forward_backward_events(config.model, config.training,
+                                                                      step_shape(config))
+    return sum(e.nbytes for e in events if e.nbytes > 0 and e.role == "activation" and e.phase in ("forward", "loss"))
 
 
 def _with_optimizer_flops(flops: FlopCount, spec: Any, params: list[ParamTensor]) -> FlopCount:

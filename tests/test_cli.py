@@ -25,7 +25,8 @@ def test_estimate_default_is_the_seed_example() -> None:
     assert data["parameters"] == 36
     assert data["memory"]["total"] == 496
     assert data["flops"] == {"per_step": 432, "forward": 144, "backward": 288, "matmul": 368,
-                             "matmul_forward": 144, "attention": 0, "matmul_optimizer": 0}
+                             "matmul_forward": 144, "attention": 0, "matmul_optimizer": 0,
+                             "rule_tokens": 2, "rule_parameters": 36}
     assert data["optimizer"] == "adagrad" and data["device"] == "cuda"
 
 

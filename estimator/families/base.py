@@ -46,10 +46,22 @@ class FlopCount:
     matmul_forward: int
     attention: int = 0
     optimizer_matmul: int = 0  # matmuls inside optimizer.step() (Adafactor), included in ``matmul``
+    tokens: int = 0  # B (samples) or T (tokens) of the 6·B·P / 6·N·T rule, as used above
+    rule_parameters: int = 0  # P or N of the rule, as used above (e.g. without embedding lookups)
 
     @property
     def per_step(self) -> int:
         return self.forward + self.backward
+
+
+@dataclass(frozen=True)
+class BatchInForce:
+    """The batch a step really uses, and where each figure comes from (shown in the header)."""
+
+    batch_size: int  # samples (sequences) per step
+    seq_len: int | None  # tokens per sequence for sequence models, resolved; None otherwise
+    batch_source: str  # e.g. "training.batch_size" or "model.inputs[0].shape[0]"
+    seq_source: str | None = None  # e.g. "training.seq_len" or "model.max_seq_len"
 
 
 @dataclass(frozen=True)
@@ -70,6 +82,10 @@ class ModelFamily(Protocol):
     def parameters(self, model: Any) -> list[ParamTensor]: ...
 
     def activation_elements(self, model: Any, batch: Any) -> int: ...
+
+    def activation_bytes(self, model: Any, batch: Any, shape: StepShape) -> int: ...
+
+    def batch_in_force(self, model: Any, batch: Any) -> BatchInForce: ...
 
     def flops(self, model: Any, batch: Any) -> FlopCount: ...
 

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 from estimator.config import MLPConfig, TrainingConfig
 from estimator.events import Event, alloc, free
-from estimator.families.base import FlopCount, ParamTensor, StepShape, register_family
+from estimator.families.base import BatchInForce, FlopCount, ParamTensor, StepShape, register_family
 
 
 @register_family("mlp")
 class MLPFamily:
     name = "mlp"
+    #: what ``memory.activations`` counts, in the words of the explanations
+    activation_description = "the seed's B·D·layers (each layer's output)"
 
     def parameters(self, model: MLPConfig) -> list[ParamTensor]:
         """``layers.{i}.weight`` (D, D) for each layer, then ``final.weight`` (D, 1)."""
@@ -33,6 +35,19 @@ class MLPFamily:
         """The seed's ``B·D·num_layers``: one B x D output saved per layer."""
         return batch.batch_size * model.dim * model.num_layers
 
+    def activation_bytes(self, model: MLPConfig, batch: TrainingConfig, shape: StepShape) -> int:
+        """The seed's activation term, ``B·D·num_layers`` elements of the activation dtype.
+
+        Kept as the seed defines it (section 6; the seed's example: 64 bytes). What autograd really
+        saves adds the head's output, which ``mse_loss`` keeps (and under autocast the 16-bit copies
+        of the weights and input): that figure is ``saved_activations`` (72 bytes for the seed).
+        """
+        return self.activation_elements(model, batch) * shape.activation_bytes
+
+    def batch_in_force(self, model: MLPConfig, batch: TrainingConfig) -> BatchInForce:
+        """B is ``training.batch_size``; the MLP has no sequence dimension."""
+        return BatchInForce(batch.batch_size, None, "training.batch_size")
+
     def flops(self, model: MLPConfig, batch: TrainingConfig) -> FlopCount:
         """6·B·P (the seed) and the exact matmul count 6·B·P − 2·B·D² (no first-layer input grad)."""
         b, d = batch.batch_size, model.dim
@@ -42,6 +57,8 @@ class MLPFamily:
             backward=4 * b * p,
             matmul=6 * b * p - 2 * b * d * d,
             matmul_forward=2 * b * p,
+            tokens=b,
+            rule_parameters=p,
         )
 
     def input_events(self, model: MLPConfig, batch: TrainingConfig, shape: StepShape) -> list[Event]:

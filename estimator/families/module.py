@@ -34,7 +34,7 @@ from pydantic import Field, field_validator, model_validator
 from estimator.config import StrictModel, TrainingConfig
 from estimator.errors import EstimatorError
 from estimator.events import Event, alloc
-from estimator.families.base import FlopCount, ParamTensor, StepShape, register_family
+from estimator.families.base import BatchInForce, FlopCount, ParamTensor, StepShape, register_family
 from estimator.precision import precision_plan
 
 InputDtype = Literal["float32", "bfloat16", "float16", "int64", "int32", "bool"]
@@ -191,6 +191,9 @@ class ModuleFamily:
     """Any nn.Module: parameters, activations, FLOPs and events read off a meta-device trace."""
 
     name = "module"
+    #: what ``memory.activations`` counts, in the words of the explanations
+    activation_description = ("what the traced step saves for backward (saved_tensors_hooks): the forward's "
+                              "saved tensors, autocast's casts and the loss's input")
 
     def trace(self, model: ModuleConfig, batch: TrainingConfig) -> ModuleTrace:
         _check_training(batch)
@@ -208,14 +211,27 @@ class ModuleFamily:
         return list(_PARAMETERS[key])
 
     def activation_elements(self, model: ModuleConfig, batch: TrainingConfig) -> int:
-        """What the module's forward saves for backward, in elements of the activation dtype.
+        """:meth:`activation_bytes` in elements of the activation dtype (mixed dtypes: bytes, rounded up)."""
+        shape_bytes = precision_plan(batch.precision).activation_bytes
+        return -(-self.saved_bytes(model, batch) // shape_bytes)
 
-        Like the seed's ``B·D·num_layers``: the loss's saved input and autocast's copies of weights
-        and inputs are left out (they are in the events, so in the peak). Mixed dtypes are converted
-        by bytes, rounded up.
+    def activation_bytes(self, model: ModuleConfig, batch: TrainingConfig, shape: StepShape) -> int:
+        """Bytes the traced step saves for backward, each storage at its real dtype and counted once.
+
+        Everything ``saved_tensors_hooks`` saw in forward and loss: the forward's saved tensors, the
+        16-bit casts of weights and inputs under autocast, and the loss's saved input. This is the
+        ``memory.activations`` figure and equals ``saved_activations`` (the same events).
         """
-        saved = self.trace(model, batch).forward_saved_bytes
-        return -(-saved // precision_plan(batch.precision).activation_bytes)
+        return self.saved_bytes(model, batch)
+
+    def saved_bytes(self, model: ModuleConfig, batch: TrainingConfig) -> int:
+        """Sum of the trace's activation allocations in forward and loss (what autograd keeps)."""
+        return sum(e.nbytes for e in self.trace(model, batch).step_events
+                   if e.nbytes > 0 and e.role == "activation" and e.phase in ("forward", "loss"))
+
+    def batch_in_force(self, model: ModuleConfig, batch: TrainingConfig) -> BatchInForce:
+        """The batch is the first input's leading dimension; ``training.batch_size`` is not used."""
+        return BatchInForce(model.inputs[0].shape[0], None, "model.inputs[0].shape[0]")
 
     def flops(self, model: ModuleConfig, batch: TrainingConfig) -> FlopCount:
         """6·B·P (forward 2·B·P, backward 4·B·P) and FlopCounterMode's count of the traced step.
@@ -225,7 +241,8 @@ class ModuleFamily:
         """
         t = self.trace(model, batch)
         work = t.flop_tokens * t.flop_parameters
-        return FlopCount(forward=2 * work, backward=4 * work, matmul=t.matmul, matmul_forward=t.matmul_forward)
+        return FlopCount(forward=2 * work, backward=4 * work, matmul=t.matmul, matmul_forward=t.matmul_forward,
+                         tokens=t.flop_tokens, rule_parameters=t.flop_parameters)
 
     def input_events(self, model: ModuleConfig, batch: TrainingConfig, shape: StepShape) -> list[Event]:
         """The module's buffers (role parameter), then each input and the target."""

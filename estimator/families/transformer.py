@@ -19,7 +19,7 @@ from pydantic import Field, model_validator
 from estimator.config import StrictModel, TrainingConfig
 from estimator.errors import EstimatorError
 from estimator.events import Event, alloc, free
-from estimator.families.base import FlopCount, ParamTensor, StepShape, register_family
+from estimator.families.base import BatchInForce, FlopCount, ParamTensor, StepShape, register_family
 
 
 class TransformerConfig(StrictModel):
@@ -430,6 +430,9 @@ class TransformerFamily:
     """Decoder-only transformers (GPT-2, Llama, Mistral, Qwen2, GPT-NeoX); docs/transformer.md."""
 
     name = "transformer"
+    #: what ``memory.activations`` counts, in the words of the explanations
+    activation_description = ("what autograd saves for backward: the norms' inputs and statistics, q/k/v, the "
+                              "attention outputs, the MLP's hidden tensors and the log-probabilities")
 
     def parameters(self, model: TransformerConfig) -> list[ParamTensor]:
         """Every parameter tensor by name, matching the torch model's ``named_parameters()``."""
@@ -445,6 +448,21 @@ class TransformerFamily:
         input only. Dtype classes differ under 16-bit precision: see :func:`activation_bytes`.
         """
         return activation_elements_of(model, batch)
+
+    def activation_bytes(self, model: TransformerConfig, batch: TrainingConfig, shape: StepShape) -> int:
+        """Bytes autograd saves for backward, each tensor at its real dtype (:func:`activation_bytes`).
+
+        Under 16-bit precisions the fp32 tensors are weighed at 4 bytes: the residual stream under
+        autocast, RMSNorm's upcast input and statistics, SDPA's logsumexp, the fp32 log-probabilities.
+        This is the ``memory.activations`` figure and equals ``saved_activations`` (the events).
+        """
+        return activation_bytes(model, batch, shape)
+
+    def batch_in_force(self, model: TransformerConfig, batch: TrainingConfig) -> BatchInForce:
+        """B sequences of S tokens; S is ``training.seq_len``, else the model's ``max_seq_len``."""
+        given = batch.seq_len is not None
+        return BatchInForce(batch.batch_size, tokens_per_sequence(model, batch), "training.batch_size",
+                            "training.seq_len" if given else "model.max_seq_len")
 
     def flops(self, model: TransformerConfig, batch: TrainingConfig) -> FlopCount:
         """The 6·N·D rule plus PaLM's attention term, and the exact matmul count of our model.
@@ -466,6 +484,8 @@ class TransformerFamily:
             matmul=exact.total,
             matmul_forward=exact.forward,
             attention=12 * attn,
+            tokens=t,
+            rule_parameters=n,
         )
 
     def input_events(self, model: TransformerConfig, batch: TrainingConfig, shape: StepShape) -> list[Event]:
