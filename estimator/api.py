@@ -144,7 +144,7 @@ def estimate(config: Config | None = None, device: str | None = None) -> Estimat
     n_trainable = sum(p.numel for p in trainable)
     memory = MemoryTerms(
         parameters=n_params * plan.parameter_bytes,
-        activations=family.activation_bytes(config.model, config.training, step_shape(config)),
+        activations=_activation_bytes(family, config),
         gradients=n_trainable * plan.gradient_bytes,
         optimizer_state=sum(b for p in trainable for _, b in state_nbytes(spec, p, config)),
         optimizer_step_tensors=STEP_TENSOR_BYTES * len(trainable) if spec.step_tensor else 0,
@@ -158,9 +158,25 @@ def estimate(config: Config | None = None, device: str | None = None) -> Estimat
         memory=memory,
         flops=_with_optimizer_flops(family.flops(config.model, config.training), spec, trainable),
         step=step,
-        batch=family.batch_in_force(config.model, config.training),
+        batch=_batch_in_force(family, config),
         saved_activations=step.saved_activation_bytes if target == "cpu" else _saved_bytes(config),
     )
+
+
+def _activation_bytes(family: Any, config: Config) -> int:
+    """The family's activation term; a family without ``activation_bytes`` counts its elements at
+    the activation dtype's size."""
+    if hasattr(family, "activation_bytes"):
+        return int(family.activation_bytes(config.model, config.training, step_shape(config)))
+    return family.activation_elements(config.model, config.training) * step_shape(config).activation_bytes
+
+
+def _batch_in_force(family: Any, config: Config) -> BatchInForce:
+    """The batch the step uses; a family without ``batch_in_force`` uses the training section as given."""
+    if hasattr(family, "batch_in_force"):
+        return family.batch_in_force(config.model, config.training)
+    seq = config.training.seq_len
+    return BatchInForce(config.training.batch_size, seq, "training.batch_size", "training.seq_len" if seq else None)
 
 
 def _saved_bytes(config: Config) -> int:
