@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 from estimator.errors import EstimatorError
 from estimator.names import unknown
@@ -169,3 +169,10 @@ class Config(StrictModel):
     device: Literal["cuda", "cpu"] = Field(
         "cuda", description="the device the step runs on: cuda (512-byte allocator blocks) or cpu"
     )
+    # 'path=value' pairs a preset or hf_config model got from presets.TRAINING_DEFAULTS (for the header)
+    _training_defaults: tuple[str, ...] = PrivateAttr(default=())
+
+    @property
+    def training_defaults(self) -> tuple[str, ...]:
+        """The ``path=value`` defaults filled in because the model is a preset or an hf_config."""
+        return self._training_defaults

@@ -124,13 +124,18 @@ def validate_config(data: dict[str, Any], source_dir: Path | None = None) -> Con
     """Validate a mapping into a :class:`Config`, every problem one line naming its field path."""
     from estimator.config import expand_model_section
 
+    from estimator.presets import apply_training_defaults
+
     data = dict(data)
+    defaults = apply_training_defaults(data)  # a preset / hf_config model: AdamW, amp-bf16 unless given
     if isinstance(data.get("model"), dict):
         data["model"] = expand_model_section(data["model"], source_dir or Path.cwd())
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as exc:
         raise EstimatorError(*format_validation_error(exc)) from None
+    config._training_defaults = defaults
+    return config
 
 
 def format_validation_error(exc: ValidationError) -> list[str]:

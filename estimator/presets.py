@@ -102,6 +102,35 @@ _ALL = [
 
 PRESETS: dict[str, Preset] = {p.name: p for p in _ALL}
 
+TRAINING_DEFAULTS: dict[str, str] = {"optimizer.name": "adamw", "training.precision": "amp-bf16"}
+"""How a preset or a Hugging Face config is trained unless the config says otherwise.
+
+AdamW in bf16 mixed precision (``torch.autocast``): how Llama 2 was trained (AdamW, Touvron et al.
+2023, section 2.2; Llama 3 the same, Grattafiori et al. 2024) and what Hugging Face's Trainer runs
+with its default optimizer (``adamw_torch``) and ``bf16=True``. The seed's own example keeps the
+seed's AdaGrad in fp32. An explicit ``-o``/``-p``, ``--set`` or a config file's ``optimizer.name``
+/ ``training.precision`` always wins.
+"""
+
+
+def apply_training_defaults(data: dict[str, Any]) -> tuple[str, ...]:
+    """Fill :data:`TRAINING_DEFAULTS` into a raw config whose model is a preset or an hf_config.
+
+    Only keys the config leaves out are filled; the sections are replaced by new dicts (the caller's
+    nested mappings are not modified). Returns the ``path=value`` pairs filled in, for the header.
+    """
+    model = data.get("model")
+    if not isinstance(model, dict) or not any(key in model for key in ("preset", "hf_config")):
+        return ()
+    applied = []
+    for path, value in TRAINING_DEFAULTS.items():
+        section_name, key = path.split(".")
+        section = data.get(section_name, {})
+        if isinstance(section, dict) and key not in section:
+            data[section_name] = {**section, key: value}
+            applied.append(f"{path}={value}")
+    return tuple(applied)
+
 
 def preset_names() -> list[str]:
     """The known preset names, in table order."""

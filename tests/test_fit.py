@@ -47,7 +47,8 @@ def test_step_time_is_matmul_flops_over_peak() -> None:
     fit = fit_on(est, get_gpu("h100-sxm"), 0.5)
     assert fit.step_seconds_at_peak == est.flops.matmul / 989e12
     assert fit.step_seconds_at_mfu == fit.step_seconds_at_peak / 0.5
-    fp32 = estimate(load_config(overrides=["model.preset=gpt2", "training.seq_len=1024"]), "cuda")
+    fp32 = estimate(load_config(overrides=["model.preset=gpt2", "training.seq_len=1024", "training.precision=fp32"]),
+                    "cuda")
     assert fit_on(fp32, get_gpu("h100-sxm"), 1.0).step_seconds_at_peak == fp32.flops.matmul / 67e12
 
 
