@@ -6,10 +6,13 @@ Every problem becomes one readable line naming the field path (``optimizer.name:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from estimator.errors import EstimatorError
 from estimator.names import unknown
@@ -17,10 +20,52 @@ from estimator.names import unknown
 PrecisionName = Literal["fp32", "bf16", "fp16", "amp-bf16", "amp-fp16"]
 
 
-class StrictModel(BaseModel):
-    """Base for every config section: unknown keys are an error, not silently ignored."""
+MAX_LAYERS = 1024
+"""The most layers a model may have: 8x the deepest published dense transformer (Llama 3 405B, 126
+blocks). The event timeline grows with the layer count; the bound keeps every estimate to seconds."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys, non-finite floats and booleans for numbers are errors.
+
+    Pydantic's lax mode reads ``true`` as 1 for an ``int`` field (``dim: true`` would give D=1) and
+    accepts NaN and infinities for ``float`` fields (which are not JSON); both are refused here.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(name) if isinstance(name, str) else None
+                if field is not None and _bool_where_number(value, field.annotation):
+                    raise PydanticCustomError("bool_for_number", "expected a number, not a boolean: {shown}",
+                                              {"field": name, "shown": json.dumps(value, default=str)})
+        return data
+
+
+def _bool_where_number(value: Any, annotation: Any) -> bool:
+    """True when ``value`` holds a bool where ``annotation`` wants an int or a float (not a bool)."""
+    if annotation is None or annotation is Any or annotation is bool:
+        return False
+    if annotation in (int, float):
+        return isinstance(value, bool)
+    args = get_args(annotation)
+    if not args:
+        return False
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _bool_where_number(value, args[0])
+    if origin in (Union, UnionType):
+        if bool in args or any(get_origin(a) is Literal for a in args):
+            return False
+        return any(_bool_where_number(value, a) for a in args if a is not type(None))
+    if origin in (list, tuple) and isinstance(value, (list, tuple)):
+        items = args if origin is tuple and Ellipsis not in args else [args[0]] * len(value)
+        return any(_bool_where_number(v, a) for v, a in zip(value, items, strict=False))
+    return False
 
 
 class MLPConfig(StrictModel):
@@ -28,7 +73,7 @@ class MLPConfig(StrictModel):
 
     family: Literal["mlp"] = "mlp"
     dim: int = Field(4, gt=0, description="D, the width of every layer")
-    num_layers: int = Field(2, gt=0, description="number of D x D layers before the D -> 1 head")
+    num_layers: int = Field(2, gt=0, le=MAX_LAYERS, description="number of D x D layers before the D -> 1 head")
 
 
 class TrainingConfig(StrictModel):
@@ -49,13 +94,13 @@ class OptimizerConfig(StrictModel):
     """Which optimizer and its options; ``None`` means the optimizer's own default."""
 
     name: str = Field("adagrad", description="a registered optimizer (see `estimator optimizers`)")
-    lr: float | None = Field(None, gt=0, description="learning rate")
-    momentum: float | None = Field(None, ge=0, lt=1, description="momentum coefficient μ")
+    lr: float | None = Field(None, description="learning rate (>= 0)")
+    momentum: float | None = Field(None, description="momentum coefficient μ (>= 0)")
     nesterov: bool = Field(False, description="Nesterov momentum (sgd, momentum)")
-    alpha: float | None = Field(None, gt=0, lt=1, description="RMSProp smoothing constant")
-    betas: tuple[float, float] | None = Field(None, description="Adam/Lion (β1, β2)")
-    eps: float | None = Field(None, ge=0, description="ε added for numerical stability")
-    weight_decay: float | None = Field(None, ge=0, description="weight decay λ")
+    alpha: float | None = Field(None, description="RMSProp smoothing constant (>= 0)")
+    betas: tuple[float, float] | None = Field(None, description="Adam/Lion (β1, β2), each in [0, 1)")
+    eps: float | None = Field(None, description="ε added for numerical stability (>= 0)")
+    weight_decay: float | None = Field(None, description="weight decay λ (>= 0)")
     amsgrad: bool = Field(False, description="keep the running maximum of v (adam, adamw)")
     centered: bool = Field(False, description="centered RMSProp: also keep the mean gradient")
     implementation: Implementation = Field(
@@ -87,11 +132,27 @@ class OptimizerConfig(StrictModel):
             raise ValueError("centered applies to rmsprop only")
         return value
 
+    @field_validator("lr", "momentum", "alpha", "betas", "eps", "weight_decay")
+    @classmethod
+    def _torch_accepts(cls, value: Any, info: ValidationInfo) -> Any:
+        """What the optimizer's constructor checks (see :func:`estimator.optimizers.option_problem`)."""
+        from estimator.optimizers import option_problem
+
+        name = info.data.get("name")
+        problem = option_problem(name, info.field_name or "", value) if name else None
+        if problem:
+            raise ValueError(problem)
+        return value
+
     @field_validator("nesterov")
     @classmethod
-    def _nesterov_needs_momentum(cls, value: bool, info: Any) -> bool:
-        if value and info.data.get("name") not in ("sgd", "momentum"):
-            raise ValueError("nesterov applies to sgd and momentum only")
+    def _nesterov_needs_momentum(cls, value: bool, info: ValidationInfo) -> bool:
+        from estimator.optimizers import nesterov_problem
+
+        name = info.data.get("name")
+        problem = nesterov_problem(name, info.data.get("momentum")) if value and name else None
+        if problem:
+            raise ValueError(problem)
         return value
 
     @field_validator("implementation")
@@ -171,6 +232,22 @@ class Config(StrictModel):
     )
     # 'path=value' pairs a preset or hf_config model got from presets.TRAINING_DEFAULTS (for the header)
     _training_defaults: tuple[str, ...] = PrivateAttr(default=())
+
+    @model_validator(mode="after")
+    def _options_that_apply(self) -> Config:
+        """Refuse a setting the model family would silently ignore (each message names its field)."""
+        family = self.model.family
+        if family == "mlp" and self.training.seq_len is not None:
+            raise ValueError("training.seq_len: the mlp family has no sequence (B samples of D features); "
+                             "remove it, or use a transformer (--model NAME)")
+        if family == "module" and "batch_size" in self.training.model_fields_set:
+            raise ValueError("training.batch_size: not used by the module family: the batch is the first "
+                             "dimension of each model.inputs shape; change it there")
+        layers = getattr(self.model, "num_layers", None)
+        if isinstance(layers, int) and layers > MAX_LAYERS:
+            raise ValueError(f"model.num_layers: at most {MAX_LAYERS:,} layers (8x the deepest published dense "
+                             f"transformer), got {layers:,}")
+        return self
 
     @property
     def training_defaults(self) -> tuple[str, ...]:

@@ -13,3 +13,20 @@ class EstimatorError(Exception):
     def __init__(self, *problems: str) -> None:
         self.problems = [p for p in problems if p] or ["unknown error"]
         super().__init__("; ".join(self.problems))
+
+
+class Interrupted(Exception):
+    """The run was stopped by a signal (SIGINT, SIGTERM) after cleaning up what it started.
+
+    The CLI prints one line and exits with the shell's convention, 128 + the signal number
+    (130 for SIGINT, 143 for SIGTERM).
+    """
+
+    def __init__(self, signum: int, what: str = "") -> None:
+        import signal
+
+        self.signum = signum
+        self.exit_code = 128 + signum
+        name = signal.Signals(signum).name
+        self.message = f"interrupted by {name}" + (f"; {what}" if what else "")
+        super().__init__(self.message)

@@ -368,3 +368,64 @@ def _adam8bit(param: ParamTensor, options: Any) -> list[StateTensor]:
         StateTensor("absmax1", blocks, "fp32"),
         StateTensor("absmax2", blocks, "fp32"),
     ]
+
+
+# --------------------------------------------------------------------------- option validation
+_CHECKED_BY = {
+    "lion": "the Lion reference code, google/automl lion/lion_pytorch.py",
+    "adam8bit": "bitsandbytes Optimizer2State",
+}
+
+
+def option_problem(name: str, key: str, value: Any) -> str | None:
+    """Why ``name`` would refuse the option ``key=value``, or None when it takes it.
+
+    Exactly the checks of each optimizer's constructor (torch 2.13, ``torch/optim``), so a config
+    that validates never makes ``verify`` crash inside torch:
+
+    * ``lr >= 0``: sgd.py:45, adagrad.py:45, rmsprop.py:47, adam.py:58 (AdamW is Adam),
+      _adafactor.py:38;
+    * ``momentum >= 0``: sgd.py:47, rmsprop.py:51;
+    * ``weight_decay >= 0``: sgd.py:49, adagrad.py:49, rmsprop.py:53, adam.py:66;
+    * ``eps >= 0``: adagrad.py:55, rmsprop.py:49, adam.py:60;
+    * ``alpha >= 0``: rmsprop.py:55;
+    * ``0 <= betas[i] < 1``: adam.py:62-65;
+    * ``nesterov`` needs ``momentum > 0`` and zero dampening: sgd.py:63 (see :func:`nesterov_problem`).
+
+    Lion and 8-bit Adam have no torch class; their reference implementations check the same
+    (``0 <= lr``, ``0 <= eps``, ``0 <= betas[i] < 1``, ``0 <= weight_decay``). Finiteness is checked
+    by the config (``allow_inf_nan=False``). Beyond torch: an option the optimizer does not take
+    (``betas`` for sgd) is refused rather than ignored, and the ``momentum`` optimizer needs a
+    momentum above 0 (with 0, torch keeps no buffer: that is ``sgd``).
+    """
+    spec = _OPTIMIZERS.get(name)
+    if spec is None or value is None:
+        return None
+    if key not in spec.defaults:
+        return f"{name} takes no {key} (its options: {', '.join(spec.defaults)})"
+    checker = _CHECKED_BY.get(name) or spec.torch_class or name
+    checker = checker.split("(")[0]
+    if key == "betas":
+        for i, beta in enumerate(value):
+            if not 0.0 <= beta < 1.0:
+                return f"expected 0 <= β{i + 1} < 1 ({checker} checks it), got {beta}"
+        return None
+    if not 0.0 <= value:
+        return f"expected {key} >= 0 ({checker} checks it), got {value}"
+    if name == "momentum" and key == "momentum" and value == 0:
+        return "the momentum optimizer needs momentum > 0 (with 0 torch keeps no buffer: use -o sgd)"
+    return None
+
+
+def nesterov_problem(name: str, momentum: float | None) -> str | None:
+    """torch.optim.SGD (sgd.py:63): Nesterov momentum requires a momentum above 0 and zero dampening.
+
+    ``momentum`` is the config's value (None: the optimizer's default); dampening is always 0 here.
+    """
+    if name not in ("sgd", "momentum"):
+        return "nesterov applies to sgd and momentum only"
+    in_force = momentum if momentum is not None else _OPTIMIZERS[name].defaults.get("momentum", 0.0)
+    if not in_force > 0:
+        return (f"nesterov requires momentum > 0 (torch.optim.SGD checks it); momentum in force is {in_force}: "
+                "set optimizer.momentum")
+    return None
