@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-import json
+import os
 import sys
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -12,17 +12,77 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperCommand, TyperGroup
 
-from estimator.errors import EstimatorError
+from estimator.errors import EstimatorError, Interrupted
+from estimator.output import OutputError, SafeStdout, user_stdout_to_stderr, write_json
 
-app = typer.Typer(
+
+def _plain_flags(params: list[Any]) -> None:
+    """On/off flags take no value: no ``<bool>`` metavar in --help."""
+    for param in params:
+        if getattr(param, "is_flag", False) and getattr(param, "metavar", None) is None:
+            param.metavar = ""
+
+
+class _FlagCommand(TyperCommand):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _plain_flags(self.params)
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)
+        _plain_flags([option] if option is not None else [])
+        return option
+
+
+class _FlagGroup(TyperGroup):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _plain_flags(self.params)
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)
+        _plain_flags([option] if option is not None else [])
+        return option
+
+
+class _Typer(typer.Typer):
+    """typer.Typer whose commands show flags as flags in --help."""
+
+    def command(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("cls", _FlagCommand)
+        return super().command(*args, **kwargs)
+
+
+app = _Typer(
+    cls=_FlagGroup,
     add_completion=False,
     no_args_is_help=False,
     help="Memory and FLOPs of one training step: estimated instantly, then verified for real.",
     pretty_exceptions_enable=False,
 )
-out = Console(highlight=False)
+out = Console(file=SafeStdout(), highlight=False)
 err = Console(stderr=True, highlight=False)
+
+MAX_WORLD_SIZE = 1 << 20
+"""The most ranks ``estimate --parallel`` accepts (1,048,576: 64x the 16,384 GPUs of Llama 3 405B's run)."""
+
+
+def _version(value: bool) -> None:
+    if value:
+        from estimator import __version__
+
+        out.print(f"estimator {__version__}", markup=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
+                                 help="print the version and exit"),
+) -> None:
+    """Memory and FLOPs of one training step: estimated instantly, then verified for real."""
 
 ConfigArg = typer.Argument(None, help="YAML or JSON config; none = the seed's example (B=2, D=4, AdaGrad)")
 SetOpt = typer.Option(None, "--set", "-s", help="override a field: --set training.batch_size=8 (repeatable)")
@@ -32,22 +92,80 @@ PrecOpt = typer.Option(None, "--precision", "-p", help="fp32 | bf16 | fp16 | amp
 ModelOpt = typer.Option(None, "--model", "-m", help="a preset name (see `estimator models`)")
 JsonOpt = typer.Option(False, "--json", help="print one JSON object to stdout instead of tables")
 ParallelOpt = typer.Option(None, "--parallel", help="per-rank memory under ddp | zero1 | zero2 | zero3 (FSDP)")
-WorldSizeOpt = typer.Option(2, "--world-size", "-n", help="ranks for --parallel (batch_size is per rank)")
+WorldSizeOpt = typer.Option(None, "--world-size", "-n",
+                            help="ranks for --parallel (default 2; batch_size is per rank)")
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn EstimatorError into 'error: ...' lines on stderr and exit code 2 (never a traceback)."""
+    """Every failure as ``error: ...`` lines on stderr and an exit code, never a traceback.
+
+    EstimatorError: exit 2 (bad input). A failed write to stdout: exit 2, or 141 for a closed pipe.
+    SIGINT/SIGTERM: 130/143 (128 + the signal). Anything else is a bug: one line, exit 1, and
+    ``ESTIMATOR_DEBUG=1`` shows the traceback. Under ``--json``, whatever user code prints to stdout
+    goes to stderr, so stdout holds the one JSON document.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with user_stdout_to_stderr() if kwargs.get("as_json") else nullcontext():
+                return fn(*args, **kwargs)
+        except OutputError as exc:
+            _print_errors(exc.problems)
+            raise typer.Exit(exc.exit_code) from None
         except EstimatorError as exc:
-            for problem in exc.problems:
-                err.print(f"error: {problem}", markup=False, soft_wrap=True)
+            _print_errors(exc.problems)
             raise typer.Exit(2) from None
+        except Interrupted as exc:
+            _print_errors([exc.message])
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            _print_errors(["interrupted by SIGINT"])
+            raise typer.Exit(130) from None
+        except RecursionError:
+            _print_errors(["the input is nested too deeply"])
+            raise typer.Exit(2) from None
+        except MemoryError:
+            _print_errors(["out of memory; reduce the model or training.batch_size"])
+            raise typer.Exit(2) from None
+        except Exception as exc:
+            if isinstance(exc, (typer.Exit, typer.Abort)) or hasattr(exc, "show") or os.environ.get(
+                    "ESTIMATOR_DEBUG"):
+                raise
+            first = (str(exc).strip().splitlines() or [""])[0]
+            _print_errors([f"internal error: {type(exc).__name__}: {first} -- please report it "
+                           "(ESTIMATOR_DEBUG=1 shows the traceback)"])
+            raise typer.Exit(1) from None
 
     return wrapper
+
+
+def _print_errors(problems: list[str]) -> None:
+    for problem in problems:
+        try:
+            err.print(f"error: {problem}", markup=False, soft_wrap=True)
+        except OSError:  # stderr itself is gone: the exit code still says it
+            pass
+
+
+def world_size_in_force(parallel: Optional[str], world_size: Optional[int], most: int = MAX_WORLD_SIZE,
+                        why: str = "") -> int:
+    """The number of ranks for --parallel (2 unless -n is given); -n without --parallel is an error."""
+    if parallel is None:
+        if world_size is not None:
+            raise EstimatorError(f"--world-size: applies with --parallel only (e.g. --parallel ddp -n {world_size})")
+        return 1
+    n = 2 if world_size is None else world_size
+    if n < 1:
+        raise EstimatorError(f"--world-size: expected at least 1 rank, got {n}")
+    if n > most:
+        raise EstimatorError(f"--world-size: at most {most:,} ranks{why}, got {n:,}")
+    return n
+
+
+def _curve_json(points: list[tuple[str, int]]) -> list[dict[str, Any]]:
+    """A live-bytes curve as JSON: one {phase, live_bytes} per event, in order."""
+    return [{"phase": phase, "live_bytes": live} for phase, live in points]
 
 
 def build_config(
@@ -89,7 +207,8 @@ def _rank_estimates(cfg: Any, parallel: Optional[str], world_size: int, device: 
 
 
 def emit_json(payload: Any) -> None:
-    sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+    """One strict (RFC 8259) JSON document on stdout; see estimator/output.py."""
+    write_json(payload)
 
 
 @app.command()
@@ -108,11 +227,12 @@ def estimate(
     gpu: Optional[str] = typer.Option(None, "--gpu", "-g", help="does it fit, largest batch, step time (see `gpus`)"),
     mfu: float = typer.Option(0.4, "--mfu", help="model FLOPs utilisation assumed for the step time (0-1]"),
     parallel: Optional[str] = ParallelOpt,
-    world_size: int = WorldSizeOpt,
+    world_size: Optional[int] = WorldSizeOpt,
 ) -> None:
     """Estimate memory, the peak and FLOPs of one training step (no torch needed)."""
     from estimator.api import estimate as run_estimate
 
+    world_size = world_size_in_force(parallel, world_size)
     if plot is not None:
         from estimator.plot import check_plot_path
 
@@ -141,6 +261,9 @@ def estimate(
         if ranks:
             extra["distributed"] = {"strategy": parallel, "world_size": world_size,
                                     "ranks": [r.to_json() for r in ranks]}
+        if timeline:
+            extra["timeline"] = {"first_step": _curve_json(result.step.first_curve()),
+                                 "steady_step": _curve_json(result.step.steady_curve())}
         emit_json({**result.to_json(), **extra})
         return
     from estimator.report import render_estimate, render_fit, render_ranks
@@ -152,6 +275,20 @@ def estimate(
         render_ranks(ranks, None, out, None)
     if plot is not None:
         out.print(f"wrote {plot}")
+
+
+def optimizer_list(text: str) -> list[str]:
+    """``--optimizers a,b,c``: names in order; an empty or repeated name is an error, not skipped."""
+    names = [n.strip().lower() for n in text.split(",")]
+    if names == [""]:
+        raise EstimatorError("--optimizers: give at least one optimizer name, e.g. sgd,adam")
+    for i, name in enumerate(names):
+        if not name:
+            raise EstimatorError(f"--optimizers {text}: name {i + 1} is empty (expected names separated by "
+                                 "single commas, e.g. sgd,adam)")
+        if name in names[:i]:
+            raise EstimatorError(f"--optimizers {text}: {name!r} is given twice")
+    return names
 
 
 @app.command()
@@ -171,10 +308,8 @@ def compare(
     """Compare the same step under several optimizers."""
     from estimator.api import compare as run_compare
 
+    names = optimizer_list(optimizers)
     cfg = build_config(config, set_, batch_size, None, precision, model, device)
-    names = [n.strip() for n in optimizers.split(",") if n.strip()]
-    if not names:
-        raise EstimatorError("--optimizers: give at least one optimizer name, e.g. sgd,adam")
     results = run_compare(cfg, names)
     if as_json:
         emit_json([{"optimizer": r.config.optimizer.name, **r.to_json()} for r in results])
@@ -221,10 +356,13 @@ def verify(
     plot: Optional[Path] = typer.Option(None, "--plot", help="write estimated and measured timelines to this PNG"),
     parallel: Optional[str] = typer.Option(
         None, "--parallel", help="run --world-size gloo processes on the CPU: ddp | zero1 | zero3 (FSDP2)"),
-    world_size: int = WorldSizeOpt,
+    world_size: Optional[int] = WorldSizeOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Run one real optimizer step on the device and show estimate and measurement side by side."""
+    ranks_most = 4 * (os.cpu_count() or 1)
+    world_size = world_size_in_force(parallel, world_size, ranks_most,
+                                     f" on this machine (4 x its {os.cpu_count() or 1} CPUs: each rank is a process)")
     if impl not in ("torch", "textbook"):
         raise EstimatorError(f"--impl: expected torch or textbook, got {impl!r}")
     if tolerance is not None and not 0 <= tolerance < 10:
@@ -251,7 +389,12 @@ def verify(
         plot_timeline(plot, estimated=result.estimate, measured=result.measurement.steady_step.timeline,
                       title=f"live bytes over one steady-state step ({result.measurement.device})")
     if as_json:
-        emit_json(result.to_json())
+        data = result.to_json()
+        if timeline:
+            m = result.measurement
+            data["timeline"] = {"estimated": _curve_json(result.estimate.step.steady_curve()),
+                                "measured": _curve_json(getattr(m, "real_steady_step", m.steady_step).timeline)}
+        emit_json(data)
     else:
         from estimator.report import render_verification
 
@@ -275,10 +418,12 @@ def _verify_parallel(cfg: Any, parallel: str, world_size: int, device: str, tole
         raise EstimatorError(f"--parallel: runs on the CPU with the gloo backend; got --device {device}")
     if world_size < 2:
         raise EstimatorError(f"--world-size: --parallel needs at least 2 ranks, got {world_size}")
+    from estimator.measure.distributed import RANK_PROCESS_BYTES
     from estimator.measure.verify import refuse_if_too_large
 
     estimates = per_rank_estimates(cfg, parallel, world_size, "cpu")
-    need = max(max(r.peak_bytes, r.first_step_peak_bytes) for r in estimates) * world_size
+    # each rank is a process with its own torch (measured: about 320 MiB resident before the step)
+    need = (max(max(r.peak_bytes, r.first_step_peak_bytes) for r in estimates) + RANK_PROCESS_BYTES) * world_size
     refuse_if_too_large(need, "cpu", f"this step on {world_size} ranks")
     with err.status(f"running {world_size} {parallel} processes", spinner="dots") if not as_json else nullcontext():
         measured = measure_distributed(cfg, parallel, world_size, "cpu")
@@ -358,5 +503,31 @@ def schema() -> None:
 
 
 def main() -> None:
-    """Entry point of the console script and of ``python -m estimator``."""
-    app(prog_name="estimator")
+    """Entry point of the console script and of ``python -m estimator``.
+
+    Stdout is checked twice: closed before we start (``>&-``) is an error, and the final flush at
+    exit (``> /dev/full``, a reader that went away) is reported as one line, not a traceback.
+    """
+    if sys.stdout is None:
+        _print_errors(["stdout is closed; nothing could be printed (run without >&-)"])
+        sys.exit(2)
+    code: Any = 0
+    try:
+        app(prog_name="estimator")
+    except SystemExit as exc:
+        code = exc.code
+    try:
+        sys.stdout.flush()
+    except OSError as exc:
+        failure = OutputError(exc)
+        if not code:
+            _print_errors(failure.problems)
+            code = failure.exit_code
+    if code:  # whatever is still buffered could not be written: do not fail again at interpreter exit
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):
+            pass
+    sys.exit(code)

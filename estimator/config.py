@@ -240,9 +240,6 @@ class Config(StrictModel):
         if family == "mlp" and self.training.seq_len is not None:
             raise ValueError("training.seq_len: the mlp family has no sequence (B samples of D features); "
                              "remove it, or use a transformer (--model NAME)")
-        if family == "module" and "batch_size" in self.training.model_fields_set:
-            raise ValueError("training.batch_size: not used by the module family: the batch is the first "
-                             "dimension of each model.inputs shape; change it there")
         layers = getattr(self.model, "num_layers", None)
         if isinstance(layers, int) and layers > MAX_LAYERS:
             raise ValueError(f"model.num_layers: at most {MAX_LAYERS:,} layers (8x the deepest published dense "

@@ -269,7 +269,12 @@ def load_config(
         set_path(data, keys, value)
     for text, keys, _ in parsed:
         check_override_path(data, keys, text)
-    return validate_config(data, source_dir)
+    config = validate_config(data, source_dir)
+    training = data.get("training")
+    if config.model.family == "module" and isinstance(training, dict) and "batch_size" in training:
+        raise EstimatorError("training.batch_size: not used by the module family: the batch is the first "
+                             "dimension of each model.inputs shape; change it there")
+    return config
 
 
 def validate_config(data: dict[str, Any], source_dir: Path | None = None) -> Config:

@@ -18,11 +18,25 @@ FORMATS = (".png", ".svg", ".pdf")
 
 
 def check_plot_path(path: Path) -> None:
-    """Refuse a path we could not write before any work is done (one clear line, exit 2)."""
+    """Refuse a path we could not write before any work is done (one clear line, exit 2).
+
+    The directory is tested by creating (and removing) a temporary file in it, the same call that
+    writes the chart later: permission bits alone do not tell (``/sys`` and ``/proc`` look writable
+    to root; a read-only mount does not show in them).
+    """
     if path.suffix.lower() not in FORMATS:
         raise EstimatorError(f"--plot {path}: expected a file ending in {', '.join(FORMATS)}")
-    if not path.parent.resolve().is_dir():
-        raise EstimatorError(f"--plot {path}: the directory {path.parent} does not exist")
+    try:
+        parent = path.parent.resolve()
+        if not parent.is_dir():
+            raise EstimatorError(f"--plot {path}: the directory {path.parent} does not exist")
+        if path.is_dir():
+            raise EstimatorError(f"--plot {path}: is a directory")
+        fd, probe = tempfile.mkstemp(suffix=path.suffix, dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise EstimatorError(f"--plot {path}: cannot write there: {exc.strerror or exc}") from None
 
 
 def plot_timeline(
@@ -72,11 +86,21 @@ def plot_timeline(
     os.close(fd)
     try:
         fig.savefig(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a new file normally gets 0666 & ~umask
         os.replace(tmp, path)
+    except OSError as exc:
+        raise EstimatorError(f"--plot {path}: cannot write there: {exc.strerror or exc}") from None
     finally:
         plt.close(fig)
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _phase_positions(points: list[tuple[str, int]], phases: list[str]) -> tuple[list[float], list[int]]:
