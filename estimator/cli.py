@@ -201,9 +201,9 @@ def _rank_estimates(cfg: Any, parallel: Optional[str], world_size: int, device: 
     """Per-rank estimates for --parallel, or [] without it."""
     if parallel is None:
         return []
-    from estimator.distributed import per_rank_estimates
+    from estimator.parallel import rank_groups
 
-    return per_rank_estimates(cfg, parallel, world_size, device)
+    return rank_groups(cfg, parallel, world_size, device)
 
 
 def emit_json(payload: Any) -> None:
@@ -386,7 +386,7 @@ def verify(
     if plot is not None:
         from estimator.plot import plot_timeline
 
-        plot_timeline(plot, estimated=result.estimate, measured=result.measurement.steady_step.timeline,
+        plot_timeline(plot, estimated=result.estimate, measured=result.measurement.real_steady_step.timeline,
                       title=f"live bytes over one steady-state step ({result.measurement.device})")
     if as_json:
         data = result.to_json()

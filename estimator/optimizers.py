@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from math import prod
 from typing import Any, Literal
 
 from estimator.families.base import ParamTensor
@@ -338,8 +339,9 @@ def _adafactor(param: ParamTensor, options: Any) -> list[StateTensor]:
     # (second-to-last dim -> 1); a vector keeps a full-size 'variance'.
     if len(param.shape) < 2:
         return _like(param, "variance")
-    rows = param.numel // param.shape[-1]
-    cols = param.numel // param.shape[-2]
+    lead = prod(param.shape[:-2])  # shapes, not numel ratios: an empty shard (0 rows) keeps its columns
+    rows = lead * param.shape[-2]
+    cols = lead * param.shape[-1]
     return [StateTensor("row_var", rows), StateTensor("col_var", cols)]
 
 

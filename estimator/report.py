@@ -182,7 +182,9 @@ def timeline_rows(points: list[tuple[str, int]], top: int, width: int = 64) -> l
     table.add_column()
     table.add_column(justify="right")
     table.add_column()
-    for phase, value in phase_peaks(points).items():
+    # a phase's peak starts at the bytes live when it began (as max_memory_allocated after a reset)
+    starts = [(phase, points[i - 1][1]) for i, (phase, _) in enumerate(points) if i and points[i - 1][0] != phase]
+    for phase, value in phase_peaks(points + starts).items():
         table.add_row(phase, human_bytes(value), bar(value / top if top else 0, 40))
     return [table, Text(sparkline([v for _, v in points], width), style="cyan"),
             Text(phase_axis(points, width), style="dim")]
@@ -283,21 +285,37 @@ def render_verification(ver: Any, console: Console, tolerance: float | None, plo
     exact = Table(box=None, padding=(0, 2), show_header=True)
     exact.add_column("exact bytes")
     exact.add_column("estimated", justify="right")
-    exact.add_column("measured", justify="right")
+    exact.add_column("measured" if m.uninstrumented is None else "real step", justify="right")
+    if m.uninstrumented is not None:  # CPU: the tracker's step and the allocator's total, not compared
+        exact.add_column("instrumented", justify="right")
+        exact.add_column("allocator", justify="right")
+    u = m.uninstrumented
     for key in ("first_step_peak_bytes", "peak_bytes"):
         row = next(r for r in ver.rows if r.key == key)
-        exact.add_row(row.label, f"{row.estimated:,}", f"{row.measured:,}")
-    console.print(exact)
+        more = [] if u is None else (
+            [f"{m.first_step.peak_bytes:,}", f"{u.allocator_first_peak:,}"] if key == "first_step_peak_bytes"
+            else [f"{m.steady_step.peak_bytes:,}", f"{u.allocator_steady_peak:,}"])
+        exact.add_row(row.label, f"{row.estimated:,}", f"{row.measured:,}", *more)
+    print_fitting(console, exact)
+    real = m.real_steady_step
     notes = [
         f"The seed's first-order total is {human_bytes(est.memory.total)}; the measured steady step peaks at "
-        f"{human_bytes(m.steady_step.peak_bytes)} during {m.steady_step.peak_phase}.",
+        f"{human_bytes(real.peak_bytes)} during {real.peak_phase}.",
         "The seed's total leaves out: the inputs and targets, everything autograd saves beyond B·D·layers "
         "(the head's output, casts under autocast), the gradients flowing back during backward, the "
         "optimizer's temporaries, and torch's 'step' scalars; and it assumes activations and gradients coexist, "
         "which they never do in full: backward frees each layer's saved tensors as its gradients appear.",
         "Measured figures are all live tensor bytes on the device, including those that existed before the step "
-        "(what torch.cuda.max_memory_allocated means; on the CPU a live-tensor tracker gives the same figure).",
+        "(what torch.cuda.max_memory_allocated means).",
     ]
+    if u is not None:
+        notes.append(
+            "CPU: the peaks compared are the real step's, from the allocator's own records with no dispatch mode "
+            "active (torch.profiler): the blocks ATen ops returned. 'allocator' adds the blocks no op returned "
+            f"(kernel workspaces, wrapped scalars, checkpoint's RNG state: {human_bytes(u.not_op_output_bytes)} "
+            "more at the steady peak) and is the CPU's max_memory_allocated. 'instrumented' is the live-tensor "
+            "tracker's step (a dispatch mode, under which autograd sums a reused tensor's gradients out of "
+            "place); the other rows come from it.")
     if m.baseline_bytes:
         notes.append(f"{human_bytes(m.baseline_bytes)} were allocated before the model was built (cuBLAS "
                      "workspaces from the warm-up); max_memory_allocated includes them, the peaks above do not.")
@@ -311,7 +329,7 @@ def render_verification(ver: Any, console: Console, tolerance: float | None, plo
                      "so their peaks differ — see docs/measurement.md.")
     console.print(Panel("\n".join(notes), title="what the numbers mean", title_align="left"))
     if plot_points:
-        console.print(Panel(Group(*timeline_rows(m.steady_step.timeline, m.steady_step.peak_bytes)),
+        console.print(Panel(Group(*timeline_rows(real.timeline, real.peak_bytes)),
                             title="measured live bytes over the steady step", title_align="left"))
 
 

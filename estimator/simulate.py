@@ -8,14 +8,17 @@ puts them in order. Pure Python.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
 
 from estimator.config import Config
 from estimator.events import Event, alloc, free
 from estimator.families.base import ParamTensor, StepShape, get_family
 from estimator.optimizers import OptimizerSpec, get_optimizer
+from estimator.periodic import Program, Segment, map_events, periodic_programs, role_bytes, summary_of
 from estimator.precision import DTYPE_BYTES, precision_plan
-from estimator.timeline import LiveTensor, Peak, curve, find_peak, replay
+from estimator.timeline import LiveTensor, Peak, curve, peak_of, replay, scan
 
 STEP_TENSOR_BYTES = 4  # torch keeps 'step' as a float32 scalar tensor per parameter
 CUDA_BLOCK = 512  # the CUDA caching allocator rounds every block up to a multiple of 512 bytes
@@ -36,14 +39,109 @@ class SimulatedStep:
     @property
     def saved_activation_bytes(self) -> int:
         """Bytes autograd saves for backward in one step (what saved_tensors_hooks sees)."""
-        return sum(e.nbytes for e in self.steady_step
-                   if e.nbytes > 0 and e.role == "activation" and e.phase in ("forward", "loss"))
+        return sum(e.nbytes for e in self.steady_step if _is_saved(e))
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(e.nbytes for e in self.setup if e.role == "input")
+
+    @cached_property
+    def programs(self) -> tuple[Program, Program, Program]:
+        """The three event lists as one-segment programs (the form per-rank estimates compose)."""
+        return (Segment(tuple(self.setup)),), (Segment(tuple(self.first_step)),), (Segment(tuple(self.steady_step)),)
 
     def first_curve(self) -> list[tuple[str, int]]:
         return curve(self.first_step, self.live_before_first)
 
     def steady_curve(self) -> list[tuple[str, int]]:
         return curve(self.steady_step, self.live_before_steady)
+
+
+def _is_saved(e: Event) -> bool:
+    return e.nbytes > 0 and e.role == "activation" and e.phase in ("forward", "loss")
+
+
+@dataclass(frozen=True)
+class CompressedStep:
+    """A :class:`SimulatedStep` of a model whose layers repeat, kept as programs (see ``periodic.py``).
+
+    The peaks and sums come from the programs in O(distinct blocks); the flat event lists (for a
+    timeline chart or a comparison with a measurement) are built only when asked for.
+    """
+
+    programs: tuple[Program, Program, Program]  # setup, first step, steady step
+    first_peak: Peak
+    steady_peak: Peak
+    flatten: Callable[[], SimulatedStep] = field(repr=False, compare=False)
+
+    @cached_property
+    def _flat(self) -> SimulatedStep:
+        return self.flatten()
+
+    setup = property(lambda self: self._flat.setup)
+    first_step = property(lambda self: self._flat.first_step)
+    steady_step = property(lambda self: self._flat.steady_step)
+    live_before_first = property(lambda self: self._flat.live_before_first)
+    live_before_steady = property(lambda self: self._flat.live_before_steady)
+
+    @property
+    def saved_activation_bytes(self) -> int:
+        return role_bytes(self.programs[2], _is_saved)
+
+    @property
+    def input_bytes(self) -> int:
+        return role_bytes(self.programs[0], lambda e: e.role == "input")
+
+    def first_curve(self) -> list[tuple[str, int]]:
+        return self._flat.first_curve()
+
+    def steady_curve(self) -> list[tuple[str, int]]:
+        return self._flat.steady_curve()
+
+
+#: below this many layers the flat step is cheap enough; above it the periodic programs are tried
+COMPRESS_ABOVE_LAYERS = 16
+
+
+def with_layers(config: Config, layers: int) -> Config:
+    return config.model_copy(update={"model": config.model.model_copy(update={"num_layers": layers})})
+
+
+def layered_step(config: Config, build: Callable[[Config], tuple[list[Event], list[Event], list[Event]]],
+                 finish: Callable[[list[Event]], list[Event]] | None = None) -> SimulatedStep | CompressedStep:
+    """``build(config)``'s step (each list passed through ``finish``, e.g. CUDA's block rounding),
+    compressed when the model's layers repeat and there are many of them."""
+    done = finish or (lambda events: events)
+
+    def flat() -> SimulatedStep:
+        setup, first, steady = build(config)
+        return assemble_step(done(setup), done(first), done(steady))
+
+    layers = getattr(config.model, "num_layers", None)
+    if isinstance(layers, int) and layers > COMPRESS_ABOVE_LAYERS:
+        programs = periodic_programs(lambda n: build(with_layers(config, n)), layers)
+        if programs is not None:
+            return compressed_step(tuple(map_events(p, done) for p in programs), flat)
+    return flat()
+
+
+def compressed_step(programs: tuple[Program, ...], flatten: Callable[[], SimulatedStep]) -> CompressedStep:
+    setup, first, steady = (summary_of(p) for p in programs)
+    live_first = dict(setup.roles)
+    live_steady = dict(_merge(setup.roles, first.roles))
+    return CompressedStep(programs, peak_of(first, _positive(live_first)), peak_of(steady, _positive(live_steady)),
+                          flatten)  # type: ignore[arg-type]
+
+
+def _merge(a: tuple[tuple[str, int], ...], b: tuple[tuple[str, int], ...]) -> dict[str, int]:
+    out = dict(a)
+    for role, n in b:
+        out[role] = out.get(role, 0) + n
+    return out
+
+
+def _positive(roles: dict[str, int]) -> dict[str, int]:
+    return {r: n for r, n in roles.items() if n}
 
 
 def resolve_implementation(config: Config, device: str) -> str:
@@ -73,8 +171,16 @@ def state_nbytes(spec: OptimizerSpec, param: ParamTensor, config: Config) -> lis
     ]
 
 
-def simulate(config: Config, device: str = "cpu") -> SimulatedStep:
+def simulate(config: Config, device: str = "cpu") -> SimulatedStep | CompressedStep:
     """Events of setup, the first step and a steady step; peaks of both steps."""
+    return layered_step(config, lambda c: step_events(c, device, rounded=False),
+                        round_blocks if device == "cuda" else None)
+
+
+def step_events(
+    config: Config, device: str = "cpu", rounded: bool = True
+) -> tuple[list[Event], list[Event], list[Event]]:
+    """The flat event lists of setup, the first step and a steady step (CUDA's blocks unless ``rounded=False``)."""
     family = get_family(config.model.family)
     shape = step_shape(config)
     params = family.parameters(config.model)
@@ -94,19 +200,17 @@ def simulate(config: Config, device: str = "cpu") -> SimulatedStep:
     first = body + optimizer_step_events(spec, trainable, config, impl, step_bytes, first=True) + tail
     steady = body + optimizer_step_events(spec, trainable, config, impl, step_bytes, first=False) + tail
 
-    if device == "cuda":
+    if device == "cuda" and rounded:
         setup, first, steady = (round_blocks(e) for e in (setup, first, steady))
+    return setup, first, steady
+
+
+def assemble_step(setup: list[Event], first: list[Event], steady: list[Event]) -> SimulatedStep:
+    """Replay setup, then the first step, then a steady step on what the first left: one pass each."""
     live_first = replay(setup)
-    live_steady = replay(first, live_first)
-    return SimulatedStep(
-        setup=setup,
-        first_step=first,
-        steady_step=steady,
-        first_peak=find_peak(first, live_first),
-        steady_peak=find_peak(steady, live_steady),
-        live_before_first=live_first,
-        live_before_steady=live_steady,
-    )
+    first_peak, live_steady = scan(first, live_first)
+    steady_peak, _ = scan(steady, live_steady)
+    return SimulatedStep(setup, first, steady, first_peak, steady_peak, live_first, live_steady)
 
 
 def round_blocks(events: list[Event]) -> list[Event]:
@@ -222,3 +326,13 @@ def _zero_grad_events(params: list[ParamTensor], shape: StepShape) -> list[Event
         for p in params
         if p.trainable
     ]
+
+
+def state_bytes(spec: OptimizerSpec, params: list[ParamTensor], config: Config) -> int:
+    """Optimizer-state bytes of ``params``, one state layout per distinct shape (state depends on shape only)."""
+    counts: dict[tuple[tuple[int, ...], bool], int] = {}
+    for p in params:
+        key = (p.shape, p.trainable)
+        counts[key] = counts.get(key, 0) + 1
+    return sum(n * sum(b for _, b in state_nbytes(spec, ParamTensor("p", shape, trainable), config))
+               for (shape, trainable), n in counts.items())

@@ -1,0 +1,77 @@
+"""Per-rank memory of one training step under a parallel layout: DDP, ZeRO-1/2, ZeRO-3 (FSDP2).
+
+Each strategy is one module that registers itself (``ddp.py``, ``zero.py``, ``fsdp.py``); this module
+is the public entry: :func:`rank_groups` computes each distinct rank once and returns the ranks that
+share it, so the cost follows the number of distinct ranks, not the world size.
+
+``training.batch_size`` is the batch of one rank (global batch = batch_size · N): data parallelism
+splits the global batch, so activations do not change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from estimator.config import Config
+from estimator.families.base import get_family
+from estimator.optimizers import get_optimizer
+from estimator.parallel import ddp, fsdp, zero  # noqa: F401  (registers the strategies)
+from estimator.parallel.base import (
+    MAX_WORLD_SIZE,
+    STRATEGIES_BY_NAME,
+    RankContext,
+    RankEstimate,
+    RankGroup,
+    check_world_size,
+    get_strategy,
+    merge_equal,
+)
+from estimator.parallel.ddp import ddp_bucket_bytes
+from estimator.parallel.zero import zero_partition
+from estimator.precision import precision_plan
+from estimator.simulate import state_bytes
+
+STRATEGIES: tuple[str, ...] = tuple(STRATEGIES_BY_NAME)
+
+__all__ = ["MAX_WORLD_SIZE", "STRATEGIES", "RankEstimate", "RankGroup", "ddp_bucket_bytes", "model_state_bytes",
+           "per_rank_estimate", "per_rank_estimates", "rank_groups", "zero_partition"]
+
+
+def rank_groups(config: Config, strategy: str, world_size: int, device: str = "cuda") -> list[RankGroup]:
+    """The distinct ranks of ``strategy`` on ``world_size`` ranks, each computed once, with the ranks it covers."""
+    chosen = get_strategy(strategy)
+    check_world_size(world_size)
+    ctx = RankContext(config, world_size, device)
+    return merge_equal([(ranges, chosen.estimate(ctx, rep)) for ranges, rep in chosen.groups(ctx)])
+
+
+def per_rank_estimate(
+    config: Config, strategy: str, world_size: int, device: str = "cuda", rank: int = 0
+) -> RankEstimate:
+    """The memory of ``rank`` when the step runs data-parallel on ``world_size`` ranks with ``strategy``."""
+    chosen = get_strategy(strategy)
+    check_world_size(world_size, rank)
+    return chosen.estimate(RankContext(config, world_size, device), rank)
+
+
+def per_rank_estimates(config: Config, strategy: str, world_size: int, device: str = "cuda") -> list[RankEstimate]:
+    """One :class:`RankEstimate` per rank, in rank order (each distinct rank computed once)."""
+    slots: list[RankEstimate | None] = [None] * world_size
+    for group in rank_groups(config, strategy, world_size, device):
+        for a, b in group.ranks:
+            for r in range(a, b + 1):
+                slots[r] = replace(group.estimate, rank=r)
+    return [s for s in slots if s is not None]
+
+
+def model_state_bytes(config: Config, strategy: str, world_size: int) -> dict[str, float]:
+    """The ZeRO paper's per-rank model states with an ideal Ψ/N split (section 5, Figure 1)."""
+    plan = precision_plan(config.training.precision)
+    spec = get_optimizer(config.optimizer.name)
+    params = get_family(config.model.family).parameters(config.model)
+    psi = sum(p.numel for p in params)
+    k = state_bytes(spec, [p for p in params if p.trainable], config) / max(psi, 1)
+    n = world_size
+    p_b, g_b = plan.parameter_bytes, plan.gradient_bytes
+    div = {"ddp": (1, 1, 1), "zero1": (1, 1, n), "zero2": (1, n, n), "zero3": (n, n, n)}[strategy]
+    return {"parameters": p_b * psi / div[0], "gradients": g_b * psi / div[1], "optimizer_state": k * psi / div[2]}

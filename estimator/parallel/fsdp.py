@@ -1,0 +1,187 @@
+"""ZeRO-3 as torch runs it: FSDP2 ``fully_shard`` (Zhao et al. 2023, "PyTorch FSDP"; ZeRO's P_os+g+p,
+Rajbhandari et al. 2020, section 5: (P_b + G_b + S_b)·Ψ/N per rank).
+
+FSDP2's Shard(0) splits every tensor along dim 0 into ceil(rows/N)-row chunks (``torch.chunk``), the
+local storage padded to that size, so ranks differ only where a tensor's rows run out: ranks are
+grouped by which chunks they hold, and each group is computed once.
+
+mlp family: each unit (a layer; the root holds the head) is all-gathered before its forward and
+backward into a flat buffer, copied out into the unsharded parameter, resharded after; after its
+backward its gradient is copied into a flat reduce-scatter input, reduced into a shard-sized output
+that becomes the sharded ``.grad``. On gloo the reduce-scatter makes one more input-sized copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from estimator.config import Config
+from estimator.errors import EstimatorError
+from estimator.events import Event, alloc, free
+from estimator.families.base import ParamTensor, get_family
+from estimator.optimizers import get_optimizer
+from estimator.parallel.base import (
+    RankContext,
+    RankEstimate,
+    compose,
+    events_summary,
+    local_model_states,
+    register_strategy,
+)
+from estimator.precision import precision_plan
+from estimator.simulate import optimizer_step_events, state_events, step_shape
+
+
+@dataclass(frozen=True)
+class Shard:
+    padded: ParamTensor  # ceil(rows/N) rows: the local storage FSDP2 allocates (and the all-gather chunk)
+    local: ParamTensor  # the rows this rank really owns (what zeros_like(param) makes for optimizer state)
+
+
+def shard(p: ParamTensor, world_size: int, rank: int) -> Shard:
+    """FSDP2's Shard(0): torch.chunk's ceil(rows/N) rows per rank, the storage padded to that size."""
+    rows, rest = p.shape[0], p.shape[1:]
+    chunk = -(-rows // world_size)
+    mine = max(0, min(chunk, rows - rank * chunk))
+    return Shard(ParamTensor(p.name, (chunk, *rest), p.trainable), ParamTensor(p.name, (mine, *rest), p.trainable))
+
+
+def shard_groups(params: list[ParamTensor], world_size: int) -> list[tuple[tuple[tuple[int, int], ...], int]]:
+    """Ranks that hold the same rows of every tensor, as inclusive ranges (one representative each).
+
+    For a tensor of R rows and chunk c = ceil(R/N), ranks below R // c hold c rows, rank R // c holds
+    R mod c, the rest none: the breakpoints of all tensors cut [0, N) into the distinct groups.
+    """
+    cuts = {0, world_size}
+    for p in params:
+        rows = p.shape[0]
+        chunk = -(-rows // world_size)
+        for b in (rows // chunk, rows // chunk + 1):
+            if 0 < b < world_size:
+                cuts.add(b)
+    edges = sorted(cuts)
+    return [(((a, b - 1),), a) for a, b in zip(edges, edges[1:], strict=False)]
+
+
+@register_strategy
+class Zero3:
+    name = "zero3"
+
+    def groups(self, ctx: RankContext) -> list[tuple[tuple[tuple[int, int], ...], int]]:
+        return shard_groups(ctx.params, ctx.world_size)
+
+    def estimate(self, ctx: RankContext, rank: int) -> RankEstimate:
+        config, world_size, params = ctx.config, ctx.world_size, ctx.params
+        if config.model.family != "mlp":
+            raise EstimatorError("--parallel zero3: the per-unit FSDP timeline is modelled for the mlp family only")
+        shards = [shard(p, world_size, rank) for p in params]
+        setup, first, steady = _zero3_events(config, params, world_size, rank, ctx.impl, ctx.step_bytes, ctx.device)
+        setup, first, steady = ctx.round(setup), ctx.round(first), ctx.round(steady)
+        local_state = [s.local for s, p in zip(shards, params, strict=True) if p.trainable]
+        parameters = sum(s.padded.numel for s in shards) * ctx.plan.parameter_bytes
+        gradients = ctx.plan.gradient_bytes * sum(s.padded.numel for s, p in zip(shards, params, strict=True)
+                                                  if p.trainable)
+        step = compose(ctx, setup, (), [events_summary(first)], [events_summary(steady)])
+        state, step_tensors = local_model_states(ctx, local_state)
+        return RankEstimate(self.name, world_size, rank, parameters, gradients, state, step_tensors,
+                            ctx.base.saved_activation_bytes, 0, step)
+
+
+def _zero3_events(
+    config: Config, params: list[ParamTensor], world_size: int, rank: int, impl: str, step_bytes: int, device: str
+) -> tuple[list[Event], list[Event], list[Event]]:
+    """FSDP2 on the Cruncher: ``fully_shard`` on each layer, then on the root (which holds the head).
+
+    Order read off torch 2.13 (``_fsdp_param_group.py``, ``_fsdp_collectives.py``) and the tracker: a
+    unit's all-gather output lives until the next unit's copy-out; the root is not resharded after
+    forward; backward prefetches the next unit; a reduce-scatter input lives until the next one is
+    made; post-backward of units whose input needs no gradient (layer 0, the root) runs in the final
+    callback, root first.
+    """
+    family = get_family("mlp")
+    plan = precision_plan(config.training.precision)
+    p_b, g_b = plan.parameter_bytes, plan.gradient_bytes
+    spec = get_optimizer(config.optimizer.name)
+    n = config.model.num_layers
+    by_name = {p.name: p for p in params}
+    unit_param = {f"U{i}": f"layers.{i}.weight" for i in range(n)} | {"R": "final.weight"}
+    shards_of = {u: shard(by_name[name], world_size, rank) for u, name in unit_param.items()}
+    full = {u: by_name[name].numel for u, name in unit_param.items()}
+    padded = {u: s.padded.numel * world_size for u, s in shards_of.items()}
+    gloo_copy = device == "cpu"  # ProcessGroupGloo's reduce_scatter copies its input; NCCL does not
+
+    def unshard_alloc(u: str, phase: str) -> list[Event]:
+        return [alloc(f"{u}.all_gather", "temporary", padded[u] * p_b, phase)]
+
+    def copy_out(u: str, phase: str) -> list[Event]:
+        return [alloc(f"{u}.unsharded", "parameter", full[u] * p_b, phase)]
+
+    def reshard(u: str, phase: str) -> list[Event]:
+        return [free(f"{u}.unsharded", "parameter", full[u] * p_b, phase)]
+
+    def drop_ag(u: str, phase: str) -> list[Event]:
+        return [free(f"{u}.all_gather", "temporary", padded[u] * p_b, phase)]
+
+    rs_live: list[str] = []
+
+    def post_backward(u: str) -> list[Event]:
+        ph, name = "backward", unit_param[u]
+        ev = reshard(u, ph)
+        if rs_live:
+            prev = rs_live.pop()
+            ev.append(free(f"{prev}.rs_input", "temporary", padded[prev] * g_b, ph))
+        ev.append(alloc(f"{u}.rs_input", "temporary", padded[u] * g_b, ph))
+        ev.append(alloc(f"{name}.grad.shard", "gradient", shards_of[u].padded.numel * g_b, ph))
+        if gloo_copy:
+            ev += [alloc(f"{u}.gloo_copy", "temporary", padded[u] * g_b, ph),
+                   free(f"{u}.gloo_copy", "temporary", padded[u] * g_b, ph)]
+        ev.append(free(f"{name}.grad", "gradient", full[u] * g_b, ph))
+        rs_live.append(u)
+        return ev
+
+    shape_events = family.forward_backward_events(config.model, config.training, step_shape(config))
+    body: list[Event] = unshard_alloc("R", "forward") + copy_out("R", "forward")
+    prev_ag = "R"
+    for e in shape_events:
+        if e.phase == "forward" and e.nbytes > 0 and e.name.startswith("h"):
+            i = int(e.name[1:]) - 1
+            u = f"U{i}"
+            body += unshard_alloc(u, "forward") + copy_out(u, "forward") + drop_ag(prev_ag, "forward")
+            body.append(e)
+            body += reshard(u, "forward")
+            prev_ag = u
+            continue
+        if e.phase == "backward" and e.nbytes > 0 and e.name.startswith("layers.") and e.name.endswith(".grad"):
+            i = int(e.name.split(".")[1])
+            u = f"U{i}"
+            body += copy_out(u, "backward") + drop_ag(u, "backward")
+            if i > 0:
+                body += unshard_alloc(f"U{i - 1}", "backward")
+        if e.phase == "backward" and e.name == "grad_loss" and e.nbytes < 0:
+            body += post_backward("R") + post_backward("U0")
+            last = rs_live.pop()
+            body.append(free(f"{last}.rs_input", "temporary", padded[last] * g_b, "backward"))
+        body.append(e)
+        if e.phase == "forward" and e.name == "out":
+            body += drop_ag(prev_ag, "forward")
+        elif e.phase == "backward" and e.name == "grad_out" and e.nbytes > 0:
+            body += unshard_alloc(f"U{n - 1}", "backward")  # the root's pre-backward prefetches the last layer
+        elif e.phase == "backward" and e.nbytes < 0 and e.name.startswith("h") and e.name != f"h{n}":
+            body += post_backward(f"U{int(e.name[1:])}")  # layer i's saved input h{i} freed: its backward is done
+    local = [s.local for s, p in zip((shards_of[u] for u in unit_param), (by_name[v] for v in unit_param.values()),
+                                     strict=True) if p.trainable]
+    order = {p.name: k for k, p in enumerate(params)}
+    local.sort(key=lambda p: order[p.name])
+    tail = [free(f"{p.name}.grad.shard", "gradient", shards_of[u].padded.numel * g_b, "zero_grad")
+            for u, name in sorted(unit_param.items(), key=lambda kv: order[kv[1]]) for p in [by_name[name]]
+            if p.trainable]
+    tail += family.end_of_step_events(config.model, config.training, step_shape(config))
+    setup = [alloc(p.name, "parameter", shard(p, world_size, rank).padded.numel * p_b, "setup") for p in params]
+    if device == "cpu":  # DeviceMesh keeps torch.arange(N, dtype=int32) as its rank map, always on the CPU
+        setup.append(alloc("device_mesh.rank_map", "temporary", 4 * world_size, "setup"))
+    setup += family.input_events(config.model, config.training, step_shape(config))
+    if spec.state_init == "constructor":
+        setup += state_events(spec, local, config, "setup", step_bytes)
+    first = body + optimizer_step_events(spec, local, config, impl, step_bytes, first=True) + tail
+    steady = body + optimizer_step_events(spec, local, config, impl, step_bytes, first=False) + tail
+    return setup, first, steady

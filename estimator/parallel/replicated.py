@@ -1,0 +1,83 @@
+"""Strategies whose ranks each hold every parameter: DDP and ZeRO-1/2. One rank's step is the shared
+forward/backward (summarised once for all ranks), then ``optimizer.step()`` over the rank's own
+partition, then ``zero_grad``; only the optimizer part and the setup differ between ranks."""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+from estimator.events import Event, alloc
+from estimator.families.base import ParamTensor
+from estimator.parallel.base import (
+    RankContext,
+    RankEstimate,
+    chain,
+    compose,
+    events_summary,
+    local_model_states,
+    summaries,
+)
+from estimator.periodic import keep_events
+from estimator.simulate import optimizer_step_events, state_events
+from estimator.timeline import Summary
+
+
+class ReplicatedParameters:
+    """The setup and summaries every rank of a replicated-parameter strategy shares."""
+
+    def __init__(self, ctx: RankContext) -> None:
+        self.ctx = ctx
+
+    @cached_property
+    def setup(self):  # noqa: ANN201 - a Program
+        return keep_events(self.ctx.setup, lambda e: e.role != "optimizer_state")
+
+    @cached_property
+    def body_first(self) -> list[Summary]:
+        return [chain(summaries(self.ctx.first_body))]
+
+    @cached_property
+    def body_steady(self) -> list[Summary]:
+        return [chain(summaries(self.ctx.steady_body))]
+
+    def tail(self, first: bool) -> list[Summary]:
+        return self.ctx.shared(f"tail_{first}", lambda: [chain(summaries(
+            self.ctx.first_tail if first else self.ctx.steady_tail))])
+
+    @cached_property
+    def parameter_bytes(self) -> int:
+        return sum(p.numel for p in self.ctx.params) * self.ctx.plan.parameter_bytes
+
+    @cached_property
+    def saved_activation_bytes(self) -> int:
+        return self.ctx.base.saved_activation_bytes
+
+    def bucket_events(self, buckets: list[int]) -> list[Event]:
+        """DDP's flat bucket buffers, made at construction, as one summed event per role (all ranks alike)."""
+        def make() -> list[Event]:
+            made = self.ctx.round([alloc(f"ddp.bucket.{i}", "temporary", b, "setup") for i, b in enumerate(buckets)])
+            return [alloc("ddp.buckets", "temporary", sum(e.nbytes for e in made), "setup")] if made else []
+
+        return self.ctx.shared(f"buckets{len(buckets)}", make)
+
+    def optimizer(self, local: list[ParamTensor], first: bool) -> Summary:
+        c = self.ctx
+        return events_summary(c.round(optimizer_step_events(c.spec, local, c.config, c.impl, c.step_bytes,
+                                                            first=first)))
+
+    def rank(self, strategy: str, rank: int, local: list[ParamTensor], buckets: list[int], gradients: int,
+             body: tuple[list[Summary], list[Summary]] | None = None,
+             tail: tuple[list[Summary], list[Summary]] | None = None) -> RankEstimate:
+        """One rank stepping ``local``, with ``buckets`` (DDP's flat gradient buffers) made at construction."""
+        c = self.ctx
+        extra = self.bucket_events(buckets)
+        if c.spec.state_init == "constructor":
+            extra = extra + c.round(state_events(c.spec, local, c.config, "setup", c.step_bytes))
+        body_first, body_steady = body or (self.body_first, self.body_steady)
+        tail_first, tail_steady = tail or (self.tail(True), self.tail(False))
+        step = compose(c, extra, self.setup,
+                       [*body_first, self.optimizer(local, True), *tail_first],
+                       [*body_steady, self.optimizer(local, False), *tail_steady])
+        state, step_tensors = local_model_states(c, local)
+        return RankEstimate(strategy, c.world_size, rank, self.parameter_bytes, gradients, state, step_tensors,
+                            step.saved_activation_bytes, sum(buckets), step)

@@ -1,0 +1,199 @@
+"""ZeRO-1 and ZeRO-2 (Rajbhandari et al. 2020, "ZeRO", section 5): parameters replicated, optimizer
+state (ZeRO-1, P_os) and gradients too (ZeRO-2, P_os+g) partitioned over the ranks.
+
+Model states per rank, with P_b, G_b, S_b bytes per element of parameters, gradients and state:
+
+* zero1: P_b·Ψ + G_b·Ψ + S_b·Ψ/N
+* zero2: P_b·Ψ + (G_b + S_b)·Ψ/N
+
+"Ψ/N" is what torch really partitions: ``ZeroRedundancyOptimizer._partition_parameters`` assigns whole
+tensors, largest first (a stable sort), each to the rank with the fewest elements so far (the first
+such rank). ZeRO-1 is DDP plus that optimizer, so its ranks keep DDP's buckets. torch has no ZeRO-2:
+it is estimated as DeepSpeed runs it, a gradient that a rank does not own reduced to its owner and
+dropped as soon as it is produced.
+
+Ranks that own nothing (N larger than the number of tensors) are all alike and computed once; a rank
+that owns k tensors costs O(k) on top of what all ranks share: the forward/backward summarised once,
+and for ZeRO-2 a range-maximum table over it (:class:`DroppedGradients`).
+"""
+
+from __future__ import annotations
+
+import heapq
+
+from estimator.events import Event
+from estimator.families.base import ParamTensor
+from estimator.parallel.base import RankContext, RankEstimate, register_strategy
+from estimator.parallel.ddp import buckets
+from estimator.parallel.replicated import ReplicatedParameters
+from estimator.timeline import Summary, summarize
+
+
+def zero_partition(params: list[ParamTensor], world_size: int) -> list[list[ParamTensor]]:
+    """ZeroRedundancyOptimizer's split: largest first (stable), each to the rank with fewest elements."""
+    ranks: list[list[ParamTensor]] = [[] for _ in range(world_size)]
+    heap = [(0, r) for r in range(min(world_size, len(params)))]  # ranks beyond len(params) stay empty
+    for p in sorted(params, key=lambda t: t.numel, reverse=True):
+        size, r = heapq.heappop(heap)
+        ranks[r].append(p)
+        heapq.heappush(heap, (size + p.numel, r))
+    return ranks
+
+
+class _Partitioned:
+    """ZeRO-1/2: the partition once per context; ranks that own nothing form one group."""
+
+    name = ""
+
+    def partition(self, ctx: RankContext) -> list[list[ParamTensor]]:
+        return ctx.shared("zero_partition", lambda: zero_partition(ctx.trainable, ctx.world_size))
+
+    def groups(self, ctx: RankContext) -> list[tuple[tuple[tuple[int, int], ...], int]]:
+        parts = self.partition(ctx)
+        owners = [r for r in range(min(ctx.world_size, len(ctx.trainable))) if parts[r]]
+        groups = [(((r, r),), r) for r in owners]
+        empty = len(owners)  # owners are 0..k-1: the greedy split fills the lowest ranks first
+        if empty < ctx.world_size:
+            groups.append((((empty, ctx.world_size - 1),), empty))
+        return groups
+
+    def shared(self, ctx: RankContext) -> ReplicatedParameters:
+        return ctx.shared("replicated", lambda: ReplicatedParameters(ctx))
+
+
+@register_strategy
+class Zero1(_Partitioned):
+    name = "zero1"
+
+    def estimate(self, ctx: RankContext, rank: int) -> RankEstimate:
+        local = self.partition(ctx)[rank] if rank < len(ctx.trainable) else []
+        grads = ctx.shared("all_grad_bytes", lambda: sum(p.numel for p in ctx.trainable) * ctx.plan.gradient_bytes)
+        return self.shared(ctx).rank(self.name, rank, local, buckets(ctx), grads)
+
+
+@register_strategy
+class Zero2(_Partitioned):
+    name = "zero2"
+
+    def estimate(self, ctx: RankContext, rank: int) -> RankEstimate:
+        local = self.partition(ctx)[rank] if rank < len(ctx.trainable) else []
+        dropped = ctx.shared("zero2_body", lambda: DroppedGradients(ctx.flat_body()))
+        owned = {p.name for p in local}
+        body = dropped.summary(owned)
+        tails = tuple([_tail_summary(ctx, first, owned)] for first in (True, False))
+        grads = sum(p.numel for p in local) * ctx.plan.gradient_bytes
+        return self.shared(ctx).rank(self.name, rank, local, [], grads, body=([body], [body]),
+                                     tail=tails)  # type: ignore[arg-type]
+
+
+def _tail_summary(ctx: RankContext, first: bool, owned: set[str]) -> Summary:
+    """``zero_grad`` on a ZeRO-2 rank frees only the gradients it kept."""
+    tail = ctx.shared(f"zero2_tail_{first}", lambda: ctx.flat_tail(first))
+    if ctx.shared(f"zero2_tail_allocs_{first}", lambda: any(e.nbytes > 0 for e in tail)):
+        # allocations in the tail: order matters, replay this rank's own
+        return summarize([e for e in tail if not (_is_freed_grad(e) and e.name[:-5] not in owned)])
+    # only frees: no peak inside, just what is released
+    base = ctx.shared(f"zero2_tail_sum_{first}", lambda: summarize(tail))
+    frees = ctx.shared(f"zero2_tail_grads_{first}", lambda: {e.name[:-5]: e.nbytes for e in tail if _is_freed_grad(e)})
+    mine = [frees[name] for name in owned if name in frees]
+    not_mine = ctx.shared(f"zero2_tail_grad_bytes_{first}", lambda: sum(frees.values())) - sum(mine)
+    roles = dict(base.roles)
+    roles["gradient"] = roles.get("gradient", 0) - not_mine
+    return Summary(base.length - (len(frees) - len(mine)), base.delta - not_mine, tuple(roles.items()),
+                   0, -1, "", (), base.first_phase)
+
+
+def _is_freed_grad(e: Event) -> bool:
+    return e.role == "gradient" and e.nbytes < 0 and e.name.endswith(".grad")
+
+
+class DroppedGradients:
+    """The forward/backward of a ZeRO-2 rank: every gradient it does not own is freed right after it appears.
+
+    With ``h(t)`` the live bytes at event t when every gradient not made at t has been dropped, the
+    rank's live bytes are ``h(t) + K(t)``, K the bytes of its own gradients live at t (a step function
+    that changes only at its own gradients' events). So its peak is a maximum of ``h`` over the
+    stretches between its own gradient events, each answered in O(1) by a sparse table (first maximum
+    on ties), and a rank owning k tensors costs O(k) once the table is built.
+    """
+
+    def __init__(self, events: list[Event]) -> None:
+        self.events = events
+        self.h: list[int] = []
+        self.adjust: list[int] = []  # gradient bytes h leaves out at t: allocations before t, frees up to t
+        self.shift: list[int] = []  # events inserted (a dropped gradient's free) or removed before t, all dropped
+        self.prefix_roles: list[dict[str, int]] = []
+        self.owned_events: dict[str, list[int]] = {}
+        live = adjust = shift = 0
+        roles: dict[str, int] = {}
+        for t, e in enumerate(events):
+            grad = _is_grad_event(e)
+            if grad and e.nbytes < 0:
+                adjust += e.nbytes  # a dropped gradient was already released: its free changes nothing
+                shift -= 1
+            self.shift.append(shift)
+            live += e.nbytes
+            roles[e.role] = roles.get(e.role, 0) + e.nbytes
+            self.h.append(live - adjust)
+            self.adjust.append(adjust)
+            self.prefix_roles.append(dict(roles))
+            if grad:
+                self.owned_events.setdefault(e.name[:-5], []).append(t)
+                if e.nbytes > 0:
+                    adjust += e.nbytes  # dropped right after it appears
+                    shift += 1
+        self.total_live, self.total_adjust, self.total_shift = live, adjust, shift
+        n = len(events)
+        self.table = [list(range(n))]
+        k = 1
+        while 2 * k <= n:
+            prev = self.table[-1]
+            self.table.append([self._better(prev[i], prev[i + k]) for i in range(n - 2 * k + 1)])
+            k *= 2
+
+    def _better(self, i: int, j: int) -> int:
+        return j if self.h[j] > self.h[i] else i
+
+    def _argmax(self, lo: int, hi: int) -> int:
+        """First index of the maximum of h over [lo, hi]."""
+        level = (hi - lo + 1).bit_length() - 1
+        return self._better(self.table[level][lo], self.table[level][hi - (1 << level) + 1])
+
+    def summary(self, owned: set[str]) -> Summary:
+        n = len(self.events)
+        if not n:
+            return Summary()
+        # where K changes: an own gradient made at q counts from q + 1 (at q, h already holds it); one
+        # freed at q stops counting at q itself
+        changes = sorted((t + 1 if self.events[t].nbytes > 0 else t, self.events[t].nbytes, self.events[t].nbytes < 0)
+                         for name in owned for t in self.owned_events.get(name, ()))
+        best, best_t, best_k, kept, lo = 0, -1, 0, 0, 0
+        own_inserted = 0  # own allocations: not followed by a free; own frees: kept in the sequence
+        own_before: list[tuple[int, int]] = []
+        for at, nbytes, _is_free in [*changes, (n, 0, False)]:
+            if lo <= at - 1:
+                t = self._argmax(lo, at - 1)
+                if self.h[t] + kept > best:
+                    best, best_t, best_k = self.h[t] + kept, t, kept
+                    own_before.append((t, own_inserted))
+            kept += nbytes
+            own_inserted += 1
+            lo = max(lo, at)
+        own_allocs = sum(1 for _at, nb, _f in changes if nb > 0)
+        own_frees = len(changes) - own_allocs
+        roles = dict(self.prefix_roles[-1])
+        roles["gradient"] = roles.get("gradient", 0) - self.total_adjust + kept
+        length = n + self.total_shift - own_allocs + own_frees
+        delta = self.total_live - self.total_adjust + kept
+        if best_t < 0:
+            return Summary(length, delta, tuple(roles.items()), 0, -1, "", (), self.events[0].phase)
+        at_roles = dict(self.prefix_roles[best_t])
+        at_roles["gradient"] = at_roles.get("gradient", 0) - self.adjust[best_t] + best_k
+        own_seen = sum(1 for at, _nb, _f in changes if at <= best_t)
+        index = best_t + self.shift[best_t] - own_seen
+        return Summary(length, delta, tuple(roles.items()), best, index, self.events[best_t].phase,
+                       tuple(at_roles.items()), self.events[0].phase)
+
+
+def _is_grad_event(e: Event) -> bool:
+    return e.role == "gradient" and e.name.endswith(".grad") and e.nbytes != 0
