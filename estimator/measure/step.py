@@ -68,14 +68,57 @@ class Measurement:
     cuda_reserved_bytes: int | None  # max_memory_reserved during the two measured steps (CUDA only)
     cuda_context_bytes: int | None  # driver/context overhead from mem_get_info (CUDA only)
     baseline_bytes: int = 0  # live bytes before the model was built (CUDA: the cuBLAS workspaces)
-    allocator_peak_bytes: int | None = None  # CPU: steady peak as the allocator saw it (profiler), if asked
+    uninstrumented: UninstrumentedRun | None = None  # CPU: the same steps with no dispatch mode, if asked
+
+    @property
+    def real_first_step(self) -> StepMeasurement:
+        """The first step as it really runs: the uninstrumented run's where there is one."""
+        return self.uninstrumented.first_step if self.uninstrumented is not None else self.first_step
+
+    @property
+    def real_steady_step(self) -> StepMeasurement:
+        """The steady step as it really runs: the uninstrumented run's where there is one."""
+        return self.uninstrumented.steady_step if self.uninstrumented is not None else self.steady_step
+
+    @property
+    def allocator_peak_bytes(self) -> int | None:
+        """CPU: the steady step's peak as the allocator saw it, op-internal blocks included."""
+        return self.uninstrumented.allocator_steady_peak if self.uninstrumented is not None else None
 
     def to_json(self) -> dict[str, Any]:
         """All byte and FLOP counts as ints (``None`` where not applicable), plus ``device``."""
-        data = {k: v for k, v in asdict(self).items() if k not in ("first_step", "steady_step")}
+        skip = ("first_step", "steady_step", "uninstrumented")
+        data = {k: v for k, v in asdict(self).items() if k not in skip}
         data["first_step"] = self.first_step.to_json()
         data["steady_step"] = self.steady_step.to_json()
+        data["uninstrumented"] = self.uninstrumented.to_json() if self.uninstrumented is not None else None
         return data
+
+
+@dataclass
+class UninstrumentedRun:
+    """The same two steps on a fresh model with nothing observing them but the profiler (CPU).
+
+    ``first_step``/``steady_step`` count the step's tensors: the allocator's blocks that an ATen op
+    returned, which is what the estimate models and what the tracker would see if it did not change
+    the step. ``allocator_*_peak`` add the blocks no op returned (kernel workspaces, wrapped scalars,
+    checkpoint's RNG-state stash; ``estimator/measure/allocator.py``): the CPU's ``max_memory_allocated``.
+    """
+
+    first_step: StepMeasurement
+    steady_step: StepMeasurement
+    allocator_first_peak: int
+    allocator_steady_peak: int
+
+    @property
+    def not_op_output_bytes(self) -> int:
+        """How far the allocator's steady peak is above the tensors' (blocks no ATen op returned)."""
+        return self.allocator_steady_peak - self.steady_step.peak_bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {"first_step": self.first_step.to_json(), "steady_step": self.steady_step.to_json(),
+                "allocator_first_peak": self.allocator_first_peak,
+                "allocator_steady_peak": self.allocator_steady_peak}
 
 
 # --------------------------------------------------------------------------- devices
@@ -273,6 +316,10 @@ class StepProbe:
         peak = max([self.start, *self.phase_peaks.values()])
         peak_phase = max(self.phase_peaks, key=lambda p: self.phase_peaks[p]) if self.phase_peaks else ""
         timeline = self.source.events_since(self.mark)
+        if timeline is not None:
+            # the bytes live when the step began, as the estimate's curve starts (timeline.curve)
+            first = next(iter(self.phase_starts), "forward")
+            timeline = [(first, self.start), *timeline]
         return StepMeasurement(
             peak_bytes=peak,
             start_bytes=self.start,
@@ -418,15 +465,22 @@ def measure_training_step(
     device: str | torch.device,
     autocast_dtype: torch.dtype | None = None,
     on_phase: Callable[[str], None] | None = None,
-    allocator_check: bool = False,
+    uninstrumented: bool = False,
 ) -> Measurement:
     """Build the model on ``device`` and measure two real training steps plus one FLOP-counted step.
 
     ``loss_fn=None`` means ``model(*inputs, target)`` returns the loss. ``on_phase`` is called with
     ``"setup"``, ``"first_step/forward"``, ..., ``"flops"`` (it must not allocate tensors on the
-    device). ``allocator_check`` (CPU only) adds a profiled step: ``allocator_peak_bytes``.
+    device). ``uninstrumented`` (CPU only) first runs the two steps on a fresh model under the
+    profiler alone (:class:`UninstrumentedRun`): the tracker is a dispatch mode, which changes how
+    autograd sums gradients (``estimator/measure/allocator.py``).
     """
     device = torch.device(device)
+    real = None
+    if uninstrumented and device.type == "cpu":
+        if on_phase is not None:
+            on_phase("uninstrumented")
+        real = measure_uninstrumented(build_model, make_batch, loss_fn, build_optimizer, device, autocast_dtype)
     if device.type == "cpu":
         tracker: LiveTensorTracker | None = LiveTensorTracker(device, phase="setup")
         source: _MemorySource = TrackerSource(tracker)
@@ -436,18 +490,11 @@ def measure_training_step(
         _warm_up(device)
         source = _AllocatorSource(device)
         outer = contextlib.nullcontext()
-    return _measure(
-        build_model,
-        make_batch,
-        loss_fn,
-        build_optimizer,
-        device,
-        autocast_dtype,
-        on_phase,
-        source,
-        outer,
-        allocator_check and tracker is not None,
+    measurement = _measure(
+        build_model, make_batch, loss_fn, build_optimizer, device, autocast_dtype, on_phase, source, outer
     )
+    measurement.uninstrumented = real
+    return measurement
 
 
 def _measure(
@@ -460,7 +507,6 @@ def _measure(
     on_phase: Callable[[str], None] | None,
     source: _MemorySource,
     outer: contextlib.AbstractContextManager[Any],
-    allocator_check: bool,
 ) -> Measurement:
     """The device-independent body of :func:`measure_training_step` (tests inject a fake source)."""
     if on_phase is not None:
@@ -497,15 +543,6 @@ def _measure(
             runner.run(lambda _phase: None)
         flops = int(counter.get_total_flops())
 
-        allocator_peak = None
-        if allocator_check:
-            if on_phase is not None:
-                on_phase("allocator_check")
-            start = source.allocated()
-            with gc_paused():
-                growth = _profiled_peak_growth(lambda: runner.run(lambda _phase: None))
-            allocator_peak = start + growth
-
         parameters = _storage_bytes(model.parameters(), device)
         input_bytes = _storage_bytes([*inputs, target], device)
     return Measurement(
@@ -522,26 +559,74 @@ def _measure(
         cuda_reserved_bytes=reserved,
         cuda_context_bytes=context,
         baseline_bytes=baseline,
-        allocator_peak_bytes=allocator_peak,
     )
 
 
-def _profiled_peak_growth(fn: Callable[[], None]) -> int:
-    """Peak growth of the CPU allocator's own byte count while ``fn`` runs (torch.profiler).
+def measure_uninstrumented(
+    build_model: Callable[[], nn.Module],
+    make_batch: Callable[[], Batch],
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None,
+    build_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+) -> UninstrumentedRun:
+    """Build a fresh model and run the first and the steady step with only the profiler watching (CPU).
 
-    Sees what a dispatch mode cannot: temporaries allocated inside a kernel (e.g. ``mse_loss``'s
-    unreduced buffer, wrapped Python scalars). Frees of blocks allocated before are not reported.
+    Profiled from before the model is built, so every block is known when it is freed and the
+    totals are absolute. Everything is released again before this returns.
     """
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
+    from estimator.measure.allocator import PhaseMarks, profile_allocations
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    totals: list[tuple[int, int]] = []
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())  # type: ignore[union-attr]
-    while stack:
-        ev = stack.pop()
-        if ev.tag == _EventType.Allocation:
-            totals.append((ev.start_time_ns, ev.extra_fields.total_allocated))
-        stack.extend(ev.children)
-    return max((total for _, total in sorted(totals)), default=0)
+    def body(marks: PhaseMarks) -> None:
+        marks("setup")
+        model = build_model().to(device)
+        inputs, target = make_batch()
+        inputs = tuple(t.to(device) for t in inputs)
+        target = target.to(device)
+        optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad])
+        runner = _Runner(model, (inputs, target), loss_fn, optimizer, device, autocast_dtype)
+        for label in ("first_step", "steady_step"):
+            with gc_paused():
+                runner.run(lambda phase, label=label: marks(f"{label}/{phase}"))
+                marks(f"{label}/done")
+
+    trace = profile_allocations(body)
+    first, first_alloc = _allocator_step(trace, "first_step")
+    steady, steady_alloc = _allocator_step(trace, "steady_step")
+    return UninstrumentedRun(first, steady, first_alloc, steady_alloc)
+
+
+def _allocator_step(trace: Any, label: str) -> tuple[StepMeasurement, int]:
+    """One step of an :class:`~estimator.measure.allocator.AllocatorTrace`: tensor figures, allocator peak.
+
+    A phase's peak starts at the bytes live when it began, as on every other source.
+    """
+    phases = [p for p in STEP_PHASES if f"{label}/{p}" in trace.label_starts]
+    start = trace.live_before(f"{label}/{phases[0]}")
+    timeline: list[tuple[str, int]] = [(phases[0], start.tensors)]
+    phase_peaks: dict[str, int] = {}
+    phase_starts: dict[str, int] = {}
+    allocator_peak = start.total
+    for phase in phases:
+        before = trace.live_before(f"{label}/{phase}")
+        phase_starts[phase] = before.tensors
+        peak = before.tensors
+        for sample in trace.within(f"{label}/{phase}"):
+            peak = max(peak, sample.tensors)
+            allocator_peak = max(allocator_peak, sample.total)
+            if sample.tensors != timeline[-1][1]:  # blocks no op returned leave the tensors' curve flat
+                timeline.append((phase, sample.tensors))
+        phase_peaks[phase] = peak
+    last = trace.within(f"{label}/{phases[-1]}")
+    end = last[-1].tensors if last else trace.live_before(f"{label}/{phases[-1]}").tensors
+    peak_phase = max(phase_peaks, key=lambda p: phase_peaks[p])
+    step = StepMeasurement(
+        peak_bytes=max(start.tensors, *phase_peaks.values()),
+        start_bytes=start.tensors,
+        end_bytes=end,
+        peak_phase=peak_phase,
+        phase_peaks=phase_peaks,
+        timeline=timeline,
+        phase_start_bytes=phase_starts,
+    )
+    return step, allocator_peak

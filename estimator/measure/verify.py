@@ -35,16 +35,18 @@ class Verification:
     def to_json(self) -> dict[str, Any]:
         """The estimate object plus ``measured`` (integers) and ``device``."""
         m = self.measurement
+        real_first, real_steady = m.real_first_step, m.real_steady_step
         data = self.estimate.to_json()
         data["device"] = m.device
         data["optimizer_impl"] = self.impl
         data["measured"] = {
             "device": m.device,
-            "peak_bytes": m.steady_step.peak_bytes - m.baseline_bytes,
-            "first_step_peak_bytes": m.first_step.peak_bytes - m.baseline_bytes,
+            "method": measurement_method(m),
+            "peak_bytes": real_steady.peak_bytes - m.baseline_bytes,
+            "first_step_peak_bytes": real_first.peak_bytes - m.baseline_bytes,
             "baseline_bytes": m.baseline_bytes,
-            "peak_phase": m.steady_step.peak_phase,
-            "first_step_peak_phase": m.first_step.peak_phase,
+            "peak_phase": real_steady.peak_phase,
+            "first_step_peak_phase": real_first.peak_phase,
             "parameters": m.parameters,
             "gradients": m.gradients,
             "optimizer_state": m.optimizer_state,
@@ -52,14 +54,36 @@ class Verification:
             "activations": m.activations,
             "inputs": m.inputs,
             "flops_matmul": m.flops_matmul,
-            "phase_peaks": m.steady_step.phase_peaks,
+            "phase_peaks": real_steady.phase_peaks,
             "cuda_reserved_bytes": m.cuda_reserved_bytes,
             "cuda_context_bytes": m.cuda_context_bytes,
         }
+        if m.uninstrumented is not None:
+            u = m.uninstrumented
+            data["measured"]["allocator"] = {  # the CPU's max_memory_allocated: every block, op outputs or not
+                "peak_bytes": u.allocator_steady_peak,
+                "first_step_peak_bytes": u.allocator_first_peak,
+                "not_op_output_bytes": u.not_op_output_bytes,
+            }
+            data["measured"]["instrumented"] = {  # the live-tensor tracker's step (a dispatch mode)
+                "peak_bytes": m.steady_step.peak_bytes,
+                "first_step_peak_bytes": m.first_step.peak_bytes,
+                "peak_phase": m.steady_step.peak_phase,
+                "phase_peaks": m.steady_step.phase_peaks,
+            }
         data["comparison"] = {
             row.key: {"estimated": row.estimated, "measured": row.measured, "ratio": row.ratio} for row in self.rows
         }
         return data
+
+
+def measurement_method(m: Measurement) -> str:
+    """Where the compared peaks come from (docs/measurement.md)."""
+    if m.uninstrumented is not None:
+        return "cpu allocator records (torch.profiler, no dispatch mode): blocks ATen ops returned"
+    if m.cuda_context_bytes is not None or m.device.split(":")[0] not in ("cpu", "meta"):
+        return "caching allocator (max_memory_allocated per phase)"
+    return "live-tensor tracker (a dispatch mode)"
 
 
 def device_kind(device: torch.device) -> str:
@@ -100,7 +124,7 @@ def run_verify(
     make_optimizer = optimizer_factory(config, impl)
     measurement = measure_training_step(
         parts.build_model, parts.make_batch, parts.loss_fn, make_optimizer, device,
-        autocast_dtype=parts.autocast_dtype, on_phase=on_phase,
+        autocast_dtype=parts.autocast_dtype, on_phase=on_phase, uninstrumented=True,
     )
     return Verification(est, measurement, compare_rows(est, measurement), impl)
 
@@ -118,8 +142,10 @@ def compare_rows(est: Estimate, m: Measurement) -> list[Row]:
         Row("inputs", "inputs + targets", est.input_bytes, m.inputs),
         # On CUDA the cuBLAS workspaces, allocated by the warm-up before the model exists, sit under
         # every figure of max_memory_allocated; they are not the step's, so they are taken out.
+        # On the CPU the peaks are the uninstrumented step's (the tracker's dispatch mode changes how
+        # autograd sums gradients); the tracker's own peaks are reported beside them, not compared.
         Row("first_step_peak_bytes", "first-step peak", est.first_step_peak_bytes,
-            m.first_step.peak_bytes - m.baseline_bytes),
-        Row("peak_bytes", "steady-step peak", est.peak_bytes, m.steady_step.peak_bytes - m.baseline_bytes),
+            m.real_first_step.peak_bytes - m.baseline_bytes),
+        Row("peak_bytes", "steady-step peak", est.peak_bytes, m.real_steady_step.peak_bytes - m.baseline_bytes),
         Row("flops_matmul", "matmul FLOPs", est.flops.matmul, m.flops_matmul),
     ]
