@@ -237,6 +237,8 @@ class _StepTracker(LiveTensorTracker):
         self.where: dict[int, str] = {}  # sid -> module path
         self.modules: list[str] = []
         self.flops = 0  # FlopCounterMode's formulas, counted here (see run_trace)
+        self.in_node = 0  # >0 while an autograd node's apply runs (node pre/post hooks, _engine_sums)
+        self.sums: list[tuple[int, int]] = []  # (output sid, old sid) of fan-in sums real autograd does in place
 
     def sid_of(self, t: Tensor) -> int | None:
         """The tracker's id of the storage behind ``t`` (None if untracked)."""
@@ -256,6 +258,8 @@ class _StepTracker(LiveTensorTracker):
     def _observe(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
         phase = self.phase
+        if phase == "backward" and not self.in_node and func is _aten.add.Tensor and outs:
+            self._engine_sum(args, outs[0])
         if phase == "forward" and self.modules:
             for t in outs:
                 sid = self.sid_of(t)
@@ -278,6 +282,84 @@ class _StepTracker(LiveTensorTracker):
                 sid = self.sid_of(outs[index])
                 if sid is not None:
                     self.real_bytes[sid] = nbytes
+
+
+    def _engine_sum(self, args: tuple, out: Tensor) -> None:
+        """An ``add`` between two nodes: the engine summing a node's fan-in gradients (InputBuffer).
+
+        Under any dispatch mode (this tracker, FakeTensorMode) ``InputBuffer::accumulate``
+        (``torch/csrc/autograd/input_buffer.cpp``) always computes ``old + var``, because
+        ``at::isTensorSubclassLike`` is true whenever a mode is active
+        (``ATen/TensorSubclassLikeUtils.h``). The real step, with grad mode off, does
+        ``old.add_(var)`` when ``can_accumulate_inplace(old)``: a plain tensor, non-overlapping and
+        dense, whose TensorImpl and storage nobody else references (``use_count() == 1`` for both).
+        Seen from here: ``old`` is dense, not a view (a view's base holds its storage too), and its
+        storage dies as this sum replaces it in the buffer (checked in :func:`_in_place_sums`).
+        """
+        old = args[0] if args and isinstance(args[0], Tensor) else None
+        if old is None or old._is_view() or not _dense(old) or old.shape != out.shape or old.dtype != out.dtype:
+            return
+        out_sid, old_sid = self.sid_of(out), self.sid_of(old)
+        if out_sid is not None and old_sid is not None:
+            self.sums.append((out_sid, old_sid))
+
+
+def _dense(t: Tensor) -> bool:
+    """``is_non_overlapping_and_dense`` (the layout ``can_accumulate_inplace`` asks for)."""
+    from torch._prims_common import is_non_overlapping_and_dense_or_false
+
+    return bool(is_non_overlapping_and_dense_or_false(t))
+
+
+@contextlib.contextmanager
+def _node_hooks(tracker: _StepTracker, loss: Tensor) -> Iterator[None]:
+    """Tell ``tracker`` when an autograd node's apply runs, so the engine's own sums stand out.
+
+    Pre- and post-hooks on every node of ``loss``'s graph except AccumulateGrad (whose hooks would
+    change its stealing rule, ``num_expected_refs``); they hold no tensor and change no lifetime.
+    """
+    def pre(_grads: Any) -> None:
+        tracker.in_node += 1
+
+    def post(_grads_in: Any, _grads_out: Any) -> None:
+        tracker.in_node -= 1
+
+    handles, seen, stack = [], set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ != "AccumulateGrad":
+            handles += [node.register_prehook(pre), node.register_hook(post)]
+        stack.extend(fn for fn, _ in node.next_functions)
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _in_place_sums(tracker: _StepTracker, mark: int) -> dict[int, int]:
+    """{output sid: old sid} of the engine's sums that the real step does in place.
+
+    ``old`` qualifies if its storage is released right after the sum (before the next allocation):
+    the input buffer held the only reference to it.
+    """
+    candidates = dict(tracker.sums)
+    alloc_at = {ev.storage_id: i for i, ev in enumerate(tracker.events) if i >= mark and ev.kind == ALLOC}
+    in_place: dict[int, int] = {}
+    for out_sid, old_sid in candidates.items():
+        start = alloc_at.get(out_sid)
+        if start is None:
+            continue
+        for ev in tracker.events[start + 1:]:
+            if ev.kind == FREE and ev.storage_id == old_sid:
+                in_place[out_sid] = old_sid
+                break
+            if ev.kind in (ALLOC, RESIZE):
+                break
+    return in_place
 
 
 @contextlib.contextmanager
@@ -414,7 +496,7 @@ def run_trace(model: ModuleConfig, precision: str) -> ModuleTrace:
                     loss = loss_fn(pred, target if target is not None else torch.empty(0))
             matmul_forward = tracker.flops
             tracker.set_phase("backward")
-            with _stage("model.module", "backward"):
+            with _stage("model.module", "backward"), _node_hooks(tracker, loss):
                 loss.backward()
             matmul = tracker.flops
             tracker.watching = False
@@ -429,7 +511,7 @@ def run_trace(model: ModuleConfig, precision: str) -> ModuleTrace:
                 p.grad = None
             out_numel, out_last = out.numel(), (out.shape[-1] if out.dim() else 1)
             del pred, out, loss
-        step, end = _step_events(tracker, mark, skip, grads, saved)
+        step, end = _step_events(tracker, mark, skip, grads, saved, _in_place_sums(tracker, mark))
         parameters = tuple(ParamTensor(name, tuple(p.shape), name in trainable) for name, p in named.items())
         read = sum(p.numel() for name, p in named.items() if name in tracker.read_parameters)
         forward_saved = sum(tracker.real_bytes.get(sid, nbytes) for sid, nbytes in _saved_sizes(tracker, saved)
@@ -500,22 +582,37 @@ def _step_events(
     skip: set[int],
     grads: dict[int | None, tuple[str, int]],
     saved: dict[int, str],
+    in_place: dict[int, int] | None = None,
 ) -> tuple[list[Event], list[Event]]:
     """The tracker's records of the step as family events: (forward/loss/backward, end of step).
 
     Gradient storages keep their allocation (renamed ``{param}.grad``); their release belongs to
     ``zero_grad`` (simulate.py). Whatever is still alive at the end (besides gradients) is released
-    with the output and the loss, so every step starts from the same state.
+    with the output and the loss, so every step starts from the same state. ``in_place`` maps the
+    output of each fan-in sum the real step does in place (:func:`_in_place_sums`) to the buffer it
+    adds into: the output's allocation and the buffer's release are dropped, and the output's later
+    records are the buffer's (it may become a parameter's ``.grad``, which AccumulateGrad steals).
     """
+    in_place = in_place or {}
+
+    def root(sid: int) -> int:
+        while sid in in_place:
+            sid = in_place[sid]
+        return sid
+
+    consumed = set(in_place.values())
+    grads = {root(sid) if sid is not None else sid: value for sid, value in grads.items()}
     step: list[Event] = []
     end: list[Event] = []
     live: dict[int, tuple[str, str, int]] = {}
     excess: list[Event] = []
     resized: dict[int, int] = {}
     for ev in tracker.events[mark:]:
-        sid = ev.storage_id
-        if ev.kind == EXISTING or sid in skip:
+        if ev.kind == EXISTING or ev.storage_id in skip:
             continue
+        if (ev.kind == ALLOC and ev.storage_id in in_place) or (ev.kind == FREE and ev.storage_id in consumed):
+            continue  # the real step adds into the buffer instead
+        sid = root(ev.storage_id)
         out = end if ev.phase == "zero_grad" else step
         if sid in grads:
             if ev.kind == ALLOC:
