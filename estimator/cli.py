@@ -141,9 +141,11 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _print_errors(problems: list[str]) -> None:
+    """One line per problem: line breaks in echoed user text are shown as \\n, not broken."""
     for problem in problems:
+        text = problem.replace("\r", "\\r").replace("\n", "\\n")
         try:
-            err.print(f"error: {problem}", markup=False, soft_wrap=True)
+            err.print(f"error: {text}", markup=False, soft_wrap=True)
         except OSError:  # stderr itself is gone: the exit code still says it
             pass
 
@@ -250,7 +252,7 @@ def estimate(
     if gpu_spec is not None:
         from estimator.fit import fit_on
 
-        fit = fit_on(result, gpu_spec, mfu)
+        fit = fit_on(result, gpu_spec, mfu, parallel, world_size if parallel else 1)
     ranks = _rank_estimates(cfg, parallel, world_size, result.device)
     if plot is not None:
         from estimator.plot import plot_timeline
@@ -468,10 +470,11 @@ def models(as_json: bool = JsonOpt) -> None:
 
     rows = []
     for name, preset in PRESETS.items():
-        from estimator.families.transformer import parameter_count
+        from estimator.families.base import get_family
 
         cfg = preset.config()
-        rows.append({"name": name, "parameters": parameter_count(cfg), "published": preset.params,
+        count = sum(p.numel for p in get_family(cfg.family).parameters(cfg))  # the transformer or moe family
+        rows.append({"name": name, "parameters": count, "published": preset.params,
                      "d_model": cfg.d_model, "num_layers": cfg.num_layers, "num_heads": cfg.num_heads,
                      "num_kv_heads": cfg.kv_heads, "vocab_size": cfg.vocab_size, "source": preset.source})
     if as_json:
