@@ -10,11 +10,12 @@ from estimator.families.base import BatchInForce, FlopCount, ParamTensor, get_fa
 from estimator.optimizers import get_optimizer
 from estimator.precision import precision_plan
 from estimator.simulate import (
+    CUDA_BLOCK,
     STEP_TENSOR_BYTES,
     SimulatedStep,
     resolve_implementation,
     simulate,
-    state_nbytes,
+    state_bytes,
     step_shape,
 )
 
@@ -114,6 +115,7 @@ class Estimate:
             "device": self.device,
             "implementation": self.implementation,
             "config": self.config_in_force(),
+            **_family_details(self.config),
         }
 
     def config_in_force(self) -> dict[str, Any]:
@@ -146,7 +148,7 @@ def estimate(config: Config | None = None, device: str | None = None) -> Estimat
         parameters=n_params * plan.parameter_bytes,
         activations=_activation_bytes(family, config),
         gradients=n_trainable * plan.gradient_bytes,
-        optimizer_state=sum(b for p in trainable for _, b in state_nbytes(spec, p, config)),
+        optimizer_state=state_bytes(spec, trainable, config),
         optimizer_step_tensors=STEP_TENSOR_BYTES * len(trainable) if spec.step_tensor else 0,
     )
     return Estimate(
@@ -179,11 +181,15 @@ def _batch_in_force(family: Any, config: Config) -> BatchInForce:
     return BatchInForce(config.training.batch_size, seq, "training.batch_size", "training.seq_len" if seq else None)
 
 
+def _family_details(config: Config) -> dict[str, Any]:
+    """Figures a family adds to the JSON (the MoE family: active parameters and the routing assumption)."""
+    details = getattr(get_family(config.model.family), "details", None)
+    return {"model_details": details(config.model, config.training)} if details is not None else {}
+
+
 def _saved_bytes(config: Config) -> int:
     """Bytes saved for backward from the family's own (unrounded) forward and loss events."""
-    events = get_family(config.model.family).forward_backward_events(config.model, config.training,
-                                                                      step_shape(config))
-    return sum(e.nbytes for e in events if e.nbytes > 0 and e.role == "activation" and e.phase in ("forward", "loss"))
+    return simulate(config, "cpu").saved_activation_bytes  # layers that repeat are summed once (periodic.py)
 
 
 def _with_optimizer_flops(flops: FlopCount, spec: Any, params: list[ParamTensor]) -> FlopCount:

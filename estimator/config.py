@@ -20,9 +20,10 @@ from estimator.names import unknown
 PrecisionName = Literal["fp32", "bf16", "fp16", "amp-bf16", "amp-fp16"]
 
 
-MAX_LAYERS = 1024
-"""The most layers a model may have: 8x the deepest published dense transformer (Llama 3 405B, 126
-blocks). The event timeline grows with the layer count; the bound keeps every estimate to seconds."""
+MAX_LAYERS = 100_000
+"""The most layers a model may have (~800x the deepest published dense transformer, Llama 3 405B's 126
+blocks). Layers that repeat are costed once (``periodic.py``), so an estimate stays instant up to here;
+the bound keeps the paths that do materialise every layer (a timeline chart, ``verify``) to seconds."""
 
 
 class StrictModel(BaseModel):
@@ -178,11 +179,12 @@ class OptimizerConfig(StrictModel):
 
 # Family configs live with their families; imported here, after the base classes they build on.
 from estimator.families.module import ModuleConfig  # noqa: E402
+from estimator.families.moe import MoEConfig  # noqa: E402
 from estimator.families.transformer import TransformerConfig  # noqa: E402
 
 FAMILY_CONFIGS: dict[str, type[StrictModel]] = {"mlp": MLPConfig, "transformer": TransformerConfig,
-                                                "module": ModuleConfig}
-ModelConfig = Annotated[Union[MLPConfig, TransformerConfig, ModuleConfig], Field(discriminator="family")]
+                                                "module": ModuleConfig, "moe": MoEConfig}
+ModelConfig = Annotated[Union[MLPConfig, TransformerConfig, ModuleConfig, MoEConfig], Field(discriminator="family")]
 
 MODEL_SOURCE_KEYS = ("preset", "hf_config")
 """Other ways to give the model section: a named preset, or a local Hugging Face config.json."""
@@ -191,6 +193,11 @@ MODEL_SOURCE_KEYS = ("preset", "hf_config")
 def model_config_class(section: dict[str, Any]) -> type[StrictModel]:
     """The family config class a raw model section will validate as (for --set path checks)."""
     if any(key in section for key in MODEL_SOURCE_KEYS):
+        if isinstance(section.get("preset"), str):  # an MoE preset validates as the moe family
+            from estimator.presets import PRESETS
+
+            preset = PRESETS.get(section["preset"].strip().lower())
+            return FAMILY_CONFIGS.get(preset.family if preset else "transformer", MLPConfig)
         return FAMILY_CONFIGS.get("transformer", MLPConfig)
     default = "module" if "module" in section else "mlp"  # `module: pkg:factory` implies the module family
     return FAMILY_CONFIGS.get(str(section.get("family", default)), MLPConfig)
@@ -242,8 +249,7 @@ class Config(StrictModel):
                              "remove it, or use a transformer (--model NAME)")
         layers = getattr(self.model, "num_layers", None)
         if isinstance(layers, int) and layers > MAX_LAYERS:
-            raise ValueError(f"model.num_layers: at most {MAX_LAYERS:,} layers (8x the deepest published dense "
-                             f"transformer), got {layers:,}")
+            raise ValueError(f"model.num_layers: at most {MAX_LAYERS:,} layers, got {layers:,}")
         return self
 
     @property

@@ -13,7 +13,12 @@ Supported ``model_type``s and what each maps to (all parameter counts exact):
 Settings that change neither the parameter count nor what our torch model computes within
 ``max_seq_len`` are ignored: dropout, ``rope_scaling``, ``sliding_window`` (Mistral/Qwen2
 attend to a window only beyond it), initialisers, token ids. Model types whose blocks differ
-(q/k norms as in qwen3, MoE, Gemma's scaled embeddings) are refused rather than approximated.
+(q/k norms as in qwen3, Gemma's scaled embeddings) are refused rather than approximated.
+
+Mixture-of-experts types map to the ``moe`` family (``estimator.families.moe``, docs/moe.md):
+``mixtral``, ``qwen2_moe`` (gated shared expert, q/k/v biases), ``qwen3_moe`` (per-head q/k norms),
+``olmoe`` (q/k norms over all heads), ``deepseek_v3`` (MLA, dense first blocks, shared experts,
+sigmoid group-limited routing; the multi-token-prediction module is not part of the model).
 """
 
 from __future__ import annotations
@@ -150,7 +155,96 @@ def _gpt_neox(r: _Reader) -> dict[str, Any]:
     }
 
 
+def _moe_common(r: _Reader, experts_key: str, width_key: str, attention_bias: bool = False) -> dict[str, Any]:
+    """What every MoE model type shares (a Llama-style block whose MLP is routed); family ``moe``."""
+    act = r.get("hidden_act", "silu", kind=str)
+    if act != "silu":
+        raise r.refuse(f"key 'hidden_act' is {act!r}; only 'silu' (SwiGLU experts) is supported")
+    if r.get("attention_bias", False, kind=bool) != attention_bias:
+        raise r.refuse("key 'attention_bias' is true; biased attention projections are not supported "
+                       "for this model_type")
+    aux = r.get("router_aux_loss_coef", 0.0, kind=float) if r.get("output_router_logits", False, kind=bool) else 0.0
+    return {
+        "family": "moe",
+        "vocab_size": r.get("vocab_size"),
+        "d_model": r.get("hidden_size"),
+        "num_layers": r.get("num_hidden_layers"),
+        "num_heads": r.get("num_attention_heads"),
+        "num_kv_heads": r.get("num_key_value_heads", None),
+        "head_dim": r.get("head_dim", None),
+        "num_experts": r.get(experts_key),
+        "experts_per_token": r.get("num_experts_per_tok"),
+        "expert_d_ff": r.get(width_key),
+        "aux_loss_coef": aux,
+        "rope_theta": r.rope_theta(10000.0),
+        "max_seq_len": r.get("max_position_embeddings"),
+        "tie_embeddings": r.get("tie_word_embeddings", False, kind=bool),
+        "norm_eps": r.get("rms_norm_eps", 1e-6, kind=float),
+    }
+
+
+def _sparse_layers(r: _Reader, values: dict[str, Any]) -> dict[str, Any]:
+    """Qwen-MoE's ``decoder_sparse_step`` (block i is MoE iff (i+1) % step == 0) and ``mlp_only_layers``."""
+    if r.get("mlp_only_layers", [], kind=list):
+        raise r.refuse("key 'mlp_only_layers' is not empty; dense blocks at arbitrary positions are not supported")
+    step = r.get("decoder_sparse_step", 1)
+    if step != 1:
+        values.update(moe_layer_step=step, d_ff=r.get("intermediate_size"))
+    return values
+
+
+def _mixtral(r: _Reader) -> dict[str, Any]:
+    return _moe_common(r, "num_local_experts", "intermediate_size")
+
+
+def _qwen2_moe(r: _Reader) -> dict[str, Any]:
+    values = _moe_common(r, "num_experts", "moe_intermediate_size")
+    values.update(qkv_bias=r.get("qkv_bias", True, kind=bool), norm_topk_prob=r.get("norm_topk_prob", False, kind=bool),
+                  shared_expert_d_ff=r.get("shared_expert_intermediate_size"), shared_expert_gate=True)
+    return _sparse_layers(r, values)
+
+
+def _qwen3_moe(r: _Reader) -> dict[str, Any]:
+    values = _moe_common(r, "num_experts", "moe_intermediate_size")
+    values.update(qk_norm="head", norm_topk_prob=r.get("norm_topk_prob", False, kind=bool))
+    return _sparse_layers(r, values)
+
+
+def _olmoe(r: _Reader) -> dict[str, Any]:
+    values = _moe_common(r, "num_experts", "intermediate_size")
+    if r.get("clip_qkv", None, kind=(int, float)) is not None:
+        raise r.refuse("key 'clip_qkv' is set; clamping q/k/v is not modelled")
+    values.update(qk_norm="full", norm_topk_prob=r.get("norm_topk_prob", False, kind=bool))
+    return values
+
+
+def _deepseek_v3(r: _Reader) -> dict[str, Any]:
+    values = _moe_common(r, "n_routed_experts", "moe_intermediate_size")
+    if r.get("moe_layer_freq", 1) != 1:
+        raise r.refuse("key 'moe_layer_freq' is not 1; only consecutive MoE blocks are supported")
+    if r.get("scoring_func", "sigmoid", kind=str) != "sigmoid":
+        raise r.refuse("key 'scoring_func' is not 'sigmoid'; deepseek_v3 routes with sigmoid scores")
+    values.pop("num_kv_heads")
+    values.pop("head_dim")
+    values.update(
+        attention_type="mla", q_lora_rank=r.get("q_lora_rank", None), kv_lora_rank=r.get("kv_lora_rank"),
+        qk_nope_head_dim=r.get("qk_nope_head_dim"), qk_rope_head_dim=r.get("qk_rope_head_dim"),
+        v_head_dim=r.get("v_head_dim"), d_ff=r.get("intermediate_size"),
+        first_dense_layers=r.get("first_k_dense_replace", 0),
+        shared_expert_d_ff=r.get("n_shared_experts", 0) * r.get("moe_intermediate_size"),
+        router="sigmoid", router_fp32=True, norm_topk_prob=r.get("norm_topk_prob", True, kind=bool),
+        routed_scaling_factor=r.get("routed_scaling_factor", 1.0, kind=float),
+        n_group=r.get("n_group", 1), topk_group=r.get("topk_group", 1),
+    )
+    return values
+
+
 _READERS: dict[str, Callable[[_Reader], dict[str, Any]]] = {
+    "mixtral": _mixtral,
+    "qwen2_moe": _qwen2_moe,
+    "qwen3_moe": _qwen3_moe,
+    "olmoe": _olmoe,
+    "deepseek_v3": _deepseek_v3,
     "gpt2": _gpt2,
     "llama": _llama_like,
     "mistral": _llama_like,

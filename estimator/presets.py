@@ -22,16 +22,17 @@ class Preset:
     values: dict[str, Any] = field(hash=False)
     params: int  # published total parameter count (a tied head counted once)
     source: str
+    family: str = "transformer"  # or "moe" (estimator.families.moe)
 
     def fields(self) -> dict[str, Any]:
         """The model section this preset stands for (a fresh dict, ``family`` included)."""
-        return {"family": "transformer", **self.values}
+        return {"family": self.family, **self.values}
 
     def config(self) -> Any:
-        """The validated :class:`TransformerConfig`."""
-        from estimator.families.transformer import TransformerConfig
+        """The validated family config (:class:`TransformerConfig` or :class:`MoEConfig`)."""
+        from estimator.config import FAMILY_CONFIGS
 
-        return TransformerConfig(**self.values)
+        return FAMILY_CONFIGS[self.family](**self.values)
 
 
 _GPT2 = {"mlp": "gelu", "norm": "layernorm", "bias": True, "positions": "learned", "tie_embeddings": True,
@@ -98,6 +99,49 @@ _ALL = [
        **_NEOX, d_model=1024, num_layers=24, num_heads=16),
     _p("pythia-1b", 1_011_781_632, _HF.format(repo="EleutherAI/pythia-1b") + "; Pythia README",
        **_NEOX, d_model=2048, num_layers=16, num_heads=8),
+]
+
+
+def _moe(name: str, params: int, source: str, **values: Any) -> Preset:
+    return Preset(name, values, params, source, family="moe")
+
+
+_MOE_HF = "config.json of {repo}; total from the published checkpoint"
+_MOE_META = "config.json of {repo}; total = transformers' {cls} on the meta device (tests/moe)"
+
+_ALL += [
+    # Mixtral of Experts (Jiang et al. 2024): 46.7B total, 12.9B active; 8 experts, top-2.
+    _moe("mixtral-8x7b", 46_702_792_704, _MOE_HF.format(repo="mistralai/Mixtral-8x7B-v0.1"),
+         vocab_size=32000, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8, num_experts=8,
+         experts_per_token=2, expert_d_ff=14336, max_seq_len=32768, rope_theta=1e6, norm_eps=1e-5),
+    _moe("mixtral-8x22b", 140_630_071_296, _MOE_META.format(repo="mistralai/Mixtral-8x22B-v0.1",
+                                                            cls="MixtralForCausalLM"),
+         vocab_size=32768, d_model=6144, num_layers=56, num_heads=48, num_kv_heads=8, num_experts=8,
+         experts_per_token=2, expert_d_ff=16384, max_seq_len=65536, rope_theta=1e6, norm_eps=1e-5),
+    # Qwen3 technical report (Yang et al. 2025): 30.5B total, 3.3B active; q/k RMSNorm per head.
+    _moe("qwen3-30b-a3b", 30_532_122_624, _MOE_HF.format(repo="Qwen/Qwen3-30B-A3B"),
+         vocab_size=151936, d_model=2048, num_layers=48, num_heads=32, num_kv_heads=4, head_dim=128,
+         qk_norm="head", num_experts=128, experts_per_token=8, expert_d_ff=768, d_ff=6144,
+         max_seq_len=40960, rope_theta=1e6, norm_eps=1e-6),
+    # Qwen1.5-MoE-A2.7B: 60 experts top-4 plus a gated shared expert, q/k/v biases; top-k not renormalised.
+    _moe("qwen1.5-moe-a2.7b", 14_315_784_192, _MOE_META.format(repo="Qwen/Qwen1.5-MoE-A2.7B",
+                                                               cls="Qwen2MoeForCausalLM"),
+         vocab_size=151936, d_model=2048, num_layers=24, num_heads=16, qkv_bias=True, num_experts=60,
+         experts_per_token=4, expert_d_ff=1408, shared_expert_d_ff=5632, shared_expert_gate=True, d_ff=5632,
+         norm_topk_prob=False, max_seq_len=8192, rope_theta=1e6, norm_eps=1e-6),
+    # OLMoE (Muennighoff et al. 2024): 6.9B total, 1.3B active; q/k RMSNorm over all heads.
+    _moe("olmoe-1b-7b", 6_919_161_856, _MOE_META.format(repo="allenai/OLMoE-1B-7B-0924", cls="OlmoeForCausalLM"),
+         vocab_size=50304, d_model=2048, num_layers=16, num_heads=16, qk_norm="full", num_experts=64,
+         experts_per_token=8, expert_d_ff=1024, d_ff=1024, norm_topk_prob=False, max_seq_len=4096,
+         rope_theta=10000.0, norm_eps=1e-5),
+    # DeepSeek-V3 technical report (DeepSeek-AI 2024, section 2): 671B total, 37B active, without the
+    # 14B multi-token-prediction module; MLA, 3 dense blocks, 256 routed + 1 shared expert, top-8.
+    _moe("deepseek-v3", 671_026_404_352, _MOE_HF.format(repo="deepseek-ai/DeepSeek-V3") + " (MTP excluded)",
+         vocab_size=129280, d_model=7168, num_layers=61, num_heads=128, attention_type="mla", q_lora_rank=1536,
+         kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, d_ff=18432,
+         first_dense_layers=3, num_experts=256, experts_per_token=8, expert_d_ff=2048, shared_expert_d_ff=2048,
+         router="sigmoid", router_fp32=True, routed_scaling_factor=2.5, n_group=8, topk_group=4,
+         max_seq_len=163840, rope_theta=10000.0, norm_eps=1e-6),
 ]
 
 PRESETS: dict[str, Preset] = {p.name: p for p in _ALL}

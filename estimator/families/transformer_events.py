@@ -418,7 +418,9 @@ class _Sim:
                     count += 1
                     key = self.new_bytes(f"grad.{name}#{count}", self.tensors[name].nbytes, "temporary")
                     refs[key] = 1
-                if name in buffers:  # fan-in: accumulate into the buffer that is not shared
+                if name in buffers and self.sums_after_node(name):  # out of place, once the node has run
+                    later.append(lambda n=name, k=key: self._sum_after_node(n, k, buffers, refs, release))
+                elif name in buffers:  # fan-in: accumulate into the buffer that is not shared
                     old = buffers[name]
                     if refs[old] == 1:
                         release(key)
@@ -448,6 +450,23 @@ class _Sim:
         for key in list(buffers.values()):
             release(key)
         release(grad_loss)
+
+    def sums_after_node(self, name: str) -> bool:
+        """Whether fan-in gradients of ``name`` are summed out of place after the node has run.
+
+        What the engine's input buffer does for the gradients of index/select backward (seen with the
+        tracker); the transformer family keeps its in-place model. The MoE family overrides this.
+        """
+        return False
+
+    def _sum_after_node(self, name: str, key: str, buffers: dict[str, str], refs: dict[str, int],
+                        release: Callable[[str], None]) -> None:
+        old = buffers[name]
+        total = self.new_bytes(f"grad.{name}#sum{len(self.records)}", self.tensors[name].nbytes, "temporary")
+        refs[total] = 1
+        buffers[name] = total
+        release(old)
+        release(key)
 
     def _param_grad(self, name: str, via_cast: bool, later: list[Callable[[], None]]) -> None:
         """A parameter's gradient, as mm/embedding backward computes it and AccumulateGrad keeps it.

@@ -1,0 +1,428 @@
+"""Timeline events of the MoE family: the transformer family's autograd simulation plus routed experts.
+
+:class:`_MoESim` extends ``transformer_events._Sim`` (embedding, RMSNorms, RoPE, attention, loss,
+the backward engine) with what ``estimator.measure.moe`` adds, op by op as the live-tensor tracker
+sees it (``tests/moe/test_events.py``):
+
+* the router: ``F.linear`` to (T, E) logits, softmax in fp32 (saved), ``topk`` (its int64
+  indices saved), the in-place renormalisation ``top_w /= top_w.sum()`` (autograd saves a clone
+  of the values and the sum) and the cast back to the logits' dtype; or DeepSeek-V3's sigmoid
+  router (fp32 logits, group-limited top-k, ``gather``);
+* the per-expert loop of transformers' eager experts (``MixtralExperts.forward``): the one-hot
+  mask (T, k, E+1) int64, then for every expert hit, ``torch.where`` (an (n_e, 2) int64 tensor
+  saved by three ops), the gathered tokens (n_e, d), gate/up (n_e, 2F), SiLU and product (n_e, F),
+  down (n_e, d), the routing weight (n_e, 1), the weighted output (n_e, d) saved by ``index_add_``;
+* in backward, each ``x[token]`` and ``top_w[token, pos]`` gradient is scattered into a zero tensor
+  of the full (T, d) / (T, k) size, and each expert's weight gradient into a zero tensor of the
+  full 3-D parameter (``select_backward``): the engine sums these out of place, so a layer's
+  backward briefly holds three copies of ``gate_up_proj``'s size (the running sum, the new slice's
+  zeros, their sum) — the price of the eager path;
+* the shared expert (the dense SwiGLU, reused), its sigmoid gate, and the sum.
+
+MLA and q/k norms are built from the same primitives (linear, RMSNorm, RoPE, SDPA); their slices
+and concatenations are modelled as views whose gradients materialise at the size of their base.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from estimator.config import TrainingConfig
+from estimator.events import Event
+from estimator.families.base import StepShape
+from estimator.families.moe import MoEConfig, expert_tokens, parameter_tensors
+from estimator.families.transformer import kind_bytes
+from estimator.families.transformer_events import _T, PASS, _Sim
+
+I64, BOOL = 8, 1  # bytes of torch.int64 and torch.bool
+
+
+class _MoESim(_Sim):
+    """The transformer simulation with MoE blocks, MLA and q/k norms (see the module docstring)."""
+
+    def __init__(self, moe: MoEConfig, training: TrainingConfig, shape: StepShape) -> None:
+        super().__init__(moe.dense_view(), training, shape)
+        self.moe = moe
+        self.params = {p.name: p.numel for p in parameter_tensors(moe)}
+        self.routes = dict(zip(moe.moe_layers, expert_tokens(moe, training), strict=True))
+        self.expert_left: dict[str, int] = {}  # 3-D expert parameter -> select_backward grads still to come
+        self.expert_sum: dict[str, str] = {}  # 3-D expert parameter -> its running gradient sum
+        self.serial = 0
+        self.view_base: dict[str, str] = {}
+        self.no_stop = False
+
+    def sums_after_node(self, name: str) -> bool:
+        """Fan-in gradients of an MoE block's tensors are summed out of place after the node (torch's engine)."""
+        return ".moe." in name or name.endswith("norm2.out")
+
+    # --- helpers -------------------------------------------------------------------------
+    def _tmp(self, name: str, nbytes: int) -> str:
+        """A short-lived tensor allocated now (freed by the caller with ``dead``)."""
+        self.serial += 1
+        return self.new_bytes(f"{name}#{self.serial}", nbytes, "temporary")
+
+    def _view(self, name: str, nbytes: int, base: str | None = None) -> str:
+        """A view: no allocation; its gradient (``nbytes``) is allocated where it is consumed.
+
+        With ``base``, a node is recorded whose backward materialises the base's gradient (slice,
+        select and narrow backward allocate a zero tensor of the base's size).
+        """
+        self.serial += 1
+        key = f"{name}@{self.serial}"
+        self.tensors[key] = _T(key, nbytes, dead=True, live=False)
+        if base is not None:
+            self.node(key, [base])
+        return key
+
+    def linear(self, prefix: str, x: str, n_in: int, n_out: int, weight: str, bias: str | None,
+               stop: bool = False) -> str:
+        return super().linear(prefix, x, n_in, n_out, weight, bias, stop=stop and not self.no_stop)
+
+    def node(self, out: str, inputs: list[str | tuple[str, str]], saves: tuple[str, ...] = (),
+             scratch: int = 0) -> None:
+        """A node; saving a view (``view_base``) keeps the view's base storage alive."""
+        super().node(out, inputs, tuple(self.view_base.get(s, s) for s in saves), scratch)
+
+    @contextmanager
+    def _width(self, d: int, rows: int) -> Iterator[None]:
+        """Run a transformer primitive (RMSNorm) on a (rows, d) tensor instead of (T, d_model)."""
+        model, t = self.model, self.t
+        self.model, self.t = model.model_copy(update={"d_model": d}), rows
+        try:
+            yield
+        finally:
+            self.model, self.t = model, t
+
+    def norm_of(self, prefix: str, x: str, d: int, rows: int) -> str:
+        with self._width(d, rows):
+            return self.norm(prefix, x)
+
+    def _kind(self, name: str) -> str:
+        return self.tensors[name].kind
+
+    # --- attention -----------------------------------------------------------------------
+    def attention(self, p: str, x: str) -> str:
+        if self.moe.attention_type == "mla":
+            return self._mla(p, x)
+        if self.moe.qk_norm == "none":
+            return super().attention(p, x)
+        return self._qk_norm_attention(p, x)
+
+    def _qk_norm_attention(self, p: str, x: str) -> str:
+        """Qwen3-MoE / OLMoE: RMSNorm of q and k (per head or over all heads), then RoPE and SDPA."""
+        m, t = self.moe, self.t
+        d, h, hq, hk = m.d_model, m.head_size, m.num_heads, m.kv_heads
+        bias = m.qkv_bias
+        q = self.linear(f"{p}.attn.q_proj", x, d, hq * h, f"{p}.attn.q_proj.weight",
+                        f"{p}.attn.q_proj.bias" if bias else None)
+        k = self.linear(f"{p}.attn.k_proj", x, d, hk * h, f"{p}.attn.k_proj.weight",
+                        f"{p}.attn.k_proj.bias" if bias else None)
+        per_head = m.qk_norm == "head"
+        qn = self.norm_of(f"{p}.attn.q_norm", q, h if per_head else hq * h, t * hq if per_head else t)
+        self.dead(q)
+        kn = self.norm_of(f"{p}.attn.k_norm", k, h if per_head else hk * h, t * hk if per_head else t)
+        self.dead(k)
+        v = self.linear(f"{p}.attn.v_proj", x, d, hk * h, f"{p}.attn.v_proj.weight",
+                        f"{p}.attn.v_proj.bias" if bias else None)
+        q = self.rope(f"{p}.attn.q", qn, hq)
+        self.dead(qn)
+        k = self.rope(f"{p}.attn.k", kn, hk)
+        self.dead(kn)
+        y = self.new(f"{p}.attn.sdpa", hq * h * t, "act")
+        lse = self.new(f"{p}.attn.lse", hq * t, "fp32")
+        self.node(y, [q, k, v], saves=(q, k, v, y, lse))
+        self.dead(lse)
+        out = self.linear(f"{p}.attn.o_proj", y, hq * h, d, f"{p}.attn.o_proj.weight", None)
+        self.dead(y, q, k, v)
+        return out
+
+    def _mla(self, p: str, x: str) -> str:
+        """DeepSeek's latent attention as ``estimator.measure.moe.MLAttention`` runs it (v padded for SDPA)."""
+        m, t = self.moe, self.t
+        d, hq, qk, nope, r, vd = m.d_model, m.num_heads, m.head_size, m.qk_nope_head_dim, m.qk_rope_head_dim, \
+            m.v_head_dim
+        a = f"{p}.attn"
+
+        def lin(name: str, src: str, n_in: int, n_out: int) -> str:
+            return self.linear(f"{a}.{name}", src, n_in, n_out, f"{a}.{name}.weight", None)
+
+        if m.q_lora_rank:
+            qa = lin("q_a_proj", x, d, m.q_lora_rank)
+            qn = self.norm_of(f"{a}.q_a_norm", qa, m.q_lora_rank, t)
+            self.dead(qa)
+            q = lin("q_b_proj", qn, m.q_lora_rank, hq * qk)
+            self.dead(qn)
+        else:
+            q = lin("q_proj", x, d, hq * qk)
+        ab = self.shape.activation_bytes
+        q_pass = self._view(f"{a}.q_pass", hq * nope * t * ab, q)
+        q_rot = self._view(f"{a}.q_rot", hq * r * t * ab, q)
+        ckv = lin("kv_a_proj", x, d, m.kv_lora_rank + r)
+        c = self._view(f"{a}.c_kv", m.kv_lora_rank * t * ab, ckv)
+        self.tensors[c].kind = self._kind(ckv)
+        k_rot_in = self._view(f"{a}.k_rot_in", r * t * ab, ckv)
+        self.view_base[c] = ckv  # the norm saves its input, a view: the projection's storage stays
+        cn = self.norm_of(f"{a}.kv_a_norm", c, m.kv_lora_rank, t)
+        kv = lin("kv_b_proj", cn, m.kv_lora_rank, hq * (nope + vd))
+        self.dead(cn)
+        k_pass = self._view(f"{a}.k_pass", hq * nope * t * ab, kv)
+        v_view = self._view(f"{a}.v", hq * vd * t * ab, kv)
+        q_r = self.rope(f"{a}.q", q_rot, hq)
+        k_r = self.rope(f"{a}.k", k_rot_in, 1)
+        k_exp = self._view(f"{a}.k_rot", hq * r * t * ab)  # expand: its gradient is summed back (1/H the size)
+        self.node(k_exp, [k_r], scratch=0)
+        qc = self.new(f"{a}.q", hq * qk * t, "act")
+        self.node(qc, [(q_pass, PASS), (q_r, PASS)])
+        kc = self.new(f"{a}.k", hq * qk * t, "act")
+        self.node(kc, [(k_pass, PASS), (k_exp, PASS)])
+        vp = self.new(f"{a}.v_pad", hq * qk * t, "act")
+        self.node(vp, [(v_view, PASS)])
+        y = self.new(f"{a}.sdpa", hq * qk * t, "act")
+        lse = self.new(f"{a}.lse", hq * t, "fp32")
+        self.node(y, [qc, kc, vp], saves=(qc, kc, vp, y, lse))
+        self.dead(lse)
+        y_view = self._view(f"{a}.y", hq * vd * t * ab, y)
+        yc = self.new(f"{a}.y_flat", hq * vd * t, "act")  # transpose + reshape of a slice: a copy
+        self.node(yc, [(y_view, PASS)])
+        out = lin("o_proj", yc, hq * vd, d)
+        self.dead(yc, y, qc, kc, vp, q, q_r, k_r, ckv, kv)
+        return out
+
+    # --- the MoE block -------------------------------------------------------------------
+    def mlp(self, p: str, x: str) -> str:
+        i = int(p.split(".")[1])
+        if not self.moe.is_moe_layer(i):
+            return super().mlp(p, x)
+        return self._moe(p, i, x)
+
+    def _route(self, m: str, h: str) -> tuple[str, str, str, list[str]]:
+        """Router forward: returns (top-k weights, top-k ids, weights' dtype class, locals dropped at return)."""
+        c, t = self.moe, self.t
+        e, k, d = c.num_experts, c.experts_per_token, c.d_model
+        fp32_in = c.router_fp32 or c.router == "sigmoid"
+        src = h
+        if fp32_in and self._kind(h) != "fp32" and not self.fp32_stream and not self.autocast:
+            src = self.new(f"{m}.router.x_fp32", d * t, "fp32")
+            self.node(src, [h])
+        logits = self.linear(f"{m}.router", src, d, e, f"{m}.router.weight", None)
+        if src != h:
+            self.dead(src)
+        logits_kind = "fp32" if fp32_in and not self.autocast else self._kind(logits)
+        if c.router == "sigmoid":
+            scores = self.new(f"{m}.router.scores", e * t, "fp32")
+            self.node(scores, [logits], saves=(scores,))
+            choice = self.new(f"{m}.router.choice", e * t, "fp32")  # masked_fill of a detached copy
+            top_v = self.new(f"{m}.router.top_v", k * t, "fp32")
+            top_i = self.new_bytes(f"{m}.router.top_i", k * t * I64)
+            self.dead(choice, top_v)
+            w = self.new(f"{m}.router.top_w", k * t, "fp32")
+            self.node(w, [scores], saves=(top_i,), scratch=e * t * 4)  # gather backward: zeros + scatter
+            if c.norm_topk_prob:
+                s = self.new(f"{m}.router.sum", t, "fp32")
+                self.node(s, [w])
+                den = self.new(f"{m}.router.den", t, "fp32")
+                self.node(den, [(s, PASS)])
+                self.dead(s)
+                wn = self.new(f"{m}.router.top_w_norm", k * t, "fp32")
+                self.node(wn, [w, den], saves=(w, den), scratch=3 * k * t * 4)
+                self.dead(w, den)
+                w = wn
+            ws = self.new(f"{m}.router.top_w_scaled", k * t, "fp32")
+            self.node(ws, [w])
+            self.dead(w)
+            return ws, top_i, "fp32", [logits, scores, ws, top_i]
+        src = logits
+        if kind_bytes(logits_kind, self.shape) != 4:  # softmax(dtype=float) converts first
+            src = self.new(f"{m}.router.logits_fp32", e * t, "fp32")
+            self.node(src, [logits])
+        probs = self.new(f"{m}.router.probs", e * t, "fp32")
+        self.node(probs, [src], saves=(probs,))
+        if src != logits:
+            self.dead(src)
+        top_v = self.new(f"{m}.router.top_v", k * t, "fp32")
+        top_i = self.new_bytes(f"{m}.router.top_i", k * t * I64)
+        self.tensors[top_i].kind = "i64"
+        self.node(top_v, [probs], saves=(top_i,), scratch=e * t * 4)  # topk backward: zeros + scatter
+        w = top_v
+        if c.norm_topk_prob:
+            s = self.new(f"{m}.router.sum", t, "fp32")
+            self.node(s, [(top_v, PASS)])
+            clone = self.new(f"{m}.router.top_v_clone", k * t, "fp32")  # in-place div_ saves the original
+            w = self._view(f"{m}.router.top_w", k * t * 4)
+            self.node(w, [top_v, s], saves=(clone, s), scratch=3 * k * t * 4)
+            self.dead(clone, s)
+        self.dead(probs)  # route()'s local (saved by softmax), dropped when it returns
+        keep = [logits, top_v, top_i]
+        if kind_bytes(logits_kind, self.shape) != 4:  # .to(logits.dtype)
+            cast = self.new(f"{m}.router.top_w16", k * t, logits_kind)
+            self.node(cast, [w])
+            self.dead(top_v)
+            keep = [logits, top_i, cast]
+            return cast, top_i, logits_kind, keep
+        return w, top_i, "fp32", keep
+
+    def _bytes(self, name: str) -> int:
+        """Bytes per element of a tensor's dtype class."""
+        return kind_bytes(self.tensors[name].kind, self.shape)
+
+    def _expert_linear(self, prefix: str, x: str, n_in: int, n_out: int, param: str, e: int, rows: int) -> str:
+        """``F.linear(x, param[e])``: the select view, autocast's (uncached) casts, the mm (saves x)."""
+        wslice = self._view(f"{param}[{e}]", n_in * n_out * self.shape.gradient_bytes)
+        self.node(wslice, [f"param:hook|select|{param}"])
+        w, saves, casts = wslice, [x], []
+        if self.autocast:
+            if self._bytes(x) != self.shape.activation_bytes:
+                x = self.new(f"{prefix}.x16", n_in * rows, "act")
+                self.node(x, [saves[0]])
+                casts.append(x)
+            w = self.new(f"{param}[{e}].16bit", n_in * n_out, "act")
+            self.node(w, [wslice])
+            casts.append(w)
+            saves = [x, w]
+        out = self.new(f"{prefix}.out", n_out * rows, "act")
+        self.node(out, [w, x], saves=tuple(saves))
+        self.dead(*casts)
+        return out
+
+    def _moe(self, p: str, i: int, h: str) -> str:
+        c, t = self.moe, self.t
+        e_n, k, d, f = c.num_experts, c.experts_per_token, c.d_model, c.expert_d_ff
+        m = f"{p}.moe"
+        w, top_i, w_kind, keep = self._route(m, h)
+        out = self.new(f"{m}.out", d * t, self.tensors[h].kind)  # zeros_like(hidden_states)
+        self.dead(self._tmp(f"{m}.aminmax", I64), self._tmp(f"{m}.aminmax", I64))  # one_hot's range check
+        mask = self.new_bytes(f"{m}.mask", t * k * (e_n + 1) * I64)
+        counts = self.new_bytes(f"{m}.counts", (e_n + 1) * I64)
+        gt = self.new_bytes(f"{m}.hit_bool", (e_n + 1) * BOOL)
+        route = self.routes[i]
+        hit = [e for e, n in enumerate(route) if n]
+        hits = self.new_bytes(f"{m}.hit", len(hit) * I64)
+        self.dead(gt)
+        for param in (f"{m}.experts.gate_up_proj", f"{m}.experts.down_proj"):
+            self.expert_left[param] = len(hit)
+        version, ab = "", self.shape.activation_bytes
+        prev: dict[str, str] = {}  # the loop's Python variables: a tensor dies when its variable is rebound
+
+        def rebind(var: str, tensor: str) -> None:
+            if var in prev:
+                self.dead(prev[var])
+            prev[var] = tensor
+
+        for j, e in enumerate(hit):
+            n, x = route[e], f"{m}.e{e}"
+            self.dead(self._tmp(f"{x}.is_sentinel", BOOL))
+            nz = self.new_bytes(f"{x}.where", n * 2 * I64)  # torch.where: (pos, token) views of one tensor
+            self.tensors[nz].kind = "i64"
+            rebind("token", nz)
+            cur = self.new(f"{x}.tokens", d * n, self.tensors[h].kind)
+            self.node(cur, [h], saves=(nz,), scratch=self.tensors[h].nbytes)  # backward: zeros, index_put
+            rebind("current", cur)
+            gu = self._expert_linear(f"{x}.gate_up", cur, d, 2 * f, f"{m}.experts.gate_up_proj", e, n)
+            rebind("gate_up", gu)
+            # chunk: gate and up are views; backward concatenates their gradients into one (n, 2F) tensor
+            gate = self._view(f"{x}.gate", f * n * ab)
+            self.node(gate, [gu, f"param:hook|free|{x}.up_grad"])
+            act = self.new(f"{x}.silu", f * n, "act")
+            self.node(act, [gate], saves=(gu,))
+            hid = self.new(f"{x}.hidden", f * n, "act")
+            self.node(hid, [act, f"param:hook|alloc|{x}.up_grad|{f * n * ab}"], saves=(act, gu))
+            self.dead(act)
+            down = self._expert_linear(f"{x}.down", hid, f, d, f"{m}.experts.down_proj", e, n)
+            self.dead(hid)
+            rebind("hidden", down)
+            wsel = self.new(f"{x}.weight", n, w_kind)
+            self.node(wsel, [w], saves=(nz,), scratch=k * t * self._bytes(wsel))  # zeros (T, k, 1), index_put
+            prod_kind = w_kind if self._bytes(wsel) > self._bytes(down) else "act"
+            weighted = self.new(f"{x}.weighted", d * n, prod_kind)
+            self.node(weighted, [down, wsel], saves=(down, wsel), scratch=d * n * self._bytes(weighted))
+            self.dead(wsel)
+            rebind("hidden", weighted)
+            src = weighted
+            if self._bytes(weighted) != self._bytes(out):  # .to(final_hidden_states.dtype)
+                src = self.new(f"{x}.weighted_cast", d * n, self.tensors[out].kind)
+                self.node(src, [weighted])
+            last = j == len(hit) - 1
+            new_version = out if last else self._view(f"{m}.out_v{j}", self.tensors[out].nbytes)
+            inputs: list[str | tuple[str, str]] = [(version, PASS), src] if version else [src]
+            self.node(new_version, inputs, saves=(nz, src))  # index_add_ saves the index and the source
+            if src != weighted:
+                self.dead(src)
+            version = new_version
+            if last and self.recomputing and not c.shared_expert_d_ff:
+                # checkpoint's early stop: the block's last saved tensors are packed, the rerun ends
+                self.dead(*prev.values(), out, mask, counts, hits, *keep)
+                return ""
+        self.dead(*prev.values())
+        self.dead(mask, counts, hits)
+        result = out
+        if c.shared_expert_d_ff:
+            model = self.model
+            self.model = model.model_copy(update={"d_ff": c.shared_expert_d_ff})
+            self.no_stop = c.shared_expert_gate  # the gate's product, not down_proj, is the last to save
+            try:
+                shared = super().mlp(m, h)
+            finally:
+                self.model, self.no_stop = model, False
+            if not shared:  # early stop at the shared expert's down_proj (checkpoint rerun)
+                self.dead(out, *keep)
+                return ""
+            if c.shared_expert_gate:
+                g = self.linear(f"{m}.shared_gate", h, d, 1, f"{m}.shared_gate.weight", None)
+                sg = self.new(f"{m}.shared_gate.sigmoid", t, self.tensors[g].kind)
+                self.node(sg, [g], saves=(sg,))
+                self.dead(g)
+                gated = self.new(f"{m}.shared_gated", d * t, self.tensors[shared].kind)
+                self.node(gated, [sg, shared], saves=(sg, shared), scratch=d * t * self._bytes(gated))
+                if self.recomputing:  # early stop: the gate's product saves the block's last tensors
+                    self.dead(gated, sg, shared, out, *keep)
+                    return ""
+                self.dead(sg, shared)
+                shared = gated
+            result = self.new(f"{m}.sum", d * t, self.tensors[out].kind)
+            self.node(result, [(out, PASS), (shared, PASS)])
+            self.dead(shared, out)
+        self.dead(*keep)
+        return result
+
+    def _param_grad(self, name: str, via_cast: bool, later: list[Callable[[], None]]) -> None:
+        """Expert weights: ``select_backward`` scatters each slice's gradient into zeros of the full
+        parameter; the engine sums them out of place; the last sum becomes ``.grad``."""
+        if not name.startswith("hook|"):
+            super()._param_grad(name, via_cast, later)
+            return
+        _, what, rest = name.split("|", 2)
+        if what == "alloc":  # a gradient the sim keeps outside the engine's buffers (chunk's second half)
+            tensor, nbytes_text = rest.split("|")
+            self.new_bytes(tensor, int(nbytes_text), "temporary")
+            return
+        if what == "free":
+            later.append(lambda: self._free(self.tensors[rest]))
+            return
+        param = rest
+        nbytes = self.params[param] * self.shape.gradient_bytes
+        full = self._tmp(f"{param}.select_backward", nbytes)
+
+        def accumulate() -> None:
+            running = self.expert_sum.pop(param, None)
+            buf = full
+            if running is not None:
+                buf = self._tmp(f"{param}.grad_sum", nbytes)
+                self._free(self.tensors[running])
+                self._free(self.tensors[full])
+            self.expert_left[param] -= 1
+            if self.expert_left[param]:
+                self.expert_sum[param] = buf
+                return
+            self._free(self.tensors[buf])
+            self.new_bytes(f"{param}.grad", nbytes, "gradient")
+
+        later.append(accumulate)
+
+
+def step_events(model: MoEConfig, training: TrainingConfig, shape: StepShape) -> list[Event]:
+    """Forward, loss and backward events of one step of ``estimator.measure.moe``."""
+    sim = _MoESim(model, training, shape)
+    sim.forward()
+    sim.backward()
+    return sim.events()

@@ -1,0 +1,262 @@
+"""A readable torch implementation of :class:`MoEConfig`, used by ``verify`` and the tests.
+
+Built from the dense transformer's pieces (``estimator.measure.transformer``: RMSNorm, RoPE,
+attention, SwiGLU) plus what MoE models add. The routed experts follow transformers'
+``experts_implementation="eager"`` (``MixtralExperts.forward`` in transformers 5): the experts are
+two 3-D parameters, ``gate_up_proj`` (E, 2F, d) and ``down_proj`` (E, d, F), and forward loops over
+the experts hit by at least one token, gathers their tokens, runs the SwiGLU on them with the
+expert's slice of the weights, scales by the routing weight and ``index_add_``s the result. The
+router is Qwen2-MoE/OLMoE's (softmax in fp32, top-k, optional renormalisation, cast back) or
+DeepSeek-V3's (fp32 logits, sigmoid, group-limited top-k, scaling). ``forward`` records the tokens
+each expert received in ``tokens_per_expert`` (one list per MoE layer), which ``verify`` reports.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from estimator.families.moe import MoEConfig
+from estimator.measure.transformer import MLP, Attention, RMSNorm, apply_rope, rope_tables
+
+Device = torch.device | str | None
+
+
+class QKNormAttention(Attention):
+    """GQA attention with RMSNorms on q and k: per head (Qwen3-MoE) or over all heads (OLMoE)."""
+
+    def __init__(self, cfg: MoEConfig, device: Device, dtype: torch.dtype | None) -> None:
+        super().__init__(cfg.dense_view(), device, dtype)
+        width = (1, 1) if cfg.qk_norm == "head" else (cfg.num_heads, cfg.kv_heads)
+        self.q_norm = RMSNorm(width[0] * self.head_size, cfg.norm_eps, device, dtype)
+        self.k_norm = RMSNorm(width[1] * self.head_size, cfg.norm_eps, device, dtype)
+        self.per_head = cfg.qk_norm == "head"
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
+        b, s, _ = x.shape
+        hq, hk, h = self.num_heads, self.kv_heads, self.head_size
+        if self.per_head:
+            q = self.q_norm(self.q_proj(x).view(b, s, hq, h))
+            k = self.k_norm(self.k_proj(x).view(b, s, hk, h))
+        else:
+            q = self.q_norm(self.q_proj(x)).view(b, s, hq, h)
+            k = self.k_norm(self.k_proj(x)).view(b, s, hk, h)
+        v = self.v_proj(x).view(b, s, hk, h).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=hk != hq)
+        return self.o_proj(y.transpose(1, 2).reshape(b, s, hq * h))
+
+
+class MLAttention(nn.Module):
+    """DeepSeek-V2/V3 multi-head latent attention (HF ``DeepseekV3Attention``, RoPE in "rotate half" form).
+
+    v is zero-padded to the query/key head size before SDPA and the output sliced back, as HF does
+    for its flash-attention path, so the CPU (and CUDA flash) kernel runs instead of the math one.
+    """
+
+    def __init__(self, cfg: MoEConfig, device: Device, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        d, hq = cfg.d_model, cfg.num_heads
+        kw = {"device": device, "dtype": dtype, "bias": False}
+        self.nope, self.rope, self.vdim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.qk = cfg.head_size
+        self.num_heads, self.kv_lora = hq, cfg.kv_lora_rank
+        if cfg.q_lora_rank:
+            self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, **kw)
+            self.q_a_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps, device, dtype)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, hq * self.qk, **kw)
+        else:
+            self.q_proj = nn.Linear(d, hq * self.qk, **kw)
+        self.kv_a_proj = nn.Linear(d, cfg.kv_lora_rank + self.rope, **kw)
+        self.kv_a_norm = RMSNorm(cfg.kv_lora_rank, cfg.norm_eps, device, dtype)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, hq * (self.nope + self.vdim), **kw)
+        self.o_proj = nn.Linear(hq * self.vdim, d, **kw)
+        self.lora = bool(cfg.q_lora_rank)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        hq = self.num_heads
+        q = self.q_b_proj(self.q_a_norm(self.q_a_proj(x))) if self.lora else self.q_proj(x)
+        q = q.view(b, s, hq, self.qk)
+        q_pass, q_rot = q[..., : self.nope], q[..., self.nope:]
+        ckv = self.kv_a_proj(x)
+        c, k_rot = ckv[..., : self.kv_lora], ckv[..., self.kv_lora:]
+        kv = self.kv_b_proj(self.kv_a_norm(c)).view(b, s, hq, self.nope + self.vdim)
+        k_pass, v = kv[..., : self.nope], kv[..., self.nope:]
+        q_rot = apply_rope(q_rot, cos, sin)
+        k_rot = apply_rope(k_rot.view(b, s, 1, self.rope), cos, sin).expand(b, s, hq, self.rope)
+        q = torch.cat((q_pass, q_rot), dim=-1).transpose(1, 2)
+        k = torch.cat((k_pass, k_rot), dim=-1).transpose(1, 2)
+        v = F.pad(v, [0, self.qk - self.vdim]).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)[..., : self.vdim]
+        return self.o_proj(y.transpose(1, 2).reshape(b, s, hq * self.vdim))
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts as two 3-D parameters, run by a loop over the experts hit (transformers' eager path)."""
+
+    def __init__(self, cfg: MoEConfig, device: Device, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        e, f, d = cfg.num_experts, cfg.expert_d_ff, cfg.d_model
+        self.num_experts = e
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * f, d, device=device, dtype=dtype))
+        self.down_proj = nn.Parameter(torch.empty(e, d, f, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor, top_i: torch.Tensor, top_w: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        out = torch.zeros_like(x)
+        with torch.no_grad():
+            mask = F.one_hot(top_i, num_classes=self.num_experts + 1).permute(2, 1, 0)
+            counts = mask.sum(dim=(-1, -2))
+            hit = torch.greater(counts, 0).nonzero()
+        for expert in hit:
+            e = expert[0]
+            if e == self.num_experts:
+                continue
+            pos, token = torch.where(mask[e])
+            current = x[token]
+            gate, up = F.linear(current, self.gate_up_proj[e]).chunk(2, dim=-1)
+            hidden = F.linear(F.silu(gate) * up, self.down_proj[e])
+            hidden = hidden * top_w[token, pos, None]
+            out.index_add_(0, token, hidden.to(out.dtype))
+        return out, counts[: self.num_experts].tolist()
+
+
+class MoE(nn.Module):
+    """Router, routed experts, shared expert (and its gate); the aux loss is stashed in ``aux_loss``."""
+
+    def __init__(self, cfg: MoEConfig, device: Device, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.router = nn.Linear(cfg.d_model, cfg.num_experts, bias=False, device=device, dtype=dtype)
+        self.experts = Experts(cfg, device, dtype)
+        if cfg.shared_expert_d_ff:
+            shared = cfg.dense_view().model_copy(update={"d_ff": cfg.shared_expert_d_ff})
+            self.mlp = MLP(shared, device, dtype)  # named like a dense block's MLP: blocks.i.moe.mlp.*
+            if cfg.shared_expert_gate:
+                self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False, device=device, dtype=dtype)
+        self.counts: list[int] = []
+        self.aux_loss: torch.Tensor | None = None
+
+    def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(router logits, top-k weights, top-k expert ids) of the tokens ``h`` (T, d)."""
+        cfg = self.cfg
+        if cfg.router == "sigmoid":  # DeepSeek-V3: fp32 logits, sigmoid, group-limited top-k
+            logits = F.linear(h.float(), self.router.weight.float())
+            scores = logits.sigmoid()
+            g = cfg.n_group
+            groups = scores.view(-1, g, cfg.num_experts // g).topk(min(2, cfg.num_experts // g), dim=-1)[0].sum(-1)
+            keep = torch.zeros_like(groups).scatter_(1, groups.topk(cfg.topk_group, dim=-1)[1], 1)
+            mask = keep.unsqueeze(-1).expand(-1, g, cfg.num_experts // g).reshape(-1, cfg.num_experts)
+            top_i = scores.detach().masked_fill(~mask.bool(), float("-inf")).topk(cfg.experts_per_token, dim=-1)[1]
+            top_w = scores.gather(1, top_i)
+            if cfg.norm_topk_prob:
+                top_w = top_w / (top_w.sum(dim=-1, keepdim=True) + 1e-20)
+            return logits, top_w * cfg.routed_scaling_factor, top_i
+        if cfg.router_fp32:
+            logits = F.linear(h.float(), self.router.weight.float())
+        else:
+            logits = F.linear(h, self.router.weight)
+        probs = F.softmax(logits, dim=-1, dtype=torch.float)
+        top_w, top_i = torch.topk(probs, cfg.experts_per_token, dim=-1)
+        if cfg.norm_topk_prob:
+            top_w /= top_w.sum(dim=-1, keepdim=True)
+        return logits, top_w.to(logits.dtype), top_i
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        h = x.view(-1, d)
+        logits, top_w, top_i = self.route(h)
+        if self.cfg.aux_loss_coef:
+            self.aux_loss = load_balancing_loss(logits, top_i, self.cfg.num_experts)
+        out, self.counts = self.experts(h, top_i, top_w)
+        if self.cfg.shared_expert_d_ff:
+            shared = self.mlp(h)
+            if self.cfg.shared_expert_gate:
+                shared = F.sigmoid(self.shared_gate(h)) * shared
+            out = out + shared
+        return out.view(b, s, d)
+
+
+def load_balancing_loss(logits: torch.Tensor, top_i: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Switch Transformer's auxiliary loss (Fedus et al. 2021, eq. 4-6): E · Σ_e f_e · P_e.
+
+    f_e: the fraction of the T·k assignments that went to expert e (no gradient); P_e: the mean
+    router probability of expert e (softmax in fp32). HF's ``load_balancing_loss_func`` without a mask.
+    """
+    probs = F.softmax(logits, dim=-1, dtype=torch.float)
+    with torch.no_grad():
+        f = F.one_hot(top_i, num_experts).float().mean(dim=(0, 1))
+    return num_experts * (f * probs.mean(dim=0)).sum()
+
+
+class MoEBlock(nn.Module):
+    def __init__(self, cfg: MoEConfig, i: int, device: Device, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        dense = cfg.dense_view()
+        self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps, device, dtype)
+        if cfg.attention_type == "mla":
+            self.attn: nn.Module = MLAttention(cfg, device, dtype)
+        elif cfg.qk_norm != "none":
+            self.attn = QKNormAttention(cfg, device, dtype)
+        else:
+            self.attn = Attention(dense, device, dtype)
+        self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps, device, dtype)
+        if cfg.is_moe_layer(i):
+            self.moe = MoE(cfg, device, dtype)
+        else:
+            self.mlp = MLP(dense, device, dtype)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cos, sin)
+        ff = self.moe if hasattr(self, "moe") else self.mlp
+        return x + ff(self.norm2(x))
+
+
+class MoETransformer(nn.Module):
+    """Token ids (B, S) -> logits, or the mean cross-entropy (plus α·Σ aux losses) when targets are given."""
+
+    def __init__(self, cfg: MoEConfig, device: Device = None, dtype: torch.dtype | None = None,
+                 activation_checkpointing: str = "none") -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.checkpointing = activation_checkpointing == "full"
+        kw = {"device": device, "dtype": dtype}
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model, **kw)
+        self.blocks = nn.ModuleList([MoEBlock(cfg, i, device, dtype) for i in range(cfg.num_layers)])
+        self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps, device, dtype)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False, **kw)
+
+    @property
+    def tokens_per_expert(self) -> list[list[int]]:
+        """Tokens each routed expert received in the last forward, per MoE layer."""
+        return [block.moe.counts for block in self.blocks if hasattr(block, "moe")]
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        b, s = idx.shape
+        x = self.tok_emb(idx)
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        cos, sin = rope_tables(self.cfg.dense_view(), s, x.device, dtype)
+        for block in self.blocks:
+            x = checkpoint(block, x, cos, sin, use_reentrant=False) if self.checkpointing else block(x, cos, sin)
+        x = self.norm_f(x)
+        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.view(b * s, -1), targets.view(b * s))
+        if self.cfg.aux_loss_coef:
+            aux = [blk.moe.aux_loss for blk in self.blocks if hasattr(blk, "moe") and blk.moe.aux_loss is not None]
+            loss = loss + self.cfg.aux_loss_coef * sum(aux)
+        return loss
+
+
+def build_moe(cfg: MoEConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+              activation_checkpointing: str = "none") -> MoETransformer:
+    """The model of ``cfg`` on ``device`` in ``dtype`` (small normal init; experts 0.02 like the linears)."""
+    model = MoETransformer(cfg, device, dtype, activation_checkpointing)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.02)
+    return model
