@@ -1,15 +1,21 @@
 """Does the step fit on a GPU, what is the largest batch that does, and how long would it take.
 
-Fit: the simulated steady-step peak (CUDA allocator rounding, ``device: cuda``) plus
-``CONTEXT_RESERVE`` must not exceed the GPU's memory. The largest batch is found by bisection over
-``training.batch_size`` (the peak grows with the batch). Step time is the exact matmul FLOP count
-over the GPU's dense peak, which is a lower bound, and at a model FLOPs utilisation (MFU, the
-fraction of peak a real run reaches; PaLM, Chowdhery et al. 2022, appendix B, reports 46% for its
-largest run; 30-50% is typical of well-tuned training).
+Fit: the worst peak of the step on CUDA (the first or a steady step, with the allocator's 512-byte
+blocks; under ``--parallel`` the worst rank's) plus ``CONTEXT_RESERVE`` must not exceed the GPU's
+memory. The largest batch (per rank) is found by a bracketed secant search over
+``training.batch_size``: for a fixed order of events every live-bytes point is affine in the batch,
+so the peak is a maximum of affine functions (convex, piecewise linear) and a secant through two
+batches lands on, or next to, the boundary in a few steps; each step re-simulates only the layers
+that differ (``periodic.py``), and a bisection step after any secant step that gains little keeps
+the search logarithmic whatever the rounding does. Step time is the exact matmul FLOP count over
+the GPU's dense peak, which is a lower bound, and at a model FLOPs utilisation (MFU, the fraction of
+peak a real run reaches; PaLM, Chowdhery et al. 2022, appendix B, reports 46% for its largest run;
+30-50% is typical of well-tuned training).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +36,11 @@ class Fit:
     step_seconds_at_peak: float
     step_seconds_at_mfu: float
     mfu: float
+    batch_capped: bool = False  # the search stopped at MAX_BATCH_SEARCH: the answer is "at least"
+    batch_applies: bool = True  # False: the batch is not training.batch_size (a module's input shapes)
+    worst_ranks: str = ""  # under --parallel: the ranks whose peak decides ("" on one device)
+    parallel: str | None = None
+    world_size: int = 1
 
     @property
     def headroom_bytes(self) -> int:
@@ -43,45 +54,110 @@ class Fit:
             "needed_bytes": self.needed_bytes,
             "fits": self.fits,
             "headroom_bytes": self.headroom_bytes,
-            "max_batch_size": self.max_batch_size,
+            "max_batch_size": self.max_batch_size if self.batch_applies else None,
+            "max_batch_size_is_search_cap": self.batch_capped,
             "step_seconds_at_peak": self.step_seconds_at_peak,
             "step_seconds_at_mfu": self.step_seconds_at_mfu,
             "mfu": self.mfu,
+            "parallel": self.parallel,
+            "world_size": self.world_size,
+            "worst_ranks": self.worst_ranks or None,
             "source": self.gpu.source,
         }
 
 
-def _needed(config: Config) -> int:
-    est = estimate(config, "cuda")
-    return max(est.peak_bytes, est.first_step_peak_bytes) + CONTEXT_RESERVE
+def step_peak(config: Config, parallel: str | None = None, world_size: int = 1) -> tuple[int, str]:
+    """The worst CUDA peak of the step (first or steady), and under ``parallel`` the ranks that have it."""
+    if parallel is None:
+        from estimator.simulate import simulate
+
+        step = simulate(config, "cuda")
+        return max(step.first_peak.bytes, step.steady_peak.bytes), ""
+    from estimator.parallel import rank_groups
+
+    groups = rank_groups(config, parallel, world_size, "cuda")
+    worst = max(groups, key=lambda g: max(g.estimate.peak_bytes, g.estimate.first_step_peak_bytes))
+    return max(worst.estimate.peak_bytes, worst.estimate.first_step_peak_bytes), worst.label()
 
 
 def _with_batch(config: Config, batch: int) -> Config:
     return config.model_copy(update={"training": config.training.model_copy(update={"batch_size": batch})})
 
 
-def largest_batch(config: Config, gpu: GPU) -> int:
-    """The largest ``training.batch_size`` whose step fits on ``gpu`` (0 if a batch of 1 does not)."""
-    if _needed(_with_batch(config, 1)) > gpu.memory_bytes:
-        return 0
-    low, high = 1, 2
-    while high < MAX_BATCH_SEARCH and _needed(_with_batch(config, high)) <= gpu.memory_bytes:
-        low, high = high, high * 2
-    while high - low > 1:  # invariant: low fits, high does not (or is the search cap)
-        mid = (low + high) // 2
-        if _needed(_with_batch(config, mid)) <= gpu.memory_bytes:
-            low = mid
+def batch_applies(config: Config) -> bool:
+    """Whether ``training.batch_size`` is the batch the step uses (not so for a module's input shapes)."""
+    from estimator.families.base import get_family
+
+    family = get_family(config.model.family)
+    if not hasattr(family, "batch_in_force"):
+        return True
+    return family.batch_in_force(config.model, config.training).batch_source == "training.batch_size"
+
+
+def search_batch(fits: Callable[[int], int], budget: int, cap: int = MAX_BATCH_SEARCH) -> tuple[int, bool]:
+    """The largest b in [1, cap] with ``fits(b) <= budget`` for a nondecreasing ``fits``; (0, False) if none.
+
+    The second value says the answer is the cap itself (the search stopped there, the true largest
+    batch may be larger). Secant steps on the convex, piecewise-linear peak; a bisection step whenever
+    a secant step leaves more than half the bracket, so at most ~2·log2(cap) evaluations.
+    """
+    cache: dict[int, int] = {}
+
+    def f(b: int) -> int:
+        if b not in cache:
+            cache[b] = fits(b)
+        return cache[b]
+
+    if f(1) > budget:
+        return 0, False
+    lo, before, hi = 1, 0, 0  # f(lo) <= budget; before: the previous lo (0: none); hi: a batch that does not fit
+    stalled = False
+    while not hi or hi - lo > 1:
+        # extend the line through the last two batches that fit: on a convex peak, at or beyond the boundary
+        ahead = (lo + (budget - f(lo)) * (lo - before) // (f(lo) - f(before))
+                 if before and f(lo) > f(before) else 2 * lo)
+        if before and ahead <= lo:
+            guess = lo + 1  # the line says lo is the boundary: check the next batch
+        elif hi and stalled:
+            guess = (lo + hi) // 2  # the last step gained less than half: bisect once
+        elif hi and not lo < ahead < hi:  # the chord from lo to hi: at or below the boundary
+            guess = lo + (budget - f(lo)) * (hi - lo) // (f(hi) - f(lo))
         else:
-            high = mid
-    return low
+            guess = ahead
+        guess = min(max(guess, lo + 1), hi - 1 if hi else cap)
+        width = (hi or 2 * cap) - lo
+        if f(guess) <= budget:
+            if guess == cap:
+                return cap, True
+            before, lo = lo, guess
+            if not hi or guess + 1 < hi:  # one batch more: the boundary, or a local slope to extend
+                if f(guess + 1) > budget:
+                    hi = guess + 1
+                elif guess + 1 == cap:
+                    return cap, True
+                else:
+                    before, lo = guess, guess + 1
+        else:
+            hi = guess
+        stalled = bool(hi) and (hi - lo) * 2 > width
+    return lo, False
 
 
-def fit_on(est: Estimate, gpu: GPU, mfu: float) -> Fit:
-    """Fit, largest batch and step time of ``est``'s config on ``gpu``."""
+def largest_batch(config: Config, gpu: GPU, parallel: str | None = None, world_size: int = 1) -> int:
+    """The largest ``training.batch_size`` (per rank) whose step fits on ``gpu`` (0 if a batch of 1 does not)."""
+    return search_batch(lambda b: step_peak(_with_batch(config, b), parallel, world_size)[0],
+                        gpu.memory_bytes - CONTEXT_RESERVE)[0]
+
+
+def fit_on(est: Estimate, gpu: GPU, mfu: float, parallel: str | None = None, world_size: int = 1) -> Fit:
+    """Fit, largest batch and step time of ``est``'s config on ``gpu`` (per rank under ``parallel``)."""
     cuda = est if est.device == "cuda" else estimate(est.config, "cuda")
-    peak = max(cuda.peak_bytes, cuda.first_step_peak_bytes)
+    peak, ranks = step_peak(est.config, parallel, world_size)
     needed = peak + CONTEXT_RESERVE
     flops_per_second = gpu.peak_flops(est.config.training.precision)
     seconds = cuda.flops.matmul / flops_per_second
-    return Fit(gpu, peak, needed, needed <= gpu.memory_bytes, largest_batch(est.config, gpu), seconds,
-               seconds / mfu, mfu)
+    applies = batch_applies(est.config)
+    best, capped = (search_batch(lambda b: step_peak(_with_batch(est.config, b), parallel, world_size)[0],
+                                 gpu.memory_bytes - CONTEXT_RESERVE) if applies else (0, False))
+    return Fit(gpu, peak, needed, needed <= gpu.memory_bytes, best, seconds, seconds / mfu, mfu,
+               capped, applies, ranks, parallel, world_size)

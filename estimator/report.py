@@ -351,19 +351,34 @@ def render_fit(fit: Any, est: Estimate, console: Console) -> None:
     """Fits or not, headroom, the largest batch that fits, and the step time bounds."""
     g = fit.gpu
     verdict = "[green]fits[/green]" if fit.fits else "[red]does not fit[/red]"
+    where = (f" on the worst rank ({'ranks' if '-' in fit.worst_ranks or ',' in fit.worst_ranks else 'rank'} "
+             f"{fit.worst_ranks} of {fit.world_size:,} under {fit.parallel})" if fit.parallel else "")
     lines = [
-        f"{g.name}: {human_bytes(g.memory_bytes)}. The step needs {human_bytes(fit.needed_bytes)} "
+        f"{g.name}: {human_bytes(g.memory_bytes)}. The step needs {human_bytes(fit.needed_bytes)}{where} "
         f"(peak {human_bytes(fit.peak_bytes)} with CUDA's 512-byte blocks + "
         f"{human_bytes(fit.needed_bytes - fit.peak_bytes)} kept for the CUDA context): {verdict}, "
         f"headroom {human_bytes(fit.headroom_bytes)}.",
-        f"Largest training.batch_size that fits: {fit.max_batch_size:,}"
-        + (" (not even a batch of 1: shard the model, see ZeRO/FSDP)" if fit.max_batch_size == 0 else ""),
+        _largest_batch_line(fit),
         f"Step time: at least {_seconds(fit.step_seconds_at_peak)} at the dense peak "
         f"({g.peak_flops(est.config.training.precision) / 1e12:g} TFLOP/s for {est.config.training.precision}); "
         f"{_seconds(fit.step_seconds_at_mfu)} at {fit.mfu:.0%} MFU.",
         f"Source: {g.source}.",
     ]
     console.print(Panel("\n".join(lines), title=f"on {g.name}", title_align="left"))
+
+
+def _largest_batch_line(fit: Any) -> str:
+    """The largest batch, said for what it is: per rank, a search cap, or not applicable."""
+    per = " per rank" if fit.parallel else ""
+    if not fit.batch_applies:
+        return "Largest batch: not searched (this model's batch is fixed by its input shapes, model.inputs)."
+    if fit.max_batch_size == 0:
+        return (f"Largest training.batch_size{per} that fits: none, not even a batch of 1 "
+                "(shard the model: --parallel zero3, see ZeRO/FSDP)")
+    if fit.batch_capped:
+        return (f"Largest training.batch_size{per} that fits: at least {fit.max_batch_size:,} "
+                "(the search stops there; the peak barely grows with the batch)")
+    return f"Largest training.batch_size{per} that fits: {fit.max_batch_size:,}"
 
 
 def _seconds(s: float) -> str:
@@ -429,8 +444,9 @@ def render_rank_estimates(estimates: list[Any], console: Console) -> None:
                   title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), pad_edge=False)
     for col in ("rank", "params", "grads", "state", "comm.", "1st peak", "peak", "phase"):
         table.add_column(col, justify="left" if col in ("rank", "phase") else "right", no_wrap=True)
-    for est in estimates:
-        table.add_row(str(est.rank), human_bytes(est.parameters), human_bytes(est.gradients),
+    for est in estimates:  # a RankGroup (ranks with equal figures) or one RankEstimate
+        table.add_row(est.label() if hasattr(est, "label") else str(est.rank), human_bytes(est.parameters),
+                      human_bytes(est.gradients),
                       human_bytes(est.optimizer_state), human_bytes(est.communication),
                       human_bytes(est.first_step_peak_bytes), human_bytes(est.peak_bytes),
                       PHASE_SHORT.get(est.step.steady_peak.phase, est.step.steady_peak.phase))

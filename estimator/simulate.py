@@ -8,7 +8,7 @@ puts them in order. Pure Python.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -108,9 +108,11 @@ def with_layers(config: Config, layers: int) -> Config:
 
 
 def layered_step(config: Config, build: Callable[[Config], tuple[list[Event], list[Event], list[Event]]],
-                 finish: Callable[[list[Event]], list[Event]] | None = None) -> SimulatedStep | CompressedStep:
+                 finish: Callable[[list[Event]], list[Event]] | None = None,
+                 shape_key: Hashable | None = None) -> SimulatedStep | CompressedStep:
     """``build(config)``'s step (each list passed through ``finish``, e.g. CUDA's block rounding),
-    compressed when the model's layers repeat and there are many of them."""
+    compressed when the model's layers repeat and there are many of them. ``shape_key``: see
+    ``periodic_programs`` (what ``build`` depends on besides sizes)."""
     done = finish or (lambda events: events)
 
     def flat() -> SimulatedStep:
@@ -119,7 +121,7 @@ def layered_step(config: Config, build: Callable[[Config], tuple[list[Event], li
 
     layers = getattr(config.model, "num_layers", None)
     if isinstance(layers, int) and layers > COMPRESS_ABOVE_LAYERS:
-        programs = periodic_programs(lambda n: build(with_layers(config, n)), layers)
+        programs = periodic_programs(lambda n: build(with_layers(config, n)), layers, shape_key=shape_key)
         if programs is not None:
             return compressed_step(tuple(map_events(p, done) for p in programs), flat)
     return flat()
@@ -174,7 +176,14 @@ def state_nbytes(spec: OptimizerSpec, param: ParamTensor, config: Config) -> lis
 def simulate(config: Config, device: str = "cpu") -> SimulatedStep | CompressedStep:
     """Events of setup, the first step and a steady step; peaks of both steps."""
     return layered_step(config, lambda c: step_events(c, device, rounded=False),
-                        round_blocks if device == "cuda" else None)
+                        round_blocks if device == "cuda" else None, _shape_key(config, device))
+
+
+def _shape_key(config: Config, device: str) -> str:
+    """Everything the events' order depends on: the config less the batch size (which only scales sizes)."""
+    data = config.model_dump(mode="json")
+    data["training"].pop("batch_size", None)
+    return f"{device}:{data}"
 
 
 def step_events(

@@ -248,9 +248,10 @@ def test_item16_timeline_json_includes_the_timeline() -> None:
 
 
 def test_layers_and_config_size_bounded(tmp_path: Path) -> None:
-    fails(["estimate", "--set", "model.num_layers=1025"],
-          "model.num_layers: input should be less than or equal to 1024")
-    fails(["estimate", "-m", "gpt2", "--set", "model.num_layers=100000"], "model.num_layers: at most 1,024 layers")
+    fails(["estimate", "--set", "model.num_layers=100001"],
+          "model.num_layers: input should be less than or equal to 100000")
+    fails(["estimate", "-m", "gpt2", "--set", "model.num_layers=100001"],
+          "model.num_layers: at most 100,000 layers")
     big = tmp_path / "big.yaml"
     big.write_text("model:\n  dim: 4\n# " + "x" * (1 << 20) + "\n")
     fails(["estimate", str(big)], "larger than 1 MiB")
