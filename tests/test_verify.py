@@ -85,6 +85,38 @@ def test_cli_verify_json() -> None:
     assert measured["peak_bytes"] == data["peak_bytes"]
 
 
+SEED_PHASE_PEAKS = {"forward": 412, "loss": 420, "backward": 536, "optimizer_step": 628, "zero_grad": 500}
+
+
+def test_cli_verify_json_says_which_figure_is_which() -> None:
+    """Issue 14: the real step's figures are compared; the tracker's and the allocator's are beside them.
+    Issue 12 item 13: a phase's peak starts at the bytes live when it began, in the JSON and --timeline."""
+    result = runner.invoke(app, ["verify", "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    measured = json.loads(result.stdout)["measured"]
+    assert "no dispatch mode" in measured["method"]
+    assert measured["phase_peaks"] == SEED_PHASE_PEAKS  # zero_grad starts at 500: the grads are freed in it
+    assert measured["instrumented"] == {"peak_bytes": 628, "first_step_peak_bytes": 628,
+                                        "peak_phase": "optimizer_step", "phase_peaks": SEED_PHASE_PEAKS}
+    # eps wrapped inside add_ (8 B double, 4 B float copy) at the peak: the CPU's max_memory_allocated
+    assert measured["allocator"] == {"peak_bytes": 640, "first_step_peak_bytes": 640, "not_op_output_bytes": 12}
+    table = runner.invoke(app, ["verify", "--device", "cpu", "--timeline"])
+    assert table.exit_code == 0, table.output
+    for phase, nbytes in SEED_PHASE_PEAKS.items():
+        assert [phase, str(nbytes), "B"] in [line.strip("│ ").split()[:3] for line in table.stdout.splitlines()]
+    assert "instrumented" in table.stdout and "allocator" in table.stdout
+
+
+def test_measured_curve_starts_where_the_estimate_starts() -> None:
+    """Issue 12 item 13: --plot drew the measured curve one event ahead in forward (32 B above the
+    estimate) because it lacked the step's starting point; now the two curves are the same points."""
+    result = run_verify(load_config(), "cpu")
+    curve = result.estimate.step.steady_curve()
+    assert result.measurement.real_steady_step.timeline == curve
+    assert result.measurement.steady_step.timeline == curve  # the tracker's too (nothing is reused)
+    assert curve[0] == ("forward", 340)
+
+
 def test_cli_verify_table_and_tolerance() -> None:
     result = runner.invoke(app, ["verify", "--device", "cpu", "--tolerance", "0.02"])
     assert result.exit_code == 0, result.output
