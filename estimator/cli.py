@@ -141,9 +141,9 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _print_errors(problems: list[str]) -> None:
-    """One line per problem: line breaks in echoed user text are shown as \\n, not broken."""
+    """One line per problem: control characters in echoed user text (a line break) are shown escaped."""
     for problem in problems:
-        text = problem.replace("\r", "\\r").replace("\n", "\\n")
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in problem)
         try:
             err.print(f"error: {text}", markup=False, soft_wrap=True)
         except OSError:  # stderr itself is gone: the exit code still says it

@@ -7,6 +7,7 @@ Every problem becomes one readable line naming the field path (``optimizer.name:
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -24,6 +25,17 @@ MAX_LAYERS = 100_000
 """The most layers a model may have (~800x the deepest published dense transformer, Llama 3 405B's 126
 blocks). Layers that repeat are costed once (``periodic.py``), so an estimate stays instant up to here;
 the bound keeps the paths that do materialise every layer (a timeline chart, ``verify``) to seconds."""
+
+
+MAX_TENSOR_ELEMENTS = 1 << 60
+"""The most elements a traced input may have: torch keeps sizes and byte counts in int64."""
+
+
+def _tensor_specs(model: Any) -> list[tuple[str, Any]]:
+    """(field path, spec) of a module family's inputs and target; [] for the other families."""
+    specs = [(f"model.inputs.{i}", spec) for i, spec in enumerate(getattr(model, "inputs", None) or [])]
+    target = getattr(model, "target", None)
+    return specs + ([("model.target", target)] if target is not None else [])
 
 
 class StrictModel(BaseModel):
@@ -247,6 +259,13 @@ class Config(StrictModel):
         if family == "mlp" and self.training.seq_len is not None:
             raise ValueError("training.seq_len: the mlp family has no sequence (B samples of D features); "
                              "remove it, or use a transformer (--model NAME)")
+        for where, spec in _tensor_specs(self.model):
+            numel = math.prod(spec.shape)
+            if numel > MAX_TENSOR_ELEMENTS:
+                raise ValueError(f"{where}.shape: at most 2^60 elements per tensor (torch counts bytes in 64 bits),"
+                                 f" got {numel:.3g}")
+            if spec.high is not None and spec.high > 2**63 - 1:
+                raise ValueError(f"{where}.high: at most 2^63 - 1 (an int64 value), got {spec.high:.3g}")
         layers = getattr(self.model, "num_layers", None)
         if isinstance(layers, int) and layers > MAX_LAYERS:
             raise ValueError(f"model.num_layers: at most {MAX_LAYERS:,} layers, got {layers:,}")

@@ -259,3 +259,9 @@ def test_unexpected_exception_is_one_line(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("ESTIMATOR_DEBUG", "1")
     result = runner.invoke(app, ["estimate"])
     assert isinstance(result.exception, KeyError)
+
+
+def test_error_lines_escape_control_characters() -> None:
+    """User text echoed in a message cannot break it into several lines (\\n, \\x1e are shown escaped)."""
+    err = fails(["estimate", "--set", "training.x\x1e=[1,\n2]"], "error: --set training.x\\x1e=[1,\\n2]: training has")
+    assert err.count("\n") == 1
