@@ -406,9 +406,8 @@ class _MoESim(_Sim):
         def accumulate() -> None:
             running = self.expert_sum.pop(param, None)
             buf = full
-            if running is not None:
-                buf = self._tmp(f"{param}.grad_sum", nbytes)
-                self._free(self.tensors[running])
+            if running is not None:  # the engine adds in place: the buffer alone holds the running sum
+                buf = running
                 self._free(self.tensors[full])
             self.expert_left[param] -= 1
             if self.expert_left[param]:

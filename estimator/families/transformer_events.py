@@ -452,7 +452,7 @@ class _Sim:
         release(grad_loss)
 
     def sums_after_node(self, name: str) -> bool:
-        """Whether fan-in gradients of ``name`` are summed out of place after the node has run.
+        """Whether fan-in gradients of ``name`` are summed once the node has run (the MoE family overrides).
 
         What the engine's input buffer does for the gradients of index/select backward (seen with the
         tracker); the transformer family keeps its in-place model. The MoE family overrides this.
@@ -488,6 +488,7 @@ class _Sim:
             self.new_bytes(f"{name}.grad", nbytes, "gradient")
             self._free(self.tensors[rows])
             return
+        """``InputBuffer::accumulate``: ``old.add_(new)`` when only the buffer holds ``old``, else ``old + new``."""
         else:
             self.grads_done.add(name)
             self.new_bytes(f"{name}.grad", nbytes, "gradient")
