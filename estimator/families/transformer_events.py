@@ -454,14 +454,18 @@ class _Sim:
     def sums_after_node(self, name: str) -> bool:
         """Whether fan-in gradients of ``name`` are summed once the node has run (the MoE family overrides).
 
-        What the engine's input buffer does for the gradients of index/select backward (seen with the
-        tracker); the transformer family keeps its in-place model. The MoE family overrides this.
+        The engine adds a node's output gradients into the next nodes' input buffers after the node
+        has returned and released its incoming gradient and saved tensors.
         """
         return False
 
     def _sum_after_node(self, name: str, key: str, buffers: dict[str, str], refs: dict[str, int],
                         release: Callable[[str], None]) -> None:
+        """``InputBuffer::accumulate``: ``old.add_(new)`` when only the buffer holds ``old``, else ``old + new``."""
         old = buffers[name]
+        if refs[old] == 1:
+            release(key)
+            return
         total = self.new_bytes(f"grad.{name}#sum{len(self.records)}", self.tensors[name].nbytes, "temporary")
         refs[total] = 1
         buffers[name] = total
