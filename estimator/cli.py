@@ -227,7 +227,8 @@ def estimate(
     timeline: bool = typer.Option(False, "--timeline", help="draw live bytes over the step's phases"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="write the timeline chart to this PNG (matplotlib)"),
     gpu: Optional[str] = typer.Option(None, "--gpu", "-g", help="does it fit, largest batch, step time (see `gpus`)"),
-    mfu: float = typer.Option(0.4, "--mfu", help="model FLOPs utilisation assumed for the step time (0-1]"),
+    mfu: Optional[float] = typer.Option(
+        None, "--mfu", help="with --gpu: model FLOPs utilisation assumed for the step time, (0-1] (default 0.4)"),
     parallel: Optional[str] = ParallelOpt,
     world_size: Optional[int] = WorldSizeOpt,
 ) -> None:
@@ -239,6 +240,9 @@ def estimate(
         from estimator.plot import check_plot_path
 
         check_plot_path(plot)
+    if mfu is not None and gpu is None:
+        raise EstimatorError("--mfu: applies with --gpu only (the step time on that GPU)")
+    mfu = 0.4 if mfu is None else mfu
     if not 0 < mfu <= 1:
         raise EstimatorError(f"--mfu: expected a fraction in (0, 1], got {mfu}")
     gpu_spec = None
@@ -365,6 +369,12 @@ def verify(
     ranks_most = 4 * (os.cpu_count() or 1)
     world_size = world_size_in_force(parallel, world_size, ranks_most,
                                      f" on this machine (4 x its {os.cpu_count() or 1} CPUs: each rank is a process)")
+    if parallel is not None:  # what verify --parallel does not do is refused, not ignored
+        unused = [name for name, given in (("--plot", plot is not None), ("--show-state", show_state),
+                                           ("--timeline", timeline), ("--impl textbook", impl != "torch")) if given]
+        if unused:
+            raise EstimatorError(f"{unused[0]}: not available with --parallel (each rank's figures are compared "
+                                 "in the per-rank table)")
     if impl not in ("torch", "textbook"):
         raise EstimatorError(f"--impl: expected torch or textbook, got {impl!r}")
     if tolerance is not None and not 0 <= tolerance < 10:

@@ -202,6 +202,10 @@ def test_item9_options_that_cannot_apply(tmp_path: Path) -> None:
     fails(["estimate", module, "-b", "64"], "training.batch_size: not used by the module family")
     fails(["estimate", "-n", "4"], "--world-size: applies with --parallel only")
     fails(["verify", "-n", "4"], "--world-size: applies with --parallel only")
+    fails(["estimate", "--mfu", "0.5"], "--mfu: applies with --gpu only")
+    for extra, name in ((["--plot", "x.png"], "--plot"), (["--show-state"], "--show-state"),
+                        (["--timeline"], "--timeline"), (["--impl", "textbook"], "--impl textbook")):
+        fails(["verify", "--parallel", "ddp", *extra], f"{name}: not available with --parallel")
 
 
 @pytest.mark.parametrize(("override", "path"), [
