@@ -193,3 +193,15 @@ def test_gpt2_tied_embeddings_are_summed_out_of_place_in_the_real_step_too() -> 
     assert [(r.key, r.estimated, r.measured) for r in result.rows if r.estimated != r.measured] == []
     m = result.measurement
     assert result.estimate.peak_bytes == m.real_steady_step.peak_bytes
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", list(CASES))
+def test_cuda_max_memory_allocated(reuse_modules: None, name: str) -> None:
+    """On CUDA nothing instruments the step: max_memory_allocated per phase against the estimate (512 B blocks)."""
+    model, _ = CASES[name]
+    result = verify_module.run_verify(validate_config({"model": model, "optimizer": {"name": "sgd"}}), "cuda")
+    assert result.measurement.uninstrumented is None
+    for key in ("peak_bytes", "first_step_peak_bytes"):
+        row = next(r for r in result.rows if r.key == key)
+        assert row.within(0.02), row
