@@ -323,6 +323,10 @@ def render_verification(ver: Any, console: Console, tolerance: float | None, plo
         notes.append(f"CUDA: the allocator reserved up to {human_bytes(m.cuda_reserved_bytes or 0)}; the CUDA "
                      f"context takes another {human_bytes(m.cuda_context_bytes)} (both show in nvidia-smi, "
                      "neither in max_memory_allocated).")
+    if getattr(ver, "routing", None) is not None and ver.routing.steady_step:
+        from estimator.measure.moe_verify import routing_note
+
+        notes.append(routing_note(ver.routing, m.real_steady_step.peak_bytes - m.baseline_bytes))
     if ver.impl == "textbook":
         notes.append("--impl textbook: the estimate models torch.optim's kernels; the seed's textbook optimizers "
                      "allocate different temporaries (e.g. `lr * grad / torch.sqrt(g2 + eps)` makes three), "

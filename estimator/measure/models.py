@@ -62,6 +62,10 @@ def step_parts(config: Config, device: torch.device) -> StepParts:
             lambda: build_transformer(model, device, dtype,
                                       activation_checkpointing=config.training.activation_checkpointing),
             make_tokens, None, autocast)
+    if model.family == "moe":
+        from estimator.measure.moe_verify import moe_step_parts
+
+        return moe_step_parts(config, device, dtype, autocast)
     if model.family == "module":
         from estimator.measure.module_parts import module_step_parts
 

@@ -137,6 +137,7 @@ class MoE(nn.Module):
             if cfg.shared_expert_gate:
                 self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False, device=device, dtype=dtype)
         self.counts: list[int] = []
+        self.history: list[list[int]] = []  # tokens per expert of every forward, in order
         self.aux_loss: torch.Tensor | None = None
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -171,6 +172,8 @@ class MoE(nn.Module):
         if self.cfg.aux_loss_coef:
             self.aux_loss = load_balancing_loss(logits, top_i, self.cfg.num_experts)
         out, self.counts = self.experts(h, top_i, top_w)
+        if torch._C._current_graph_task_id() == -1:  # not a checkpoint rerun inside backward
+            self.history.append(self.counts)
         if self.cfg.shared_expert_d_ff:
             shared = self.mlp(h)
             if self.cfg.shared_expert_gate:
@@ -232,6 +235,11 @@ class MoETransformer(nn.Module):
     def tokens_per_expert(self) -> list[list[int]]:
         """Tokens each routed expert received in the last forward, per MoE layer."""
         return [block.moe.counts for block in self.blocks if hasattr(block, "moe")]
+
+    def routing_history(self) -> list[list[list[int]]]:
+        """Per forward run so far (checkpoint reruns excluded), the tokens per expert of each MoE layer."""
+        layers = [block.moe.history for block in self.blocks if hasattr(block, "moe")]
+        return [list(step) for step in zip(*layers, strict=True)]
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         b, s = idx.shape

@@ -28,6 +28,7 @@ class Verification:
     measurement: Measurement
     rows: list[Row]
     impl: str
+    routing: Any = None  # MoE: estimator.measure.moe_verify.RoutingCheck (the measured tokens per expert)
 
     def failures(self, tolerance: float) -> list[Row]:
         return [row for row in self.rows if not row.within(tolerance)]
@@ -71,6 +72,8 @@ class Verification:
                 "peak_phase": m.steady_step.peak_phase,
                 "phase_peaks": m.steady_step.phase_peaks,
             }
+        if self.routing is not None:
+            data["moe_routing"] = self.routing.to_json()
         data["comparison"] = {
             row.key: {"estimated": row.estimated, "measured": row.measured, "ratio": row.ratio} for row in self.rows
         }
@@ -126,7 +129,12 @@ def run_verify(
         parts.build_model, parts.make_batch, parts.loss_fn, make_optimizer, device,
         autocast_dtype=parts.autocast_dtype, on_phase=on_phase, uninstrumented=True,
     )
-    return Verification(est, measurement, compare_rows(est, measurement), impl)
+    routing = None
+    if config.model.family == "moe":  # re-estimate with the routing the step really had
+        from estimator.measure.moe_verify import remeasured
+
+        est, routing = remeasured(config, est, parts, device_kind(device))
+    return Verification(est, measurement, compare_rows(est, measurement), impl, routing)
 
 
 def compare_rows(est: Estimate, m: Measurement) -> list[Row]:
