@@ -150,6 +150,25 @@ def _print_errors(problems: list[str]) -> None:
             pass
 
 
+def layout_in_force(cfg: Any, parallel: Optional[str], world_size: Optional[int], most: int = MAX_WORLD_SIZE,
+                    why: str = "") -> tuple[Any, Optional[str], int]:
+    """The config with the parallel layout in force: --parallel / -n over its ``parallel:`` section.
+
+    Returns the config (its ``parallel`` section updated), the strategy (None: one device) and the world size;
+    -n without a strategy (on the command line or in the config) is an error.
+    """
+    configured = cfg.parallel.strategy if cfg.parallel.strategy != "none" else None
+    strategy = parallel or configured
+    if strategy is None:
+        world_size_in_force(None, world_size)
+        return cfg, None, 1
+    if world_size is None and configured is not None:
+        world_size = cfg.parallel.world_size
+    n = world_size_in_force(strategy, world_size, most, why)
+    section = cfg.parallel.model_copy(update={"strategy": strategy, "world_size": n})
+    return cfg.model_copy(update={"parallel": section}), strategy, n
+
+
 def world_size_in_force(parallel: Optional[str], world_size: Optional[int], most: int = MAX_WORLD_SIZE,
                         why: str = "") -> int:
     """The number of ranks for --parallel (2 unless -n is given); -n without --parallel is an error."""
@@ -235,7 +254,6 @@ def estimate(
     """Estimate memory, the peak and FLOPs of one training step (no torch needed)."""
     from estimator.api import estimate as run_estimate
 
-    world_size = world_size_in_force(parallel, world_size)
     if plot is not None:
         from estimator.plot import check_plot_path
 
@@ -251,6 +269,7 @@ def estimate(
 
         gpu_spec = get_gpu(gpu)
     cfg = build_config(config, set_, batch_size, optimizer, precision, model, device)
+    cfg, parallel, world_size = layout_in_force(cfg, parallel, world_size)
     result = run_estimate(cfg)
     fit = None
     if gpu_spec is not None:

@@ -89,6 +89,24 @@ class MLPConfig(StrictModel):
     num_layers: int = Field(2, gt=0, le=MAX_LAYERS, description="number of D x D layers before the D -> 1 head")
 
 
+ParallelStrategy = Literal["none", "ddp", "zero1", "zero2", "zero3", "fsdp"]
+
+
+class ParallelConfig(StrictModel):
+    """How the step is spread over ranks (``--parallel`` and ``--world-size`` set the first two fields).
+
+    ``training.batch_size`` is the batch of one rank. zero3 is FSDP2 ``fully_shard`` per block then the
+    root with ``reshard_after_forward=True``; fsdp is the same with ``reshard_after_forward`` as given
+    (False keeps each block's parameters gathered from its forward to its backward, ZeRO-2-like).
+    """
+
+    strategy: ParallelStrategy = Field("none", description="none | ddp | zero1 | zero2 | zero3 | fsdp (FSDP2)")
+    world_size: int = Field(1, ge=1, le=1 << 20, description="ranks (training.batch_size is per rank)")
+    reshard_after_forward: bool = Field(
+        True, description="fsdp: free each block's gathered parameters after its forward (FSDP2's default)"
+    )
+
+
 class TrainingConfig(StrictModel):
     """The batch and numeric format of one training step."""
 
@@ -246,6 +264,7 @@ class Config(StrictModel):
     model: ModelConfig = Field(default_factory=MLPConfig, description="the model (see `estimator models`)")  # type: ignore[valid-type]
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="data/model parallel layout")
     device: Literal["cuda", "cpu"] = Field(
         "cuda", description="the device the step runs on: cuda (512-byte allocator blocks) or cpu"
     )

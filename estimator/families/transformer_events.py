@@ -76,6 +76,13 @@ class _Sim:
         self.block_inputs: dict[int, str] = {}
         self.casts: set[str] = set()
         self.grads_done: set[str] = set()
+        # where FSDP2's hooks run (estimator/parallel/fsdp.py): (index into records, hook, unit)
+        self.marks: list[tuple[int, str, str]] = []
+        self.unit_outputs: dict[str, str] = {}  # the tensor a block returns -> the block ("blocks.i")
+        self.first_block_input = ""
+
+    def mark(self, hook: str, unit: str) -> None:
+        self.marks.append((len(self.records), hook, unit))
 
     # --- tensors -------------------------------------------------------------------------
     def new(self, name: str, numel: int, kind: Kind, role: str = "") -> str:
@@ -337,6 +344,7 @@ class _Sim:
     # --- the step ------------------------------------------------------------------------
     def forward(self) -> None:
         m, t, d, seq = self.model, self.t, self.model.d_model, self.seq
+        self.mark("pre_forward", "root")
         emb = self.new("tok_emb.out", d * t, "stream")
         self.node(emb, ["param:tok_emb.weight"])
         x = emb
@@ -348,6 +356,7 @@ class _Sim:
             self.new("rope.cos", seq * m.rotary_dim, "act")
             self.new("rope.sin", seq * m.rotary_dim, "act")
         ckpt = self.training.activation_checkpointing == "full"
+        self.first_block_input = x
         for i in range(m.num_layers):
             if ckpt:
                 # The checkpoint saves the block's inputs (its _NoopSaveInputs node) until the
@@ -356,7 +365,10 @@ class _Sim:
                 self.node(f"ckpt{i}", [], saves=tuple(kept))
                 self.ckpt_block, self.block_inputs[i] = i, x
                 self.nodes[-1].block = i
+            self.mark("pre_forward", f"blocks.{i}")
             x_next = self.block(i, x)
+            self.mark("post_forward", f"blocks.{i}")
+            self.unit_outputs[x_next] = f"blocks.{i}"
             self.ckpt_block = -1
             self.dead(x)
             x = x_next
@@ -380,6 +392,7 @@ class _Sim:
         tw = self.new("loss.total_weight", 1, loss_kind)
         self.node(loss, [logp], saves=(logp, tw))
         self.dead(tw, logp, logits, hf)  # forward's locals (x, logits) live until it returns
+        self.mark("post_forward", "root")
         for cast in self.casts:  # autocast's weight cache is cleared when the forward ends
             if self.tensors[cast].live:
                 self.dead(cast)
@@ -391,6 +404,8 @@ class _Sim:
         buffers: dict[str, str] = {"loss": grad_loss}
         refs: dict[str, int] = {grad_loss: 2}  # backward() keeps its own reference until the end
         count = 0
+        self.mark("pre_backward", "root")
+        pending_post: list[str] = []  # blocks whose backward is over once the node making their input runs
 
         def release(storage: str) -> None:
             refs[storage] -= 1
@@ -399,6 +414,15 @@ class _Sim:
 
         recomputed: set[int] = set()
         for node in reversed(self.nodes):
+            if node.out in self.unit_outputs:  # the node that made a block's output: its hooks first
+                for unit in pending_post:
+                    self.mark("post_backward", unit)
+                pending_post = [self.unit_outputs[node.out]]
+                self.mark("pre_backward", pending_post[0])
+            elif pending_post and node.out == self.first_block_input:
+                for unit in pending_post:
+                    self.mark("post_backward", unit)
+                pending_post = []
             marker = node.out.startswith("ckpt")
             if node.block >= 0 and node.block not in recomputed and node.saves and not marker:
                 recomputed.add(node.block)
@@ -447,8 +471,11 @@ class _Sim:
                     self._free(tensor)
             for step in later:
                 step()
+        for unit in pending_post:
+            self.mark("post_backward", unit)
         for key in list(buffers.values()):
             release(key)
+        self.mark("post_backward", "root")
         release(grad_loss)
 
     def sums_after_node(self, name: str) -> bool:
@@ -530,6 +557,16 @@ class _Sim:
             fn = alloc if kind == "alloc" else free
             out.append(fn(tensor.name, role, tensor.nbytes, phase))
         return out
+
+
+def step_events_with_marks(
+    model: TransformerConfig, training: TrainingConfig, shape: StepShape
+) -> tuple[list[Event], list[tuple[int, str, str]]]:
+    """The events of :func:`step_events` and where FSDP2's per-block hooks run among them."""
+    sim = _Sim(model, training, shape)
+    sim.forward()
+    sim.backward()
+    return sim.events(), sim.marks
 
 
 def step_events(model: TransformerConfig, training: TrainingConfig, shape: StepShape) -> list[Event]:

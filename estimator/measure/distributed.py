@@ -33,7 +33,7 @@ from estimator.measure.models import step_parts, torch_optimizer_class, torch_op
 from estimator.measure.step import StepMeasurement, StepProbe, TrackerSource, gc_paused
 from estimator.measure.tracker import LiveTensorTracker
 
-MEASURED_STRATEGIES: tuple[str, ...] = ("ddp", "zero1", "zero3")
+MEASURED_STRATEGIES: tuple[str, ...] = ("ddp", "zero1", "zero3", "fsdp")
 DEFAULT_TIMEOUT_S = 120.0
 RANK_PROCESS_BYTES = 320 << 20
 """Resident memory of one spawned rank besides its tensors: the interpreter, torch and gloo. Measured on
@@ -173,7 +173,7 @@ def _worker(rank: int, world_size: int, strategy: str, config: Config, env: dict
         dist.destroy_process_group()
 
 
-def _wrap(model: nn.Module, strategy: str, world_size: int) -> nn.Module:
+def _wrap(model: nn.Module, strategy: str, world_size: int, reshard_after_forward: bool = True) -> nn.Module:
     """DDP for ddp/zero1 (default bucket_cap_mb, gradient_as_bucket_view=False); FSDP2 for zero3."""
     if strategy in ("ddp", "zero1"):
         from torch.nn.parallel import DistributedDataParallel
@@ -183,9 +183,11 @@ def _wrap(model: nn.Module, strategy: str, world_size: int) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (world_size,))
+    # zero3: FSDP2's default; fsdp: as the config's parallel.reshard_after_forward says
+    reshard = True if strategy == "zero3" else reshard_after_forward
     for block in _blocks(model):
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
     return model
 
 
@@ -236,7 +238,7 @@ def _measure_rank(config: Config, strategy: str, rank: int, world_size: int) -> 
     source = TrackerSource(tracker)
     grads = 0
     with tracker:
-        model = _wrap(parts.build_model(), strategy, world_size)
+        model = _wrap(parts.build_model(), strategy, world_size, config.parallel.reshard_after_forward)
         inputs, target = parts.make_batch()
         optimizer = _optimizer(config, strategy, [p for p in model.parameters() if p.requires_grad])
         setup = tracker.live_bytes

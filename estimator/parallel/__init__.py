@@ -31,7 +31,7 @@ from estimator.parallel.zero import zero_partition
 from estimator.precision import precision_plan
 from estimator.simulate import state_bytes
 
-STRATEGIES: tuple[str, ...] = tuple(STRATEGIES_BY_NAME)
+STRATEGIES: tuple[str, ...] = tuple(n for n in ("ddp", "zero1", "zero2", "zero3", "fsdp") if n in STRATEGIES_BY_NAME)
 
 __all__ = ["MAX_WORLD_SIZE", "STRATEGIES", "RankEstimate", "RankGroup", "ddp_bucket_bytes", "model_state_bytes",
            "per_rank_estimate", "per_rank_estimates", "rank_groups", "zero_partition"]
@@ -73,5 +73,5 @@ def model_state_bytes(config: Config, strategy: str, world_size: int) -> dict[st
     k = state_bytes(spec, [p for p in params if p.trainable], config) / max(psi, 1)
     n = world_size
     p_b, g_b = plan.parameter_bytes, plan.gradient_bytes
-    div = {"ddp": (1, 1, 1), "zero1": (1, 1, n), "zero2": (1, n, n), "zero3": (n, n, n)}[strategy]
+    div = {"ddp": (1, 1, 1), "zero1": (1, 1, n), "zero2": (1, n, n), "zero3": (n, n, n), "fsdp": (n, n, n)}[strategy]
     return {"parameters": p_b * psi / div[0], "gradients": g_b * psi / div[1], "optimizer_state": k * psi / div[2]}

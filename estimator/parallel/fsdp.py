@@ -14,6 +14,7 @@ that becomes the sharded ``.grad``. On gloo the reduce-scatter makes one more in
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from estimator.config import Config
 from estimator.errors import EstimatorError
@@ -65,17 +66,30 @@ def shard_groups(params: list[ParamTensor], world_size: int) -> list[tuple[tuple
 
 @register_strategy
 class Zero3:
+    """FSDP2 with its default, ``reshard_after_forward=True`` (ZeRO-3)."""
+
     name = "zero3"
+
+    def reshards(self, config: Config) -> bool:
+        return True
 
     def groups(self, ctx: RankContext) -> list[tuple[tuple[tuple[int, int], ...], int]]:
         return shard_groups(ctx.params, ctx.world_size)
 
     def estimate(self, ctx: RankContext, rank: int) -> RankEstimate:
         config, world_size, params = ctx.config, ctx.world_size, ctx.params
-        if config.model.family != "mlp":
-            raise EstimatorError("--parallel zero3: the per-unit FSDP timeline is modelled for the mlp family only")
         shards = [shard(p, world_size, rank) for p in params]
-        setup, first, steady = _zero3_events(config, params, world_size, rank, ctx.impl, ctx.step_bytes, ctx.device)
+        if config.model.family == "mlp" and not self.reshards(config):
+            raise EstimatorError("parallel.reshard_after_forward: false is modelled for the transformer and moe "
+                                 "families; the mlp family's FSDP2 timeline reshards after forward (zero3)")
+        if config.model.family == "mlp":
+            setup, first, steady = _zero3_events(config, params, world_size, rank, ctx.impl, ctx.step_bytes,
+                                                 ctx.device)
+        elif config.model.family in MARKED_FAMILIES:
+            setup, first, steady = unit_events(ctx, rank, reshard_after_forward=self.reshards(config))
+        else:
+            raise EstimatorError(f"--parallel zero3: the per-unit FSDP2 timeline is modelled for the mlp, "
+                                 f"{', '.join(MARKED_FAMILIES)} families, not {config.model.family!r}")
         setup, first, steady = ctx.round(setup), ctx.round(first), ctx.round(steady)
         local_state = [s.local for s, p in zip(shards, params, strict=True) if p.trainable]
         parameters = sum(s.padded.numel for s in shards) * ctx.plan.parameter_bytes
@@ -184,4 +198,161 @@ def _zero3_events(
         setup += state_events(spec, local, config, "setup", step_bytes)
     first = body + optimizer_step_events(spec, local, config, impl, step_bytes, first=True) + tail
     steady = body + optimizer_step_events(spec, local, config, impl, step_bytes, first=False) + tail
+    return setup, first, steady
+
+
+@register_strategy
+class FSDP(Zero3):
+    """FSDP2 as ``parallel.reshard_after_forward`` says (False: ZeRO-2-like, gathered from forward to backward)."""
+
+    name = "fsdp"
+
+    def reshards(self, config: Config) -> bool:
+        return config.parallel.reshard_after_forward
+
+
+# --------------------------------------------------------------------------- any family that marks its hooks
+def _transformer_marks(config: Config) -> tuple[list[Event], list[tuple[int, str, str]]]:
+    from estimator.families.transformer_events import step_events_with_marks
+
+    return step_events_with_marks(config.model, config.training, step_shape(config))
+
+
+def _moe_marks(config: Config) -> tuple[list[Event], list[tuple[int, str, str]]]:
+    from estimator.families.moe_events import _MoESim
+
+    sim = _MoESim(config.model, config.training, step_shape(config))
+    sim.forward()
+    sim.backward()
+    return sim.events(), sim.marks
+
+
+#: families whose event simulation says where FSDP2's hooks run (pre/post forward and backward of each block)
+MARKED_FAMILIES: dict[str, Any] = {"transformer": _transformer_marks, "moe": _moe_marks}
+UNIT_PREFIX = "blocks."
+
+
+def unit_of(name: str) -> str:
+    """``fully_shard`` on each ``blocks.i`` and then on the root: a parameter's unit."""
+    if name.startswith(UNIT_PREFIX):
+        return ".".join(name.split(".")[:2])
+    return "root"
+
+
+def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True
+                ) -> tuple[list[Event], list[Event], list[Event]]:
+    """One rank's step under FSDP2, from the family's events and where its hooks run.
+
+    What each hook does, read off torch 2.13 (``_fsdp_param_group.py``, ``_fsdp_state.py``,
+    ``_fsdp_collectives.py``): pre-forward all-gathers the unit into one flat buffer and copies it out
+    into one storage per parameter, keeping the buffer until the next unit's copy-out (the root's
+    post-forward drops the last); post-forward reshards (frees the unsharded parameters) unless it is
+    the root or ``reshard_after_forward`` is off; pre-backward unshards again (buffer freed right after
+    the copy-out) and prefetches the previous unit; post-backward reshards, drops the previous
+    reduce-scatter input, copies the unit's gradients into a flat reduce-scatter input, reduces into
+    one flat shard that becomes every parameter's ``.grad`` (on gloo the reduce-scatter copies its
+    input once more), then releases the full gradients. The root's post-backward runs in the final
+    callback, then the last reduce-scatter input goes.
+    """
+    config, n, family = ctx.config, ctx.world_size, get_family(ctx.config.model.family)
+    shape = step_shape(config)
+    p_b, g_b = ctx.plan.parameter_bytes, ctx.plan.gradient_bytes
+    body, marks = MARKED_FAMILIES[config.model.family](config)
+    units: dict[str, list[ParamTensor]] = {}
+    for p in ctx.params:
+        units.setdefault(unit_of(p.name), []).append(p)
+    shards = {p.name: shard(p, n, rank) for p in ctx.params}
+    gathered = {u: sum(shards[p.name].padded.numel for p in ps) * n for u, ps in units.items()}
+    local = {u: sum(shards[p.name].padded.numel for p in ps if p.trainable) for u, ps in units.items()}
+    order = [u for u in units if u != "root"]  # forward order of the blocks
+    gloo_copy = ctx.device == "cpu"  # ProcessGroupGloo's reduce_scatter copies its input; NCCL does not
+
+    state: dict[str, Any] = {"ag_kept": None, "prefetched": set(), "unsharded": set(), "rs_live": None}
+    out: list[Event] = []
+
+    def unshard(u: str, phase: str) -> None:
+        if u not in state["prefetched"]:
+            out.append(alloc(f"{u}.all_gather", "temporary", gathered[u] * p_b, phase))
+        state["prefetched"].discard(u)
+        out.extend(alloc(f"{p.name}.unsharded", "parameter", p.numel * p_b, phase) for p in units[u])
+        state["unsharded"].add(u)
+
+    def reshard(u: str, phase: str) -> None:
+        if u in state["unsharded"]:
+            out.extend(free(f"{p.name}.unsharded", "parameter", p.numel * p_b, phase) for p in units[u])
+            state["unsharded"].discard(u)
+
+    def hook(kind: str, u: str, phase: str) -> None:
+        if kind == "pre_forward":
+            unshard(u, phase)
+            if state["ag_kept"] is not None:
+                kept = state["ag_kept"]
+                out.append(free(f"{kept}.all_gather", "temporary", gathered[kept] * p_b, phase))
+            state["ag_kept"] = u
+        elif kind == "post_forward":
+            if u != "root" and reshard_after_forward:
+                reshard(u, phase)
+            if u == "root" and state["ag_kept"] is not None:
+                kept, state["ag_kept"] = state["ag_kept"], None
+                out.append(free(f"{kept}.all_gather", "temporary", gathered[kept] * p_b, phase))
+        elif kind == "pre_backward":
+            if u not in state["unsharded"]:
+                unshard(u, phase)
+                out.append(free(f"{u}.all_gather", "temporary", gathered[u] * p_b, phase))
+            previous = order[order.index(u) - 1] if u != "root" and order.index(u) > 0 else (
+                order[-1] if u == "root" and order else None)
+            if previous is not None and previous not in state["unsharded"]:
+                out.append(alloc(f"{previous}.all_gather", "temporary", gathered[previous] * p_b, phase))
+                state["prefetched"].add(previous)
+        elif kind == "post_backward":
+            reshard(u, phase)
+            trainable = [p for p in units[u] if p.trainable]
+            if not trainable:
+                return
+            if state["rs_live"] is not None:
+                prev = state["rs_live"]
+                out.append(free(f"{prev}.rs_input", "temporary", gathered[prev] * g_b, phase))
+            out.append(alloc(f"{u}.rs_input", "temporary", gathered[u] * g_b, phase))
+            # foreach_reduce clears its list of gradients after the copy-in; its loop variable keeps
+            # the last one until it returns
+            *early, last_grad = trainable
+            out.extend(free(f"{p.name}.grad", "gradient", p.numel * g_b, phase) for p in early)
+            out.append(alloc(f"{u}.grad_shards", "gradient", local[u] * g_b, phase))
+            if gloo_copy:
+                out.append(alloc(f"{u}.gloo_copy", "temporary", gathered[u] * g_b, phase))
+                out.append(free(f"{u}.gloo_copy", "temporary", gathered[u] * g_b, phase))
+            out.append(free(f"{last_grad.name}.grad", "gradient", last_grad.numel * g_b, phase))
+            state["rs_live"] = u
+
+    at = 0
+    for index, event in enumerate(body):
+        while at < len(marks) and marks[at][0] == index:
+            # a hook runs between two events: it takes the phase of the one before it
+            hook(marks[at][1], marks[at][2], body[index - 1].phase if index else event.phase)
+            at += 1
+        out.append(event)
+    while at < len(marks):
+        hook(marks[at][1], marks[at][2], body[-1].phase)
+        at += 1
+    if state["rs_live"] is not None:
+        prev = state["rs_live"]
+        out.append(free(f"{prev}.rs_input", "temporary", gathered[prev] * g_b, "backward"))
+
+    local_params = [shards[p.name].local for p in ctx.params if p.trainable]
+    # zero_grad(set_to_none=True) in parameter order: a unit's flat gradient shard goes with its last view
+    last = {}
+    for p in ctx.params:
+        if p.trainable:
+            last[unit_of(p.name)] = p.name
+    tail = [free(f"{unit_of(p.name)}.grad_shards", "gradient", local[unit_of(p.name)] * g_b, "zero_grad")
+            for p in ctx.params if p.trainable and last[unit_of(p.name)] == p.name]
+    tail += family.end_of_step_events(config.model, config.training, shape)
+    setup = [alloc(p.name, "parameter", shards[p.name].padded.numel * p_b, "setup") for p in ctx.params]
+    if ctx.device == "cpu":  # DeviceMesh keeps torch.arange(N, dtype=int32) as its rank map, always on the CPU
+        setup.append(alloc("device_mesh.rank_map", "temporary", 4 * n, "setup"))
+    setup += family.input_events(config.model, config.training, shape)
+    if ctx.spec.state_init == "constructor":
+        setup += state_events(ctx.spec, local_params, config, "setup", ctx.step_bytes)
+    first = out + optimizer_step_events(ctx.spec, local_params, config, ctx.impl, ctx.step_bytes, first=True) + tail
+    steady = out + optimizer_step_events(ctx.spec, local_params, config, ctx.impl, ctx.step_bytes, first=False) + tail
     return setup, first, steady

@@ -1,0 +1,65 @@
+"""FSDP2 (``--parallel zero3``) per-rank peaks of the transformer family: estimate against real gloo ranks.
+
+Each case runs the step for real on N local processes (``fully_shard`` on every block, then on the
+root, torch's own implementation, gloo on the CPU) and compares, per rank, the parameter, gradient
+and optimizer-state bytes and the first- and steady-step peaks with ``per_rank_estimates``.
+
+    python benchmarks/fsdp_accuracy.py            # the whole matrix (several minutes on 2 cores)
+    python benchmarks/fsdp_accuracy.py --quick    # two cases
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from estimator.loader import load_config
+from estimator.measure.distributed import measure_distributed
+from estimator.parallel import per_rank_estimates
+
+GPT2_LIKE = {"family": "transformer", "d_model": 32, "num_heads": 4, "vocab_size": 96, "max_seq_len": 16}
+LLAMA_LIKE = {"family": "transformer", "d_model": 32, "num_heads": 4, "num_kv_heads": 2, "vocab_size": 96,
+              "max_seq_len": 16, "positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "d_ff": 88,
+              "bias": False, "tie_embeddings": False}
+
+CASES = [
+    ("gpt2-like", GPT2_LIKE, "fp32", "adam", 2),
+    ("llama-like GQA", LLAMA_LIKE, "fp32", "adamw", 2),
+    ("llama-like GQA", LLAMA_LIKE, "fp32", "adamw", 4),
+    ("gpt2-like", GPT2_LIKE, "bf16", "sgd", 2),
+    ("llama-like GQA", LLAMA_LIKE, "amp-bf16", "adamw", 2),
+    ("gpt2-like", GPT2_LIKE, "fp32", "adagrad", 3),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--layers", type=int, default=2)
+    args = parser.parse_args()
+    print("| model | precision | optimizer | N | rank | params est/meas | grads est/meas | state est/meas "
+          "| 1st peak est | 1st peak meas | steady est | steady meas | diff |")
+    print("|---|---|---|---:|---:|---|---|---|---:|---:|---:|---:|---:|")
+    worst = 0.0
+    for label, model, precision, optimizer, n in CASES[:2] if args.quick else CASES:
+        config = load_config(None, [f"model.num_layers={args.layers}", "training.seq_len=16", "training.batch_size=2",
+                                    f"optimizer.name={optimizer}", f"training.precision={precision}"],
+                             base={"model": dict(model)})
+        start = time.perf_counter()
+        estimates = per_rank_estimates(config, "zero3", n, "cpu")
+        measured = measure_distributed(config, "zero3", n, "cpu")
+        for e, m in zip(estimates, measured, strict=True):
+            diff = max(abs(e.first_step_peak_bytes - m.first_step.peak_bytes) / m.first_step.peak_bytes,
+                       abs(e.peak_bytes - m.steady_step.peak_bytes) / m.steady_step.peak_bytes)
+            worst = max(worst, diff)
+            same = lambda a, b: f"{a:,} {'=' if a == b else '≠'} {b:,}"  # noqa: E731
+            print(f"| {label} | {precision} | {optimizer} | {n} | {e.rank} | {same(e.parameters, m.parameters)} | "
+                  f"{same(e.gradients, m.gradients)} | {same(e.optimizer_state, m.optimizer_state)} | "
+                  f"{e.first_step_peak_bytes:,} | {m.first_step.peak_bytes:,} | {e.peak_bytes:,} | "
+                  f"{m.steady_step.peak_bytes:,} | {diff:.3%} |", flush=True)
+        print(f"<!-- {label} N={n}: {time.perf_counter() - start:.0f} s -->", flush=True)
+    print(f"\nworst per-rank peak difference: {worst:.3%}")
+
+
+if __name__ == "__main__":
+    main()

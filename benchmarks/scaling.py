@@ -1,0 +1,186 @@
+"""How the analytic core's cost grows: layers, world size, and every preset against `import torch`.
+
+Three tables, all measured in one run on this machine:
+
+1. ``estimate()`` in-process wall time against the layer count (the seed's MLP, 10^2 ... 10^5 layers;
+   and a Llama-like transformer), with the growth exponent fitted by least squares on log-log.
+2. ``rank_groups()`` in-process wall time against the world size (2 ... 4,096) for DDP and ZeRO-1/2/3,
+   with the number of distinct ranks computed and the fitted exponent.
+3. Whole commands against ``python -c "import torch"``, alternated A B A B ... (after one warm-up of
+   each), the median of the pairwise ratios: every preset plain, with ``--gpu``, and with
+   ``--parallel ... -n 1024``; a 100,000-layer MLP; a tiny traced ``nn.Module``.
+
+    python benchmarks/scaling.py                 # everything (about 10 minutes on 2 cores)
+    python benchmarks/scaling.py --pairs 2 --presets gpt2,llama-2-70b --skip-layers
+
+Targets (issue 8): presets, with --gpu and with --parallel -n 1024, at most 0.25x import torch; layers
+exponent <= 1.1 and a 100,000-layer MLP under one second; cost independent of world size once the
+distinct ranks are computed; a traced small module within 1.5x import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from estimator.api import estimate
+from estimator.loader import load_config
+from estimator.parallel import rank_groups
+from estimator.presets import PRESETS
+
+TORCH = [sys.executable, "-c", "import torch"]
+ESTIMATOR = [sys.executable, "-m", "estimator"]
+TINY_MODULE = '''import torch.nn as nn
+
+
+def make():
+    return nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 12))
+'''
+TINY_CONFIG = """model:
+  module: tiny_module:make
+  inputs:
+    - {shape: [4, 20], dtype: float32}
+  loss: mse
+"""
+
+
+def run(cmd: list[str], cwd: str | None = None) -> tuple[float, int, int]:
+    """Wall seconds, peak RSS (KiB) and exit code of one whole process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=cwd)
+    _, status, usage = os.wait4(proc.pid, 0)
+    return time.perf_counter() - start, usage.ru_maxrss, os.waitstatus_to_exitcode(status)
+
+
+def paired(cmd: list[str], pairs: int, cwd: str | None = None) -> dict[str, float]:
+    """``cmd`` and ``import torch`` alternated after a warm-up of each: medians and the pairwise ratio."""
+    run(cmd, cwd), run(TORCH)
+    a, b, rss = [], [], []
+    for _ in range(pairs):
+        wall, kib, code = run(cmd, cwd)
+        if code != 0:
+            raise SystemExit(f"{' '.join(cmd)} exited {code}")
+        a.append(wall)
+        rss.append(kib)
+        b.append(run(TORCH)[0])
+    ratios = [x / y for x, y in zip(a, b, strict=True)]
+    return {"cmd": statistics.median(a), "torch": statistics.median(b), "ratio": statistics.median(ratios),
+            "ratio_max": max(ratios), "rss_mib": max(rss) / 1024}
+
+
+def in_process(fn, repeats: int = 3) -> float:  # noqa: ANN001
+    """Median wall seconds of ``fn()`` (each call starts from scratch: no cache is shared between configs)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def exponent(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope of log y on log x."""
+    lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
+    mx, my = statistics.fmean(lx), statistics.fmean(ly)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly, strict=True)) / sum((a - mx) ** 2 for a in lx)
+
+
+def layers_table() -> None:
+    print("## estimate() against the layer count (in-process, median of 3)\n")
+    print("| model | layers | seconds |")
+    print("|---|---:|---:|")
+    for label, base, counts in (
+        ("mlp D=4 (the seed's), adagrad", None, [100, 300, 1_000, 3_000, 10_000, 30_000, 100_000]),
+        ("llama-2-7b blocks, adamw amp-bf16", {"model": {"preset": "llama-2-7b"}}, [100, 300, 1_000, 3_000, 10_000]),
+    ):
+        xs, ys = [], []
+        for n in counts:
+            config = load_config(None, [f"model.num_layers={n}"], base=base)
+            seconds = in_process(lambda c=config: estimate(c, "cuda"))
+            xs.append(n)
+            ys.append(seconds)
+            print(f"| {label} | {n:,} | {seconds:.4f} |")
+        print(f"| {label} | fitted exponent | **{exponent(xs, ys):.2f}** |")
+    print()
+
+
+def world_table(preset: str) -> None:
+    print(f"## rank_groups() against the world size ({preset}, in-process, median of 3)\n")
+    print("| strategy | world size | distinct rank groups | seconds |")
+    print("|---|---:|---:|---:|")
+    config = load_config(None, [], base={"model": {"preset": preset}})
+    sizes = [2, 8, 32, 128, 512, 1024, 4096]
+    for strategy in ("ddp", "zero1", "zero2", "zero3"):
+        xs, ys = [], []
+        for n in sizes:
+            try:
+                groups = rank_groups(config, strategy, n, "cuda")
+            except Exception as exc:  # noqa: BLE001 - a strategy not modelled for this family is reported
+                print(f"| {strategy} | {n:,} | - | {type(exc).__name__}: {exc} |")
+                break
+            seconds = in_process(lambda s=strategy, n=n: rank_groups(config, s, n, "cuda"))
+            xs.append(n)
+            ys.append(seconds)
+            print(f"| {strategy} | {n:,} | {len(groups)} | {seconds:.4f} |")
+        if len(xs) > 1:
+            tail = [i for i, n in enumerate(xs) if n >= 128]
+            print(f"| {strategy} | exponent over all / from 128 ranks | | "
+                  f"{exponent(xs, ys):.2f} / **{exponent([xs[i] for i in tail], [ys[i] for i in tail]):.2f}** |")
+    print()
+
+
+def commands_table(presets: list[str], pairs: int, gpu: str) -> None:
+    print(f"## Whole commands against `python -c \"import torch\"` (A B A B ..., {pairs} pairs after a warm-up)\n")
+    print("| command | median s | import torch median s | ratio (median of pairs) | max ratio | peak RSS MiB |")
+    print("|---|---:|---:|---:|---:|---:|")
+    cases: list[tuple[str, list[str], str | None]] = []
+    for name in presets:
+        cases.append((f"estimate --model {name}", ["estimate", "--model", name], None))
+        cases.append((f"estimate --model {name} --gpu {gpu}", ["estimate", "--model", name, "--gpu", gpu], None))
+        for strategy in ("zero2",):
+            cases.append((f"estimate --model {name} --parallel {strategy} -n 1024",
+                          ["estimate", "--model", name, "--parallel", strategy, "-n", "1024"], None))
+    cases.append(("estimate --set model.num_layers=100000", ["estimate", "--set", "model.num_layers=100000"], None))
+    cases.append(("estimate --parallel ddp -n 100000", ["estimate", "--parallel", "ddp", "-n", "100000"], None))
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "tiny_module.py").write_text(TINY_MODULE)
+        Path(tmp, "tiny.yaml").write_text(TINY_CONFIG)
+        cases.append(("estimate tiny.yaml (a traced 2-layer nn.Module)", ["estimate", "tiny.yaml"], tmp))
+        for label, args, cwd in cases:
+            try:
+                r = paired([*ESTIMATOR, *args], pairs, cwd)
+            except SystemExit as exc:
+                print(f"| `{label}` | failed: {exc} | | | | |")
+                continue
+            print(f"| `{label}` | {r['cmd']:.3f} | {r['torch']:.3f} | **{r['ratio']:.3f}** | {r['ratio_max']:.3f} | "
+                  f"{r['rss_mib']:.0f} |", flush=True)
+    print()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=3, help="A/B pairs per command (after one warm-up each)")
+    parser.add_argument("--presets", default=",".join(PRESETS), help="comma-separated preset names")
+    parser.add_argument("--gpu", default="a100-80gb")
+    parser.add_argument("--skip-layers", action="store_true")
+    parser.add_argument("--skip-world", action="store_true")
+    parser.add_argument("--skip-commands", action="store_true")
+    args = parser.parse_args()
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}\n")
+    if not args.skip_layers:
+        layers_table()
+    if not args.skip_world:
+        world_table("llama-2-7b")
+    if not args.skip_commands:
+        commands_table([p for p in args.presets.split(",") if p], args.pairs, args.gpu)
+
+
+if __name__ == "__main__":
+    main()
