@@ -184,8 +184,19 @@ def world_size_in_force(parallel: Optional[str], world_size: Optional[int], most
     return n
 
 
-def _curve_json(points: list[tuple[str, int]]) -> list[dict[str, Any]]:
-    """A live-bytes curve as JSON: one {phase, live_bytes} per event, in order."""
+MAX_CURVE_POINTS = 10_000
+"""The most points a --timeline --json curve has (a 100,000-layer model has a million events)."""
+
+
+def _curve_json(points: list[tuple[str, int]], most: int = MAX_CURVE_POINTS) -> list[dict[str, Any]]:
+    """A live-bytes curve as JSON: one {phase, live_bytes} per event, in order.
+
+    A curve of more than ``most`` events is cut into ``most`` runs of consecutive events, each run
+    given by its highest point (its phase and bytes), so the peak and each phase's peak stay exact.
+    """
+    if len(points) > most:
+        edges = [len(points) * i // most for i in range(most + 1)]
+        points = [max(points[a:b], key=lambda p: p[1]) for a, b in zip(edges, edges[1:], strict=False)]
     return [{"phase": phase, "live_bytes": live} for phase, live in points]
 
 
@@ -287,8 +298,9 @@ def estimate(
             extra["distributed"] = {"strategy": parallel, "world_size": world_size,
                                     "ranks": [r.to_json() for r in ranks]}
         if timeline:
-            extra["timeline"] = {"first_step": _curve_json(result.step.first_curve()),
-                                 "steady_step": _curve_json(result.step.steady_curve())}
+            first, steady = result.step.first_curve(), result.step.steady_curve()
+            extra["timeline"] = {"first_step": _curve_json(first), "steady_step": _curve_json(steady),
+                                 "events": {"first_step": len(first), "steady_step": len(steady)}}
         emit_json({**result.to_json(), **extra})
         return
     from estimator.report import render_estimate, render_fit, render_ranks

@@ -260,3 +260,14 @@ def test_layers_and_config_size_bounded(tmp_path: Path) -> None:
     big.write_text("model:\n  dim: 4\n# " + "x" * (1 << 20) + "\n")
     fails(["estimate", str(big)], "larger than 1 MiB")
     fails(["estimate", write(tmp_path, "model:\n  dim: " + "9" * 5000 + "\n")], "invalid value")
+
+
+def test_item16_timeline_json_is_bounded() -> None:
+    """Over 10,000 events, each of 10,000 runs keeps its highest point: the peak stays exact."""
+    from estimator.cli import _curve_json
+
+    points = [("forward", i % 7) for i in range(23)] + [("backward", 100)] + [("zero_grad", 1)] * 6
+    short = _curve_json(points, most=10)
+    assert len(short) == 10 and max(p["live_bytes"] for p in short) == 100
+    assert {"phase": "backward", "live_bytes": 100} in short
+    assert _curve_json(points, most=30) == [{"phase": p, "live_bytes": v} for p, v in points]
