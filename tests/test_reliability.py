@@ -98,11 +98,12 @@ def run_cli(args: list[str], **kwargs: Any) -> subprocess.CompletedProcess[bytes
                           **kwargs)
 
 
-def test_item5_stdout_full() -> None:
+@pytest.mark.parametrize("args", [["estimate"], ["estimate", "--json"], ["schema"], ["--version"]])
+def test_item5_stdout_full(args: list[str]) -> None:
     if not os.path.exists("/dev/full"):
         pytest.skip("no /dev/full")
     with open("/dev/full", "w") as full:
-        proc = subprocess.run([*CLI, "estimate"], stdout=full, stderr=subprocess.PIPE, timeout=120, cwd=ROOT)
+        proc = subprocess.run([*CLI, *args], stdout=full, stderr=subprocess.PIPE, timeout=120, cwd=ROOT)
     assert proc.returncode == 2
     assert proc.stderr.decode() == "error: cannot write to stdout: No space left on device\n"
 
