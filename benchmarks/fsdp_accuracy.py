@@ -1,4 +1,4 @@
-"""FSDP2 (``--parallel zero3``) per-rank peaks of the transformer family: estimate against real gloo ranks.
+"""FSDP2 (``--parallel zero3`` / ``fsdp``) per-rank peaks of the transformer family: estimate against real gloo ranks.
 
 Each case runs the step for real on N local processes (``fully_shard`` on every block, then on the
 root, torch's own implementation, gloo on the CPU) and compares, per rank, the parameter, gradient
@@ -22,13 +22,16 @@ LLAMA_LIKE = {"family": "transformer", "d_model": 32, "num_heads": 4, "num_kv_he
               "max_seq_len": 16, "positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "d_ff": 88,
               "bias": False, "tie_embeddings": False}
 
+# (label, model, precision, optimizer, ranks, reshard_after_forward)
 CASES = [
-    ("gpt2-like", GPT2_LIKE, "fp32", "adam", 2),
-    ("llama-like GQA", LLAMA_LIKE, "fp32", "adamw", 2),
-    ("llama-like GQA", LLAMA_LIKE, "fp32", "adamw", 4),
-    ("gpt2-like", GPT2_LIKE, "bf16", "sgd", 2),
-    ("llama-like GQA", LLAMA_LIKE, "amp-bf16", "adamw", 2),
-    ("gpt2-like", GPT2_LIKE, "fp32", "adagrad", 3),
+    ("gpt2-like", GPT2_LIKE, "fp32", "adam", 2, True),
+    ("llama-like GQA", LLAMA_LIKE, "fp32", "adamw", 2, True),
+    ("llama-like GQA", LLAMA_LIKE, "fp32", "adamw", 4, True),
+    ("gpt2-like", GPT2_LIKE, "bf16", "sgd", 2, True),
+    ("llama-like GQA", LLAMA_LIKE, "amp-bf16", "adamw", 2, True),
+    ("gpt2-like", GPT2_LIKE, "fp32", "adagrad", 3, True),
+    ("gpt2-like", GPT2_LIKE, "fp32", "adam", 2, False),
+    ("llama-like GQA", LLAMA_LIKE, "fp32", "adamw", 4, False),
 ]
 
 
@@ -36,25 +39,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--cases", default="", help="comma-separated case numbers (0-based) to run")
     args = parser.parse_args()
-    print("| model | precision | optimizer | N | rank | params est/meas | grads est/meas | state est/meas "
-          "| 1st peak est | 1st peak meas | steady est | steady meas | diff |")
-    print("|---|---|---|---:|---:|---|---|---|---:|---:|---:|---:|---:|")
+    chosen = [CASES[int(i)] for i in args.cases.split(",")] if args.cases else CASES[:2] if args.quick else CASES
+    print("| model | precision | optimizer | reshard after fwd | N | rank | params est/meas | grads est/meas "
+          "| state est/meas | 1st peak est | 1st peak meas | steady est | steady meas | diff |")
+    print("|---|---|---|---|---:|---:|---|---|---|---:|---:|---:|---:|---:|")
     worst = 0.0
-    for label, model, precision, optimizer, n in CASES[:2] if args.quick else CASES:
+    for label, model, precision, optimizer, n, reshard in chosen:
         config = load_config(None, [f"model.num_layers={args.layers}", "training.seq_len=16", "training.batch_size=2",
-                                    f"optimizer.name={optimizer}", f"training.precision={precision}"],
+                                    f"optimizer.name={optimizer}", f"training.precision={precision}",
+                                    f"parallel.reshard_after_forward={str(reshard).lower()}"],
                              base={"model": dict(model)})
         start = time.perf_counter()
-        estimates = per_rank_estimates(config, "zero3", n, "cpu")
-        measured = measure_distributed(config, "zero3", n, "cpu")
+        estimates = per_rank_estimates(config, "fsdp", n, "cpu")
+        measured = measure_distributed(config, "fsdp", n, "cpu")
         for e, m in zip(estimates, measured, strict=True):
             diff = max(abs(e.first_step_peak_bytes - m.first_step.peak_bytes) / m.first_step.peak_bytes,
                        abs(e.peak_bytes - m.steady_step.peak_bytes) / m.steady_step.peak_bytes)
             worst = max(worst, diff)
             same = lambda a, b: f"{a:,} {'=' if a == b else '≠'} {b:,}"  # noqa: E731
-            print(f"| {label} | {precision} | {optimizer} | {n} | {e.rank} | {same(e.parameters, m.parameters)} | "
-                  f"{same(e.gradients, m.gradients)} | {same(e.optimizer_state, m.optimizer_state)} | "
+            print(f"| {label} | {precision} | {optimizer} | {reshard} | {n} | {e.rank} | "
+                  f"{same(e.parameters, m.parameters)} | {same(e.gradients, m.gradients)} | "
+                  f"{same(e.optimizer_state, m.optimizer_state)} | "
                   f"{e.first_step_peak_bytes:,} | {m.first_step.peak_bytes:,} | {e.peak_bytes:,} | "
                   f"{m.steady_step.peak_bytes:,} | {diff:.3%} |", flush=True)
         print(f"<!-- {label} N={n}: {time.perf_counter() - start:.0f} s -->", flush=True)

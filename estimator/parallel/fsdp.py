@@ -127,11 +127,11 @@ def _zero3_events(
     def unshard_alloc(u: str, phase: str) -> list[Event]:
         return [alloc(f"{u}.all_gather", "temporary", padded[u] * p_b, phase)]
 
-    def copy_out(u: str, phase: str) -> list[Event]:
-        return [alloc(f"{u}.unsharded", "parameter", full[u] * p_b, phase)]
+    def copy_out(u: str, phase: str) -> list[Event]:  # the all-gather output per parameter is padded
+        return [alloc(f"{u}.unsharded", "parameter", padded[u] * p_b, phase)]
 
     def reshard(u: str, phase: str) -> list[Event]:
-        return [free(f"{u}.unsharded", "parameter", full[u] * p_b, phase)]
+        return [free(f"{u}.unsharded", "parameter", padded[u] * p_b, phase)]
 
     def drop_ag(u: str, phase: str) -> list[Event]:
         return [free(f"{u}.all_gather", "temporary", padded[u] * p_b, phase)]
@@ -274,12 +274,15 @@ def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True
         if u not in state["prefetched"]:
             out.append(alloc(f"{u}.all_gather", "temporary", gathered[u] * p_b, phase))
         state["prefetched"].discard(u)
-        out.extend(alloc(f"{p.name}.unsharded", "parameter", p.numel * p_b, phase) for p in units[u])
+        # each parameter's all-gather output is padded to N chunks; the parameter is a view of its head
+        out.extend(alloc(f"{p.name}.unsharded", "parameter", shards[p.name].padded.numel * n * p_b, phase)
+                   for p in units[u])
         state["unsharded"].add(u)
 
     def reshard(u: str, phase: str) -> None:
         if u in state["unsharded"]:
-            out.extend(free(f"{p.name}.unsharded", "parameter", p.numel * p_b, phase) for p in units[u])
+            out.extend(free(f"{p.name}.unsharded", "parameter", shards[p.name].padded.numel * n * p_b, phase)
+                       for p in units[u])
             state["unsharded"].discard(u)
 
     def hook(kind: str, u: str, phase: str) -> None:
