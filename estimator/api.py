@@ -118,6 +118,43 @@ class Estimate:
             **_family_details(self.config),
         }
 
+    @property
+    def step_tensors_on_device(self) -> bool:
+        """torch keeps the 'step' scalars on the device on the CPU, or on CUDA with the fused kernel."""
+        return self.device == "cpu" or self.implementation == "fused"
+
+    def block_rounding_at_peak(self) -> dict[str, int] | None:
+        """Per role, the bytes CUDA's 512-byte rounding adds to the tensors live at the steady peak.
+
+        Empty on the CPU. The exact (unrounded) step is the CPU's event list with the same optimizer
+        kernel, less the 'step' scalars that CUDA keeps on the host; both lists are replayed in
+        lockstep and compared at the rounded peak (the first event where the maximum is reached).
+        None if the two lists do not line up (then the rounding cannot be attributed).
+        """
+        if self.device != "cuda":
+            return {}
+        opt = self.config.optimizer.model_copy(update={"implementation": self.implementation})
+        exact_step = simulate(self.config.model_copy(update={"optimizer": opt}), "cpu")
+        host = not self.step_tensors_on_device
+
+        def on_device(name: str, role: str) -> bool:
+            return not (host and (name == "step_increment" or (role == "optimizer_state" and name.endswith(".step"))))
+
+        rounded, exact = self.step.steady_step, [e for e in exact_step.steady_step if on_device(e.name, e.role)]
+        if len(rounded) != len(exact) or any(not _same_tensor(a, b) for a, b in zip(rounded, exact, strict=False)):
+            return None
+        live_r = _roles((t.role, t.nbytes) for t in self.step.live_before_steady.values())
+        live_e = _roles((t.role, t.nbytes) for n, t in exact_step.live_before_steady.items() if on_device(n, t.role))
+        best, at = sum(live_r.values()), (dict(live_r), dict(live_e))
+        current = best
+        for r, e in zip(rounded, exact, strict=True):
+            live_r[r.role] = live_r.get(r.role, 0) + r.nbytes
+            live_e[e.role] = live_e.get(e.role, 0) + e.nbytes
+            current += r.nbytes
+            if current > best:
+                best, at = current, (dict(live_r), dict(live_e))
+        return {role: n - at[1].get(role, 0) for role, n in at[0].items() if n - at[1].get(role, 0)}
+
     def config_in_force(self) -> dict[str, Any]:
         """The config as JSON with the values the step really used: a transformer's ``seq_len``
         resolved (``max_seq_len`` when not given), a module's batch read off its input shapes."""
@@ -163,6 +200,20 @@ def estimate(config: Config | None = None, device: str | None = None) -> Estimat
         batch=_batch_in_force(family, config),
         saved_activations=step.saved_activation_bytes if target == "cpu" else _saved_bytes(config),
     )
+
+
+def _same_tensor(rounded: Any, exact: Any) -> bool:
+    """``rounded`` is ``exact`` rounded up to CUDA's 512-byte blocks (same role, phase and direction)."""
+    blocks = -(-abs(exact.nbytes) // CUDA_BLOCK) * CUDA_BLOCK
+    return (rounded.role, rounded.phase) == (exact.role, exact.phase) and rounded.nbytes == (
+        blocks if exact.nbytes > 0 else -blocks)
+
+
+def _roles(pairs: Any) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for role, n in pairs:
+        totals[role] = totals.get(role, 0) + n
+    return totals
 
 
 def _activation_bytes(family: Any, config: Config) -> int:

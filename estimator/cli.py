@@ -90,7 +90,8 @@ BatchOpt = typer.Option(None, "--batch-size", "-b", help="shortcut for --set tra
 OptimOpt = typer.Option(None, "--optimizer", "-o", help="shortcut for --set optimizer.name=NAME")
 PrecOpt = typer.Option(None, "--precision", "-p", help="fp32 | bf16 | fp16 | amp-bf16 | amp-fp16")
 ModelOpt = typer.Option(None, "--model", "-m", help="a preset name (see `estimator models`)")
-JsonOpt = typer.Option(False, "--json", help="print one JSON object to stdout instead of tables")
+JsonOpt = typer.Option(False, "--json", help="print one JSON document instead of tables: an object "
+                       "(estimate, verify) or a list (compare, optimizers, models, gpus); docs/json.md")
 ParallelOpt = typer.Option(None, "--parallel", help="per-rank memory under ddp | zero1 | zero2 | zero3 (FSDP)")
 WorldSizeOpt = typer.Option(None, "--world-size", "-n",
                             help="ranks for --parallel (default 2; batch_size is per rank)")
@@ -110,44 +111,34 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             with user_stdout_to_stderr() if kwargs.get("as_json") else nullcontext():
                 return fn(*args, **kwargs)
-        except (Exception, KeyboardInterrupt) as exc:
-            code = report_failure(exc)
-            if code is None:
+        except OutputError as exc:
+            _print_errors(exc.problems)
+            raise typer.Exit(exc.exit_code) from None
+        except EstimatorError as exc:
+            _print_errors(exc.problems)
+            raise typer.Exit(2) from None
+        except Interrupted as exc:
+            _print_errors([exc.message])
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            _print_errors(["interrupted by SIGINT"])
+            raise typer.Exit(130) from None
+        except RecursionError:
+            _print_errors(["the input is nested too deeply"])
+            raise typer.Exit(2) from None
+        except MemoryError:
+            _print_errors(["out of memory; reduce the model or training.batch_size"])
+            raise typer.Exit(2) from None
+        except Exception as exc:
+            if isinstance(exc, (typer.Exit, typer.Abort)) or hasattr(exc, "show") or os.environ.get(
+                    "ESTIMATOR_DEBUG"):
                 raise
-            raise typer.Exit(code) from None
+            first = (str(exc).strip().splitlines() or [""])[0]
+            _print_errors([f"internal error: {type(exc).__name__}: {first} -- please report it "
+                           "(ESTIMATOR_DEBUG=1 shows the traceback)"])
+            raise typer.Exit(1) from None
 
     return wrapper
-
-
-def report_failure(exc: BaseException) -> int | None:
-    """Print ``exc`` as one ``error:`` line and return the exit code; None for what is not ours to
-    report (Typer's own exits and usage errors, and anything under ``ESTIMATOR_DEBUG=1``)."""
-    if isinstance(exc, (typer.Exit, typer.Abort)) or hasattr(exc, "show"):
-        return None
-    if isinstance(exc, OutputError):
-        _print_errors(exc.problems)
-        return exc.exit_code
-    if isinstance(exc, EstimatorError):
-        _print_errors(exc.problems)
-        return 2
-    if isinstance(exc, Interrupted):
-        _print_errors([exc.message])
-        return exc.exit_code
-    if isinstance(exc, KeyboardInterrupt):
-        _print_errors(["interrupted by SIGINT"])
-        return 130
-    if os.environ.get("ESTIMATOR_DEBUG"):
-        return None
-    if isinstance(exc, RecursionError):
-        _print_errors(["the input is nested too deeply"])
-        return 2
-    if isinstance(exc, MemoryError):
-        _print_errors(["out of memory; reduce the model or training.batch_size"])
-        return 2
-    first = (str(exc).strip().splitlines() or [""])[0]
-    _print_errors([f"internal error: {type(exc).__name__}: {first} -- please report it "
-                   "(ESTIMATOR_DEBUG=1 shows the traceback)"])
-    return 1
 
 
 def _print_errors(problems: list[str]) -> None:
@@ -549,7 +540,6 @@ def gpus(as_json: bool = JsonOpt) -> None:
 
 
 @app.command()
-@user_errors
 def schema() -> None:
     """Print the JSON Schema of the config file (for editor completion)."""
     from estimator.config import Config
@@ -571,10 +561,6 @@ def main() -> None:
         app(prog_name="estimator")
     except SystemExit as exc:
         code = exc.code
-    except (Exception, KeyboardInterrupt) as exc:  # outside a command (an option's callback): the same lines
-        code = report_failure(exc)
-        if code is None:
-            raise
     try:
         sys.stdout.flush()
     except OSError as exc:

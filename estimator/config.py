@@ -243,6 +243,10 @@ def expand_model_section(section: dict[str, Any], source_dir: Path) -> dict[str,
     if len(given) > 1:
         raise EstimatorError(f"model: give one of {', '.join(MODEL_SOURCE_KEYS)}, not {' and '.join(given)}")
     if not given:
+        if "module" in section and section.get("family", "module") == "module":
+            from estimator.families.module import with_search_dir
+
+            section = with_search_dir(section, source_dir)  # the factory is found next to the config
         return {"family": "module" if "module" in section else "mlp", **section}
     key = given[0]
     value = section.pop(key)

@@ -5,12 +5,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from rich import box
+from rich.bar import Bar
+from rich.cells import cell_len
 from rich.console import Console, Group
+from rich.measure import Measurement
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
 from estimator.comparison import Row
+from estimator.families.base import get_family
 from estimator.units import human_bytes, human_count, human_flops
 
 if TYPE_CHECKING:
@@ -38,7 +42,7 @@ def bar(fraction: float, width: int = BAR_WIDTH) -> str:
 
 
 def describe(est: Estimate) -> str:
-    """One line naming the model, batch, optimizer, precision and device."""
+    """One line naming the model, the batch in force, the optimizer, precision and device."""
     cfg = est.config
     model = cfg.model
     if model.family == "mlp":
@@ -46,16 +50,71 @@ def describe(est: Estimate) -> str:
     elif model.family == "module":
         shape = f"module {model.module}"
     else:
-        shape = f"{model.family} d_model={model.d_model}, {model.num_layers} layers"
-    batch = f"B={cfg.training.batch_size}" if model.family != "module" else "inputs " + ", ".join(
-        f"{list(i.shape)} {i.dtype}" for i in model.inputs)
-    if cfg.training.seq_len:
-        batch += f", seq_len={cfg.training.seq_len}"
+        shape = f"{model.family} d_model={getattr(model, 'd_model', '?')}, {getattr(model, 'num_layers', '?')} layers"
     opt = cfg.optimizer
     options = ", ".join(f"{k}={opt.option(k)}" for k in ("lr", "momentum", "betas", "eps", "weight_decay")
                         if opt.option(k) not in (None, 0, 0.0))
-    return (f"{shape} · {batch} · {opt.name}({options}) · {cfg.training.precision} · "
+    return (f"{shape} · {batch_in_force(est)} · {opt.name}({options}) · {cfg.training.precision} · "
             f"{est.device} ({est.implementation} optimizer kernels)")
+
+
+def batch_in_force(est: Estimate) -> str:
+    """The batch the step really uses: B (and S), saying where a figure not given comes from."""
+    b, model = est.batch, est.config.model
+    text = f"B={b.batch_size}"
+    if model.family == "module":
+        text += " (inputs " + ", ".join(f"{list(i.shape)} {i.dtype}" for i in model.inputs) + ")"
+    elif b.batch_source != "training.batch_size":
+        text += f" ({b.batch_source})"
+    if b.seq_len is not None:
+        text += f", seq_len={b.seq_len}" + (" (the model's max_seq_len)" if b.seq_source == "model.max_seq_len"
+                                              else "")
+    return text
+
+
+def defaults_note(est: Estimate) -> str | None:
+    """The header's second line when a preset or HF config got the training defaults."""
+    filled = getattr(est.config, "training_defaults", ())
+    if not filled:
+        return None
+    values = ", ".join(item.split("=", 1)[1] for item in filled)
+    return f"defaults for a preset: {values}; override with -o/-p (or --set)"
+
+
+def print_fitting(console: Console, table: Table) -> None:
+    """Print ``table`` with its numbers whole: right-aligned (number) columns never wrap or shrink; if
+    the table cannot fit the console that way, print it stacked, one block of 'column: value' per row."""
+    for column in table.columns:
+        if column.justify == "right":
+            column.no_wrap = True
+        if column.no_wrap:  # such a column is only whole at its full width, header included
+            column.min_width = max([cell_len(str(c)) for c in column.cells] + [cell_len(str(column.header)), 1])
+    if _minimum_width(console, table) <= console.width:
+        console.print(table)
+        return
+    console.print(stacked(table))
+
+
+def _minimum_width(console: Console, table: Table) -> int:
+    """The narrowest the table can be without cutting a word (measured free of the console's width)."""
+    return Measurement.get(console, console.options.update_width(1_000_000), table).minimum
+
+
+def stacked(table: Table) -> Group:
+    """``table`` as one block per row: the first cell, then 'header: value' for every other non-empty cell."""
+    headers = [str(c.header) or "·" for c in table.columns]
+    cells = [list(c.cells) for c in table.columns]
+    parts: list[Any] = []
+    if table.title:
+        parts.append(Text(str(table.title), style="bold"))
+    for row in range(len(table.rows)):
+        first = str(cells[0][row])
+        lines = [f"  {headers[i]}: {cells[i][row]}" for i in range(1, len(headers)) if str(cells[i][row]).strip()]
+        parts.append(Text(first, style="bold"))
+        parts.extend(Text(line) for line in lines)
+    if table.caption:
+        parts.append(Text(str(table.caption), style="dim"))
+    return Group(*parts)
 
 
 def memory_table(est: Estimate) -> Table:
@@ -63,7 +122,7 @@ def memory_table(est: Estimate) -> Table:
     m = est.memory
     table = Table(title="Memory, the seed's first-order sum (section 6)", title_justify="left", box=box.SIMPLE_HEAD)
     for col, justify in (("term", "left"), ("bytes", "right"), ("", "right"), ("share", "right"), ("", "left")):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+        table.add_column(col, justify=justify, overflow="crop")  # type: ignore[arg-type]
     rows = [("parameters", m.parameters), ("activations", m.activations), ("gradients", m.gradients),
             ("optimizer state", m.optimizer_state)]
     for name, value in rows:
@@ -94,7 +153,6 @@ def peak_table(est: Estimate) -> Table:
 
 def flops_table(est: Estimate) -> Table:
     f = est.flops
-    tokens = est.config.training.batch_size * (est.config.training.seq_len or 1)
     table = Table(title="FLOPs per step (2 FLOPs per multiply-add)", title_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("count")
     table.add_column("FLOPs", justify="right")
@@ -106,42 +164,109 @@ def flops_table(est: Estimate) -> Table:
     if f.attention:
         table.add_row("  of which attention, 12·L·H·Q·T (PaLM app. B)", f"{f.attention:,}", human_flops(f.attention))
     table.add_row("exact matmul count (FlopCounterMode)", f"{f.matmul:,}", human_flops(f.matmul))
-    table.caption = f"B·P uses {human_count(tokens)} samples/tokens and P = {est.parameters:,} parameters"
+    table.caption = flop_rule_note(est)
+    table.caption_justify = "left"
     return table
+
+
+def flop_rule_note(est: Estimate) -> str:
+    """What the rule's B (or T) and P (or N) are: the very values the FLOPs above use."""
+    f, model, b = est.flops, est.config.model, est.batch
+    n, total = f.rule_parameters or est.parameters, est.parameters
+    if model.family == "mlp":
+        return f"B·P uses B = {f.tokens:,} samples (training.batch_size) and P = {n:,}, every parameter"
+    if model.family == "module":
+        what = ("target elements (cross_entropy: one per token)" if model.loss == "cross_entropy"
+                else "samples (model.inputs[0].shape[0])")
+        left = "" if n == total else (f", of {total:,}: those the forward reads, less any used only through "
+                                      "embedding lookups (Kaplan et al. 2020 leave embeddings out; docs/module.md)")
+        return f"B·P uses B = {f.tokens:,} {what} and P = {n:,} parameters{left}"
+    tokens = (f"T = B·S = {b.batch_size:,}·{b.seq_len:,} = {f.tokens:,} tokens" if b.seq_len is not None
+              else f"T = {f.tokens:,} tokens")
+    if n == total:
+        return f"6·N·T uses {tokens} and N = {n:,}, every parameter (a tied embedding counts once, as the head)"
+    lookups = [name for name, on in (("the token embedding", not getattr(model, "tie_embeddings", False)),
+                                     ("the position table", getattr(model, "positions", "") == "learned")) if on]
+    tied = "; the tied token embedding counts once, as the output head" if getattr(model, "tie_embeddings",
+                                                                                     False) else ""
+    return (f"6·N·T uses {tokens} and N = {n:,}: the {total:,} parameters less {total - n:,} used only through lookups "
+            f"({' and '.join(lookups) or 'embeddings'}), which do no matmul (Kaplan et al. 2020, Table 1: "
+            f"non-embedding N; docs/formulas.md){tied}")
+
+
+def explain_terms(est: Estimate) -> list[tuple[int, str]]:
+    """The steady peak as the seed's sum plus signed terms, each with its reason.
+
+    ``memory.total + sum(terms) == peak_bytes`` exactly: every role live at the peak is compared with
+    its first-order term, and on CUDA the 512-byte rounding of the live tensors is its own term
+    (computed from the exact and the rounded step, :meth:`Estimate.block_rounding_at_peak`).
+    """
+    m, peak = est.memory, est.step.steady_peak
+    rounding = est.block_rounding_at_peak()
+    live = {role: n - (rounding or {}).get(role, 0) for role, n in peak.by_role.items()}
+    terms: list[tuple[int, str]] = []
+    desc = getattr(get_family(est.config.model.family), "activation_description", "the saved activations")
+    if live.get("input"):
+        terms.append((live["input"], f"+ {human_bytes(live['input'])} inputs and targets live on the device; "
+                                     "the seed omits them."))
+    if live.get("temporary"):
+        terms.append((live["temporary"], f"+ {human_bytes(live['temporary'])} temporaries live at that moment "
+                                         "(gradients flowing back, optimizer step buffers, casts); the seed omits "
+                                         "them."))
+    held = live.get("activation", 0)
+    if held < m.activations:
+        part = f"only {human_bytes(held)} of the" if held else "none of the"
+        terms.append((held - m.activations, f"- {part} {human_bytes(m.activations)} of activations ({desc}) are "
+                                            "live then: backward frees each layer's saved tensors as its gradients "
+                                            "appear."))
+    elif held > m.activations:
+        amp = est.config.training.precision.startswith("amp")
+        why = ("the head's output, which the loss saves" + (", and autocast's 16-bit copies of the weights and "
+               "input" if amp else "") if est.config.model.family == "mlp" else
+               "recomputed in backward by activation checkpointing"
+               if est.config.training.activation_checkpointing != "none" else "held beyond the saved set")
+        terms.append((held - m.activations, f"+ {human_bytes(held - m.activations)} more activations than {desc}: "
+                                            f"{why}."))
+    grads = live.get("gradient", 0)
+    if grads != m.gradients:
+        terms.append((grads - m.gradients, f"- {human_bytes(m.gradients - grads)} of gradients do not exist yet at "
+                                           "the peak." if grads < m.gradients else
+                      f"+ {human_bytes(grads - m.gradients)} more gradient bytes than one per trainable parameter."))
+    scalars = m.optimizer_step_tensors if est.step_tensors_on_device else 0
+    if scalars:
+        terms.append((scalars, f"+ {human_bytes(scalars)} optimizer state: torch's per-parameter 'step' scalars "
+                               "on the device (kept apart from the seed's sum)."))
+    missing = m.optimizer_state + scalars - live.get("optimizer_state", 0)
+    if missing:
+        terms.append((-missing, f"- {human_bytes(missing)} of optimizer state is not allocated at that moment."
+                      if missing > 0 else f"+ {human_bytes(-missing)} more optimizer state than the seed counts."))
+    params = live.get("parameter", 0) - m.parameters
+    if params:
+        terms.append((params, f"+ {human_bytes(params)} module buffers (e.g. running statistics), held with the "
+                              "parameters; the seed omits them." if params > 0 else
+                      f"- {human_bytes(-params)} of parameters are not on the device."))
+    for role, n in live.items():
+        if role not in ("input", "temporary", "activation", "gradient", "optimizer_state", "parameter") and n:
+            terms.append((n, f"+ {human_bytes(n)} {role.replace('_', ' ')} live at that moment."))
+    if rounding:
+        total = sum(rounding.values())
+        parts = ", ".join(f"{ROLE_LABELS.get(r, r)} +{human_bytes(n)}" for r, n in rounding.items())
+        terms.append((total, f"+ {human_bytes(total)}: CUDA's allocator rounds every tensor up to a multiple of "
+                             f"512 bytes (max_memory_allocated counts the rounded blocks): {parts}."))
+    return terms
 
 
 def explain(est: Estimate) -> list[str]:
     """Why the peak differs from the seed's sum, term by term, from the live set at the peak."""
     m, peak = est.memory, est.step.steady_peak
-    live = peak.by_role
     notes = [f"The seed's sum is {human_bytes(m.total)}; the steady step peaks at {human_bytes(peak.bytes)} "
              f"during {peak.phase} ({_ratio(peak.bytes, m.total)} of the sum)."]
-    if live.get("input"):
-        notes.append(f"+ {human_bytes(live['input'])} inputs and targets live on the device; the seed omits them.")
-    if live.get("temporary"):
-        notes.append(f"+ {human_bytes(live['temporary'])} temporaries live at that moment "
-                     f"(gradients flowing back, optimizer step buffers, casts); the seed omits them.")
-    held = live.get("activation", 0)
-    if held < m.activations:
-        part = f"only {human_bytes(held)} of the" if held else "none of the"
-        notes.append(f"- {part} {human_bytes(m.activations)} of activations are live then: "
-                     "backward frees each layer's saved tensors as its gradients appear.")
-    elif held > m.activations:
-        notes.append(f"+ {human_bytes(held - m.activations)} more activations than the seed's B·D·layers "
-                     "(e.g. the head's output, saved by the loss).")
-    grads = live.get("gradient", 0)
-    if grads < m.gradients:
-        notes.append(f"- {human_bytes(m.gradients - grads)} of gradients do not exist yet at the peak.")
-    state = live.get("optimizer_state", 0)
-    if state != m.optimizer_state:
-        diff = state - m.optimizer_state
-        sign = "+" if diff > 0 else "-"
-        notes.append(f"{sign} {human_bytes(abs(diff))} optimizer state: torch's per-parameter 'step' scalars "
-                     "(kept apart from the seed's sum)" if diff > 0 else
-                     f"{sign} {human_bytes(abs(diff))} optimizer state is not allocated at that moment.")
+    notes += [text for _, text in explain_terms(est)]
     if est.device == "cuda":
-        notes.append("On CUDA every tensor is rounded up to 512-byte blocks (what max_memory_allocated counts); "
-                     "the CUDA context (~300-500 MiB) and the allocator's cache come on top (nvidia-smi shows those).")
+        if est.block_rounding_at_peak() is None:
+            notes.append("The figures above include CUDA's 512-byte rounding of each tensor.")
+        notes.append("The CUDA context (~300-500 MiB) and the allocator's cache come on top (nvidia-smi shows "
+                     "those, max_memory_allocated does not).")
     return notes
 
 
@@ -151,20 +276,23 @@ def _ratio(a: int, b: int) -> str:
 
 def render_estimate(est: Estimate, console: Console, timeline: bool = False) -> None:
     console.print(Text(describe(est), style="bold"))
+    note = defaults_note(est)
+    if note:
+        console.print(Text(note, style="dim"))
     count = f"{est.parameters:,}" + (f" ({human_count(est.parameters)})" if est.parameters >= 1000 else "")
     console.print(f"parameters: {count}"
                   + (f", trainable {est.trainable_parameters:,}" if est.trainable_parameters != est.parameters
                      else ""))
-    console.print(memory_table(est))
+    print_fitting(console, memory_table(est))
     if est.memory.optimizer_step_tensors:
-        where = "on the CPU" if est.device == "cuda" and est.implementation != "fused" else "on the device"
+        where = "on the device" if est.step_tensors_on_device else "on the CPU"
         console.print(f"  + {est.memory.optimizer_step_tensors:,} B of torch 'step' tensors (one float32 scalar "
                       f"per parameter tensor, {where}), not part of the seed's sum")
-    console.print(peak_table(est))
+    print_fitting(console, peak_table(est))
     console.print(Panel("\n".join(explain(est)), title="why the peak is not the sum", title_align="left"))
     if timeline:
         console.print(timeline_panel(est))
-    console.print(flops_table(est))
+    print_fitting(console, flops_table(est))
 
 
 def timeline_panel(est: Estimate, width: int = 64) -> Panel:
@@ -179,13 +307,13 @@ def timeline_rows(points: list[tuple[str, int]], top: int, width: int = 64) -> l
     from estimator.timeline import phase_peaks
 
     table = Table.grid(padding=(0, 1))
-    table.add_column()
-    table.add_column(justify="right")
-    table.add_column()
+    table.add_column(no_wrap=True)
+    table.add_column(justify="right", no_wrap=True)
+    table.add_column(ratio=1)  # the bar takes the width left (rich's Bar scales to it)
     # a phase's peak starts at the bytes live when it began (as max_memory_allocated after a reset)
     starts = [(phase, points[i - 1][1]) for i, (phase, _) in enumerate(points) if i and points[i - 1][0] != phase]
     for phase, value in phase_peaks(points + starts).items():
-        table.add_row(phase, human_bytes(value), bar(value / top if top else 0, 40))
+        table.add_row(phase, human_bytes(value), Bar(top or 1, 0, value, width=40))
     return [table, Text(sparkline([v for _, v in points], width), style="cyan"),
             Text(phase_axis(points, width), style="dim")]
 
@@ -221,6 +349,9 @@ def render_compare(results: list[Estimate], console: Console) -> None:
     if not results:
         return
     console.print(Text(describe(results[0]).split(" · ")[0] + " · compare optimizers", style="bold"))
+    note = defaults_note(results[0])
+    if note:
+        console.print(Text(note, style="dim"))
     table = Table(box=box.SIMPLE_HEAD, padding=(0, 1))
     for col in ("optimizer", "copies", "state", "seed sum", "peak", "1st peak", "B/param"):
         table.add_column(col, justify="left" if col == "optimizer" else "right", no_wrap=True)
@@ -231,7 +362,7 @@ def render_compare(results: list[Estimate], console: Console) -> None:
                       human_bytes(m.optimizer_state), human_bytes(m.total), human_bytes(est.peak_bytes),
                       human_bytes(est.first_step_peak_bytes),
                       f"{(m.parameters + m.gradients + m.optimizer_state) / n:.2f}")
-    console.print(table)
+    print_fitting(console, table)
     console.print("copies: optimizer-state tensors per parameter; seed sum: parameters + activations + "
                   "gradients + state; peak / 1st peak: simulated peak of a steady / the first step; "
                   "B/param: bytes of parameters + gradients + optimizer state, per parameter.")
@@ -244,6 +375,7 @@ def _param_bytes(est: Estimate) -> int:
 
 
 def render_optimizers(console: Console) -> None:
+    """The registry as a table, or (on a console too narrow for it) one block per optimizer."""
     from estimator.optimizers import get_optimizer, optimizer_names
 
     table = Table(title="Registered optimizers", title_justify="left", show_lines=True)
@@ -252,26 +384,62 @@ def render_optimizers(console: Console) -> None:
     for name in optimizer_names():
         spec = get_optimizer(name)
         table.add_row(name, optimizer_state_summary(name), spec.update_rule, spec.source, spec.torch_class or "—")
-    console.print(table)
+    print_fitting(console, table)  # no word is cut: where the columns cannot fit whole, one block per optimizer
+
+
+PROBE_MATRIX = (4096, 4096)
+"""The parameter the 'state per parameter' column describes (a 4096 x 4096 fp32 matrix)."""
+PROBE_SMALL = (8, 8)
 
 
 def optimizer_state_summary(name: str) -> str:
-    """The state tensors a 2-D parameter gets, with default options (e.g. 'exp_avg, exp_avg_sq (2)')."""
+    """The state tensors a parameter gets and their bytes per parameter, read off the registry.
+
+    For an fp32 4096 x 4096 matrix: full copies as 'N× params'; Adafactor's factored state as
+    'rows + cols per matrix'; 8-bit state as bytes per parameter with its per-block scales; a
+    different figure for small tensors (8-bit Adam keeps fp32 state for them) is given beside it.
+    """
     from estimator.families.base import ParamTensor
     from estimator.optimizers import get_optimizer
+    from estimator.precision import DTYPE_BYTES
 
     spec = get_optimizer(name)
-    states = spec.state_tensors(ParamTensor("w", (4096, 4096)), None)
-    names = ", ".join(s.name for s in states) or "none"
-    full = sum(s.numel for s in states if s.dtype is None) / (4096 * 4096)
     extra = " + step" if spec.step_tensor else ""
-    return f"{names}{extra}  ({full:g}× params in the param dtype)" if states else f"none{extra}"
+
+    def per_param(shape: tuple[int, ...]) -> tuple[list[Any], float]:
+        param = ParamTensor("w", shape)
+        states = spec.state_tensors(param, None)
+        return states, sum(s.numel * DTYPE_BYTES[s.dtype or "fp32"] for s in states) / param.numel
+
+    states, big = per_param(PROBE_MATRIX)
+    if not states:
+        return f"none{extra}"
+    names = ", ".join(s.name for s in states)
+    rows, cols = PROBE_MATRIX
+    numel = rows * cols
+    if all(s.dtype is None for s in states) and sum(s.numel for s in states) == rows + cols:
+        vector_states, _ = per_param((rows,))
+        return (f"{names}{extra}  (factored: rows + cols values per matrix, {rows + cols:,} for "
+                f"{rows}×{cols}; a vector keeps {sum(s.numel for s in vector_states) // rows}× params)")
+    if all(s.dtype is None for s in states):
+        copies = sum(s.numel for s in states) // numel
+        return f"{names}{extra}  ({copies}× params in the param dtype: {big:g} B/param in fp32)"
+    scales = [s for s in states if s.numel < numel]
+    block = f", an fp32 scale per {numel // scales[0].numel} values" if scales else ""
+    small_states, small = per_param(PROBE_SMALL)
+    small_note = f"; {small:g} B/param for tensors too small to quantize" if small != big else ""
+    codes = sorted({f"{DTYPE_BYTES[s.dtype] * 8}-bit" for s in states if s.numel == numel and s.dtype})
+    return (f"{names}{extra}  ({'/'.join(codes)} codes{block}: {big:.3g} B/param for a {rows}×{cols} "
+            f"matrix{small_note})")
 
 
 def render_verification(ver: Any, console: Console, tolerance: float | None, plot_points: bool = False) -> None:
     """Estimate and measurement side by side, with ratios and what the seed's sum leaves out."""
     est, m = ver.estimate, ver.measurement
     console.print(Text(describe(est) + f" · measured on {m.device} with {ver.impl} optimizers", style="bold"))
+    note = defaults_note(est)
+    if note:
+        console.print(Text(note, style="dim"))
     table = Table(title="Estimate vs measurement (one real step)", title_justify="left", box=box.SIMPLE_HEAD)
     for col, justify in (("figure", "left"), ("estimated", "right"), ("measured", "right"), ("ratio", "right"),
                          ("", "left")):
@@ -281,7 +449,7 @@ def render_verification(ver: Any, console: Console, tolerance: float | None, plo
         fmt = human_flops if row.key == "flops_matmul" else human_bytes
         ratio = f"{row.ratio:.4f}" if row.ratio is not None else ("=" if row.measured == row.estimated else "—")
         table.add_row(row.label, fmt(row.estimated), fmt(row.measured), ratio, ok)
-    console.print(table)
+    print_fitting(console, table)
     exact = Table(box=None, padding=(0, 2), show_header=True)
     exact.add_column("exact bytes")
     exact.add_column("estimated", justify="right")
@@ -301,10 +469,7 @@ def render_verification(ver: Any, console: Console, tolerance: float | None, plo
     notes = [
         f"The seed's first-order total is {human_bytes(est.memory.total)}; the measured steady step peaks at "
         f"{human_bytes(real.peak_bytes)} during {real.peak_phase}.",
-        "The seed's total leaves out: the inputs and targets, everything autograd saves beyond B·D·layers "
-        "(the head's output, casts under autocast), the gradients flowing back during backward, the "
-        "optimizer's temporaries, and torch's 'step' scalars; and it assumes activations and gradients coexist, "
-        "which they never do in full: backward frees each layer's saved tensors as its gradients appear.",
+        leaves_out(est),
         "Measured figures are all live tensor bytes on the device, including those that existed before the step "
         "(what torch.cuda.max_memory_allocated means).",
     ]
@@ -337,6 +502,20 @@ def render_verification(ver: Any, console: Console, tolerance: float | None, plo
                             title="measured live bytes over the steady step", title_align="left"))
 
 
+def leaves_out(est: Estimate) -> str:
+    """What the first-order total does not count, in the family's own terms."""
+    family = get_family(est.config.model.family)
+    desc = getattr(family, "activation_description", "the saved activations")
+    if est.config.model.family == "mlp":
+        counted = ("The seed's total leaves out: the inputs and targets, everything autograd saves beyond "
+                   "B·D·layers (the head's output, casts under autocast), ")
+    else:
+        counted = (f"The first-order total counts as activations {desc}; it leaves out: the inputs and targets, ")
+    return (counted + "the gradients flowing back during backward, the optimizer's temporaries, and torch's 'step' "
+            "scalars; and it assumes activations and gradients coexist, which they never do in full: backward frees "
+            "each layer's saved tensors as its gradients appear.")
+
+
 def render_models(rows: list[dict[str, Any]], console: Console) -> None:
     """The preset table: computed and published parameter counts side by side."""
     table = Table(title="Model presets (estimator estimate --model NAME)", title_justify="left", box=box.SIMPLE_HEAD)
@@ -346,7 +525,7 @@ def render_models(rows: list[dict[str, Any]], console: Console) -> None:
         same = "✓" if r["parameters"] == r["published"] else f"{r['published']:,}"
         table.add_row(r["name"], f"{r['parameters']:,}", same, str(r["d_model"]), str(r["num_layers"]),
                       f"{r['num_heads']}/{r['num_kv_heads']}", str(r["vocab_size"]))
-    console.print(table)
+    print_fitting(console, table)
     console.print("pub.: ✓ when the computed count equals the released checkpoint's total; L layers, H/KV query and "
                   "key/value heads; sources in docs/transformer.md")
 
@@ -398,7 +577,7 @@ def render_gpus(console: Console) -> None:
     for g in GPUS.values():
         table.add_row(g.name, human_bytes(g.memory_bytes), f"{g.bf16_tflops:g}" if g.bf16_tflops else "—",
                       f"{g.fp32_tflops:g}")
-    console.print(table)
+    print_fitting(console, table)
     console.print("Dense peaks (no structured sparsity) from NVIDIA's datasheets; `estimator gpus --json` lists "
                   "the source of each row. V100 and T4 have no bf16: their 16-bit figure is fp16.")
 
@@ -420,8 +599,8 @@ def render_ranks(estimates: list[Any], measured: list[Any] | None, console: Cons
         render_rank_estimates(estimates, console)
         return
     first = estimates[0]
-    table = Table(title=f"Per rank: {first.strategy} on {first.world_size} ranks (training.batch_size is per rank)",
-                  title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1))
+    title = f"Per rank: {first.strategy} on {first.world_size} ranks (training.batch_size is per rank)"
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1))
     table.add_column("figure", no_wrap=True)
     for est in estimates:
         table.add_column(f"rank {est.rank} est.", justify="right", no_wrap=True)
@@ -436,9 +615,31 @@ def render_ranks(estimates: list[Any], measured: list[Any] | None, console: Cons
     table.add_row("comm.", *[c for est in estimates for c in (f"{est.communication:,}", "")])
     table.add_row("peak phase", *[PHASE_SHORT.get(c, c) for est, m in zip(estimates, measured, strict=True)
                                   for c in (est.step.steady_peak.phase, m.steady_step.peak_phase)])
-    console.print(table)
-    console.print("bytes; comm.: DDP's gradient buckets; optim.: optimizer_step. docs/distributed.md: what torch "
-                  "allocates per strategy (buckets, FSDP2 all-gathers and reduce-scatters) and the sources.")
+    for column in table.columns:
+        column.min_width = max([cell_len(str(c)) for c in column.cells] + [cell_len(str(column.header))])
+    if _minimum_width(console, table) > console.width:
+        table = _ranks_long(estimates, measured, rows, title, tolerance)
+    print_fitting(console, table)
+    console.print("bytes; comm.: DDP's gradient buckets (estimated; not measured); optim.: optimizer_step. "
+                  "docs/distributed.md: what torch allocates per strategy (buckets, FSDP2 all-gathers and "
+                  "reduce-scatters) and the sources.")
+
+
+def _ranks_long(estimates: list[Any], measured: list[Any], rows: list[list[Row]], title: str,
+                tolerance: float | None) -> Table:
+    """The per-rank comparison one (rank, figure) per row: as narrow as the single-device table."""
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1))
+    for col in ("rank", "figure", "estimated", "measured", ""):
+        table.add_column(col, justify="right" if col in ("estimated", "measured") else "left", no_wrap=True)
+    for est, m, rank in zip(estimates, measured, rows, strict=True):
+        for row in rank:
+            ok = "" if tolerance is None else ("✓" if row.within(tolerance) else "✗")
+            table.add_row(str(est.rank), row.label, f"{row.estimated:,}", f"{row.measured:,}", ok)
+        table.add_row(str(est.rank), "comm.", f"{est.communication:,}", "", "")
+        table.add_row(str(est.rank), "peak phase", PHASE_SHORT.get(est.step.steady_peak.phase,
+                                                                   est.step.steady_peak.phase),
+                      PHASE_SHORT.get(m.steady_step.peak_phase, m.steady_step.peak_phase), "", end_section=True)
+    return table
 
 
 def render_rank_estimates(estimates: list[Any], console: Console) -> None:
@@ -448,13 +649,14 @@ def render_rank_estimates(estimates: list[Any], console: Console) -> None:
                   title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), pad_edge=False)
     for col in ("rank", "params", "grads", "state", "comm.", "1st peak", "peak", "phase"):
         table.add_column(col, justify="left" if col in ("rank", "phase") else "right", no_wrap=True)
-    for est in estimates:  # a RankGroup (ranks with equal figures) or one RankEstimate
-        table.add_row(est.label() if hasattr(est, "label") else str(est.rank), human_bytes(est.parameters),
-                      human_bytes(est.gradients),
+    for est in estimates:
+        table.add_row(str(est.rank), human_bytes(est.parameters), human_bytes(est.gradients),
                       human_bytes(est.optimizer_state), human_bytes(est.communication),
                       human_bytes(est.first_step_peak_bytes), human_bytes(est.peak_bytes),
                       PHASE_SHORT.get(est.step.steady_peak.phase, est.step.steady_peak.phase))
-    console.print(table)
+    print_fitting(console, table)
     console.print("state: optimizer state; comm.: DDP's gradient buckets; optim.: optimizer_step. "
                   "docs/distributed.md: what torch allocates per strategy and the sources of the formulas; "
                   "exact bytes with --json.")
+
+

@@ -23,7 +23,7 @@ from estimator.families.base import BatchInForce, FlopCount, ParamTensor, StepSh
 class MLPFamily:
     name = "mlp"
     #: what ``memory.activations`` counts, in the words of the explanations
-    activation_description = "the seed's B·D·layers (each layer's output)"
+    activation_description = "the seed's B·D·layers"
 
     def parameters(self, model: MLPConfig) -> list[ParamTensor]:
         """``layers.{i}.weight`` (D, D) for each layer, then ``final.weight`` (D, 1)."""

@@ -27,6 +27,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -87,6 +88,10 @@ class ModuleConfig(StrictModel):
     loss: Literal["mse", "cross_entropy", "sum"] = Field(
         "mse", description="mse (F.mse_loss) | cross_entropy (over the last dimension) | sum (output.sum())"
     )
+    search_dir: str | None = Field(
+        None, description="where `module` is looked for after installed packages, before the current directory; "
+        "relative to the config file (like hf_config), which is the default"
+    )
 
     @field_validator("module")
     @classmethod
@@ -113,6 +118,16 @@ class ModuleConfig(StrictModel):
         if self.loss == "sum" and self.target is not None:
             raise ValueError("loss 'sum' takes no target; remove model.target")
         return self
+
+
+def with_search_dir(section: dict[str, Any], source_dir: Path) -> dict[str, Any]:
+    """The module section with ``search_dir`` resolved against the config file's directory (the default),
+    as ``hf_config`` is: a factory file next to the config is found from any current directory."""
+    given = section.get("search_dir")
+    if given is not None and not isinstance(given, str):
+        return section  # validation reports the type
+    folder = source_dir if given is None else Path(given).expanduser()
+    return {**section, "search_dir": str(folder if folder.is_absolute() else (source_dir / folder).resolve())}
 
 
 @dataclass(frozen=True)

@@ -68,26 +68,25 @@ _SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 def load_factory(model: ModuleConfig) -> Callable[..., Any]:
     """Import ``package.module`` and get ``factory``; every failure is one line naming model.module.
 
-    The current directory is searched last, so a factory next to the config works from the CLI.
+    After installed packages, ``model.search_dir`` (the config file's directory by default) and then
+    the current directory are searched, so a factory next to the config works from anywhere.
     """
     module_name, _, attr_path = model.module.partition(":")
-    cwd = os.getcwd()
-    added = cwd not in sys.path
-    if added:
-        sys.path.append(cwd)
+    added = [d for d in dict.fromkeys([getattr(model, "search_dir", None), os.getcwd()]) if d and d not in sys.path]
+    sys.path.extend(added)
     try:
         mod = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         missing = exc.name or ""
         if module_name == missing or module_name.startswith(missing + "."):
             raise EstimatorError(f"model.module: no module named {missing!r} (from {model.module!r}); "
-                                 "is it installed or in the current directory?") from None
+                                 "is it installed, next to the config or in the current directory?") from None
         raise EstimatorError(f"model.module: importing {module_name!r} failed: {_one_line(exc)}") from None
     except Exception as exc:  # the user's module raised at import time
         raise EstimatorError(f"model.module: importing {module_name!r} raised {_one_line(exc)}") from None
     finally:
-        if added:
-            sys.path.remove(cwd)
+        for folder in added:
+            sys.path.remove(folder)
     obj: Any = mod
     for part in attr_path.split("."):
         if not hasattr(obj, part):
