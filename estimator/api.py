@@ -8,6 +8,7 @@ from typing import Any
 from estimator.config import Config
 from estimator.families.base import BatchInForce, FlopCount, ParamTensor, get_family
 from estimator.optimizers import get_optimizer
+from estimator.periodic import program_length
 from estimator.precision import precision_plan
 from estimator.simulate import (
     CUDA_BLOCK,
@@ -18,6 +19,9 @@ from estimator.simulate import (
     state_bytes,
     step_shape,
 )
+
+ROUNDING_EVENT_LIMIT = 200_000
+"""The most events of a steady step replayed (twice) to attribute CUDA's rounding per role."""
 
 
 @dataclass(frozen=True)
@@ -129,10 +133,20 @@ class Estimate:
         Empty on the CPU. The exact (unrounded) step is the CPU's event list with the same optimizer
         kernel, less the 'step' scalars that CUDA keeps on the host; both lists are replayed in
         lockstep and compared at the rounded peak (the first event where the maximum is reached).
-        None if the two lists do not line up (then the rounding cannot be attributed).
+        None if the two lists do not line up, or if the step has more than :data:`ROUNDING_EVENT_LIMIT`
+        events (a model of many layers kept as periodic programs is not flattened for this): then the
+        rounding cannot be attributed and the report says its figures include it.
         """
         if self.device != "cuda":
             return {}
+        if "_rounding" not in self.__dict__:  # computed once per estimate (the report asks twice)
+            object.__setattr__(self, "_rounding", self._block_rounding())
+        return self.__dict__["_rounding"]
+
+    def _block_rounding(self) -> dict[str, int] | None:
+        programs = getattr(self.step, "programs", None)  # a step kept as periodic programs: flatten it only
+        if programs is not None and program_length(programs[2]) > ROUNDING_EVENT_LIMIT:  # if that is cheap
+            return None
         opt = self.config.optimizer.model_copy(update={"implementation": self.implementation})
         exact_step = simulate(self.config.model_copy(update={"optimizer": opt}), "cpu")
         host = not self.step_tensors_on_device
