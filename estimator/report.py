@@ -620,7 +620,8 @@ def render_ranks(estimates: list[Any], measured: list[Any] | None, console: Cons
     if _minimum_width(console, table) > console.width:
         table = _ranks_long(estimates, measured, rows, title, tolerance)
     print_fitting(console, table)
-    console.print("bytes; comm.: DDP's gradient buckets (estimated; not measured); optim.: optimizer_step. "
+    console.print("bytes; the comm. row: persistent communication buffers, DDP's gradient buckets (estimated only); "
+                  "optim.: optimizer_step. "
                   "docs/distributed.md: what torch allocates per strategy (buckets, FSDP2 all-gathers and "
                   "reduce-scatters) and the sources.")
 
@@ -655,7 +656,8 @@ def render_rank_estimates(estimates: list[Any], console: Console) -> None:
                       human_bytes(est.first_step_peak_bytes), human_bytes(est.peak_bytes),
                       PHASE_SHORT.get(est.step.steady_peak.phase, est.step.steady_peak.phase))
     print_fitting(console, table)
-    console.print("state: optimizer state; comm.: DDP's gradient buckets; optim.: optimizer_step. "
+    console.print("state: optimizer state; comm.: persistent communication buffers (DDP's gradient buckets); "
+                  "optim.: optimizer_step. "
                   "docs/distributed.md: what torch allocates per strategy and the sources of the formulas; "
                   "exact bytes with --json.")
 
