@@ -519,7 +519,6 @@ class _Sim:
             self.new_bytes(f"{name}.grad", nbytes, "gradient")
             self._free(self.tensors[rows])
             return
-        """``InputBuffer::accumulate``: ``old.add_(new)`` when only the buffer holds ``old``, else ``old + new``."""
         else:
             self.grads_done.add(name)
             self.new_bytes(f"{name}.grad", nbytes, "gradient")
