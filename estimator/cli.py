@@ -41,6 +41,25 @@ class _FlagGroup(TyperGroup):
         super().__init__(*args, **kwargs)
         _plain_flags(self.params)
 
+    def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None, standalone_mode: bool = True,
+             windows_expand_args: bool = True, **extra: Any) -> Any:
+        """Typer's main, but a usage error (an unknown option, ``-b x``) is one ``error:`` line, exit 2."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, windows_expand_args, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
+        except typer.Abort:
+            _print_errors(["aborted"])
+            sys.exit(1)
+        except Exception as exc:
+            if not (hasattr(exc, "format_message") and hasattr(exc, "exit_code")):
+                raise
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            _print_errors([f"{exc.format_message()}{hint}"])
+            sys.exit(exc.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
     def get_help_option(self, ctx: Any) -> Any:
         option = super().get_help_option(ctx)
         _plain_flags([option] if option is not None else [])
@@ -111,34 +130,44 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             with user_stdout_to_stderr() if kwargs.get("as_json") else nullcontext():
                 return fn(*args, **kwargs)
-        except OutputError as exc:
-            _print_errors(exc.problems)
-            raise typer.Exit(exc.exit_code) from None
-        except EstimatorError as exc:
-            _print_errors(exc.problems)
-            raise typer.Exit(2) from None
-        except Interrupted as exc:
-            _print_errors([exc.message])
-            raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            _print_errors(["interrupted by SIGINT"])
-            raise typer.Exit(130) from None
-        except RecursionError:
-            _print_errors(["the input is nested too deeply"])
-            raise typer.Exit(2) from None
-        except MemoryError:
-            _print_errors(["out of memory; reduce the model or training.batch_size"])
-            raise typer.Exit(2) from None
-        except Exception as exc:
-            if isinstance(exc, (typer.Exit, typer.Abort)) or hasattr(exc, "show") or os.environ.get(
-                    "ESTIMATOR_DEBUG"):
+        except (Exception, KeyboardInterrupt) as exc:
+            code = report_failure(exc)
+            if code is None:
                 raise
-            first = (str(exc).strip().splitlines() or [""])[0]
-            _print_errors([f"internal error: {type(exc).__name__}: {first} -- please report it "
-                           "(ESTIMATOR_DEBUG=1 shows the traceback)"])
-            raise typer.Exit(1) from None
+            raise typer.Exit(code) from None
 
     return wrapper
+
+
+def report_failure(exc: BaseException) -> int | None:
+    """Print ``exc`` as one ``error:`` line and return the exit code; None for what is not ours to
+    report (Typer's own exits and usage errors, and anything under ``ESTIMATOR_DEBUG=1``)."""
+    if isinstance(exc, (typer.Exit, typer.Abort)) or hasattr(exc, "show"):
+        return None
+    if isinstance(exc, OutputError):
+        _print_errors(exc.problems)
+        return exc.exit_code
+    if isinstance(exc, EstimatorError):
+        _print_errors(exc.problems)
+        return 2
+    if isinstance(exc, Interrupted):
+        _print_errors([exc.message])
+        return exc.exit_code
+    if isinstance(exc, KeyboardInterrupt):
+        _print_errors(["interrupted by SIGINT"])
+        return 130
+    if os.environ.get("ESTIMATOR_DEBUG"):
+        return None
+    if isinstance(exc, RecursionError):
+        _print_errors(["the input is nested too deeply"])
+        return 2
+    if isinstance(exc, MemoryError):
+        _print_errors(["out of memory; reduce the model or training.batch_size"])
+        return 2
+    first = (str(exc).strip().splitlines() or [""])[0]
+    _print_errors([f"internal error: {type(exc).__name__}: {first} -- please report it "
+                   "(ESTIMATOR_DEBUG=1 shows the traceback)"])
+    return 1
 
 
 def _print_errors(problems: list[str]) -> None:
@@ -540,6 +569,7 @@ def gpus(as_json: bool = JsonOpt) -> None:
 
 
 @app.command()
+@user_errors
 def schema() -> None:
     """Print the JSON Schema of the config file (for editor completion)."""
     from estimator.config import Config
@@ -561,6 +591,10 @@ def main() -> None:
         app(prog_name="estimator")
     except SystemExit as exc:
         code = exc.code
+    except (Exception, KeyboardInterrupt) as exc:  # outside a command (an option's callback): the same lines
+        code = report_failure(exc)
+        if code is None:
+            raise
     try:
         sys.stdout.flush()
     except OSError as exc:

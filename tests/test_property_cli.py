@@ -241,9 +241,7 @@ def check(args: list[str], json_always: bool = False) -> None:
     if result.exit_code == 2:
         assert result.stdout == "", (args, result.stdout)
         lines = result.stderr.strip().splitlines()
-        assert lines, args
-        if "Usage:" not in result.stderr:  # Typer's own usage errors print a usage panel
-            assert all(line.startswith("error: ") for line in lines), (args, result.stderr)
+        assert lines and all(line.startswith("error: ") for line in lines), (args, result.stderr)
     elif json_always or "--json" in args:
         def refuse(name: str) -> Any:
             raise AssertionError(f"{name} is not JSON")

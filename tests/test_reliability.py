@@ -266,3 +266,15 @@ def test_error_lines_escape_control_characters() -> None:
     """User text echoed in a message cannot break it into several lines (\\n, \\x1e are shown escaped)."""
     err = fails(["estimate", "--set", "training.x\x1e=[1,\n2]"], "error: --set training.x\\x1e=[1,\\n2]: training has")
     assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["estimate", "-b", "x"], "error: Invalid value for '--batch-size' / '-b'"),
+    (["estimate", "--nope"], "error: No such option: --nope"),
+    (["nope"], "error: No such command 'nope'."),
+    (["estimate", "--set"], "error: Option '--set' requires an argument."),
+])
+def test_usage_errors_are_one_line(args: list[str], expected: str) -> None:
+    """Typer's own usage errors: one error line naming the option and where help is, exit 2."""
+    err = fails(args, expected)
+    assert "--help')" in err or args[-1] == "--set"  # a missing value is found before the command is known
