@@ -333,11 +333,12 @@ def estimate(
                                  "events": {"first_step": len(first), "steady_step": len(steady)}}
         emit_json({**result.to_json(), **extra})
         return
-    from estimator.report import render_estimate, render_fit, render_ranks
+    from estimator.report import render_alternatives, render_estimate, render_fit, render_ranks
 
     render_estimate(result, out, timeline=timeline)
     if fit is not None:
         render_fit(fit, result, out)
+        render_alternatives(fit, out)
     if ranks:
         render_ranks(ranks, None, out, None)
     if plot is not None:

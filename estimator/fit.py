@@ -41,6 +41,7 @@ class Fit:
     worst_ranks: str = ""  # under --parallel: the ranks whose peak decides ("" on one device)
     parallel: str | None = None
     world_size: int = 1
+    alternatives: tuple[Alternative, ...] = ()  # when it does not fit: what would, each checked
 
     @property
     def headroom_bytes(self) -> int:
@@ -62,8 +63,23 @@ class Fit:
             "parallel": self.parallel,
             "world_size": self.world_size,
             "worst_ranks": self.worst_ranks or None,
+            "alternatives": [a.to_json() for a in self.alternatives],
             "source": self.gpu.source,
         }
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """One change to the step and what it gives: the worst-rank peak plus the reserve, against the GPU."""
+
+    change: str  # as the user would type it
+    needed_bytes: int
+    fits: bool
+    worst_ranks: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"change": self.change, "needed_bytes": self.needed_bytes, "fits": self.fits,
+                "worst_ranks": self.worst_ranks or None}
 
 
 def step_peak(config: Config, parallel: str | None = None, world_size: int = 1) -> tuple[int, str]:
@@ -149,6 +165,65 @@ def largest_batch(config: Config, gpu: GPU, parallel: str | None = None, world_s
                         gpu.memory_bytes - CONTEXT_RESERVE)[0]
 
 
+STAGES = ("ddp", "zero1", "zero2", "zero3")
+WORLD_SIZES = tuple(2**k for k in range(1, 14))  # 2 ... 8,192 ranks, for the smallest world size that fits
+
+
+def alternatives(config: Config, gpu: GPU, parallel: str | None, world_size: int) -> list[Alternative]:
+    """What would fit instead, each re-estimated: checkpointing, 8-bit Adam, 16-bit, a higher ZeRO stage
+    (FSDP2 beyond zero2), and the smallest power-of-two world size under zero3."""
+    budget = gpu.memory_bytes - CONTEXT_RESERVE
+    found: list[Alternative] = []
+
+    def trial(change: str, cfg: Config, strategy: str | None, n: int) -> None:
+        try:
+            peak, ranks = step_peak(cfg, strategy, n)
+        except Exception:  # noqa: BLE001 - an alternative this model cannot take is simply not offered
+            return
+        found.append(Alternative(change, peak + CONTEXT_RESERVE, peak <= budget, ranks))
+
+    def updated(section: str, **values: Any) -> Config:
+        part = getattr(config, section).model_copy(update=values)
+        return config.model_copy(update={section: part})
+
+    family = config.model.family
+    if family in ("transformer", "moe") and config.training.activation_checkpointing == "none":
+        trial("--set training.activation_checkpointing=full", updated("training", activation_checkpointing="full"),
+              parallel, world_size)
+    if config.optimizer.name in ("adam", "adamw"):
+        trial("-o adam8bit", updated("optimizer", name="adam8bit"), parallel, world_size)
+    if config.training.precision in ("fp32", "amp-bf16", "amp-fp16"):
+        trial("-p bf16", updated("training", precision="bf16"), parallel, world_size)
+    n = max(world_size, 2) if parallel else 8
+    rank = STAGES.index(parallel) if parallel in STAGES else -1 if parallel is None else len(STAGES)
+    higher = [stage for i, stage in enumerate(STAGES) if i > rank]
+    for stage in higher[-2:]:
+        trial(f"--parallel {stage} -n {n:,}", config, stage, n)
+    smallest = _smallest_world(config, budget)
+    if smallest is not None:
+        found.append(Alternative(f"--parallel zero3 -n {smallest[0]:,}", smallest[1] + CONTEXT_RESERVE, True,
+                                 smallest[2]))
+    return found
+
+
+def _smallest_world(config: Config, budget: int) -> tuple[int, int, str] | None:
+    """The smallest power-of-two world size whose zero3 worst rank fits (None: not even 8,192 ranks)."""
+    try:
+        if step_peak(config, "zero3", WORLD_SIZES[-1])[0] > budget:
+            return None
+    except Exception:  # noqa: BLE001 - a family zero3 does not model
+        return None
+    lo, hi = -1, len(WORLD_SIZES) - 1  # the peak falls as ranks grow: bisect on the index
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if step_peak(config, "zero3", WORLD_SIZES[mid])[0] <= budget:
+            hi = mid
+        else:
+            lo = mid
+    peak, ranks = step_peak(config, "zero3", WORLD_SIZES[hi])
+    return WORLD_SIZES[hi], peak, ranks
+
+
 def fit_on(est: Estimate, gpu: GPU, mfu: float, parallel: str | None = None, world_size: int = 1) -> Fit:
     """Fit, largest batch and step time of ``est``'s config on ``gpu`` (per rank under ``parallel``)."""
     cuda = est if est.device == "cuda" else estimate(est.config, "cuda")
@@ -159,5 +234,7 @@ def fit_on(est: Estimate, gpu: GPU, mfu: float, parallel: str | None = None, wor
     applies = batch_applies(est.config)
     best, capped = (search_batch(lambda b: step_peak(_with_batch(est.config, b), parallel, world_size)[0],
                                  gpu.memory_bytes - CONTEXT_RESERVE) if applies else (0, False))
-    return Fit(gpu, peak, needed, needed <= gpu.memory_bytes, best, seconds, seconds / mfu, mfu,
-               capped, applies, ranks, parallel, world_size)
+    fits = needed <= gpu.memory_bytes
+    options = () if fits else tuple(alternatives(est.config, gpu, parallel, world_size))
+    return Fit(gpu, peak, needed, fits, best, seconds, seconds / mfu, mfu, capped, applies, ranks, parallel,
+               world_size, options)

@@ -550,6 +550,20 @@ def render_fit(fit: Any, est: Estimate, console: Console) -> None:
     console.print(Panel("\n".join(lines), title=f"on {g.name}", title_align="left"))
 
 
+def render_alternatives(fit: Any, console: Console) -> None:
+    """When the step does not fit: each alternative re-estimated, with what it needs and whether it fits."""
+    if not fit.alternatives:
+        return
+    table = Table(title=f"Instead, on {fit.gpu.name} (each re-estimated; needs = worst-rank peak + context reserve)",
+                  title_justify="left", box=box.SIMPLE_HEAD)
+    for col, justify in (("change", "left"), ("needs", "right"), ("", "left"), ("worst ranks", "left")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for a in fit.alternatives:
+        table.add_row(a.change, human_bytes(a.needed_bytes), "[green]fits[/green]" if a.fits else "does not fit",
+                      a.worst_ranks or "-")
+    print_fitting(console, table)
+
+
 def _largest_batch_line(fit: Any) -> str:
     """The largest batch, said for what it is: per rank, a search cap, or not applicable."""
     per = " per rank" if fit.parallel else ""
@@ -651,7 +665,8 @@ def render_rank_estimates(estimates: list[Any], console: Console) -> None:
     for col in ("rank", "params", "grads", "state", "comm.", "1st peak", "peak", "phase"):
         table.add_column(col, justify="left" if col in ("rank", "phase") else "right", no_wrap=True)
     for est in estimates:
-        table.add_row(str(est.rank), human_bytes(est.parameters), human_bytes(est.gradients),
+        table.add_row(est.label() if hasattr(est, "label") else str(est.rank), human_bytes(est.parameters),
+                      human_bytes(est.gradients),
                       human_bytes(est.optimizer_state), human_bytes(est.communication),
                       human_bytes(est.first_step_peak_bytes), human_bytes(est.peak_bytes),
                       PHASE_SHORT.get(est.step.steady_peak.phase, est.step.steady_peak.phase))

@@ -258,11 +258,11 @@ def _zero3_events(
     def unshard_alloc(u: str, phase: str) -> list[Event]:
         return [alloc(f"{u}.all_gather", "temporary", padded[u] * p_b, phase)]
 
-    def copy_out(u: str, phase: str) -> list[Event]:
-        return [alloc(f"{u}.unsharded", "parameter", full[u] * p_b, phase)]
+    def copy_out(u: str, phase: str) -> list[Event]:  # the all-gather output per parameter is padded
+        return [alloc(f"{u}.unsharded", "parameter", padded[u] * p_b, phase)]
 
     def reshard(u: str, phase: str) -> list[Event]:
-        return [free(f"{u}.unsharded", "parameter", full[u] * p_b, phase)]
+        return [free(f"{u}.unsharded", "parameter", padded[u] * p_b, phase)]
 
     def drop_ag(u: str, phase: str) -> list[Event]:
         return [free(f"{u}.all_gather", "temporary", padded[u] * p_b, phase)]

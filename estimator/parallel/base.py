@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Protocol
 
 from estimator.config import Config
@@ -120,7 +121,6 @@ class RankContext:
     plan: PrecisionPlan = field(init=False)
     impl: str = field(init=False)
     step_bytes: int = field(init=False)
-    base: SimulatedStep | CompressedStep = field(init=False)
 
     def __post_init__(self) -> None:
         self.params = get_family(self.config.model.family).parameters(self.config.model)
@@ -131,11 +131,31 @@ class RankContext:
         # torch keeps the 'step' scalars on the CPU unless the kernel is fused (or capturable)
         self.step_bytes = STEP_TENSOR_BYTES if self.device == "cpu" or self.impl == "fused" else 0
         self._shared: dict[str, Any] = {}
-        self.base = simulate(self.config, "cpu")  # unrounded; CUDA's blocks are applied to what is composed
-        setup, first, steady = self.base.programs
-        self.setup = self.rounded(setup)
-        self.first_body, self.first_tail = self._split(first)
-        self.steady_body, self.steady_tail = self._split(steady)
+
+    @cached_property
+    def base(self) -> SimulatedStep | CompressedStep:
+        """The single-device step, unrounded (CUDA's blocks are applied to what is composed from it)."""
+        return simulate(self.config, "cpu")
+
+    @cached_property
+    def setup(self) -> Program:
+        return self.rounded(self.base.programs[0])
+
+    @cached_property
+    def first_body(self) -> Program:
+        return self._split(self.base.programs[1])[0]
+
+    @cached_property
+    def first_tail(self) -> Program:
+        return self._split(self.base.programs[1])[1]
+
+    @cached_property
+    def steady_body(self) -> Program:
+        return self._split(self.base.programs[2])[0]
+
+    @cached_property
+    def steady_tail(self) -> Program:
+        return self._split(self.base.programs[2])[1]
 
     def shared(self, key: str, make: Callable[[], Any]) -> Any:
         """What every rank of this context shares, made once (e.g. the summaries of the common body)."""

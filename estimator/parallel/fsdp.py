@@ -24,13 +24,12 @@ from estimator.optimizers import get_optimizer
 from estimator.parallel.base import (
     RankContext,
     RankEstimate,
-    compose,
-    events_summary,
+    RankStep,
     local_model_states,
     register_strategy,
 )
 from estimator.precision import precision_plan
-from estimator.simulate import optimizer_step_events, state_events, step_shape
+from estimator.simulate import _shape_key, layered_step, optimizer_step_events, state_events, step_shape
 
 
 @dataclass(frozen=True)
@@ -82,23 +81,28 @@ class Zero3:
         if config.model.family == "mlp" and not self.reshards(config):
             raise EstimatorError("parallel.reshard_after_forward: false is modelled for the transformer and moe "
                                  "families; the mlp family's FSDP2 timeline reshards after forward (zero3)")
-        if config.model.family == "mlp":
-            setup, first, steady = _zero3_events(config, params, world_size, rank, ctx.impl, ctx.step_bytes,
-                                                 ctx.device)
-        elif config.model.family in MARKED_FAMILIES:
-            setup, first, steady = unit_events(ctx, rank, reshard_after_forward=self.reshards(config))
-        else:
+        if config.model.family not in ("mlp", *MARKED_FAMILIES):
             raise EstimatorError(f"--parallel zero3: the per-unit FSDP2 timeline is modelled for the mlp, "
                                  f"{', '.join(MARKED_FAMILIES)} families, not {config.model.family!r}")
-        setup, first, steady = ctx.round(setup), ctx.round(first), ctx.round(steady)
+        reshards = self.reshards(config)
+
+        def build(cfg: Config) -> tuple[list[Event], list[Event], list[Event]]:
+            small = RankContext(cfg, world_size, ctx.device)  # cheap: the single-device step is not built
+            if cfg.model.family == "mlp":
+                return _zero3_events(cfg, small.params, world_size, rank, small.impl, small.step_bytes, ctx.device)
+            return unit_events(small, rank, reshard_after_forward=reshards)
+
+        # a rank's FSDP2 step repeats per block like the model's: costed once per distinct block (periodic.py)
+        key = (_shape_key(config, ctx.device), self.name, world_size, rank, reshards)
+        step = layered_step(config, build, ctx.round if ctx.device == "cuda" else None, key)
         local_state = [s.local for s, p in zip(shards, params, strict=True) if p.trainable]
         parameters = sum(s.padded.numel for s in shards) * ctx.plan.parameter_bytes
         gradients = ctx.plan.gradient_bytes * sum(s.padded.numel for s, p in zip(shards, params, strict=True)
                                                   if p.trainable)
-        step = compose(ctx, setup, (), [events_summary(first)], [events_summary(steady)])
+        saved = ctx.shared("saved_activation_bytes", lambda: ctx.base.saved_activation_bytes)
         state, step_tensors = local_model_states(ctx, local_state)
-        return RankEstimate(self.name, world_size, rank, parameters, gradients, state, step_tensors,
-                            ctx.base.saved_activation_bytes, 0, step)
+        return RankEstimate(self.name, world_size, rank, parameters, gradients, state, step_tensors, saved, 0,
+                            RankStep(step.first_peak, step.steady_peak, saved))
 
 
 def _zero3_events(
