@@ -134,19 +134,21 @@ def _start_parallel(tmp_path: Path) -> tuple[subprocess.Popen[bytes], str]:
     proc = subprocess.Popen([*CLI, "verify", "--parallel", "ddp", "-n", "2"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=env, cwd=ROOT, start_new_session=True)
     deadline = time.monotonic() + 60
-    while not list(tmp_path.glob("estimator-dist-*")):  # the ranks are being started
+    while len(_processes_with(mark, b"spawn_main")) < 2:  # both ranks exist (then they import torch for seconds)
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.05)
-    time.sleep(0.5)  # the ranks are importing torch
+        time.sleep(0.02)
+    assert list(tmp_path.glob("estimator-dist-*"))
+    time.sleep(0.2)  # past the spawn, during which the parent ignores SIGINT (see _ranks_ignore_sigint)
     return proc, mark
 
 
-def _processes_with(mark: str) -> list[int]:
+def _processes_with(mark: str, command: bytes = b"") -> list[int]:
+    """Processes whose environment holds ``mark`` (and whose command line holds ``command``)."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if mark.encode() in (entry / "environ").read_bytes():
+                if mark.encode() in (entry / "environ").read_bytes() and command in (entry / "cmdline").read_bytes():
                     found.append(int(entry.name))
             except OSError:
                 pass

@@ -95,11 +95,12 @@ def measure_distributed(
         raise EstimatorError(f"--parallel: measures the mlp and transformer families, not {config.model.family!r}")
     with tempfile.TemporaryDirectory(prefix="estimator-dist-") as out, _stop_on_signals(world_size):
         env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "GLOO_SOCKET_IFNAME": "lo"}
-        with _ranks_ignore_sigint():
-            ctx = mp.start_processes(_worker, args=(world_size, strategy, config, env, out), nprocs=world_size,
-                                     join=False, start_method="spawn")
-        deadline = time.monotonic() + timeout
+        ctx: Any = None
         try:
+            with _ranks_ignore_sigint():
+                ctx = mp.start_processes(_worker, args=(world_size, strategy, config, env, out), nprocs=world_size,
+                                         join=False, start_method="spawn")
+            deadline = time.monotonic() + timeout
             while not ctx.join(timeout=max(0.1, min(1.0, deadline - time.monotonic()))):
                 if time.monotonic() > deadline:
                     raise EstimatorError(f"distributed measurement did not finish within {timeout:.0f} s")
@@ -108,7 +109,10 @@ def measure_distributed(
             raise EstimatorError(f"--parallel {strategy}: rank {exc.error_index} failed: "
                                  f"{first[-1] if first else type(exc).__name__}") from None
         finally:
-            for p in ctx.processes:
+            import multiprocessing
+
+            # interrupted while spawning: the ranks started so far are this process's only children
+            for p in ctx.processes if ctx is not None else multiprocessing.active_children():
                 if p.is_alive():
                     p.kill()
                 p.join(5)
@@ -123,7 +127,12 @@ def measure_distributed(
 def _ranks_ignore_sigint() -> Iterator[None]:
     """Start the ranks with SIGINT ignored: a Ctrl-C reaches the whole process group, and a child that
     starts with SIGINT ignored never installs Python's KeyboardInterrupt handler, so it prints no
-    traceback; the parent stops it (:func:`_stop_on_signals`)."""
+    traceback; the parent stops it (:func:`_stop_on_signals`).
+
+    The parent ignores SIGINT too while the ranks are created (tens of milliseconds: a disposition is
+    per process, and only an ignored one survives exec); a Ctrl-C in that window is lost, the next
+    one stops the run.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
