@@ -140,16 +140,19 @@ def canonical(events: Sequence[Event]) -> list[Event]:
     copies is released in the order of a hash table), and sorting them makes the step periodic again.
     """
     out: list[Event] = []
-    run: list[Event] = []
-    for e in events:
-        if run and (e.phase != run[0].phase or (e.nbytes > 0) != (run[0].nbytes > 0) or not e.nbytes):
-            out += sorted(run, key=_sign)
-            run = []
-        if e.nbytes:
-            run.append(e)
-        else:
-            out.append(e)
-    return out + sorted(run, key=_sign)
+    start = 0
+    n = len(events)
+    while start < n:
+        first = events[start]
+        end = start + 1
+        if first.nbytes:
+            rising = first.nbytes > 0
+            while end < n and events[end].phase == first.phase and events[end].nbytes and (
+                    events[end].nbytes > 0) == rising:
+                end += 1
+        out += sorted(events[start:end], key=_sign) if end - start > 1 else events[start:end]
+        start = end
+    return out
 
 
 def _agreement(sa: list[tuple[str, int, str, str]], i: int, sb: list[tuple[str, int, str, str]], j: int) -> int:

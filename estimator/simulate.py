@@ -174,9 +174,21 @@ def state_nbytes(spec: OptimizerSpec, param: ParamTensor, config: Config) -> lis
 
 
 def simulate(config: Config, device: str = "cpu") -> SimulatedStep | CompressedStep:
-    """Events of setup, the first step and a steady step; peaks of both steps."""
-    return layered_step(config, lambda c: step_events(c, device, rounded=False),
-                        round_blocks if device == "cuda" else None, _shape_key(config, device))
+    """Events of setup, the first step and a steady step; peaks of both steps.
+
+    The same config simulated again (a fit's probes, its alternatives, every rank context) is answered
+    from a small cache keyed by the config's JSON: the result is immutable.
+    """
+    key = (device, config.model_dump_json())
+    if key not in _SIMULATED:
+        if len(_SIMULATED) >= 64:
+            _SIMULATED.pop(next(iter(_SIMULATED)))
+        _SIMULATED[key] = layered_step(config, lambda c: step_events(c, device, rounded=False),
+                                       round_blocks if device == "cuda" else None, _shape_key(config, device))
+    return _SIMULATED[key]
+
+
+_SIMULATED: dict[tuple[str, str], SimulatedStep | CompressedStep] = {}
 
 
 def _shape_key(config: Config, device: str) -> str:

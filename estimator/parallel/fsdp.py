@@ -93,7 +93,8 @@ class Zero3:
             return unit_events(small, rank, reshard_after_forward=reshards)
 
         # a rank's FSDP2 step repeats per block like the model's: costed once per distinct block (periodic.py)
-        key = (_shape_key(config, ctx.device), self.name, world_size, rank, reshards)
+        # the events' order and names do not depend on the world size or the rank (sizes do): one key for all
+        key = (_shape_key(config, ctx.device), "fsdp", reshards)
         step = layered_step(config, build, ctx.round if ctx.device == "cuda" else None, key)
         local_state = [s.local for s, p in zip(shards, params, strict=True) if p.trainable]
         parameters = sum(s.padded.numel for s in shards) * ctx.plan.parameter_bytes
@@ -219,16 +220,32 @@ class FSDP(Zero3):
 def _transformer_marks(config: Config) -> tuple[list[Event], list[tuple[int, str, str]]]:
     from estimator.families.transformer_events import step_events_with_marks
 
-    return step_events_with_marks(config.model, config.training, step_shape(config))
+    return _memo(config, lambda: step_events_with_marks(config.model, config.training, step_shape(config)))
+
+
+_MARKED: dict[str, Any] = {}
+
+
+def _memo(config: Config, make: Any) -> Any:
+    """The family's marked events for a config, made once (every rank and world size shares them)."""
+    key = config.model_dump_json()
+    if key not in _MARKED:
+        if len(_MARKED) >= 64:
+            _MARKED.pop(next(iter(_MARKED)))
+        _MARKED[key] = make()
+    return _MARKED[key]
 
 
 def _moe_marks(config: Config) -> tuple[list[Event], list[tuple[int, str, str]]]:
     from estimator.families.moe_events import _MoESim
 
-    sim = _MoESim(config.model, config.training, step_shape(config))
-    sim.forward()
-    sim.backward()
-    return sim.events(), sim.marks
+    def make() -> tuple[list[Event], list[tuple[int, str, str]]]:
+        sim = _MoESim(config.model, config.training, step_shape(config))
+        sim.forward()
+        sim.backward()
+        return sim.events(), sim.marks
+
+    return _memo(config, make)
 
 
 #: families whose event simulation says where FSDP2's hooks run (pre/post forward and backward of each block)
