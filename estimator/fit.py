@@ -224,7 +224,8 @@ def _smallest_world(config: Config, budget: int) -> tuple[int, int, str] | None:
     return WORLD_SIZES[hi], peak, ranks
 
 
-def fit_on(est: Estimate, gpu: GPU, mfu: float, parallel: str | None = None, world_size: int = 1) -> Fit:
+def fit_on(est: Estimate, gpu: GPU, mfu: float, parallel: str | None = None, world_size: int = 1,
+           suggest: bool = True) -> Fit:
     """Fit, largest batch and step time of ``est``'s config on ``gpu`` (per rank under ``parallel``)."""
     cuda = est if est.device == "cuda" else estimate(est.config, "cuda")
     peak, ranks = step_peak(est.config, parallel, world_size)
@@ -235,6 +236,6 @@ def fit_on(est: Estimate, gpu: GPU, mfu: float, parallel: str | None = None, wor
     best, capped = (search_batch(lambda b: step_peak(_with_batch(est.config, b), parallel, world_size)[0],
                                  gpu.memory_bytes - CONTEXT_RESERVE) if applies else (0, False))
     fits = needed <= gpu.memory_bytes
-    options = () if fits else tuple(alternatives(est.config, gpu, parallel, world_size))
+    options = () if fits or not suggest else tuple(alternatives(est.config, gpu, parallel, world_size))
     return Fit(gpu, peak, needed, fits, best, seconds, seconds / mfu, mfu, capped, applies, ranks, parallel,
                world_size, options)

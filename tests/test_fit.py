@@ -121,3 +121,36 @@ def test_search_cap_is_said_to_be_a_cap() -> None:
     assert data["max_batch_size_is_search_cap"] is True and data["max_batch_size"] == 1 << 24
     table = runner.invoke(app, ["estimate", "--gpu", "h100-sxm"])
     assert "at least 16,777,216" in table.stdout
+
+
+def test_verdict_is_worst_rank_plus_reserve_over_a_grid() -> None:
+    """Issue 9's bar: in every --gpu --parallel combination, fits == (worst-rank peak + reserve <= memory)."""
+    from estimator.parallel import rank_groups
+
+    for preset in ("gpt2", "llama-2-7b"):
+        cfg = load_config(overrides=[f"model.preset={preset}", "training.seq_len=256", "training.batch_size=2"])
+        est = estimate(cfg, "cuda")
+        for gpu_name in ("t4", "a100-80gb"):
+            gpu = get_gpu(gpu_name)
+            for strategy, n in (("ddp", 4), ("zero1", 4), ("zero2", 4), ("zero3", 4), ("zero3", 64), ("fsdp", 8)):
+                fit = fit_on(est, gpu, 0.4, strategy, n, suggest=False)
+                groups = rank_groups(cfg, strategy, n, "cuda")
+                worst = max(max(g.estimate.peak_bytes, g.estimate.first_step_peak_bytes) for g in groups)
+                assert fit.peak_bytes == worst
+                assert fit.fits == (worst + CONTEXT_RESERVE <= gpu.memory_bytes), (preset, gpu_name, strategy, n)
+
+
+def test_alternatives_are_re_estimated() -> None:
+    """Llama-2-7B with AdamW does not fit one A100-80GB; each alternative's need is its own worst-rank peak."""
+    cfg = load_config(overrides=["model.preset=llama-2-7b", "training.seq_len=512", "optimizer.name=adamw",
+                                 "training.precision=amp-bf16", "training.batch_size=1"])
+    fit = fit_on(estimate(cfg, "cuda"), get_gpu("a100-80gb"), 0.4)
+    assert not fit.fits and fit.alternatives
+    changes = {a.change: a for a in fit.alternatives}
+    bf16 = changes["-p bf16"]
+    assert bf16.needed_bytes == step_peak(cfg.model_copy(update={"training": cfg.training.model_copy(
+        update={"precision": "bf16"})}))[0] + CONTEXT_RESERVE
+    smallest = [a for a in fit.alternatives if a.change.startswith("--parallel zero3 -n") and a.fits]
+    assert smallest, "a world size under zero3 that fits"
+    n = int(smallest[-1].change.rsplit(" ", 1)[1].replace(",", ""))
+    assert step_peak(cfg, "zero3", n // 2)[0] + CONTEXT_RESERVE > get_gpu("a100-80gb").memory_bytes
