@@ -7,6 +7,7 @@ from typing import Any
 
 from estimator.config import Config
 from estimator.families.base import BatchInForce, FlopCount, ParamTensor, get_family
+from estimator.nogc import without_gc
 from estimator.optimizers import get_optimizer
 from estimator.periodic import program_length
 from estimator.precision import precision_plan
@@ -179,6 +180,7 @@ class Estimate:
         return data
 
 
+@without_gc
 def estimate(config: Config | None = None, device: str | None = None) -> Estimate:
     """Memory, FLOPs and the simulated peak of one training step of ``config``.
 

@@ -22,6 +22,7 @@ from typing import Any
 from estimator.api import Estimate, estimate
 from estimator.config import Config
 from estimator.hardware import CONTEXT_RESERVE, GPU
+from estimator.nogc import without_gc
 
 MAX_BATCH_SEARCH = 1 << 24
 
@@ -224,6 +225,7 @@ def _smallest_world(config: Config, budget: int) -> tuple[int, int, str] | None:
     return WORLD_SIZES[hi], peak, ranks
 
 
+@without_gc
 def fit_on(est: Estimate, gpu: GPU, mfu: float, parallel: str | None = None, world_size: int = 1,
            suggest: bool = True) -> Fit:
     """Fit, largest batch and step time of ``est``'s config on ``gpu`` (per rank under ``parallel``)."""

@@ -14,6 +14,7 @@ from dataclasses import replace
 
 from estimator.config import Config
 from estimator.families.base import get_family
+from estimator.nogc import without_gc
 from estimator.optimizers import get_optimizer
 from estimator.parallel import ddp, fsdp, zero  # noqa: F401  (registers the strategies)
 from estimator.parallel.base import (
@@ -37,6 +38,7 @@ __all__ = ["MAX_WORLD_SIZE", "STRATEGIES", "RankEstimate", "RankGroup", "ddp_buc
            "per_rank_estimate", "per_rank_estimates", "rank_groups", "zero_partition"]
 
 
+@without_gc
 def rank_groups(config: Config, strategy: str, world_size: int, device: str = "cuda") -> list[RankGroup]:
     """The distinct ranks of ``strategy`` on ``world_size`` ranks, each computed once, with the ranks it covers."""
     chosen = get_strategy(strategy)
