@@ -195,6 +195,12 @@ def alternatives(config: Config, gpu: GPU, parallel: str | None, world_size: int
         trial("-o adam8bit", updated("optimizer", name="adam8bit"), parallel, world_size)
     if config.training.precision in ("fp32", "amp-bf16", "amp-fp16"):
         trial("-p bf16", updated("training", precision="bf16"), parallel, world_size)
+    batch = config.training.batch_size
+    if batch > 1 and batch_applies(config):
+        # the global batch kept by accumulating micro-batches; the accumulation itself (gradients held
+        # from one micro-batch to the next) is not modelled, so the step shown is one micro-batch's
+        trial(f"-b 1 (accumulate {batch} micro-batches; one micro-batch's step)", updated("training", batch_size=1),
+              parallel, world_size)
     n = max(world_size, 2) if parallel else 8
     rank = STAGES.index(parallel) if parallel in STAGES else -1 if parallel is None else len(STAGES)
     higher = [stage for i, stage in enumerate(STAGES) if i > rank]

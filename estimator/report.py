@@ -556,7 +556,8 @@ def render_alternatives(fit: Any, console: Console) -> None:
         return
     table = Table(title=f"Instead, on {fit.gpu.name} (each re-estimated; needs = worst-rank peak + context reserve)",
                   title_justify="left", box=box.SIMPLE_HEAD)
-    for col, justify in (("change", "left"), ("needs", "right"), ("", "left"), ("worst ranks", "left")):
+    table.add_column("change", overflow="fold")  # a long option is folded, never cut
+    for col, justify in (("needs", "right"), ("", "left"), ("worst ranks", "left")):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for a in fit.alternatives:
         table.add_row(a.change, human_bytes(a.needed_bytes), "[green]fits[/green]" if a.fits else "does not fit",
