@@ -385,6 +385,8 @@ def matmul_flops(model: MoEConfig, training: TrainingConfig) -> MoEMatmuls:
     t = b * seq
     d, hq = model.d_model, model.num_heads
     hqk, hv = _score_dims(model)
+    if model.attention_type == "mla":  # v is zero-padded to the q/k head size before SDPA (what runs)
+        hv = hqk
     att_w = _attention_weights(model)
     scores_f = 2 * b * hq * seq * seq * (hqk + hv)
     scores_b = (2 * b * hq * seq * seq * (3 * hqk + 2 * hv) if model.attention == "sdpa" else 2 * scores_f)
@@ -395,10 +397,11 @@ def matmul_flops(model: MoEConfig, training: TrainingConfig) -> MoEMatmuls:
             counts = next(routes)
             lin = t * d * model.num_experts + sum(counts) * 3 * d * model.expert_d_ff
             lin += t * 3 * d * model.shared_expert_d_ff + (t * d if model.shared_expert_gate else 0)
-            last = d * (model.shared_expert_d_ff if model.shared_expert_d_ff else 0)
-            # the block's last linear (not rerun by checkpointing): the shared expert's down_proj
-            # when there is one, else the last routed expert's down projection
-            last_flops = 2 * t * last if last else 2 * (next((c for c in counts if c), 0)) * d * model.expert_d_ff
+            # what checkpointing's rerun skips: it stops once the block's last saved tensors are packed,
+            # before the op that saves them runs -- the shared expert's down_proj (no gate), else an
+            # op without matmuls (the last index_add_, or the gate's product)
+            ungated = model.shared_expert_d_ff and not model.shared_expert_gate
+            last_flops = 2 * t * d * model.shared_expert_d_ff if ungated else 0
         else:
             f = model.d_ff or 0
             lin = t * 3 * d * f

@@ -217,7 +217,7 @@ class _MoESim(_Sim):
             top_i = self.new_bytes(f"{m}.router.top_i", k * t * I64)
             self.dead(choice, top_v)
             w = self.new(f"{m}.router.top_w", k * t, "fp32")
-            self.node(w, [scores], saves=(top_i,), scratch=e * t * 4)  # gather backward: zeros + scatter
+            self.node(w, [scores], saves=(top_i,))  # gather backward: zeros(T, E).scatter_add_
             if c.norm_topk_prob:
                 s = self.new(f"{m}.router.sum", t, "fp32")
                 self.node(s, [w])
@@ -243,7 +243,7 @@ class _MoESim(_Sim):
         top_v = self.new(f"{m}.router.top_v", k * t, "fp32")
         top_i = self.new_bytes(f"{m}.router.top_i", k * t * I64)
         self.tensors[top_i].kind = "i64"
-        self.node(top_v, [probs], saves=(top_i,), scratch=e * t * 4)  # topk backward: zeros + scatter
+        self.node(top_v, [probs], saves=(top_i,))  # topk backward: zeros(T, E).scatter_
         w = top_v
         if c.norm_topk_prob:
             s = self.new(f"{m}.router.sum", t, "fp32")
@@ -316,7 +316,7 @@ class _MoESim(_Sim):
             self.tensors[nz].kind = "i64"
             rebind("token", nz)
             cur = self.new(f"{x}.tokens", d * n, self.tensors[h].kind)
-            self.node(cur, [h], saves=(nz,), scratch=self.tensors[h].nbytes)  # backward: zeros, index_put
+            self.node(cur, [h], saves=(nz,))  # backward: zeros(T, d).index_put_ (in place with no dispatch mode)
             rebind("current", cur)
             gu = self._expert_linear(f"{x}.gate_up", cur, d, 2 * f, f"{m}.experts.gate_up_proj", e, n)
             rebind("gate_up", gu)
@@ -332,7 +332,7 @@ class _MoESim(_Sim):
             self.dead(hid)
             rebind("hidden", down)
             wsel = self.new(f"{x}.weight", n, w_kind)
-            self.node(wsel, [w], saves=(nz,), scratch=k * t * self._bytes(wsel))  # zeros (T, k, 1), index_put
+            self.node(wsel, [w], saves=(nz,))  # backward: zeros (T, k, 1).index_put_
             prod_kind = w_kind if self._bytes(wsel) > self._bytes(down) else "act"
             weighted = self.new(f"{x}.weighted", d * n, prod_kind)
             self.node(weighted, [down, wsel], saves=(down, wsel), scratch=d * n * self._bytes(weighted))
@@ -372,11 +372,16 @@ class _MoESim(_Sim):
                 sg = self.new(f"{m}.shared_gate.sigmoid", t, self.tensors[g].kind)
                 self.node(sg, [g], saves=(sg,))
                 self.dead(g)
-                gated = self.new(f"{m}.shared_gated", d * t, self.tensors[shared].kind)
-                self.node(gated, [sg, shared], saves=(sg, shared), scratch=d * t * self._bytes(gated))
-                if self.recomputing:  # early stop: the gate's product saves the block's last tensors
-                    self.dead(gated, sg, shared, out, *keep)
+                if self.recomputing:  # early stop: the product's inputs are the block's last saved tensors,
+                    for s in (sg, shared):  # packed before the product is computed
+                        self.tensors[s].saved_by += 1
+                    self.dead(sg, shared, out, *keep)
                     return ""
+                gated = self.new(f"{m}.shared_gated", d * t, self.tensors[shared].kind)
+                # backward holds at most two (T, d) tensors (the allocator's record): grad·shared before
+                # its sum to (T, 1), and grad·sigmoid; the (T, 1) sum never overlaps both
+                self.node(gated, [sg, shared], saves=(sg, shared),
+                          scratch=d * t * self._bytes(gated) - t * self._bytes(sg))
                 self.dead(sg, shared)
                 shared = gated
             result = self.new(f"{m}.sum", d * t, self.tensors[out].kind)
@@ -420,8 +425,16 @@ class _MoESim(_Sim):
 
 
 def step_events(model: MoEConfig, training: TrainingConfig, shape: StepShape) -> list[Event]:
-    """Forward, loss and backward events of one step of ``estimator.measure.moe``."""
-    sim = _MoESim(model, training, shape)
-    sim.forward()
-    sim.backward()
-    return sim.events()
+    """Forward, loss and backward events of one step of ``estimator.measure.moe`` (a fresh list)."""
+    key = (model.model_dump_json(), training.model_dump_json(), shape)
+    if key not in _CACHE:  # one simulation per (model, batch, dtypes): an estimate asks several times
+        sim = _MoESim(model, training, shape)
+        sim.forward()
+        sim.backward()
+        if len(_CACHE) >= 16:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key] = tuple(sim.events())
+    return list(_CACHE[key])
+
+
+_CACHE: dict[tuple[str, str, StepShape], tuple[Event, ...]] = {}
