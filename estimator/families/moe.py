@@ -377,8 +377,11 @@ def matmul_flops(model: MoEConfig, training: TrainingConfig) -> MoEMatmuls:
     SwiGLU 3·d·F_dense per token. MoE blocks: the router 2·T·d·E, the shared expert 3·d·F_s
     (and its gate d), and each routed expert e with n_e tokens 2·n_e·3·d·F forward — so Σ n_e = T·k
     makes the experts' total independent of how balanced the routing is (only capacity padding
-    changes it). Backward doubles every linear. The head 2·T·d·V. Checkpointing reruns each block's
-    forward except its last linear (``full``; see the transformer family's ``matmul_flops``).
+    changes it). Backward doubles every linear. The head 2·T·d·V. MLA's v is zero-padded to the q/k
+    head size before SDPA, so the score matmuls count it at that size. Checkpointing (``full``)
+    reruns each block's forward up to the op that saves the block's last tensors (torch's early
+    stop): all of an MoE block but an ungated shared expert's down_proj, a dense block but its
+    down_proj. Equal to FlopCounterMode (``tests/moe/test_flops.py``, ``tests/moe/test_hf.py``).
     """
     seq = tokens_per_sequence(model, training)
     b = training.batch_size
