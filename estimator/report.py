@@ -183,6 +183,10 @@ def flop_rule_note(est: Estimate) -> str:
         return f"B·P uses B = {f.tokens:,} {what} and P = {n:,} parameters{left}"
     tokens = (f"T = B·S = {b.batch_size:,}·{b.seq_len:,} = {f.tokens:,} tokens" if b.seq_len is not None
               else f"T = {f.tokens:,} tokens")
+    if model.family == "moe":  # active parameters and the routing assumption (docs/moe.md)
+        from estimator.families.moe import rule_note
+
+        return rule_note(model, est.config.training, tokens, n, total)
     if n == total:
         return f"6·N·T uses {tokens} and N = {n:,}, every parameter (a tied embedding counts once, as the head)"
     lookups = [name for name, on in (("the token embedding", not getattr(model, "tie_embeddings", False)),

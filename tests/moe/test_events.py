@@ -24,7 +24,8 @@ FAMILY = get_family("moe")
 B, S = 2, 8
 
 
-@pytest.mark.parametrize(("name", "ckpt", "precision"), list(itertools.product(sorted(SMALL), ["none", "full"], SHAPES)))
+@pytest.mark.parametrize(("name", "ckpt", "precision"),
+                         list(itertools.product(sorted(SMALL), ["none", "full"], SHAPES)))
 def test_events_are_consistent(name: str, ckpt: str, precision: str) -> None:
     """Saved bytes equal the family's figure; after backward only gradients, inputs and the loss remain."""
     cfg = small(name)
