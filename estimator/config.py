@@ -228,6 +228,10 @@ def model_config_class(section: dict[str, Any]) -> type[StrictModel]:
 
             preset = PRESETS.get(section["preset"].strip().lower())
             return FAMILY_CONFIGS.get(preset.family if preset else "transformer", MLPConfig)
+        if isinstance(section.get("hf_config"), str):  # an MoE config.json validates as the moe family
+            from estimator.hf_config import family_of
+
+            return FAMILY_CONFIGS.get(family_of(section["hf_config"]), MLPConfig)
         return FAMILY_CONFIGS.get("transformer", MLPConfig)
     default = "module" if "module" in section else "mlp"  # `module: pkg:factory` implies the module family
     return FAMILY_CONFIGS.get(str(section.get("family", default)), MLPConfig)

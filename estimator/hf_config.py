@@ -254,6 +254,21 @@ _READERS: dict[str, Callable[[_Reader], dict[str, Any]]] = {
 }
 
 
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
+
+
+def family_of(path: str | Path) -> str:
+    """``moe`` when the config.json at ``path`` (or relative to the working directory) is an MoE type,
+    else ``transformer`` (also when it cannot be read: validation reports that later)."""
+    p = Path(path).expanduser()
+    p = p / "config.json" if p.is_dir() else p
+    try:
+        model_type = json.loads(p.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return "transformer"
+    return "moe" if model_type in MOE_TYPES else "transformer"
+
+
 def supported_model_types() -> list[str]:
     return sorted(_READERS)
 

@@ -61,3 +61,17 @@ def test_bad_routing_is_one_line() -> None:
     out = cli("estimate", "--model", "mixtral-8x7b", "--set", "model.routing.mode=measured")
     assert out.returncode == 2
     assert out.stderr.strip().startswith("error: model.routing") and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_set_paths_of_an_moe_hf_config(tmp_path) -> None:  # noqa: ANN001
+    """--set model.routing... is checked against the moe family when hf_config names an MoE type."""
+    import shutil
+    from pathlib import Path
+
+    shutil.copy(Path(__file__).resolve().parents[2] / "configs" / "hf" / "olmoe-1b-7b.json", tmp_path / "config.json")
+    (tmp_path / "run.yaml").write_text("model:\n  hf_config: config.json\ntraining:\n  seq_len: 64\n")
+    out = subprocess.run([sys.executable, "-m", "estimator", "estimate", "run.yaml", "--set", "model.routing.mode=worst",
+                          "--set", "model.num_layers=2", "--json"], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["model_details"]["routing"] == "worst"
