@@ -70,8 +70,8 @@ def test_set_paths_of_an_moe_hf_config(tmp_path) -> None:  # noqa: ANN001
 
     shutil.copy(Path(__file__).resolve().parents[2] / "configs" / "hf" / "olmoe-1b-7b.json", tmp_path / "config.json")
     (tmp_path / "run.yaml").write_text("model:\n  hf_config: config.json\ntraining:\n  seq_len: 64\n")
-    out = subprocess.run([sys.executable, "-m", "estimator", "estimate", "run.yaml", "--set", "model.routing.mode=worst",
-                          "--set", "model.num_layers=2", "--json"], capture_output=True, text=True, timeout=300,
+    args = ["estimate", "run.yaml", "--set", "model.routing.mode=worst", "--set", "model.num_layers=2", "--json"]
+    out = subprocess.run([sys.executable, "-m", "estimator", *args], capture_output=True, text=True, timeout=300,
                          cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["model_details"]["routing"] == "worst"
