@@ -145,6 +145,8 @@ class Estimate:
         return self.__dict__["_rounding"]
 
     def _block_rounding(self) -> dict[str, int] | None:
+        if getattr(self.step, "exact_programs", None) is not None:  # kept as periodic programs: no flattening
+            return self.step.rounding_at(self.step.steady_peak.index)
         programs = getattr(self.step, "programs", None)  # a step kept as periodic programs: flatten it only
         if programs is not None and program_length(programs[2]) > ROUNDING_EVENT_LIMIT:  # if that is cheap
             return None

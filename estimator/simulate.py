@@ -16,7 +16,7 @@ from estimator.config import Config
 from estimator.events import Event, alloc, free
 from estimator.families.base import ParamTensor, StepShape, get_family
 from estimator.optimizers import OptimizerSpec, get_optimizer
-from estimator.periodic import Program, Segment, map_events, periodic_programs, role_bytes, summary_of
+from estimator.periodic import Program, Segment, map_events, periodic_programs, program_length, role_bytes, summary_of
 from estimator.precision import DTYPE_BYTES, precision_plan
 from estimator.timeline import LiveTensor, Peak, curve, peak_of, replay, scan
 
@@ -73,6 +73,19 @@ class CompressedStep:
     first_peak: Peak
     steady_peak: Peak
     flatten: Callable[[], SimulatedStep] = field(repr=False, compare=False)
+    # the same programs before CUDA's 512-byte rounding (None when nothing was rounded)
+    exact_programs: tuple[Program, Program, Program] | None = field(default=None, repr=False, compare=False)
+
+    def rounding_at(self, index: int) -> dict[str, int]:
+        """Per role, the bytes CUDA's rounding adds to what is live after steady-step event ``index``
+        (-1: at the start), from the programs: O(segments), nothing is flattened."""
+        if self.exact_programs is None:
+            return {}
+        totals: dict[str, int] = {}
+        for rounded, exact in zip(self.programs[:2], self.exact_programs[:2], strict=True):
+            _add_roles(totals, _delta_program(rounded, exact), None)
+        _add_roles(totals, _delta_program(self.programs[2], self.exact_programs[2]), index + 1)
+        return {role: n for role, n in totals.items() if n}
 
     @cached_property
     def _flat(self) -> SimulatedStep:
@@ -123,16 +136,44 @@ def layered_step(config: Config, build: Callable[[Config], tuple[list[Event], li
     if isinstance(layers, int) and layers > COMPRESS_ABOVE_LAYERS:
         programs = periodic_programs(lambda n: build(with_layers(config, n)), layers, shape_key=shape_key)
         if programs is not None:
-            return compressed_step(tuple(map_events(p, done) for p in programs), flat)
+            return compressed_step(tuple(map_events(p, done) for p in programs), flat,
+                                   programs if finish is not None else None)
     return flat()
 
 
-def compressed_step(programs: tuple[Program, ...], flatten: Callable[[], SimulatedStep]) -> CompressedStep:
+def compressed_step(programs: tuple[Program, ...], flatten: Callable[[], SimulatedStep],
+                    exact: tuple[Program, ...] | None = None) -> CompressedStep:
     setup, first, steady = (summary_of(p) for p in programs)
     live_first = dict(setup.roles)
     live_steady = dict(_merge(setup.roles, first.roles))
     return CompressedStep(programs, peak_of(first, _positive(live_first)), peak_of(steady, _positive(live_steady)),
-                          flatten)  # type: ignore[arg-type]
+                          flatten, exact)  # type: ignore[arg-type]
+
+
+def _delta_program(rounded: Program, exact: Program) -> Program:
+    """Event by event, what the rounding added (the programs are the same events, sizes apart)."""
+    return tuple(Segment(tuple(Event(r.name, r.role, r.nbytes - e.nbytes, r.phase)
+                               for r, e in zip(rs.events, es.events, strict=True)), rs.count)
+                 for rs, es in zip(rounded, exact, strict=True))
+
+
+def _add_roles(totals: dict[str, int], program: Program, events: int | None) -> None:
+    """Add per role the sizes of the first ``events`` events of ``program`` (all of them: None)."""
+    left = program_length(program) if events is None else events
+    for segment in program:
+        if left <= 0:
+            return
+        if segment.length <= left:
+            for role, n in segment.summary.roles:
+                totals[role] = totals.get(role, 0) + n
+            left -= segment.length
+            continue
+        copies, rest = divmod(left, len(segment.events))
+        for e in segment.events:
+            totals[e.role] = totals.get(e.role, 0) + e.nbytes * copies
+        for e in segment.events[:rest]:
+            totals[e.role] = totals.get(e.role, 0) + e.nbytes
+        return
 
 
 def _merge(a: tuple[tuple[str, int], ...], b: tuple[tuple[str, int], ...]) -> dict[str, int]:

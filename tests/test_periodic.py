@@ -81,3 +81,19 @@ def test_not_periodic_falls_back() -> None:
     program = periodic_programs(lambda n: [[Event(f"h{i}", "activation", 4, "forward") for i in range(n)]], 100)
     assert program is not None and summary_of(program[0]) == summarize(
         [Event(f"h{i}", "activation", 4, "forward") for i in range(100)])
+
+
+@pytest.mark.parametrize("sets", [("model.num_layers=40", "optimizer.name=adam"),
+                                  ("model.num_layers=24", "training.precision=amp-bf16", "optimizer.name=adagrad")])
+def test_cuda_rounding_at_the_peak_from_programs_equals_the_flat_replay(sets: tuple[str, ...]) -> None:
+    """What CUDA's 512-byte blocks add at the peak, per role, read off the programs without flattening."""
+    import dataclasses
+
+    from estimator.api import estimate
+
+    cfg = load_config(None, list(sets))
+    est = estimate(cfg, "cuda")
+    assert isinstance(est.step, CompressedStep) and est.step.exact_programs is not None
+    flat = dataclasses.replace(est, step=assemble_step(*step_events(cfg, "cuda")))
+    assert est.block_rounding_at_peak() == flat.block_rounding_at_peak()
+    assert est.block_rounding_at_peak()
