@@ -91,7 +91,16 @@ def _signature(events: Sequence[Event]) -> list[tuple[str, int, str, str]]:
 
 
 def _sign(e: Event) -> tuple[str, int, str, str]:
-    return e.role, e.nbytes, e.phase, _blank_numbers(e.name)
+    """An event's signature, made once per event while :func:`periodic_programs` runs (the same events are
+    sorted, diffed and checked several times)."""
+    key = id(e)
+    sig = _SIGNS.get(key)
+    if sig is None:
+        sig = _SIGNS[key] = (e.role, e.nbytes, e.phase, _blank_numbers(e.name))
+    return sig
+
+
+_SIGNS: dict[int, tuple[str, int, str, str]] = {}  # by id(): valid while the events it was made for are alive
 
 
 @lru_cache(maxsize=65536)
@@ -123,7 +132,10 @@ def _inserts(a: Sequence[Event], b: Sequence[Event]) -> Iterator[list[tuple[int,
             if len(sb) - j == left:
                 yield found + ([(i, j, tuple(b[j:]))] if left else [])
             return
-        squares = [m for m in range(1, left + 1) if j + m <= len(sb) and j >= m and sb[j - m:j] == sb[j:j + m]]
+        # first and last elements before whole slices: most m fail at once, and a block may be thousands long
+        head = sb[j] if j < len(sb) else None
+        squares = [m for m in range(1, min(left, j, len(sb) - j) + 1)
+                   if sb[j - m] == head and sb[j - 1] == sb[j + m - 1] and sb[j - m:j] == sb[j:j + m]]
         # the block that lets the two lists agree longest afterwards first (a whole layer, not a piece of one)
         for m in sorted(squares, key=lambda m: (-_agreement(sa, i, sb, j + m), m)):
             yield from search(i, j + m, left - m, [*found, (i, j, tuple(b[j:j + m]))])
@@ -186,33 +198,47 @@ def _expanded_signature(program: Program) -> list[tuple[str, int, str, str]]:
 
 def periodic_programs(
     build: Callable[[int], Sequence[Sequence[Event]]], layers: int, base: int = BASE_LAYERS, checks: int = CHECKS,
-    shape_key: Hashable | None = None,
+    shape_key: Hashable | None = None, period: int = 1,
 ) -> tuple[Program, ...] | None:
     """The event lists ``build(layers)`` would return, as programs, read off small layer counts.
 
     ``build(n)`` gives the event lists (e.g. setup, first step, steady step) of the model with ``n``
     layers. None when ``layers`` is too small to gain anything or the lists are not periodic in the
-    layer count (the caller then builds them flat).
+    layer count (the caller then builds them flat). ``period``: how many layers make one repeated
+    block (an MoE layer every second layer: 2); the counts built are ``base + c·period``.
 
     ``shape_key`` names a model whose events keep their order and names when only sizes change (the
     same config at another batch size): where the blocks were found for it once, the next call builds
     two small layer counts, checks that every event's name, role and phase are where they were, and
     takes the blocks from the same places, skipping the search and the further checks.
     """
-    if layers <= base + checks + 1:
+    _SIGNS.clear()
+    try:
+        return _periodic(build, layers, base, checks, shape_key, period)
+    finally:
+        _SIGNS.clear()
+
+
+def _periodic(build: Callable[[int], Sequence[Sequence[Event]]], layers: int, base: int, checks: int,
+              shape_key: Hashable | None, period: int) -> tuple[Program, ...] | None:
+    if (layers - base) % period:  # start where a whole number of periods remains
+        base += (layers - base) % period
+    if layers <= base + (checks + 1) * period:
         return None
+    copies = (layers - base) // period
     known = _SHAPES.get(shape_key) if shape_key is not None else None
     try:
-        runs = [[canonical(events) for events in build(base + c)] for c in range(2 if known else checks + 2)]
+        runs = [[canonical(events) for events in build(base + c * period)]
+                for c in range(2 if known else checks + 2)]
     except ValueError:
         return None
     if known is not None:
         skeletons, places = known
         if [[_skeleton(events) for events in run] for run in runs[:2]] == skeletons:
-            return tuple(_expand(runs[0][w], [(i, tuple(runs[1][w][j:j + m])) for i, j, m in places[w]], layers - base)
+            return tuple(_expand(runs[0][w], [(i, tuple(runs[1][w][j:j + m])) for i, j, m in places[w]], copies)
                          for w in range(len(places)))
         try:
-            runs += [[canonical(events) for events in build(base + c)] for c in range(2, checks + 2)]
+            runs += [[canonical(events) for events in build(base + c * period)] for c in range(2, checks + 2)]
         except ValueError:
             return None
     programs: list[Program] = []
@@ -223,7 +249,7 @@ def periodic_programs(
         for inserts in _inserts(lists[0], lists[1]):
             blocks = [(i, block) for i, _j, block in inserts]
             if all(_expanded_signature(_expand(lists[0], blocks, c)) == wanted[c - 2] for c in range(2, checks + 2)):
-                programs.append(_expand(lists[0], blocks, layers - base))
+                programs.append(_expand(lists[0], blocks, copies))
                 found.append([(i, j, len(block)) for i, j, block in inserts])
                 break
         else:

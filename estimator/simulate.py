@@ -16,7 +16,16 @@ from estimator.config import Config
 from estimator.events import Event, alloc, free
 from estimator.families.base import ParamTensor, StepShape, get_family
 from estimator.optimizers import OptimizerSpec, get_optimizer
-from estimator.periodic import Program, Segment, map_events, periodic_programs, program_length, role_bytes, summary_of
+from estimator.periodic import (
+    BASE_LAYERS,
+    Program,
+    Segment,
+    map_events,
+    periodic_programs,
+    program_length,
+    role_bytes,
+    summary_of,
+)
 from estimator.precision import DTYPE_BYTES, precision_plan
 from estimator.timeline import LiveTensor, Peak, curve, peak_of, replay, scan
 
@@ -134,7 +143,12 @@ def layered_step(config: Config, build: Callable[[Config], tuple[list[Event], li
 
     layers = getattr(config.model, "num_layers", None)
     if isinstance(layers, int) and layers > COMPRESS_ABOVE_LAYERS:
-        programs = periodic_programs(lambda n: build(with_layers(config, n)), layers, shape_key=shape_key)
+        # a block that repeats may span several layers (an MoE layer every k), after some that do not
+        # (DeepSeek's dense first layers): read the pattern where two whole periods follow those
+        period = max(1, getattr(config.model, "moe_layer_step", 1) or 1)
+        base = max(BASE_LAYERS, (getattr(config.model, "first_dense_layers", 0) or 0) + 2 * period)
+        programs = periodic_programs(lambda n: build(with_layers(config, n)), layers, base=base,
+                                     shape_key=shape_key, period=period)
         if programs is not None:
             return compressed_step(tuple(map_events(p, done) for p in programs), flat,
                                    programs if finish is not None else None)

@@ -6,8 +6,8 @@ import pytest
 
 from estimator import load_config
 from estimator.parallel import per_rank_estimates, rank_groups
-from estimator.parallel.fsdp import unit_events
 from estimator.parallel.base import RankContext
+from estimator.parallel.fsdp import unit_events
 from estimator.simulate import assemble_step, round_blocks
 from tests.parallel_reference import per_rank_estimate as reference
 
