@@ -97,3 +97,16 @@ def test_cuda_rounding_at_the_peak_from_programs_equals_the_flat_replay(sets: tu
     flat = dataclasses.replace(est, step=assemble_step(*step_events(cfg, "cuda")))
     assert est.block_rounding_at_peak() == flat.block_rounding_at_peak()
     assert est.block_rounding_at_peak()
+
+
+@pytest.mark.parametrize(("name", "extra"), [("deepseek-v3", {"first_dense_layers": 3}),
+                                             ("qwen2-moe", {"moe_layer_step": 2, "d_ff": 10}),
+                                             ("mixtral", {})])
+def test_moe_compressed_equals_flat(name: str, extra: dict) -> None:
+    """MoE blocks after dense first layers, or every second layer: read off two whole periods, exact."""
+    from tests.moe.conftest import SMALL
+
+    model = {"family": "moe", **SMALL[name], **extra, "num_layers": 21}
+    cfg = load_config(None, ["training.seq_len=8", "optimizer.name=adamw"], base={"model": model})
+    for device in ("cpu", "cuda"):
+        _same(cfg, device)
