@@ -429,14 +429,18 @@ def verify(
 ) -> None:
     """Run one real optimizer step on the device and show estimate and measurement side by side."""
     ranks_most = 4 * (os.cpu_count() or 1)
-    world_size = world_size_in_force(parallel, world_size, ranks_most,
-                                     f" on this machine (4 x its {os.cpu_count() or 1} CPUs: each rank is a process)")
-    if parallel is not None:  # what verify --parallel does not do is refused, not ignored
+    why = f" on this machine (4 x its {os.cpu_count() or 1} CPUs: each rank is a process)"
+    world_size = world_size_in_force(parallel, world_size, ranks_most, why)
+
+    def refuse_unused() -> None:  # what verify --parallel does not do is refused, not ignored
         unused = [name for name, given in (("--plot", plot is not None), ("--show-state", show_state),
                                            ("--timeline", timeline), ("--impl textbook", impl != "torch")) if given]
         if unused:
             raise EstimatorError(f"{unused[0]}: not available with --parallel (each rank's figures are compared "
                                  "in the per-rank table)")
+
+    if parallel is not None:
+        refuse_unused()
     if impl not in ("torch", "textbook"):
         raise EstimatorError(f"--impl: expected torch or textbook, got {impl!r}")
     if tolerance is not None and not 0 <= tolerance < 10:
@@ -446,6 +450,10 @@ def verify(
 
         check_plot_path(plot)
     cfg = build_config(config, set_, batch_size, optimizer, precision, model)
+    if parallel is None and cfg.parallel.strategy != "none":  # the config's parallel: section, as if typed
+        parallel = cfg.parallel.strategy
+        world_size = world_size_in_force(parallel, cfg.parallel.world_size, ranks_most, why)
+        refuse_unused()
     torch_modules = _import_torch_side()
     if parallel is not None:
         _verify_parallel(cfg, parallel, world_size, device, tolerance, as_json)

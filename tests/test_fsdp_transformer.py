@@ -104,3 +104,14 @@ def test_uneven_shards_gather_padded_parameters() -> None:
         e = per_rank_estimate(cfg, "zero3", 3, "cpu", m.rank)
         assert (m.first_step.peak_bytes, m.steady_step.peak_bytes) == (e.first_step_peak_bytes, e.peak_bytes)
         assert m.optimizer_state == e.optimizer_state
+
+
+def test_verify_takes_the_config_layout_and_refuses_what_it_cannot_do(tmp_path) -> None:  # noqa: ANN001
+    """verify reads the config's parallel: section like --parallel (not silently one device)."""
+    path = tmp_path / "c.yaml"
+    path.write_text("parallel: {strategy: zero3, world_size: 100000}\n")
+    result = runner.invoke(app, ["verify", str(path)])
+    assert result.exit_code == 2 and "--world-size: at most" in result.stderr
+    path.write_text("parallel: {strategy: zero3, world_size: 2}\n")
+    result = runner.invoke(app, ["verify", str(path), "--timeline"])
+    assert result.exit_code == 2 and "--timeline: not available with --parallel" in result.stderr
