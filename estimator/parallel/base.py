@@ -288,8 +288,3 @@ def local_model_states(ctx: RankContext, local_state: list[ParamTensor]) -> tupl
 
     step_tensors = len(local_state) * ctx.step_bytes if ctx.spec.step_tensor else 0
     return state_bytes(ctx.spec, local_state, ctx.config), step_tensors
-
-
-def by_name(params: list[ParamTensor]) -> Callable[[str], ParamTensor]:
-    table = {p.name: p for p in params}
-    return table.__getitem__
