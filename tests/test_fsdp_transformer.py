@@ -82,12 +82,19 @@ def test_real_fsdp2_ranks_match_to_the_byte() -> None:
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available in this torch build")
     from estimator.measure.distributed import measure_distributed
+    from estimator.parallel.base import RankContext
+    from estimator.parallel.fsdp import unit_events
+    from estimator.simulate import assemble_step
 
     cfg = _config()
     for m in measure_distributed(cfg, "zero3", 2, timeout=120):
         e = per_rank_estimate(cfg, "zero3", 2, "cpu", m.rank)
         assert (m.parameters, m.gradients, m.optimizer_state) == (e.parameters, e.gradients, e.optimizer_state)
-        assert (m.first_step.peak_bytes, m.steady_step.peak_bytes) == (e.first_step_peak_bytes, e.peak_bytes)
+        assert m.first_step.peak_bytes == e.first_step_peak_bytes
+        # Two orders have been measured for the steady step: the block's gradients freed before the
+        # reduce-scatter (the estimate; every run in isolation) or after it (some full-suite runs, on gloo)
+        late = assemble_step(*unit_events(RankContext(cfg, 2, "cpu"), m.rank, late_gradients=True))
+        assert m.steady_step.peak_bytes in (e.peak_bytes, late.steady_peak.bytes)
 
 
 @pytest.mark.slow

@@ -260,7 +260,7 @@ def unit_of(name: str) -> str:
     return "root"
 
 
-def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True
+def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True, late_gradients: bool = False
                 ) -> tuple[list[Event], list[Event], list[Event]]:
     """One rank's step under FSDP2, from the family's events and where its hooks run.
 
@@ -340,12 +340,16 @@ def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True
             # foreach_reduce clears its list of gradients after the copy-in; its loop variable keeps
             # the last one until it returns
             *early, last_grad = trainable
+            if late_gradients:  # the other order seen on gloo: every gradient lives through the reduce-scatter
+                early, last_frees = [], early
+            else:
+                last_frees = []
             out.extend(free(f"{p.name}.grad", "gradient", p.numel * g_b, phase) for p in early)
             out.append(alloc(f"{u}.grad_shards", "gradient", local[u] * g_b, phase))
             if gloo_copy:
                 out.append(alloc(f"{u}.gloo_copy", "temporary", gathered[u] * g_b, phase))
                 out.append(free(f"{u}.gloo_copy", "temporary", gathered[u] * g_b, phase))
-            out.append(free(f"{last_grad.name}.grad", "gradient", last_grad.numel * g_b, phase))
+            out.extend(free(f"{p.name}.grad", "gradient", p.numel * g_b, phase) for p in [*last_frees, last_grad])
             state["rs_live"] = u
 
     at = 0
