@@ -90,10 +90,10 @@ def test_real_fsdp2_ranks_match_to_the_byte() -> None:
     for m in measure_distributed(cfg, "zero3", 2, timeout=120):
         e = per_rank_estimate(cfg, "zero3", 2, "cpu", m.rank)
         assert (m.parameters, m.gradients, m.optimizer_state) == (e.parameters, e.gradients, e.optimizer_state)
-        assert m.first_step.peak_bytes == e.first_step_peak_bytes
-        # Two orders have been measured for the steady step: the block's gradients freed before the
-        # reduce-scatter (the estimate; every run in isolation) or after it (some full-suite runs, on gloo)
+        # Two orders have been measured: a block's gradients freed before the reduce-scatter (the estimate;
+        # runs in the development tree) or after it (runs in a fresh CI virtual environment); both modelled
         late = assemble_step(*unit_events(RankContext(cfg, 2, "cpu"), m.rank, late_gradients=True))
+        assert m.first_step.peak_bytes in (e.first_step_peak_bytes, late.first_peak.bytes)
         assert m.steady_step.peak_bytes in (e.peak_bytes, late.steady_peak.bytes)
 
 
