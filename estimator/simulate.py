@@ -160,7 +160,7 @@ def compressed_step(programs: tuple[Program, ...], flatten: Callable[[], Simulat
     setup, first, steady = (summary_of(p) for p in programs)
     live_first = dict(setup.roles)
     live_steady = dict(_merge(setup.roles, first.roles))
-    return CompressedStep(programs, peak_of(first, _positive(live_first)), peak_of(steady, _positive(live_steady)),
+    return CompressedStep(programs, peak_of(first, live_first), peak_of(steady, live_steady),
                           flatten, exact)  # type: ignore[arg-type]
 
 
@@ -196,9 +196,6 @@ def _merge(a: tuple[tuple[str, int], ...], b: tuple[tuple[str, int], ...]) -> di
         out[role] = out.get(role, 0) + n
     return out
 
-
-def _positive(roles: dict[str, int]) -> dict[str, int]:
-    return {r: n for r, n in roles.items() if n}
 
 
 def resolve_implementation(config: Config, device: str) -> str:

@@ -164,7 +164,7 @@ def summarize(events: list[Event]) -> Summary:
 
 
 def peak_of(summary: Summary, live: dict[str, int], first_phase: str | None = None) -> Peak:
-    """The :class:`Peak` of a summarised run on top of live bytes ``live`` (per role)."""
+    """The :class:`Peak` of a summarised run on top of live bytes ``live`` (per role; roles at 0 are left out)."""
     start = sum(live.values())
     phase = first_phase or summary.first_phase or "setup"
     if summary.rise_index < 0 or summary.rise <= 0:

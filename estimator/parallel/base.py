@@ -29,7 +29,7 @@ from estimator.simulate import (
     round_blocks,
     simulate,
 )
-from estimator.timeline import Peak, Summary, peak_of, summarize
+from estimator.timeline import Peak, Summary, peak_of
 
 #: the largest world size an estimate accepts (a bound, not a cost: distinct ranks are computed once)
 MAX_WORLD_SIZE = 1 << 20
@@ -231,15 +231,12 @@ def compose(ctx: RankContext, setup_events: Sequence[Event], setup_program: Prog
     for role, n in first_sum.roles:
         live_steady[role] = live_steady.get(role, 0) + n
     saved = ctx.shared("saved_activation_bytes", lambda: ctx.base.saved_activation_bytes)
-    return RankStep(peak_of(first_sum, _nonzero(live)), peak_of(steady_sum, _nonzero(live_steady)), saved)
+    return RankStep(peak_of(first_sum, live), peak_of(steady_sum, live_steady), saved)
 
 
 def summaries(program: Program) -> list[Summary]:
     return [segment.summary for segment in program]
 
-
-def events_summary(events: list[Event]) -> Summary:
-    return summarize(events)
 
 
 def chain(parts: Sequence[Summary]) -> Summary:
@@ -259,9 +256,6 @@ def _role_totals(program: Program, extra: Sequence[Event]) -> dict[str, int]:
         totals[e.role] = totals.get(e.role, 0) + e.nbytes
     return totals
 
-
-def _nonzero(roles: dict[str, int]) -> dict[str, int]:
-    return {r: n for r, n in roles.items() if n}
 
 
 def merge_equal(groups: list[tuple[tuple[tuple[int, int], ...], RankEstimate]]) -> list[RankGroup]:

@@ -13,13 +13,12 @@ from estimator.parallel.base import (
     RankEstimate,
     chain,
     compose,
-    events_summary,
     local_model_states,
     summaries,
 )
 from estimator.periodic import keep_events
 from estimator.simulate import optimizer_step_events, state_events
-from estimator.timeline import Summary
+from estimator.timeline import Summary, summarize
 
 
 class ReplicatedParameters:
@@ -62,7 +61,7 @@ class ReplicatedParameters:
 
     def optimizer(self, local: list[ParamTensor], first: bool) -> Summary:
         c = self.ctx
-        return events_summary(c.round(optimizer_step_events(c.spec, local, c.config, c.impl, c.step_bytes,
+        return summarize(c.round(optimizer_step_events(c.spec, local, c.config, c.impl, c.step_bytes,
                                                             first=first)))
 
     def rank(self, strategy: str, rank: int, local: list[ParamTensor], buckets: list[int], gradients: int,
