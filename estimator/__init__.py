@@ -7,11 +7,14 @@ The analytic API never imports torch::
     result.memory.total, result.flops.per_step   # 496 bytes, 432 FLOPs
 """
 
-from estimator.api import Estimate, compare, estimate
-from estimator.config import Config
-from estimator.errors import EstimatorError
-from estimator.families import mlp as _mlp  # noqa: F401  (registers the built-in families)
-from estimator.loader import load_config
+from estimator.startup import pydantic_plugins_off
+
+with pydantic_plugins_off():  # the config models are built without scanning for pydantic plugins (startup.py)
+    from estimator.api import Estimate, compare, estimate
+    from estimator.config import Config
+    from estimator.errors import EstimatorError
+    from estimator.families import mlp as _mlp  # noqa: F401  (registers the built-in families)
+    from estimator.loader import load_config
 
 __all__ = ["Config", "Estimate", "EstimatorError", "compare", "estimate", "load_config"]
 __version__ = "0.1.0"

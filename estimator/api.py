@@ -9,12 +9,13 @@ from estimator.config import Config
 from estimator.families.base import BatchInForce, FlopCount, ParamTensor, get_family
 from estimator.nogc import without_gc
 from estimator.optimizers import get_optimizer
-from estimator.periodic import program_length
+from estimator.periodic import program_length, role_bytes
 from estimator.precision import precision_plan
 from estimator.simulate import (
     CUDA_BLOCK,
     STEP_TENSOR_BYTES,
     SimulatedStep,
+    _is_saved,
     resolve_implementation,
     simulate,
     state_bytes,
@@ -81,7 +82,7 @@ class Estimate:
 
     @property
     def input_bytes(self) -> int:
-        return sum(e.nbytes for e in self.step.setup if e.role == "input")
+        return self.step.input_bytes  # a compressed step reads it off its programs, without flattening
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object printed by ``estimate --json`` (bytes and FLOPs exact integers)."""
@@ -216,7 +217,7 @@ def estimate(config: Config | None = None, device: str | None = None) -> Estimat
         flops=_with_optimizer_flops(family.flops(config.model, config.training), spec, trainable),
         step=step,
         batch=_batch_in_force(family, config),
-        saved_activations=step.saved_activation_bytes if target == "cpu" else _saved_bytes(config),
+        saved_activations=step.saved_activation_bytes if target == "cpu" else _saved_bytes(config, step),
     )
 
 
@@ -256,9 +257,18 @@ def _family_details(config: Config) -> dict[str, Any]:
     return {"model_details": details(config.model, config.training)} if details is not None else {}
 
 
-def _saved_bytes(config: Config) -> int:
-    """Bytes saved for backward from the family's own (unrounded) forward and loss events."""
-    return simulate(config, "cpu").saved_activation_bytes  # layers that repeat are summed once (periodic.py)
+def _saved_bytes(config: Config, step: Any = None) -> int:
+    """Bytes saved for backward from the family's own (unrounded) forward and loss events.
+
+    The forward and loss events do not depend on the device, nor on the optimizer: a compressed CUDA
+    step's unrounded programs hold them (layers that repeat are summed once, periodic.py); otherwise
+    they are the family's forward-backward events alone, without simulating a whole step again.
+    """
+    exact = getattr(step, "exact_programs", None)
+    if exact is not None:
+        return role_bytes(exact[2], _is_saved)
+    body = get_family(config.model.family).forward_backward_events(config.model, config.training, step_shape(config))
+    return sum(e.nbytes for e in body if _is_saved(e))
 
 
 def _with_optimizer_flops(flops: FlopCount, spec: Any, params: list[ParamTensor]) -> FlopCount:

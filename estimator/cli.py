@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
 from typer.core import TyperCommand, TyperGroup
 
 from estimator.errors import EstimatorError, Interrupted
@@ -81,8 +80,29 @@ app = _Typer(
     help="Memory and FLOPs of one training step: estimated instantly, then verified for real.",
     pretty_exceptions_enable=False,
 )
-out = Console(file=SafeStdout(), highlight=False)
-err = Console(stderr=True, highlight=False)
+
+
+class _LazyConsole:
+    """A rich ``Console`` made on first use, so that ``--json`` output never imports rich (about 30 ms).
+
+    Every attribute is the real console's; ``stdout=True`` writes through :class:`SafeStdout`.
+    """
+
+    def __init__(self, stdout: bool) -> None:
+        self._stdout = stdout
+        self._console: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = (Console(file=SafeStdout(), highlight=False) if self._stdout
+                             else Console(stderr=True, highlight=False))
+        return getattr(self._console, name)
+
+
+out: Any = _LazyConsole(stdout=True)
+err: Any = _LazyConsole(stdout=False)
 
 MAX_WORLD_SIZE = 1 << 20
 """The most ranks ``estimate --parallel`` accepts (1,048,576: 64x the 16,384 GPUs of Llama 3 405B's run)."""
@@ -108,7 +128,8 @@ SetOpt = typer.Option(None, "--set", "-s", help="override a field: --set trainin
 BatchOpt = typer.Option(None, "--batch-size", "-b", help="shortcut for --set training.batch_size=N")
 OptimOpt = typer.Option(None, "--optimizer", "-o", help="shortcut for --set optimizer.name=NAME")
 PrecOpt = typer.Option(None, "--precision", "-p", help="fp32 | bf16 | fp16 | amp-bf16 | amp-fp16")
-ModelOpt = typer.Option(None, "--model", "-m", help="a preset name (see `estimator models`)")
+ModelOpt = typer.Option(None, "--model", "-m", help="a preset name (see `estimator models`), a local "
+                        "config.json (or its directory), or a Hugging Face hub id org/name (docs/hf.md)")
 JsonOpt = typer.Option(False, "--json", help="print one JSON document instead of tables: an object "
                        "(estimate, verify) or a list (compare, optimizers, models, gpus); docs/json.md")
 ParallelOpt = typer.Option(None, "--parallel", help="per-rank memory under ddp | zero1 | zero2 | zero3 (FSDP)")
@@ -255,7 +276,9 @@ def build_config(
     if model is None:
         return load_config(path, overrides)
     data = read_config_file(path) if path is not None else {}
-    data["model"] = {"preset": model}
+    from estimator.presets import model_section
+
+    data["model"] = model_section(model)  # a preset, else a local config.json, else org/name in the hub cache
     return load_config(None, overrides, base=data)
 
 
@@ -324,6 +347,8 @@ def estimate(
         plot_timeline(plot, estimated=result)
     if as_json:
         extra = {"gpu": fit.to_json()} if fit else {}
+        if cfg.checkpoint is not None:  # an hf_config/hub model with safetensors beside its config.json
+            extra["checkpoint"] = {**cfg.checkpoint.to_json(), "config_parameters": result.parameters}
         if ranks:
             extra["distributed"] = {"strategy": parallel, "world_size": world_size,
                                     "ranks": [r.to_json() for r in ranks]}
@@ -336,6 +361,10 @@ def estimate(
     from estimator.report import render_alternatives, render_estimate, render_fit, render_ranks
 
     render_estimate(result, out, timeline=timeline)
+    if cfg.checkpoint is not None:
+        from estimator.safetensors_header import summary_line
+
+        out.print(summary_line(cfg.checkpoint, result.parameters), markup=False)
     if fit is not None:
         render_fit(fit, result, out)
         render_alternatives(fit, out)
