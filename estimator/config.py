@@ -89,7 +89,7 @@ class MLPConfig(StrictModel):
     num_layers: int = Field(2, gt=0, le=MAX_LAYERS, description="number of D x D layers before the D -> 1 head")
 
 
-ParallelStrategy = Literal["none", "ddp", "zero1", "zero2", "zero3", "fsdp"]
+ParallelStrategy = Literal["none", "ddp", "zero1", "zero2", "zero3", "fsdp", "tp"]
 
 
 class ParallelConfig(StrictModel):
@@ -100,10 +100,22 @@ class ParallelConfig(StrictModel):
     (False keeps each block's parameters gathered from its forward to its backward, ZeRO-2-like).
     """
 
-    strategy: ParallelStrategy = Field("none", description="none | ddp | zero1 | zero2 | zero3 | fsdp (FSDP2)")
+    strategy: ParallelStrategy = Field(
+        "none", description="none | ddp | zero1 | zero2 | zero3 | fsdp (FSDP2) | tp (tensor parallel)"
+    )
     world_size: int = Field(1, ge=1, le=1 << 20, description="ranks (training.batch_size is per rank)")
     reshard_after_forward: bool = Field(
         True, description="fsdp: free each block's gathered parameters after its forward (FSDP2's default)"
+    )
+    tp_size: int = Field(
+        1, ge=1, le=1 << 10, description="tensor-parallel degree t (docs/tp.md): tp alone needs world_size = t; "
+        "fsdp/zero3 with t > 1 is a 2-D mesh of world_size / t data-parallel shards x t"
+    )
+    sequence_parallel: bool = Field(
+        False, description="tp: shard the norms' and residual regions along the sequence (Korthikanti et al. 2022)"
+    )
+    loss_parallel: bool = Field(
+        False, description="tp: keep the head's logits vocabulary-sharded into the loss (torch's loss_parallel)"
     )
 
 

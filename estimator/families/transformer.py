@@ -187,6 +187,47 @@ def parameter_tensors(model: TransformerConfig) -> list[ParamTensor]:
     return out
 
 
+#: Megatron-LM's split (Shoeybi et al. 2019, section 3): column-parallel layers shard their output rows,
+#: row-parallel layers their input columns; the embedding and the head shard the vocabulary rows
+COLUMN_PARALLEL = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+ROW_PARALLEL = ("attn.o_proj", "mlp.down_proj")
+VOCAB_PARALLEL = ("tok_emb.weight", "lm_head.weight")
+
+
+def sharded_parameter_tensors(model: TransformerConfig, tp: int) -> list[ParamTensor]:
+    """The parameters one tensor-parallel rank holds (docs/tp.md), in ``named_parameters()`` order.
+
+    torch's plan (``ColwiseParallel``, ``RowwiseParallel``, ``Shard(0)`` embedding and head): a
+    column-parallel weight (out, in) keeps out/t rows and its bias out/t; a row-parallel weight keeps
+    in/t columns and its bias whole (replicated); the token embedding and an untied head keep V/t rows;
+    norms and learned positions are replicated. Every sharded size must divide by t (checked by
+    :func:`check_tensor_parallel`).
+    """
+    if tp == 1:
+        return parameter_tensors(model)
+    out = []
+    for p in parameter_tensors(model):
+        module = p.name.rsplit(".", 1)[0].split(".", 2)[-1] if p.name.startswith("blocks.") else ""
+        shape = p.shape
+        if module in COLUMN_PARALLEL:
+            shape = (shape[0] // tp, *shape[1:])
+        elif module in ROW_PARALLEL and p.name.endswith(".weight"):
+            shape = (shape[0], shape[1] // tp)
+        elif p.name in VOCAB_PARALLEL:
+            shape = (shape[0] // tp, shape[1])
+        out.append(ParamTensor(p.name, shape, p.trainable))
+    return out
+
+
+def check_tensor_parallel(model: TransformerConfig, tp: int) -> None:
+    """Every sharded dimension divides by the TP degree, else one line naming the field."""
+    for field, value in (("model.num_heads", model.num_heads), ("model.num_kv_heads", model.kv_heads),
+                         ("model.d_ff", model.ffn_dim), ("model.vocab_size", model.vocab_size)):
+        if value % tp:
+            raise EstimatorError(f"{field}: {value} is not divisible by the tensor-parallel degree "
+                                 f"parallel.tp_size = {tp} (each rank needs whole heads and equal shards)")
+
+
 def parameter_count(model: TransformerConfig) -> int:
     """Total parameters (a tied head counted once, as ``sum(p.numel() for p in model.parameters())``)."""
     return sum(p.numel for p in parameter_tensors(model))

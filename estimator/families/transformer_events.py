@@ -18,7 +18,7 @@ from estimator.families.transformer import (
     Kind,
     TransformerConfig,
     kind_bytes,
-    parameter_tensors,
+    sharded_parameter_tensors,
     tokens_per_sequence,
 )
 
@@ -36,6 +36,15 @@ from estimator.families.transformer import (
 PASS = "pass"  # an input whose gradient is the incoming gradient itself (add, views, cat)
 
 
+@dataclass(frozen=True)
+class TensorParallel:
+    """A tensor-parallel rank's layout (docs/tp.md): degree, sequence parallelism, vocabulary-parallel loss."""
+
+    size: int = 1
+    sequence: bool = False
+    loss: bool = False
+
+
 @dataclass
 class _T:
     name: str
@@ -46,6 +55,7 @@ class _T:
     ever_saved: bool = False
     dead: bool = False
     live: bool = True
+    grad_nbytes: int | None = None  # a view that allocates nothing (a DTensor over a local tensor): its gradient's size
 
 
 @dataclass
@@ -55,18 +65,26 @@ class _Node:
     saves: list[str]
     block: int  # checkpointed block index, or -1
     scratch: int = 0  # bytes the node's backward allocates and frees while computing its gradients
+    opaque: bool = False  # its input gradients are collective outputs: never summed into in place
 
 
 class _Sim:
     """Builds the event list of one forward + backward."""
 
-    def __init__(self, model: TransformerConfig, training: TrainingConfig, shape: StepShape) -> None:
+    def __init__(self, model: TransformerConfig, training: TrainingConfig, shape: StepShape,
+                 tp: TensorParallel | None = None) -> None:
         self.model, self.training, self.shape = model, training, shape
         self.seq = tokens_per_sequence(model, training)
         self.t = training.batch_size * self.seq
         self.autocast = shape.autocast
         self.fp32_stream = shape.parameter_bytes == 4
-        self.params = {p.name: p.numel for p in parameter_tensors(model)}
+        # tensor parallelism (docs/tp.md): this rank's shards of heads, d_ff and vocabulary
+        self.tp = tp if tp is not None and tp.size > 1 else None
+        self.tp_size = self.tp.size if self.tp else 1
+        self.params = {p.name: p.numel for p in sharded_parameter_tensors(model, self.tp_size)}
+        # DTensor's embedding backward makes the whole (V, d) gradient; the Shard(0) .grad is a view of it
+        self.grad_numel = {"tok_emb.weight": model.vocab_size * model.d_model} if self.tp else {}
+        self.opaque: set[str] = set()  # gradient buffers that are collective outputs (summed out of place)
         self.tensors: dict[str, _T] = {}
         self.records: list[tuple[str, _T, str]] = []  # ("alloc"|"free", tensor, phase)
         self.nodes: list[_Node] = []
@@ -103,6 +121,17 @@ class _Sim:
             tensor.live = False
             self.records.append(("free", tensor, self.phase))
 
+    def alias(self, name: str, of: str) -> str:
+        """A DTensor made ``from_local`` over ``of``: no storage of its own, a gradient of ``of``'s size."""
+        tensor = _T(name, 0, live=False)
+        tensor.grad_nbytes = self.grad_size(of)
+        self.tensors[name] = tensor
+        return name
+
+    def grad_size(self, name: str) -> int:
+        tensor = self.tensors[name]
+        return tensor.nbytes if tensor.grad_nbytes is None else tensor.grad_nbytes
+
     def dead(self, *names: str) -> None:
         """Python dropped its last reference; free now unless a node saves the tensor."""
         for name in names:
@@ -112,29 +141,38 @@ class _Sim:
                 self._free(tensor)
 
     def node(self, out: str, inputs: list[str | tuple[str, str]], saves: tuple[str, ...] = (),
-             scratch: int = 0) -> None:
+             scratch: int = 0, opaque: bool = False) -> None:
         ins = [(i, False) if isinstance(i, str) else (i[0], True) for i in inputs]
         if self.ckpt_block < 0 or self.recomputing:
             for s in saves:
                 self.tensors[s].saved_by += 1
                 self.tensors[s].ever_saved = True
         if not self.recomputing:
-            self.nodes.append(_Node(out, ins, list(saves), self.ckpt_block, scratch))
+            self.nodes.append(_Node(out, ins, list(saves), self.ckpt_block, scratch, opaque))
 
     # --- layers --------------------------------------------------------------------------
     def linear(self, prefix: str, x: str, n_in: int, n_out: int, weight: str, bias: str | None,
-               stop: bool = False) -> str:
+               stop: bool = False, split: str = "") -> str:
         """``F.linear``; under autocast it casts its input (and, once per forward, the weight).
 
         ``stop``: checkpoint recomputation ends here, right after the inputs are saved.
+        ``split`` (tensor parallelism, ``n_in``/``n_out`` already this rank's): "col" for
+        ``ColwiseParallel`` (its input hook makes a DTensor ``from_local``, whose backward all-reduces
+        the input gradient into a new buffer), "row" for ``RowwiseParallel`` (the partial output is
+        all-reduced into a new buffer and dropped; the backward passes the gradient through).
         """
         t = self.t
         saves: list[str] = []
-        cast = self.autocast and self.tensors[x].kind != "act"  # a 16-bit input is used as is
+        x_saved = x
+        if self.tp and split == "col":
+            xd = self.alias(f"{prefix}.x_dtensor", x)
+            self.node(xd, [x], opaque=True)
+            x = xd
+        cast = self.autocast and self.tensors[x_saved].kind != "act"  # a 16-bit input is used as is
         if cast:
             xc = self.new(f"{prefix}.x16", n_in * t, "act")
             self.node(xc, [x])
-            x = xc
+            x = x_saved = xc
         if self.autocast:  # cached casts, dropped when the forward's autocast region ends
             for param in (weight, bias):
                 cast_name = f"{param}.16bit"
@@ -143,17 +181,22 @@ class _Sim:
                     self.casts.add(cast_name)
             saves = [f"{weight}.16bit"]
         if stop:
-            for s in (x, *saves):
+            for s in (x_saved, *saves):
                 self.tensors[s].saved_by += 1
             if cast:
-                self.dead(x)
+                self.dead(x_saved)
             return ""
         out = self.new(f"{prefix}.out", n_out * t, "act")
         tag = "param16" if self.autocast else "param"
         params = [f"{tag}:{weight}"] + ([f"{tag}:{bias}"] if bias else [])
-        self.node(out, [*params, x], saves=(x, *saves))  # mm backward: weight grad, then input grad
+        self.node(out, [*params, x], saves=(x_saved, *saves))  # mm backward: weight grad, then input grad
         if cast:
-            self.dead(x)
+            self.dead(x_saved)
+        if self.tp and split == "row":  # Partial -> Replicate: an all-reduce into a new tensor
+            reduced = self.new(f"{prefix}.reduced", n_out * t, "act")
+            self.node(reduced, [(out, PASS)])
+            self.dead(out)
+            out = reduced
         return out
 
     def norm(self, prefix: str, x: str) -> str:
@@ -220,13 +263,13 @@ class _Sim:
 
     def attention(self, p: str, x: str) -> str:
         m, t, seq = self.model, self.t, self.seq
-        d, h, hq, hk = m.d_model, m.head_size, m.num_heads, m.kv_heads
+        d, h, hq, hk = m.d_model, m.head_size, m.num_heads // self.tp_size, m.kv_heads // self.tp_size
         qb = f"{p}.attn.q_proj.bias" if m.qkv_has_bias else None
         kb = f"{p}.attn.k_proj.bias" if m.qkv_has_bias else None
         vb = f"{p}.attn.v_proj.bias" if m.qkv_has_bias else None
-        q = self.linear(f"{p}.attn.q_proj", x, d, hq * h, f"{p}.attn.q_proj.weight", qb)
-        k = self.linear(f"{p}.attn.k_proj", x, d, hk * h, f"{p}.attn.k_proj.weight", kb)
-        v = self.linear(f"{p}.attn.v_proj", x, d, hk * h, f"{p}.attn.v_proj.weight", vb)
+        q = self.linear(f"{p}.attn.q_proj", x, d, hq * h, f"{p}.attn.q_proj.weight", qb, split="col")
+        k = self.linear(f"{p}.attn.k_proj", x, d, hk * h, f"{p}.attn.k_proj.weight", kb, split="col")
+        v = self.linear(f"{p}.attn.v_proj", x, d, hk * h, f"{p}.attn.v_proj.weight", vb, split="col")
         if m.positions == "rope":
             q_lin, q = q, self.rope(f"{p}.attn.q", q, hq)
             self.dead(q_lin)
@@ -275,16 +318,17 @@ class _Sim:
             # Locals `att` (probs) and `y` (pv) live until the attention forward returns.
             temps += [mask, probs, pv] + ([k, v] if 1 < hk < hq else [])
         ob = f"{p}.attn.o_proj.bias" if m.linear_bias else None
-        out = self.linear(f"{p}.attn.o_proj", y, hq * h, d, f"{p}.attn.o_proj.weight", ob)
+        out = self.linear(f"{p}.attn.o_proj", y, hq * h, d, f"{p}.attn.o_proj.weight", ob, split="row")
         self.dead(y, *temps)
         return out
 
     def mlp(self, p: str, x: str) -> str:
-        m, t, d, f = self.model, self.t, self.model.d_model, self.model.ffn_dim
+        m, t, d, f = self.model, self.t, self.model.d_model, self.model.ffn_dim // self.tp_size
 
         def lin(name: str, x: str, n_in: int, n_out: int, stop: bool = False) -> str:
             return self.linear(f"{p}.mlp.{name}", x, n_in, n_out, f"{p}.mlp.{name}.weight",
-                               f"{p}.mlp.{name}.bias" if m.linear_bias else None, stop=stop)
+                               f"{p}.mlp.{name}.bias" if m.linear_bias else None, stop=stop,
+                               split="row" if name == "down_proj" else "col")
 
         if m.mlp == "swiglu":
             gate = lin("gate_proj", x, d, f)
@@ -346,7 +390,13 @@ class _Sim:
         m, t, d, seq = self.model, self.t, self.model.d_model, self.seq
         self.mark("pre_forward", "root")
         emb = self.new("tok_emb.out", d * t, "stream")
-        self.node(emb, ["param:tok_emb.weight"])
+        self.node(emb, ["paramlookup:tok_emb.weight" if self.tp else "param:tok_emb.weight"])
+        if self.tp:  # RowwiseParallel embedding: a masked local lookup (a 0-dim tensor), then an all-reduce
+            self._free(self.tensors[self.new_bytes("tok_emb.mask_fill", 4, "temporary")])
+            reduced = self.new("tok_emb.reduced", d * t, "stream")
+            self.node(reduced, [(emb, PASS)])
+            self.dead(emb)
+            emb = reduced
         x = emb
         if m.positions == "learned":
             x = self.new("blocks.0.x_in", d * t, "stream")
@@ -377,15 +427,24 @@ class _Sim:
         hf = self.norm("norm_f", x)
         self.dead(x)
         head = "lm_head.weight" if not m.tie_embeddings else "tok_emb.weight"
-        logits = self.linear("lm_head", hf, d, m.vocab_size, head, None)
+        logits = self.linear("lm_head", hf, d, m.vocab_size // self.tp_size, head, None, split="col")
+        if self.tp and not self.tp.loss:  # ColwiseParallel head, Replicate output: all-gather, then cat
+            gathered = self.new("lm_head.all_gather", m.vocab_size * t, "act", role="temporary")
+            full = self.new("lm_head.logits", m.vocab_size * t, "act")
+            self.node(full, [logits])
+            self.dead(gathered, logits)
+            logits = full
         self.phase = "loss"
         loss_kind: Kind = "fp32" if self.autocast else "act"
         src = logits
+        # loss_parallel: the log-softmax and NLL of the vocabulary-sharded logits (their max, sum and
+        # target picks all-reduced, T elements each); its backward writes into the NLL's gradient
+        vocab = m.vocab_size // self.tp_size if self.tp and self.tp.loss else m.vocab_size
         if self.autocast:
-            src = self.new("logits.fp32", m.vocab_size * t, "fp32")
+            src = self.new("logits.fp32", vocab * t, "fp32")
             self.node(src, [logits])
-        logp = self.new("loss.log_probs", m.vocab_size * t, loss_kind)
-        self.node(logp, [src], saves=(logp,))
+        logp = self.new("loss.log_probs", vocab * t, loss_kind)
+        self.node(logp, [(src, PASS)] if self.tp and self.tp.loss else [src], saves=(logp,))
         if src != logits:
             self.dead(src)
         loss = self.new("loss", 1, loss_kind, role="temporary")
@@ -433,28 +492,33 @@ class _Sim:
             for name, passthrough in node.inputs:
                 if name.startswith("param"):
                     kind, _, pname = name.partition(":")
-                    self._param_grad(pname, kind == "param16", later)
+                    self._param_grad(pname, kind == "param16", later, lookup=kind == "paramlookup")
                     continue
                 if passthrough and incoming is not None:
                     key = incoming
                     refs[key] += 1
                 else:
                     count += 1
-                    key = self.new_bytes(f"grad.{name}#{count}", self.tensors[name].nbytes, "temporary")
+                    key = self.new_bytes(f"grad.{name}#{count}", self.grad_size(name), "temporary")
                     refs[key] = 1
+                    if node.opaque:
+                        self.opaque.add(key)
                 if name in buffers and self.sums_after_node(name):  # out of place, once the node has run
                     later.append(lambda n=name, k=key: self._sum_after_node(n, k, buffers, refs, release))
                 elif name in buffers:  # fan-in: accumulate into the buffer that is not shared
                     old = buffers[name]
-                    if refs[old] == 1:
+                    opaque = old in self.opaque or key in self.opaque  # a collective's output: old + new
+                    if refs[old] == 1 and not opaque:
                         release(key)
-                    elif refs[key] == 1:
+                    elif refs[key] == 1 and not opaque:
                         buffers[name] = key
                         release(old)
                     else:
                         count += 1
-                        total = self.new_bytes(f"grad.{name}#{count}", self.tensors[name].nbytes, "temporary")
+                        total = self.new_bytes(f"grad.{name}#{count}", self.grad_size(name), "temporary")
                         refs[total] = 1
+                        if opaque:
+                            self.opaque.add(total)
                         buffers[name] = total
                         release(old)
                         release(key)
@@ -493,26 +557,28 @@ class _Sim:
         if refs[old] == 1:
             release(key)
             return
-        total = self.new_bytes(f"grad.{name}#sum{len(self.records)}", self.tensors[name].nbytes, "temporary")
+        total = self.new_bytes(f"grad.{name}#sum{len(self.records)}", self.grad_size(name), "temporary")
         refs[total] = 1
         buffers[name] = total
         release(old)
         release(key)
 
-    def _param_grad(self, name: str, via_cast: bool, later: list[Callable[[], None]]) -> None:
+    def _param_grad(self, name: str, via_cast: bool, later: list[Callable[[], None]], lookup: bool = False) -> None:
         """A parameter's gradient, as mm/embedding backward computes it and AccumulateGrad keeps it.
 
         The node allocates the gradient (16-bit when it reaches an autocast weight cast). What
         happens after the node has released its inputs goes to ``later``: the cast back to the
         parameter dtype (ToCopyBackward), and for a tied weight's second gradient the out-of-place
-        ``.grad + new`` of AccumulateGrad.
+        ``.grad + new`` of AccumulateGrad. ``lookup``: the tensor-parallel embedding's gradient, made
+        whole (V, d) by DTensor and kept as a view when it is the first (untied) gradient.
         """
         numel = self.params[name]
         nbytes = numel * self.shape.gradient_bytes
+        made = self.grad_numel.get(name, numel) * self.shape.gradient_bytes if lookup else nbytes
         if via_cast:
             g16 = self.new(f"{name}.grad16", numel, "act", role="temporary")
         elif name in self.grads_done:
-            g16 = self.new_bytes(f"{name}.grad_extra", nbytes, "temporary")
+            g16 = self.new_bytes(f"{name}.grad_extra", made, "temporary")
         elif name == "pos_emb.weight":  # the batch-summed (S, d) gradient, then slice_backward
             rows = self.new("pos_emb.grad_rows", self.seq * self.model.d_model, "stream")
             self.grads_done.add(name)
@@ -521,7 +587,7 @@ class _Sim:
             return
         else:
             self.grads_done.add(name)
-            self.new_bytes(f"{name}.grad", nbytes, "gradient")
+            self.new_bytes(f"{name}.grad", made, "gradient")
             return
 
         def accumulate() -> None:
@@ -559,10 +625,11 @@ class _Sim:
 
 
 def step_events_with_marks(
-    model: TransformerConfig, training: TrainingConfig, shape: StepShape
+    model: TransformerConfig, training: TrainingConfig, shape: StepShape, tp: TensorParallel | None = None
 ) -> tuple[list[Event], list[tuple[int, str, str]]]:
-    """The events of :func:`step_events` and where FSDP2's per-block hooks run among them."""
-    sim = _Sim(model, training, shape)
+    """The events of :func:`step_events` and where FSDP2's per-block hooks run among them
+    (``tp``: one tensor-parallel rank's, docs/tp.md)."""
+    sim = _Sim(model, training, shape, tp)
     sim.forward()
     sim.backward()
     return sim.events(), sim.marks

@@ -33,7 +33,7 @@ from estimator.measure.models import step_parts, torch_optimizer_class, torch_op
 from estimator.measure.step import StepMeasurement, StepProbe, TrackerSource, gc_paused
 from estimator.measure.tracker import LiveTensorTracker
 
-MEASURED_STRATEGIES: tuple[str, ...] = ("ddp", "zero1", "zero3", "fsdp")
+MEASURED_STRATEGIES: tuple[str, ...] = ("ddp", "zero1", "zero3", "fsdp", "tp")
 DEFAULT_TIMEOUT_S = 120.0
 RANK_PROCESS_BYTES = 320 << 20
 """Resident memory of one spawned rank besides its tensors: the interpreter, torch and gloo. Measured on
@@ -247,7 +247,14 @@ def _measure_rank(config: Config, strategy: str, rank: int, world_size: int) -> 
     source = TrackerSource(tracker)
     grads = 0
     with tracker:
-        model = _wrap(parts.build_model(), strategy, world_size, config.parallel.reshard_after_forward)
+        if strategy == "tp" or config.parallel.tp_size > 1:  # tensor parallel, alone or on a 2-D mesh
+            from estimator.measure.tp import loss_context, wrap_tp
+
+            model = wrap_tp(parts.build_model(), config, strategy, world_size)
+            loss_ctx = lambda: loss_context(config)  # noqa: E731  (a fresh context each time: single use)
+        else:
+            model = _wrap(parts.build_model(), strategy, world_size, config.parallel.reshard_after_forward)
+            loss_ctx = contextlib.nullcontext
         inputs, target = parts.make_batch()
         optimizer = _optimizer(config, strategy, [p for p in model.parameters() if p.requires_grad])
         setup = tracker.live_bytes
@@ -258,7 +265,7 @@ def _measure_rank(config: Config, strategy: str, rank: int, world_size: int) -> 
             autocast: Any = contextlib.nullcontext()
             if parts.autocast_dtype is not None:
                 autocast = torch.autocast(device_type="cpu", dtype=parts.autocast_dtype)
-            with autocast:
+            with autocast, loss_ctx():
                 if parts.loss_fn is None:
                     pred, loss = None, model(*inputs, target)
                 else:
@@ -266,7 +273,8 @@ def _measure_rank(config: Config, strategy: str, rank: int, world_size: int) -> 
                     enter("loss")
                     loss = parts.loss_fn(pred, target)
             enter("backward")
-            loss.backward()
+            with loss_ctx():
+                loss.backward()
             grads = _bytes(p.grad for p in model.parameters())
             enter("optimizer_step")
             optimizer.step()

@@ -16,7 +16,7 @@ from estimator.config import Config
 from estimator.families.base import get_family
 from estimator.nogc import without_gc
 from estimator.optimizers import get_optimizer
-from estimator.parallel import ddp, fsdp, zero  # noqa: F401  (registers the strategies)
+from estimator.parallel import ddp, fsdp, tp, zero  # noqa: F401  (registers the strategies)
 from estimator.parallel.base import (
     MAX_WORLD_SIZE,
     STRATEGIES_BY_NAME,
@@ -32,7 +32,8 @@ from estimator.parallel.zero import zero_partition
 from estimator.precision import precision_plan
 from estimator.simulate import state_bytes
 
-STRATEGIES: tuple[str, ...] = tuple(n for n in ("ddp", "zero1", "zero2", "zero3", "fsdp") if n in STRATEGIES_BY_NAME)
+STRATEGIES: tuple[str, ...] = tuple(n for n in ("ddp", "zero1", "zero2", "zero3", "fsdp", "tp")
+                                    if n in STRATEGIES_BY_NAME)
 
 __all__ = ["MAX_WORLD_SIZE", "STRATEGIES", "RankEstimate", "RankGroup", "ddp_bucket_bytes", "model_state_bytes",
            "per_rank_estimate", "per_rank_estimates", "rank_groups", "zero_partition"]

@@ -1,0 +1,129 @@
+"""Tensor parallelism (Megatron-LM, Shoeybi et al. 2019) as torch runs it: ``--parallel tp`` (docs/tp.md).
+
+torch's plan for the transformer family (torchtitan's for Llama, ``estimator.measure.tp``): q/k/v and
+the MLP's gate/up ``ColwiseParallel``, the attention output and MLP down ``RowwiseParallel``, the token
+embedding ``RowwiseParallel`` over the vocabulary rows, the head ``ColwiseParallel`` (its logits
+all-gathered, or kept vocabulary-sharded into the loss with ``parallel.loss_parallel``), norms
+replicated. A rank holds 1/t of every sharded matrix and all of the replicated tensors
+(Llama-2-7B at t = 2: (P - norm weights)/2 + norm weights parameters).
+
+Every rank of a TP group holds the same sizes, so there is one distinct rank. Its step is the
+family's event simulation run with this rank's sizes (heads H/t and K/t, d_ff/t, vocabulary V/t) and
+the collectives' buffers where torch allocates them (``transformer_events``, ``split=``): a
+row-parallel output is all-reduced into a new tensor; a column-parallel input's gradient is all-reduced
+into a new tensor by the ``from_local`` node before it; the head's logits are all-gathered into a
+flat buffer and concatenated. Those sizes and moments were read off torch 2.13 on gloo
+(``ESTIMATOR_DIST_EVENTS``) and are checked against real ranks in ``tests/test_tp.py`` and
+``benchmarks/tp_accuracy.py``.
+"""
+
+from __future__ import annotations
+
+from estimator.config import Config
+from estimator.errors import EstimatorError
+from estimator.events import Event, alloc, free
+from estimator.families.base import ParamTensor, get_family
+from estimator.parallel.base import RankContext, RankEstimate, RankStep, local_model_states, register_strategy
+from estimator.simulate import _shape_key, layered_step, optimizer_step_events, state_events, step_shape
+
+
+def tp_degree(config: Config, strategy: str, world_size: int) -> int:
+    """The tensor-parallel degree t in force: the world size for ``tp`` alone (``parallel.tp_size`` must agree)."""
+    t = config.parallel.tp_size
+    if strategy == "tp":
+        if t not in (1, world_size):
+            raise EstimatorError(f"parallel.tp_size: {t} differs from the world size {world_size}; --parallel tp "
+                                 f"alone puts every rank in one tensor-parallel group (for dp x tp use fsdp)")
+        return world_size
+    return t
+
+
+def check_layout(config: Config, t: int) -> None:
+    """What the modelled plan supports: the transformer family, sharded sizes divisible by t."""
+    from estimator.families.transformer import check_tensor_parallel
+
+    if config.model.family != "transformer":
+        raise EstimatorError(f"--parallel tp: tensor parallelism is modelled for the transformer family, "
+                             f"not {config.model.family!r}")
+    if config.parallel.sequence_parallel:
+        raise EstimatorError("parallel.sequence_parallel: not modelled yet (TP without sequence parallelism only; "
+                             "docs/tp.md)")
+    if config.training.activation_checkpointing != "none":
+        raise EstimatorError("training.activation_checkpointing: not modelled under tensor parallelism "
+                             "(expected none)")
+    check_tensor_parallel(config.model, t)
+
+
+def local_parameters(config: Config, t: int) -> list[ParamTensor]:
+    """This rank's parameter tensors (their local shapes), in ``named_parameters()`` order."""
+    from estimator.families.transformer import sharded_parameter_tensors
+
+    return sharded_parameter_tensors(config.model, t)
+
+
+def gradient_numel(config: Config, p: ParamTensor) -> int:
+    """Elements of a parameter's ``.grad`` storage: DTensor's embedding backward makes the whole (V, d)
+    gradient and the Shard(0) ``.grad`` is a view of it (measured: 12,288 B for a 48 x 32 fp32 shard);
+    a tied head's gradient comes first, and AccumulateGrad's out-of-place sum is shard-sized."""
+    if p.name == "tok_emb.weight" and not config.model.tie_embeddings:
+        return config.model.vocab_size * config.model.d_model
+    return p.numel
+
+
+def tp_events(config: Config, t: int, device: str, impl: str, step_bytes: int
+              ) -> tuple[list[Event], list[Event], list[Event]]:
+    """Setup, first and steady step of one tensor-parallel rank (every rank alike)."""
+    from estimator.families.transformer_events import TensorParallel, step_events_with_marks
+    from estimator.optimizers import get_optimizer
+
+    family = get_family(config.model.family)
+    shape = step_shape(config)
+    spec = get_optimizer(config.optimizer.name)
+    params = local_parameters(config, t)
+    trainable = [p for p in params if p.trainable]
+    layout = TensorParallel(t, config.parallel.sequence_parallel, config.parallel.loss_parallel)
+    body, _ = step_events_with_marks(config.model, config.training, shape, layout)
+    setup = [alloc(p.name, "parameter", p.numel * shape.parameter_bytes, "setup") for p in params]
+    if device == "cpu":  # DeviceMesh keeps torch.arange(t, dtype=int32) as its rank map, always on the CPU
+        setup.append(alloc("device_mesh.rank_map", "temporary", 4 * t, "setup"))
+    setup += family.input_events(config.model, config.training, shape)
+    if spec.state_init == "constructor":
+        setup += state_events(spec, params, config, "setup", step_bytes)
+    tail = [free(f"{p.name}.grad", "gradient", gradient_numel(config, p) * shape.gradient_bytes, "zero_grad")
+            for p in trainable]
+    tail += family.end_of_step_events(config.model, config.training, shape)
+    first = body + optimizer_step_events(spec, trainable, config, impl, step_bytes, first=True) + tail
+    steady = body + optimizer_step_events(spec, trainable, config, impl, step_bytes, first=False) + tail
+    return setup, first, steady
+
+
+@register_strategy
+class TensorParallelStrategy:
+    """TP alone: ``world_size`` ranks in one tensor-parallel group."""
+
+    name = "tp"
+
+    def groups(self, ctx: RankContext) -> list[tuple[tuple[tuple[int, int], ...], int]]:
+        return [(((0, ctx.world_size - 1),), 0)]  # every rank holds the same sizes
+
+    def estimate(self, ctx: RankContext, rank: int) -> RankEstimate:
+        config, device = ctx.config, ctx.device
+        t = tp_degree(config, self.name, ctx.world_size)
+        check_layout(config, t)
+        if t == 1:
+            raise EstimatorError("--world-size: tensor parallelism needs at least 2 ranks, got 1")
+        plan = ctx.plan
+        params = local_parameters(config, t)
+        trainable = [p for p in params if p.trainable]
+
+        def build(cfg: Config) -> tuple[list[Event], list[Event], list[Event]]:
+            return tp_events(cfg, t, device, ctx.impl, ctx.step_bytes)
+
+        key = (_shape_key(config, device), "tp", t)
+        step = layered_step(config, build, ctx.round if device == "cuda" else None, key)
+        parameters = sum(p.numel for p in params) * plan.parameter_bytes
+        gradients = sum(gradient_numel(config, p) for p in trainable) * plan.gradient_bytes
+        state, step_tensors = local_model_states(ctx, trainable)
+        saved = step.saved_activation_bytes
+        return RankEstimate(self.name, ctx.world_size, rank, parameters, gradients, state, step_tensors, saved, 0,
+                            RankStep(step.first_peak, step.steady_peak, saved))
