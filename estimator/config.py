@@ -220,16 +220,19 @@ class OptimizerConfig(StrictModel):
 
 
 # Family configs live with their families; imported here, after the base classes they build on.
+from estimator.families.hf import HFModelConfig  # noqa: E402
 from estimator.families.module import ModuleConfig  # noqa: E402
 from estimator.families.moe import MoEConfig  # noqa: E402
 from estimator.families.transformer import TransformerConfig  # noqa: E402
 
 FAMILY_CONFIGS: dict[str, type[StrictModel]] = {"mlp": MLPConfig, "transformer": TransformerConfig,
-                                                "module": ModuleConfig, "moe": MoEConfig}
-ModelConfig = Annotated[Union[MLPConfig, TransformerConfig, ModuleConfig, MoEConfig], Field(discriminator="family")]
+                                                "module": ModuleConfig, "moe": MoEConfig, "hf": HFModelConfig}
+ModelConfig = Annotated[Union[MLPConfig, TransformerConfig, ModuleConfig, MoEConfig, HFModelConfig],
+                        Field(discriminator="family")]
 
-MODEL_SOURCE_KEYS = ("preset", "hf_config")
-"""Other ways to give the model section: a named preset, or a local Hugging Face config.json."""
+MODEL_SOURCE_KEYS = ("preset", "hf_config", "hub")
+"""Other ways to give the model section: a named preset, a local Hugging Face config.json, or a hub id
+(``org/name``, read through huggingface_hub's cache; docs/hf.md)."""
 
 
 def model_config_class(section: dict[str, Any]) -> type[StrictModel]:
@@ -240,10 +243,10 @@ def model_config_class(section: dict[str, Any]) -> type[StrictModel]:
 
             preset = PRESETS.get(section["preset"].strip().lower())
             return FAMILY_CONFIGS.get(preset.family if preset else "transformer", MLPConfig)
-        if isinstance(section.get("hf_config"), str):  # an MoE config.json validates as the moe family
-            from estimator.hf_config import family_of
+        if isinstance(section.get("hf_config"), str) or isinstance(section.get("hub"), str):  # moe, hf or transformer
+            from estimator.hf_config import section_family
 
-            return FAMILY_CONFIGS.get(family_of(section["hf_config"]), MLPConfig)
+            return FAMILY_CONFIGS.get(section_family(section), MLPConfig)
         return FAMILY_CONFIGS.get("transformer", MLPConfig)
     default = "module" if "module" in section else "mlp"  # `module: pkg:factory` implies the module family
     return FAMILY_CONFIGS.get(str(section.get("family", default)), MLPConfig)
@@ -271,10 +274,9 @@ def expand_model_section(section: dict[str, Any], source_dir: Path) -> dict[str,
 
         base = get_preset(str(value)).fields()
     else:
-        from estimator.hf_config import read_hf_config
+        from estimator.hf_config import expand_hf_section
 
-        path = Path(str(value)).expanduser()
-        base = read_hf_config(path if path.is_absolute() else source_dir / path)
+        return expand_hf_section({key: value, **section}, source_dir)  # analytic, or the real model (docs/hf.md)
     return {**base, **section}
 
 
@@ -290,6 +292,8 @@ class Config(StrictModel):
     )
     # 'path=value' pairs a preset or hf_config model got from presets.TRAINING_DEFAULTS (for the header)
     _training_defaults: tuple[str, ...] = PrivateAttr(default=())
+    # an hf_config/hub model's checkpoint beside its config.json (safetensors_header.CheckpointCount), or None
+    _checkpoint: Any = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _options_that_apply(self) -> Config:
@@ -309,6 +313,11 @@ class Config(StrictModel):
         if isinstance(layers, int) and layers > MAX_LAYERS:
             raise ValueError(f"model.num_layers: at most {MAX_LAYERS:,} layers, got {layers:,}")
         return self
+
+    @property
+    def checkpoint(self) -> Any:
+        """The safetensors count of the checkpoint beside an hf_config/hub config.json (None without one)."""
+        return self._checkpoint
 
     @property
     def training_defaults(self) -> tuple[str, ...]:

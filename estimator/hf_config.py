@@ -273,12 +273,8 @@ def supported_model_types() -> list[str]:
     return sorted(_READERS)
 
 
-def read_hf_config(path: str | Path) -> dict[str, Any]:
-    """TransformerConfig field values (``family`` included) from a local HF ``config.json``.
-
-    ``path`` may be the file or the directory holding it. Problems raise EstimatorError with one
-    line naming the file (and the key).
-    """
+def load_config_json(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """The file (``path`` or ``path/config.json``) and its JSON object; one-line errors naming the file."""
     p = Path(path)
     if p.is_dir():
         p = p / "config.json"
@@ -293,9 +289,24 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
         raise EstimatorError(f"cannot read {p}: {exc}") from None
     if not isinstance(data, dict):
         raise EstimatorError(f"{p}: expected a JSON object, got {type(data).__name__}")
-    model_type = data.get("model_type")
-    if model_type is None:
+    if data.get("model_type") is None:
         raise EstimatorError(f"{p}: missing key 'model_type'")
+    return p, data
+
+
+def read_hf_config(path: str | Path) -> dict[str, Any]:
+    """TransformerConfig field values (``family`` included) from a local HF ``config.json``.
+
+    ``path`` may be the file or the directory holding it. Problems raise EstimatorError with one
+    line naming the file (and the key).
+    """
+    p, data = load_config_json(path)
+    return analytic_values(p, data)
+
+
+def analytic_values(p: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """The analytic family's field values for the config.json ``data`` read from ``p``."""
+    model_type = data.get("model_type")
     reader = _READERS.get(model_type) if isinstance(model_type, str) else None
     if reader is None:
         raise EstimatorError(
@@ -303,3 +314,95 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
         )
     values = reader(_Reader(p, data))
     return {"family": "transformer", **{k: v for k, v in values.items() if v is not None}}
+
+
+# --------------------------------------------------------------------------- hf_config / hub sections
+ENGINES = ("analytic", "transformers")
+"""``model.engine``: the analytic families (instant, the types above) or the real transformers model traced."""
+HF_SOURCE_KEYS = ("hf_config", "hub")
+
+
+def config_json_path(key: str, value: Any, source_dir: Path) -> Path:
+    """The config.json a ``hf_config: PATH`` (relative to ``source_dir``) or ``hub: org/name`` names."""
+    if not isinstance(value, str) or not value.strip():
+        raise EstimatorError(f"model.{key}: expected a {'path' if key == 'hf_config' else 'hub id org/name'}, "
+                             f"got {value!r}")
+    if key == "hub":
+        from estimator.hub import hub_file
+
+        return hub_file(value.strip())
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else source_dir / path
+
+
+def _engine(section: dict[str, Any], model_type: Any) -> str:
+    engine = section.pop("engine", None)
+    if engine is not None and engine not in ENGINES:
+        raise EstimatorError(f"model.engine: expected one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine is None:
+        return "analytic" if model_type in _READERS else "transformers"
+    if engine == "analytic" and model_type not in _READERS:
+        raise EstimatorError(f"model.engine: the analytic families cover {', '.join(supported_model_types())}, "
+                             f"not {model_type!r}; use engine: transformers (the real model, traced)")
+    return engine
+
+
+def expand_hf_section(section: dict[str, Any], source_dir: Path) -> dict[str, Any]:
+    """A model section with ``hf_config`` or ``hub`` as the family section it stands for.
+
+    The analytic family (``transformer``/``moe``) for a covered ``model_type`` unless ``engine:
+    transformers``; the ``hf`` family (the real transformers model, traced; docs/hf.md) otherwise.
+    Keys beside the source override: the analytic family's fields, or for ``hf`` ``task`` and
+    ``config: {key: value}`` (merged into config.json's keys).
+    """
+    from estimator.families.hf import INSTALL_HINT, transformers_installed
+
+    section = dict(section)
+    key = next(k for k in HF_SOURCE_KEYS if k in section)
+    value = section.pop(key)
+    path, data = load_config_json(config_json_path(key, value, source_dir))
+    model_type = data.get("model_type")
+    engine = _engine(section, model_type)
+    if engine == "analytic":
+        return {**analytic_values(path, data), **section}
+    if not transformers_installed():
+        covered = "" if model_type not in _READERS else " with engine: transformers"
+        raise EstimatorError(f"model.{key}: model_type {model_type!r}{covered} is built by transformers, which is "
+                             f"not installed (the analytic families cover {', '.join(supported_model_types())}); "
+                             f"{INSTALL_HINT}")
+    overrides = section.pop("config", {})
+    if not isinstance(overrides, dict):
+        raise EstimatorError(f"model.config: expected a mapping of config.json keys, got {overrides!r}")
+    section.pop("family", None)
+    return {"family": "hf", "config": {**data, **overrides}, "source": str(value), **section}
+
+
+def section_family(section: dict[str, Any], source_dir: Path | None = None) -> str:
+    """The family a raw ``hf_config``/``hub`` section validates as (``hf``, ``moe`` or ``transformer``),
+    for --set path checks; ``transformer`` when the file cannot be read (validation reports that)."""
+    key = next((k for k in HF_SOURCE_KEYS if k in section), None)
+    if key is None:
+        return "transformer"
+    try:
+        _, data = load_config_json(config_json_path(key, section[key], source_dir or Path.cwd()))
+    except EstimatorError:
+        return "transformer"
+    model_type = data.get("model_type")
+    engine = section.get("engine")
+    if engine == "transformers" or (engine is None and model_type not in _READERS):
+        return "hf"
+    return "moe" if model_type in MOE_TYPES else "transformer"
+
+
+def checkpoint_of(section: dict[str, Any], source_dir: Path) -> Any:
+    """The safetensors count of the checkpoint beside an ``hf_config``/``hub`` config.json, or None.
+
+    Only what is already on disk is read (the headers); for a hub id nothing is downloaded but config.json.
+    """
+    from estimator.safetensors_header import checkpoint_count
+
+    key = next((k for k in HF_SOURCE_KEYS if k in section), None)
+    if key is None:
+        return None
+    path, _ = load_config_json(config_json_path(key, section[key], source_dir))
+    return checkpoint_count(path.parent)

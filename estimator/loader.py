@@ -240,7 +240,7 @@ def check_override_path(data: dict[str, Any], path: list[str], text: str) -> Non
             return
         fields: dict[str, Any] = dict(model.model_fields)
         if depth == 1 and path[0] == "model":
-            fields.update(dict.fromkeys(MODEL_SOURCE_KEYS))
+            fields.update(dict.fromkeys((*MODEL_SOURCE_KEYS, "engine")))
         if part not in fields:
             where = ".".join(path[:depth]) or "the config"
             raise EstimatorError(f"--set {text}: {where} has no field {part!r}"
@@ -280,17 +280,21 @@ def load_config(
 def validate_config(data: dict[str, Any], source_dir: Path | None = None) -> Config:
     """Validate a mapping into a :class:`Config`, every problem one line naming its field path."""
     from estimator.config import expand_model_section
+    from estimator.hf_config import HF_SOURCE_KEYS, checkpoint_of
     from estimator.presets import apply_training_defaults
 
     data = dict(data)
     defaults = apply_training_defaults(data)  # a preset / hf_config model: AdamW, amp-bf16 unless given
-    if isinstance(data.get("model"), dict):
-        data["model"] = expand_model_section(data["model"], source_dir or Path.cwd())
+    raw_model = data.get("model")
+    if isinstance(raw_model, dict):
+        data["model"] = expand_model_section(raw_model, source_dir or Path.cwd())
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
         raise EstimatorError(*format_validation_error(exc)) from None
     config._training_defaults = defaults
+    if isinstance(raw_model, dict) and any(key in raw_model for key in HF_SOURCE_KEYS):
+        config._checkpoint = checkpoint_of(raw_model, source_dir or Path.cwd())  # safetensors headers beside it
     return config
 
 

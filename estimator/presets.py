@@ -158,13 +158,13 @@ seed's AdaGrad in fp32. An explicit ``-o``/``-p``, ``--set`` or a config file's 
 
 
 def apply_training_defaults(data: dict[str, Any]) -> tuple[str, ...]:
-    """Fill :data:`TRAINING_DEFAULTS` into a raw config whose model is a preset or an hf_config.
+    """Fill :data:`TRAINING_DEFAULTS` into a raw config whose model is a preset, an hf_config or a hub id.
 
     Only keys the config leaves out are filled; the sections are replaced by new dicts (the caller's
     nested mappings are not modified). Returns the ``path=value`` pairs filled in, for the header.
     """
     model = data.get("model")
-    if not isinstance(model, dict) or not any(key in model for key in ("preset", "hf_config")):
+    if not isinstance(model, dict) or not any(key in model for key in ("preset", "hf_config", "hub")):
         return ()
     applied = []
     for path, value in TRAINING_DEFAULTS.items():
@@ -184,3 +184,36 @@ def preset_names() -> list[str]:
 def get_preset(name: str) -> Preset:
     """The preset called ``name`` (case-insensitive); EstimatorError names the closest match."""
     return lookup(PRESETS, name, "model.preset", "preset")
+
+
+def model_section(name: str) -> dict[str, Any]:
+    """The model section ``--model NAME`` stands for, looked up in this order:
+
+    1. a preset name (``estimator models``; case-insensitive): ``{preset: NAME}``;
+    2. a local path: a ``config.json`` (or any JSON file) or a directory holding one: ``{hf_config: PATH}``;
+    3. a hub id ``org/name`` (optionally ``@revision``): ``{hub: org/name}``, read through
+       huggingface_hub's cache (``estimator.hub``; docs/hf.md).
+
+    Anything else is an error naming the closest preset.
+    """
+    from pathlib import Path
+
+    from estimator.hub import is_hub_id
+
+    text = name.strip()
+    if text.lower() in PRESETS:
+        return {"preset": text}
+    path = Path(text).expanduser()
+    try:
+        local = path.is_file() or (path.is_dir() and (path / "config.json").is_file())
+    except OSError:
+        local = False
+    if local:
+        return {"hf_config": str(path.resolve())}
+    if is_hub_id(text):
+        return {"hub": text}
+    from estimator.errors import EstimatorError
+    from estimator.names import did_you_mean
+
+    raise EstimatorError(f"--model {name}: not a preset (`estimator models`), a local config.json or a directory "
+                         f"holding one, or a hub id org/name{did_you_mean(text.lower(), list(PRESETS))}")

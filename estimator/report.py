@@ -49,6 +49,8 @@ def describe(est: Estimate) -> str:
         shape = f"mlp D={model.dim}, {model.num_layers} layers"
     elif model.family == "module":
         shape = f"module {model.module}"
+    elif model.family == "hf":  # the real transformers model, traced (docs/hf.md)
+        shape = model.describe()
     else:
         shape = f"{model.family} d_model={getattr(model, 'd_model', '?')}, {getattr(model, 'num_layers', '?')} layers"
     opt = cfg.optimizer
@@ -440,7 +442,9 @@ def optimizer_state_summary(name: str) -> str:
 def render_verification(ver: Any, console: Console, tolerance: float | None, plot_points: bool = False) -> None:
     """Estimate and measurement side by side, with ratios and what the seed's sum leaves out."""
     est, m = ver.estimate, ver.measurement
-    console.print(Text(describe(est) + f" · measured on {m.device} with {ver.impl} optimizers", style="bold"))
+    model_run = ver.model_run if est.config.model.family == "hf" else None  # transformers' class, named
+    console.print(Text(describe(est) + f" · measured on {m.device} with {ver.impl} optimizers"
+                       + (f" · model run: {model_run}" if model_run else ""), style="bold"))
     note = defaults_note(est)
     if note:
         console.print(Text(note, style="dim"))

@@ -66,11 +66,40 @@ def step_parts(config: Config, device: torch.device) -> StepParts:
         from estimator.measure.moe_verify import moe_step_parts
 
         return moe_step_parts(config, device, dtype, autocast)
+    if model.family == "hf":  # the real transformers model, as the estimate traced it (docs/hf.md)
+        from estimator.families.hf import module_config, module_training
+        from estimator.measure.module_parts import module_step_parts
+
+        as_module = config.model_copy(update={"model": module_config(model, config.training),
+                                              "training": module_training(config.training)})
+        return module_step_parts(as_module, device, dtype, autocast)
     if model.family == "module":
         from estimator.measure.module_parts import module_step_parts
 
         return module_step_parts(config, device, dtype, autocast)
     raise EstimatorError(f"model.family: verify cannot build {model.family!r} models")
+
+
+def model_run(config: Config) -> str:
+    """Which torch model ``verify`` builds for ``config``, in words (the header and ``measured.model``).
+
+    An ``hf`` model is transformers' own class (docs/hf.md); the analytic families run the project's
+    re-implementations, whose figures the estimate models.
+    """
+    model = config.model
+    if model.family == "hf":
+        import transformers
+
+        from estimator.families.hf import module_config
+        from estimator.measure.hf_model import model_class_name
+
+        kwargs = module_config(model, config.training).kwargs
+        return f"transformers {transformers.__version__} {model_class_name(kwargs['config'], kwargs['task'])}"
+    if model.family == "module":
+        return f"{model.module}(**kwargs)"
+    return {"mlp": "estimator.measure.mlp (the seed's Cruncher)",
+            "transformer": "estimator.measure.transformer (the project's decoder-only transformer)",
+            "moe": "estimator.measure.moe (the project's MoE transformer)"}.get(model.family, model.family)
 
 
 def optimizer_factory(config: Config, impl: str = "torch") -> Callable[[Iterable[nn.Parameter]], Any]:

@@ -164,8 +164,8 @@ def module_loss(kind: str) -> Callable[[Any, Tensor], Tensor]:
 
     def loss_fn(pred: Any, target: Tensor) -> Tensor:
         out = first_output(pred)
-        if kind == "sum":
-            return out.sum()
+        if kind == "sum":  # a scalar (a model that returns its own loss, e.g. transformers') is taken as is
+            return out if out.dim() == 0 else out.sum()
         if kind == "mse":
             return F.mse_loss(out, target)
         classes = out.shape[-1]

@@ -12,7 +12,7 @@ from estimator.api import Estimate, estimate
 from estimator.comparison import Row
 from estimator.config import Config
 from estimator.errors import EstimatorError
-from estimator.measure.models import optimizer_factory, step_parts
+from estimator.measure.models import model_run, optimizer_factory, step_parts
 from estimator.measure.step import Measurement, free_bytes, measure_training_step, resolve_device
 from estimator.units import human_bytes
 
@@ -29,6 +29,7 @@ class Verification:
     rows: list[Row]
     impl: str
     routing: Any = None  # MoE: estimator.measure.moe_verify.RoutingCheck (the measured tokens per expert)
+    model_run: str | None = None  # the torch model built and run (estimator.measure.models.model_run)
 
     def failures(self, tolerance: float) -> list[Row]:
         return [row for row in self.rows if not row.within(tolerance)]
@@ -42,6 +43,7 @@ class Verification:
         data["optimizer_impl"] = self.impl
         data["measured"] = {
             "device": m.device,
+            "model": self.model_run,
             "method": measurement_method(m),
             "peak_bytes": real_steady.peak_bytes - m.baseline_bytes,
             "first_step_peak_bytes": real_first.peak_bytes - m.baseline_bytes,
@@ -134,7 +136,7 @@ def run_verify(
         from estimator.measure.moe_verify import remeasured
 
         est, routing = remeasured(config, est, parts, device_kind(device))
-    return Verification(est, measurement, compare_rows(est, measurement), impl, routing)
+    return Verification(est, measurement, compare_rows(est, measurement), impl, routing, model_run(config))
 
 
 def compare_rows(est: Estimate, m: Measurement) -> list[Row]:
