@@ -117,6 +117,10 @@ class ParallelConfig(StrictModel):
     loss_parallel: bool = Field(
         False, description="tp: keep the head's logits vocabulary-sharded into the loss (torch's loss_parallel)"
     )
+    reduce_dtype: Literal["fp32", "param"] = Field(
+        "fp32", description="zero3/fsdp with training.master_weights: FSDP2 MixedPrecisionPolicy.reduce_dtype, "
+        "fp32 or the 16-bit param dtype (gradients reduce-scattered in it)"
+    )
 
 
 class TrainingConfig(StrictModel):
@@ -128,6 +132,19 @@ class TrainingConfig(StrictModel):
     activation_checkpointing: Literal["none", "full"] = Field(
         "none", description="full: keep only each block's input, recompute the rest in backward"
     )
+    master_weights: bool = Field(
+        False, description="bf16/fp16: keep an fp32 master copy the optimizer updates (ZeRO/DeepSpeed/Megatron); "
+        "under zero3/fsdp it is FSDP2's MixedPrecisionPolicy (fp32 shards, 16-bit all-gather): docs/precision.md"
+    )
+
+    @field_validator("master_weights")
+    @classmethod
+    def _master_needs_16_bit(cls, value: bool, info: ValidationInfo) -> bool:
+        precision = info.data.get("precision")
+        if value and precision not in ("bf16", "fp16"):
+            raise ValueError(f"applies to the 16-bit precisions bf16 and fp16 (their fp32 master copy), "
+                             f"not {precision!r}; amp-* keeps fp32 weights already")
+        return value
 
 
 Implementation = Literal["auto", "for-loop", "foreach", "fused"]

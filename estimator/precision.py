@@ -7,11 +7,17 @@ Conventions (PyTorch semantics):
 * ``amp-bf16`` / ``amp-fp16``: ``torch.autocast`` mixed precision (Micikevicius et al. 2018,
   "Mixed Precision Training"): parameters, gradients and optimizer state stay fp32; matmul outputs
   (activations) are 16-bit, and autocast caches a 16-bit copy of each weight during forward.
+* ``bf16`` / ``fp16`` with ``training.master_weights``: 16-bit weights, gradients and compute, and an
+  fp32 master copy that the optimizer updates, its state in fp32 too (Micikevicius et al. 2018,
+  section 3.1; the ZeRO paper's 2 + 2 + 12 bytes per parameter for Adam, Rajbhandari et al. 2020,
+  section 3.1). Under zero3/fsdp the fp32 shards are the master copy (FSDP2's MixedPrecisionPolicy):
+  see :mod:`estimator.layouts`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 DTYPE_BYTES: dict[str, int] = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "int64": 8}
 
@@ -24,6 +30,7 @@ class PrecisionPlan:
     parameter_dtype: str
     activation_dtype: str
     autocast: bool
+    master: bool = False  # an fp32 master copy is what the optimizer steps (training.master_weights)
 
     @property
     def parameter_bytes(self) -> int:
@@ -36,8 +43,13 @@ class PrecisionPlan:
 
     @property
     def state_bytes(self) -> int:
-        """Optimizer state takes the parameter's dtype (``torch.zeros_like(param)``)."""
-        return DTYPE_BYTES[self.parameter_dtype]
+        """Optimizer state takes the dtype of what it steps (``torch.zeros_like(param)``): fp32 for a master copy."""
+        return 4 if self.master else DTYPE_BYTES[self.parameter_dtype]
+
+    @property
+    def master_bytes(self) -> int:
+        """Bytes per element of the fp32 master copy (0 without one)."""
+        return 4 if self.master else 0
 
     @property
     def activation_bytes(self) -> int:
@@ -53,6 +65,16 @@ PRECISIONS: dict[str, PrecisionPlan] = {
 }
 
 
-def precision_plan(name: str) -> PrecisionPlan:
-    """The plan for a validated precision name."""
-    return PRECISIONS[name]
+def precision_plan(name: str, master: bool = False) -> PrecisionPlan:
+    """The plan for a validated precision name (``master``: training.master_weights, 16-bit names only)."""
+    plan = PRECISIONS[name]
+    if master:
+        if plan.autocast or plan.parameter_dtype == "fp32":
+            raise ValueError(f"training.master_weights: applies to bf16 and fp16, not {name!r}")
+        return PrecisionPlan(plan.name, plan.parameter_dtype, plan.activation_dtype, plan.autocast, master=True)
+    return plan
+
+
+def training_plan(training: Any) -> PrecisionPlan:
+    """The plan of a TrainingConfig: its precision and whether it keeps fp32 master weights."""
+    return precision_plan(training.precision, bool(getattr(training, "master_weights", False)))

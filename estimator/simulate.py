@@ -15,6 +15,14 @@ from functools import cached_property
 from estimator.config import Config
 from estimator.events import Event, alloc, free
 from estimator.families.base import ParamTensor, StepShape, get_family
+from estimator.layouts import (
+    master_copy_bytes,
+    master_grad_events,
+    master_grad_free_events,
+    master_setup_events,
+    master_weights,
+    separate_master_copy,
+)
 from estimator.optimizers import OptimizerSpec, get_optimizer
 from estimator.periodic import (
     BASE_LAYERS,
@@ -26,7 +34,7 @@ from estimator.periodic import (
     role_bytes,
     summary_of,
 )
-from estimator.precision import DTYPE_BYTES, precision_plan
+from estimator.precision import DTYPE_BYTES, precision_plan, training_plan
 from estimator.timeline import LiveTensor, Peak, curve, peak_of, replay, scan
 
 STEP_TENSOR_BYTES = 4  # torch keeps 'step' as a float32 scalar tensor per parameter
@@ -218,7 +226,7 @@ def step_shape(config: Config) -> StepShape:
 
 def state_nbytes(spec: OptimizerSpec, param: ParamTensor, config: Config) -> list[tuple[str, int]]:
     """(name, bytes) of each state tensor of ``param``, in the order torch creates them."""
-    default = precision_plan(config.training.precision).state_bytes
+    default = training_plan(config.training).state_bytes
     return [
         (s.name, s.numel * (DTYPE_BYTES[s.dtype] if s.dtype else default))
         for s in spec.state_tensors(param, config.optimizer)
@@ -262,16 +270,21 @@ def step_events(
     # torch keeps the 'step' scalars on the CPU unless the kernel is fused (or capturable)
     step_bytes = STEP_TENSOR_BYTES if device == "cpu" or impl == "fused" else 0
 
+    trainable = [p for p in params if p.trainable]
+    master = separate_master_copy(config)  # bf16/fp16 + training.master_weights: fp32 masters (layouts.py)
     setup = [alloc(p.name, "parameter", p.numel * shape.parameter_bytes, "setup") for p in params]
     setup += family.input_events(config.model, config.training, shape)
+    if master:
+        setup += master_setup_events(trainable)
     if spec.state_init == "constructor":
         setup += state_events(spec, params, config, "setup", step_bytes)
 
     body = family.forward_backward_events(config.model, config.training, shape)
-    tail = _zero_grad_events(params, shape) + family.end_of_step_events(config.model, config.training, shape)
-    trainable = [p for p in params if p.trainable]
-    first = body + optimizer_step_events(spec, trainable, config, impl, step_bytes, first=True) + tail
-    steady = body + optimizer_step_events(spec, trainable, config, impl, step_bytes, first=False) + tail
+    tail = _zero_grad_events(params, shape) + (master_grad_free_events(trainable) if master else [])
+    tail += family.end_of_step_events(config.model, config.training, shape)
+    to_master = master_grad_events(trainable) if master else []
+    first = body + to_master + optimizer_step_events(spec, trainable, config, impl, step_bytes, first=True) + tail
+    steady = body + to_master + optimizer_step_events(spec, trainable, config, impl, step_bytes, first=False) + tail
 
     if device == "cuda" and rounded:
         setup, first, steady = (round_blocks(e) for e in (setup, first, steady))
@@ -327,7 +340,7 @@ def optimizer_step_events(
     events: list[Event] = []
     if first and spec.state_init == "first_step":
         events += state_events(spec, params, config, phase, step_bytes)
-    elem = precision_plan(config.training.precision).state_bytes
+    elem = training_plan(config.training).state_bytes
     inline_state = first and spec.state_init == "first_step_inline"
     if implementation == "fused":
         return events + (state_events(spec, params, config, phase, step_bytes) if inline_state else [])
@@ -401,11 +414,17 @@ def _zero_grad_events(params: list[ParamTensor], shape: StepShape) -> list[Event
     ]
 
 
-def state_bytes(spec: OptimizerSpec, params: list[ParamTensor], config: Config) -> int:
-    """Optimizer-state bytes of ``params``, one state layout per distinct shape (state depends on shape only)."""
+def state_bytes(spec: OptimizerSpec, params: list[ParamTensor], config: Config, master_copy: bool | None = None) -> int:
+    """Optimizer-state bytes of ``params``, one state layout per distinct shape (state depends on shape only).
+
+    With ``training.master_weights`` the fp32 master copy counts as optimizer state (the ZeRO paper's
+    K = 12 for Adam) unless ``master_copy`` is False (FSDP2's fp32 shards are the master copy).
+    """
+    master = master_weights(config) if master_copy is None else master_copy
+    extra = master_copy_bytes(params) if master else 0
     counts: dict[tuple[tuple[int, ...], bool], int] = {}
     for p in params:
         key = (p.shape, p.trainable)
         counts[key] = counts.get(key, 0) + 1
-    return sum(n * sum(b for _, b in state_nbytes(spec, ParamTensor("p", shape, trainable), config))
-               for (shape, trainable), n in counts.items())
+    return extra + sum(n * sum(b for _, b in state_nbytes(spec, ParamTensor("p", shape, trainable), config))
+                       for (shape, trainable), n in counts.items())

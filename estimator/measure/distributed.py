@@ -93,6 +93,10 @@ def measure_distributed(
                              f"(measured: {', '.join(MEASURED_STRATEGIES)})")
     if config.model.family not in ("mlp", "transformer"):
         raise EstimatorError(f"--parallel: measures the mlp and transformer families, not {config.model.family!r}")
+    if config.training.master_weights and (strategy not in ("zero3", "fsdp") or config.model.family != "transformer"):
+        raise EstimatorError("training.master_weights: measured as FSDP2's MixedPrecisionPolicy (--parallel zero3 "
+                             "or fsdp, transformer family); torch has no engine for fp32 master weights under "
+                             f"{strategy} (estimate only)")
     with tempfile.TemporaryDirectory(prefix="estimator-dist-") as out, _stop_on_signals(world_size):
         env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "GLOO_SOCKET_IFNAME": "lo"}
         ctx: Any = None
@@ -182,7 +186,30 @@ def _worker(rank: int, world_size: int, strategy: str, config: Config, env: dict
         dist.destroy_process_group()
 
 
-def _wrap(model: nn.Module, strategy: str, world_size: int, reshard_after_forward: bool = True) -> nn.Module:
+def _mixed_precision(config: Config) -> Any:
+    """FSDP2's MixedPrecisionPolicy for ``training.master_weights`` (None without it): 16-bit all-gather and
+    compute over fp32 shards, gradients reduced in ``parallel.reduce_dtype``."""
+    if not config.training.master_weights:
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from estimator.measure.models import TORCH_DTYPES
+
+    param_dtype = TORCH_DTYPES[config.training.precision]
+    reduce = torch.float32 if config.parallel.reduce_dtype == "fp32" else param_dtype
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce)
+
+
+def _as_built(config: Config) -> Config:
+    """The config the ranks build the model from: fp32 parameters under the MixedPrecisionPolicy."""
+    if not config.training.master_weights:
+        return config
+    training = config.training.model_copy(update={"precision": "fp32", "master_weights": False})
+    return config.model_copy(update={"training": training})
+
+
+def _wrap(model: nn.Module, strategy: str, world_size: int, reshard_after_forward: bool = True,
+          mp_policy: Any = None) -> nn.Module:
     """DDP for ddp/zero1 (default bucket_cap_mb, gradient_as_bucket_view=False); FSDP2 for zero3."""
     if strategy in ("ddp", "zero1"):
         from torch.nn.parallel import DistributedDataParallel
@@ -194,9 +221,10 @@ def _wrap(model: nn.Module, strategy: str, world_size: int, reshard_after_forwar
     mesh = init_device_mesh("cpu", (world_size,))
     # zero3: FSDP2's default; fsdp: as the config's parallel.reshard_after_forward says
     reshard = True if strategy == "zero3" else reshard_after_forward
+    policy = {} if mp_policy is None else {"mp_policy": mp_policy}
     for block in _blocks(model):
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard, **policy)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard, **policy)
     return model
 
 
@@ -242,7 +270,7 @@ def _state(optimizer: torch.optim.Optimizer, step: bool) -> list[Tensor]:
 def _measure_rank(config: Config, strategy: str, rank: int, world_size: int) -> RankMeasurement:
     device = torch.device("cpu")
     torch.manual_seed(0)
-    parts = step_parts(config, device)
+    parts = step_parts(_as_built(config), device)
     tracker = LiveTensorTracker(device, phase="setup")
     source = TrackerSource(tracker)
     grads = 0
@@ -253,7 +281,8 @@ def _measure_rank(config: Config, strategy: str, rank: int, world_size: int) -> 
             model = wrap_tp(parts.build_model(), config, strategy, world_size)
             loss_ctx = lambda: loss_context(config)  # noqa: E731  (a fresh context each time: single use)
         else:
-            model = _wrap(parts.build_model(), strategy, world_size, config.parallel.reshard_after_forward)
+            model = _wrap(parts.build_model(), strategy, world_size, config.parallel.reshard_after_forward,
+                          _mixed_precision(config))
             loss_ctx = contextlib.nullcontext
         inputs, target = parts.make_batch()
         optimizer = _optimizer(config, strategy, [p for p in model.parameters() if p.requires_grad])

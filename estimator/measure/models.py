@@ -118,6 +118,10 @@ def optimizer_factory(config: Config, impl: str = "torch") -> Callable[[Iterable
         return lambda params: cls(params, **kwargs)
     kwargs = torch_optimizer_kwargs(config)
     cls = torch_optimizer_class(name)
+    if config.training.master_weights:  # 16-bit model, fp32 masters stepped by the optimizer (layouts.py)
+        from estimator.measure.master import with_master_weights
+
+        return with_master_weights(lambda params: cls(params, **kwargs))
     return lambda params: cls(params, **kwargs)
 
 

@@ -14,6 +14,7 @@ from dataclasses import replace
 
 from estimator.config import Config
 from estimator.families.base import get_family
+from estimator.layouts import SHARDED_STRATEGIES
 from estimator.nogc import without_gc
 from estimator.optimizers import get_optimizer
 from estimator.parallel import ddp, fsdp, tp, zero  # noqa: F401  (registers the strategies)
@@ -29,7 +30,7 @@ from estimator.parallel.base import (
 )
 from estimator.parallel.ddp import ddp_bucket_bytes
 from estimator.parallel.zero import zero_partition
-from estimator.precision import precision_plan
+from estimator.precision import training_plan
 from estimator.simulate import state_bytes
 
 STRATEGIES: tuple[str, ...] = tuple(n for n in ("ddp", "zero1", "zero2", "zero3", "fsdp", "tp")
@@ -68,13 +69,19 @@ def per_rank_estimates(config: Config, strategy: str, world_size: int, device: s
 
 
 def model_state_bytes(config: Config, strategy: str, world_size: int) -> dict[str, float]:
-    """The ZeRO paper's per-rank model states with an ideal Ψ/N split (section 5, Figure 1)."""
-    plan = precision_plan(config.training.precision)
+    """The ZeRO paper's per-rank model states with an ideal Ψ/N split (section 5, Figure 1).
+
+    With ``training.master_weights`` the fp32 master copy is in K (2 + 2 + 12 bytes per parameter for
+    Adam), except under zero3/fsdp, where FSDP2's fp32 shards are the master copy (4 + 4 + 8).
+    """
+    plan = training_plan(config.training)
     spec = get_optimizer(config.optimizer.name)
     params = get_family(config.model.family).parameters(config.model)
     psi = sum(p.numel for p in params)
-    k = state_bytes(spec, [p for p in params if p.trainable], config) / max(psi, 1)
+    sharded_master = plan.master and strategy in SHARDED_STRATEGIES
+    master_copy = False if sharded_master else None
+    k = state_bytes(spec, [p for p in params if p.trainable], config, master_copy) / max(psi, 1)
     n = world_size
-    p_b, g_b = plan.parameter_bytes, plan.gradient_bytes
+    p_b, g_b = (4, 4) if sharded_master else (plan.parameter_bytes, plan.gradient_bytes)
     div = {"ddp": (1, 1, 1), "zero1": (1, 1, n), "zero2": (1, n, n), "zero3": (n, n, n), "fsdp": (n, n, n)}[strategy]
     return {"parameters": p_b * psi / div[0], "gradients": g_b * psi / div[1], "optimizer_state": k * psi / div[2]}

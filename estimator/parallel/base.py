@@ -20,7 +20,7 @@ from estimator.events import Event
 from estimator.families.base import ParamTensor, get_family
 from estimator.optimizers import OptimizerSpec, get_optimizer
 from estimator.periodic import Program, keep_events, map_events
-from estimator.precision import PrecisionPlan, precision_plan
+from estimator.precision import PrecisionPlan, training_plan
 from estimator.simulate import (
     STEP_TENSOR_BYTES,
     CompressedStep,
@@ -126,7 +126,7 @@ class RankContext:
         self.params = get_family(self.config.model.family).parameters(self.config.model)
         self.trainable = [p for p in self.params if p.trainable]
         self.spec = get_optimizer(self.config.optimizer.name)
-        self.plan = precision_plan(self.config.training.precision)
+        self.plan = training_plan(self.config.training)
         self.impl = resolve_implementation(self.config, self.device)
         # torch keeps the 'step' scalars on the CPU unless the kernel is fused (or capturable)
         self.step_bytes = STEP_TENSOR_BYTES if self.device == "cpu" or self.impl == "fused" else 0
@@ -172,7 +172,7 @@ class RankContext:
     def _split(self, program: Program) -> tuple[Program, Program]:
         """Forward, loss and backward (shared by every rank) and the zero_grad tail, without the optimizer."""
         body = keep_events(program, lambda e: e.phase not in ("optimizer_step", "zero_grad"))
-        tail = keep_events(program, lambda e: e.phase == "zero_grad")
+        tail = keep_events(program, _shared_tail_event)
         return self.rounded(body), self.rounded(tail)
 
     def flat_body(self) -> list[Event]:
@@ -182,7 +182,12 @@ class RankContext:
     def flat_tail(self, first: bool) -> list[Event]:
         """The zero_grad events as one flat list (materialised, named)."""
         return self.round([e for e in (self.base.first_step if first else self.base.steady_step)
-                           if e.phase == "zero_grad"])
+                           if _shared_tail_event(e)])
+
+
+def _shared_tail_event(e: Event) -> bool:
+    """zero_grad's frees that every rank shares: not the fp32 master gradients (each rank frees its own)."""
+    return e.phase == "zero_grad" and not e.name.endswith(".master.grad")
 
 
 class Strategy(Protocol):
@@ -276,9 +281,14 @@ def merge_equal(groups: list[tuple[tuple[tuple[int, int], ...], RankEstimate]]) 
     return sorted(out, key=lambda g: g.ranks[0][0])
 
 
-def local_model_states(ctx: RankContext, local_state: list[ParamTensor]) -> tuple[int, int]:
-    """Optimizer-state bytes and 'step' scalar bytes of a rank that steps ``local_state``."""
+def local_model_states(ctx: RankContext, local_state: list[ParamTensor], master_copy: bool | None = None
+                       ) -> tuple[int, int]:
+    """Optimizer-state bytes and 'step' scalar bytes of a rank that steps ``local_state``.
+
+    ``master_copy``: whether an fp32 master copy of ``local_state`` is optimizer state (None: as
+    ``training.master_weights`` says; FSDP2 passes False, its fp32 shards being the master copy).
+    """
     from estimator.simulate import state_bytes
 
     step_tensors = len(local_state) * ctx.step_bytes if ctx.spec.step_tensor else 0
-    return state_bytes(ctx.spec, local_state, ctx.config), step_tensors
+    return state_bytes(ctx.spec, local_state, ctx.config, master_copy), step_tensors

@@ -20,6 +20,7 @@ from estimator.config import Config
 from estimator.errors import EstimatorError
 from estimator.events import Event, alloc, free
 from estimator.families.base import ParamTensor, get_family
+from estimator.layouts import master_weights
 from estimator.optimizers import get_optimizer
 from estimator.parallel.base import (
     RankContext,
@@ -63,6 +64,32 @@ def shard_groups(params: list[ParamTensor], world_size: int) -> list[tuple[tuple
     return [(((a, b - 1),), a) for a, b in zip(edges, edges[1:], strict=False)]
 
 
+@dataclass(frozen=True)
+class ShardDtypes:
+    """Bytes per element of what FSDP2 keeps and moves, under its MixedPrecisionPolicy or without one.
+
+    Without master weights every role takes the model's dtype. With ``training.master_weights`` the
+    policy is ``MixedPrecisionPolicy(param_dtype=16-bit, reduce_dtype=parallel.reduce_dtype)``: fp32
+    shards (parameters, their gradients, optimizer state), a 16-bit cast of the shard for the all-gather
+    (``_get_param_all_gather_inputs``), 16-bit unsharded parameters and gradients, the reduce-scatter in
+    ``reduce_dtype`` and its output cast to fp32 when that differs (``foreach_reduce``).
+    """
+
+    shard: int  # sharded parameters and the sharded gradients the optimizer reads
+    gather: int  # the all-gather buffers and unsharded parameters (param_dtype)
+    grad: int  # unsharded gradients (computed in param_dtype)
+    reduce: int  # the reduce-scatter input and output (reduce_dtype)
+    cast_for_gather: bool  # the shard is cast to param_dtype before the all-gather
+
+    @staticmethod
+    def of(ctx: RankContext) -> ShardDtypes:
+        p_b, g_b = ctx.plan.parameter_bytes, ctx.plan.gradient_bytes
+        if not master_weights(ctx.config):
+            return ShardDtypes(p_b, p_b, g_b, g_b, False)
+        reduce = 4 if ctx.config.parallel.reduce_dtype == "fp32" else g_b
+        return ShardDtypes(4, p_b, g_b, reduce, True)
+
+
 @register_strategy
 class Zero3:
     """FSDP2 with its default, ``reshard_after_forward=True`` (ZeRO-3)."""
@@ -78,6 +105,9 @@ class Zero3:
     def estimate(self, ctx: RankContext, rank: int) -> RankEstimate:
         config, world_size, params = ctx.config, ctx.world_size, ctx.params
         shards = [shard(p, world_size, rank) for p in params]
+        if config.model.family == "mlp" and master_weights(config):
+            raise EstimatorError("training.master_weights: FSDP2's MixedPrecisionPolicy is modelled for the "
+                                 "transformer and moe families under zero3/fsdp, not the mlp family")
         if config.model.family == "mlp" and not self.reshards(config):
             raise EstimatorError("parallel.reshard_after_forward: false is modelled for the transformer and moe "
                                  "families; the mlp family's FSDP2 timeline reshards after forward (zero3)")
@@ -97,11 +127,11 @@ class Zero3:
         key = (_shape_key(config, ctx.device), "fsdp", reshards)
         step = layered_step(config, build, ctx.round if ctx.device == "cuda" else None, key)
         local_state = [s.local for s, p in zip(shards, params, strict=True) if p.trainable]
-        parameters = sum(s.padded.numel for s in shards) * ctx.plan.parameter_bytes
-        gradients = ctx.plan.gradient_bytes * sum(s.padded.numel for s, p in zip(shards, params, strict=True)
-                                                  if p.trainable)
+        dtypes = ShardDtypes.of(ctx)
+        parameters = sum(s.padded.numel for s in shards) * dtypes.shard
+        gradients = dtypes.shard * sum(s.padded.numel for s, p in zip(shards, params, strict=True) if p.trainable)
         saved = ctx.shared("saved_activation_bytes", lambda: ctx.base.saved_activation_bytes)
-        state, step_tensors = local_model_states(ctx, local_state)
+        state, step_tensors = local_model_states(ctx, local_state, master_copy=False)
         return RankEstimate(self.name, world_size, rank, parameters, gradients, state, step_tensors, saved, 0,
                             RankStep(step.first_peak, step.steady_peak, saved))
 
@@ -277,7 +307,8 @@ def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True,
     """
     config, n, family = ctx.config, ctx.world_size, get_family(ctx.config.model.family)
     shape = step_shape(config)
-    p_b, g_b = ctx.plan.parameter_bytes, ctx.plan.gradient_bytes
+    dt = ShardDtypes.of(ctx)
+    p_b, g_b, r_b = dt.gather, dt.grad, dt.reduce
     body, marks = MARKED_FAMILIES[config.model.family](config)
     units: dict[str, list[ParamTensor]] = {}
     for p in ctx.params:
@@ -285,15 +316,24 @@ def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True,
     shards = {p.name: shard(p, n, rank) for p in ctx.params}
     gathered = {u: sum(shards[p.name].padded.numel for p in ps) * n for u, ps in units.items()}
     local = {u: sum(shards[p.name].padded.numel for p in ps if p.trainable) for u, ps in units.items()}
+    held = {u: sum(shards[p.name].padded.numel for p in ps) for u, ps in units.items()}
     order = [u for u in units if u != "root"]  # forward order of the blocks
     gloo_copy = ctx.device == "cpu"  # ProcessGroupGloo's reduce_scatter copies its input; NCCL does not
 
     state: dict[str, Any] = {"ag_kept": None, "prefetched": set(), "unsharded": set(), "rs_live": None}
     out: list[Event] = []
 
+    def all_gather(u: str, phase: str) -> None:
+        """The all-gather output; under the MixedPrecisionPolicy the shard's 16-bit cast lives through it."""
+        if dt.cast_for_gather:
+            out.append(alloc(f"{u}.all_gather_input", "temporary", held[u] * p_b, phase))
+        out.append(alloc(f"{u}.all_gather", "temporary", gathered[u] * p_b, phase))
+        if dt.cast_for_gather:
+            out.append(free(f"{u}.all_gather_input", "temporary", held[u] * p_b, phase))
+
     def unshard(u: str, phase: str) -> None:
         if u not in state["prefetched"]:
-            out.append(alloc(f"{u}.all_gather", "temporary", gathered[u] * p_b, phase))
+            all_gather(u, phase)
         state["prefetched"].discard(u)
         # each parameter's all-gather output is padded to N chunks; the parameter is a view of its head
         out.extend(alloc(f"{p.name}.unsharded", "parameter", shards[p.name].padded.numel * n * p_b, phase)
@@ -326,7 +366,7 @@ def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True,
             previous = order[order.index(u) - 1] if u != "root" and order.index(u) > 0 else (
                 order[-1] if u == "root" and order else None)
             if previous is not None and previous not in state["unsharded"]:
-                out.append(alloc(f"{previous}.all_gather", "temporary", gathered[previous] * p_b, phase))
+                all_gather(previous, phase)
                 state["prefetched"].add(previous)
         elif kind == "post_backward":
             reshard(u, phase)
@@ -335,8 +375,8 @@ def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True,
                 return
             if state["rs_live"] is not None:
                 prev = state["rs_live"]
-                out.append(free(f"{prev}.rs_input", "temporary", gathered[prev] * g_b, phase))
-            out.append(alloc(f"{u}.rs_input", "temporary", gathered[u] * g_b, phase))
+                out.append(free(f"{prev}.rs_input", "temporary", gathered[prev] * r_b, phase))
+            out.append(alloc(f"{u}.rs_input", "temporary", gathered[u] * r_b, phase))
             # foreach_reduce clears its list of gradients after the copy-in; its loop variable keeps
             # the last one until it returns
             *early, last_grad = trainable
@@ -345,10 +385,16 @@ def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True,
             else:
                 last_frees = []
             out.extend(free(f"{p.name}.grad", "gradient", p.numel * g_b, phase) for p in early)
-            out.append(alloc(f"{u}.grad_shards", "gradient", local[u] * g_b, phase))
+            if r_b == dt.shard:
+                out.append(alloc(f"{u}.grad_shards", "gradient", local[u] * dt.shard, phase))
+            else:
+                out.append(alloc(f"{u}.reduce_output", "temporary", local[u] * r_b, phase))
             if gloo_copy:
-                out.append(alloc(f"{u}.gloo_copy", "temporary", gathered[u] * g_b, phase))
-                out.append(free(f"{u}.gloo_copy", "temporary", gathered[u] * g_b, phase))
+                out.append(alloc(f"{u}.gloo_copy", "temporary", gathered[u] * r_b, phase))
+                out.append(free(f"{u}.gloo_copy", "temporary", gathered[u] * r_b, phase))
+            if r_b != dt.shard:  # the reduce-dtype output cast to the shards' dtype, then dropped
+                out.append(alloc(f"{u}.grad_shards", "gradient", local[u] * dt.shard, phase))
+                out.append(free(f"{u}.reduce_output", "temporary", local[u] * r_b, phase))
             out.extend(free(f"{p.name}.grad", "gradient", p.numel * g_b, phase) for p in [*last_frees, last_grad])
             state["rs_live"] = u
 
@@ -364,7 +410,7 @@ def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True,
         at += 1
     if state["rs_live"] is not None:
         prev = state["rs_live"]
-        out.append(free(f"{prev}.rs_input", "temporary", gathered[prev] * g_b, "backward"))
+        out.append(free(f"{prev}.rs_input", "temporary", gathered[prev] * r_b, "backward"))
 
     local_params = [shards[p.name].local for p in ctx.params if p.trainable]
     # zero_grad(set_to_none=True) in parameter order: a unit's flat gradient shard goes with its last view
@@ -372,10 +418,10 @@ def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True,
     for p in ctx.params:
         if p.trainable:
             last[unit_of(p.name)] = p.name
-    tail = [free(f"{unit_of(p.name)}.grad_shards", "gradient", local[unit_of(p.name)] * g_b, "zero_grad")
+    tail = [free(f"{unit_of(p.name)}.grad_shards", "gradient", local[unit_of(p.name)] * dt.shard, "zero_grad")
             for p in ctx.params if p.trainable and last[unit_of(p.name)] == p.name]
     tail += family.end_of_step_events(config.model, config.training, shape)
-    setup = [alloc(p.name, "parameter", shards[p.name].padded.numel * p_b, "setup") for p in ctx.params]
+    setup = [alloc(p.name, "parameter", shards[p.name].padded.numel * dt.shard, "setup") for p in ctx.params]
     if ctx.device == "cpu":  # DeviceMesh keeps torch.arange(N, dtype=int32) as its rank map, always on the CPU
         setup.append(alloc("device_mesh.rank_map", "temporary", 4 * n, "setup"))
     setup += family.input_events(config.model, config.training, shape)

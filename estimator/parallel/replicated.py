@@ -8,6 +8,12 @@ from functools import cached_property
 
 from estimator.events import Event, alloc
 from estimator.families.base import ParamTensor
+from estimator.layouts import (
+    master_grad_events,
+    master_grad_free_events,
+    master_setup_events,
+    separate_master_copy,
+)
 from estimator.parallel.base import (
     RankContext,
     RankEstimate,
@@ -60,9 +66,16 @@ class ReplicatedParameters:
         return self.ctx.shared(f"buckets{len(buckets)}", make)
 
     def optimizer(self, local: list[ParamTensor], first: bool) -> Summary:
+        """``optimizer.step()`` over the rank's partition (fp32 master gradients made first, layouts.py)."""
         c = self.ctx
-        return summarize(c.round(optimizer_step_events(c.spec, local, c.config, c.impl, c.step_bytes,
-                                                            first=first)))
+        to_master = master_grad_events(local) if separate_master_copy(c.config) else []
+        return summarize(c.round(to_master + optimizer_step_events(c.spec, local, c.config, c.impl, c.step_bytes,
+                                                                   first=first)))
+
+    def master_frees(self, local: list[ParamTensor]) -> list[Summary]:
+        """``zero_grad`` of the rank's fp32 master gradients (none without master weights)."""
+        c = self.ctx
+        return [summarize(c.round(master_grad_free_events(local)))] if separate_master_copy(c.config) else []
 
     def rank(self, strategy: str, rank: int, local: list[ParamTensor], buckets: list[int], gradients: int,
              body: tuple[list[Summary], list[Summary]] | None = None,
@@ -70,13 +83,15 @@ class ReplicatedParameters:
         """One rank stepping ``local``, with ``buckets`` (DDP's flat gradient buffers) made at construction."""
         c = self.ctx
         extra = self.bucket_events(buckets)
+        if separate_master_copy(c.config):
+            extra = extra + c.round(master_setup_events(local))
         if c.spec.state_init == "constructor":
             extra = extra + c.round(state_events(c.spec, local, c.config, "setup", c.step_bytes))
         body_first, body_steady = body or (self.body_first, self.body_steady)
         tail_first, tail_steady = tail or (self.tail(True), self.tail(False))
         step = compose(c, extra, self.setup,
-                       [*body_first, self.optimizer(local, True), *tail_first],
-                       [*body_steady, self.optimizer(local, False), *tail_steady])
+                       [*body_first, self.optimizer(local, True), *tail_first, *self.master_frees(local)],
+                       [*body_steady, self.optimizer(local, False), *tail_steady, *self.master_frees(local)])
         state, step_tensors = local_model_states(c, local)
         return RankEstimate(strategy, c.world_size, rank, self.parameter_bytes, gradients, state, step_tensors,
                             step.saved_activation_bytes, sum(buckets), step)
