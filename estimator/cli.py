@@ -132,7 +132,10 @@ ModelOpt = typer.Option(None, "--model", "-m", help="a preset name (see `estimat
                         "config.json (or its directory), or a Hugging Face hub id org/name (docs/hf.md)")
 JsonOpt = typer.Option(False, "--json", help="print one JSON document instead of tables: an object "
                        "(estimate, verify) or a list (compare, optimizers, models, gpus); docs/json.md")
-ParallelOpt = typer.Option(None, "--parallel", help="per-rank memory under ddp | zero1 | zero2 | zero3 (FSDP)")
+ParallelOpt = typer.Option(None, "--parallel",
+                           help="per-rank memory under ddp | zero1 | zero2 | zero3 (FSDP) | fsdp | tp (tensor)")
+TpOpt = typer.Option(None, "--tp", help="tensor-parallel degree N: --parallel tp -n N, or dp x N with fsdp/zero3")
+SpOpt = typer.Option(False, "--sp", help="with tensor parallelism: sequence parallelism (parallel.sequence_parallel)")
 WorldSizeOpt = typer.Option(None, "--world-size", "-n",
                             help="ranks for --parallel (default 2; batch_size is per rank)")
 
@@ -199,6 +202,22 @@ def _print_errors(problems: list[str]) -> None:
             err.print(f"error: {text}", markup=False, soft_wrap=True)
         except OSError:  # stderr itself is gone: the exit code still says it
             pass
+
+
+def tp_shortcuts(set_: Optional[list[str]], parallel: Optional[str], world_size: Optional[int], tp: Optional[int],
+                 sp: bool) -> tuple[Optional[list[str]], Optional[str], Optional[int]]:
+    """--tp N and --sp as --set parallel.tp_size=N / parallel.sequence_parallel=true; --tp alone: --parallel tp -n N."""
+    extra = list(set_ or [])
+    if tp is not None:
+        if tp < 1:
+            raise EstimatorError(f"--tp: expected a tensor-parallel degree >= 1, got {tp}")
+        extra.append(f"parallel.tp_size={tp}")
+        parallel = parallel or "tp"
+        if parallel == "tp" and world_size is None:
+            world_size = tp
+    if sp:
+        extra.append("parallel.sequence_parallel=true")
+    return (extra or set_), parallel, world_size
 
 
 def layout_in_force(cfg: Any, parallel: Optional[str], world_size: Optional[int], most: int = MAX_WORLD_SIZE,
@@ -314,9 +333,13 @@ def estimate(
         None, "--mfu", help="with --gpu: model FLOPs utilisation assumed for the step time, (0-1] (default 0.4)"),
     parallel: Optional[str] = ParallelOpt,
     world_size: Optional[int] = WorldSizeOpt,
+    tp: Optional[int] = TpOpt,
+    sp: bool = SpOpt,
 ) -> None:
     """Estimate memory, the peak and FLOPs of one training step (no torch needed)."""
     from estimator.api import estimate as run_estimate
+
+    set_, parallel, world_size = tp_shortcuts(set_, parallel, world_size, tp, sp)
 
     if plot is not None:
         from estimator.plot import check_plot_path
@@ -452,11 +475,14 @@ def verify(
     timeline: bool = typer.Option(False, "--timeline", help="draw the measured live bytes over the step"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="write estimated and measured timelines to this PNG"),
     parallel: Optional[str] = typer.Option(
-        None, "--parallel", help="run --world-size gloo processes on the CPU: ddp | zero1 | zero3 (FSDP2)"),
+        None, "--parallel", help="run --world-size gloo processes on the CPU: ddp | zero1 | zero3 (FSDP2) | fsdp | tp"),
     world_size: Optional[int] = WorldSizeOpt,
+    tp: Optional[int] = TpOpt,
+    sp: bool = SpOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Run one real optimizer step on the device and show estimate and measurement side by side."""
+    set_, parallel, world_size = tp_shortcuts(set_, parallel, world_size, tp, sp)
     ranks_most = 4 * (os.cpu_count() or 1)
     why = f" on this machine (4 x its {os.cpu_count() or 1} CPUs: each rank is a process)"
     world_size = world_size_in_force(parallel, world_size, ranks_most, why)
