@@ -224,8 +224,8 @@ def check_tensor_parallel(model: TransformerConfig, tp: int) -> None:
     for field, value in (("model.num_heads", model.num_heads), ("model.num_kv_heads", model.kv_heads),
                          ("model.d_ff", model.ffn_dim), ("model.vocab_size", model.vocab_size)):
         if value % tp:
-            raise EstimatorError(f"{field}: {value} is not divisible by the tensor-parallel degree "
-                                 f"parallel.tp_size = {tp} (each rank needs whole heads and equal shards)")
+            raise EstimatorError(f"{field}: {value} is not divisible by the tensor-parallel degree {tp} "
+                                 f"(each rank needs whole heads and equal shards)")
 
 
 def parameter_count(model: TransformerConfig) -> int:

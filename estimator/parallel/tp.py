@@ -19,12 +19,17 @@ flat buffer and concatenated. Those sizes and moments were read off torch 2.13 o
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from estimator.config import Config
 from estimator.errors import EstimatorError
 from estimator.events import Event, alloc, free
 from estimator.families.base import ParamTensor, get_family
 from estimator.parallel.base import RankContext, RankEstimate, RankStep, local_model_states, register_strategy
 from estimator.simulate import _shape_key, layered_step, optimizer_step_events, state_events, step_shape
+
+if TYPE_CHECKING:
+    from estimator.parallel.comm import CommParts
 
 
 def tp_degree(config: Config, strategy: str, world_size: int) -> int:
@@ -97,6 +102,44 @@ def tp_events(config: Config, t: int, device: str, impl: str, step_bytes: int
     return setup, first, steady
 
 
+def tp_communication(config: Config, t: int) -> CommParts:
+    """One TP rank's collectives per micro-batch (all of them in forward and backward; no gradient sync:
+    the replicated norms see the same inputs on every rank and compute the same gradients).
+
+    With T = B·S tokens, d the width, s the residual stream's bytes per element (the parameter dtype) and
+    a the activations' (16-bit under autocast), as read off torch 2.13's flight recorder on gloo:
+    the embedding's all-reduce (T·d·s); per block, the two row-parallel outputs' all-reduces in forward
+    (T·d·a each) and one all-reduce per column-parallel input gradient in backward (q, k, v and the MLP's
+    gate/up or up: T·d·s each); the head's all-gather of the logits in forward (the recorder gives the
+    functional all-gather's input, T·V/t·a, as both its input and its output size; the output buffer the
+    tracker sees is T·V·a, which is what this gives, so the ring's (t-1)/t·S is right) and its input gradient's
+    all-reduce
+    in backward; with loss_parallel no all-gather but three all-reduces of T elements (the row maxima,
+    the sums of exponentials and the target logits) in the loss's dtype. Megatron-LM's count is the same
+    four all-reduces of T·d per block and step (Shoeybi et al. 2019, Figure 4: two in forward, two in
+    backward); torch's plan all-reduces q, k and v's input gradients separately.
+    """
+    from estimator.parallel.comm import CommParts, CommVolume, KindVolume
+
+    m, tr = config.model, config.training
+    plan = step_shape(config)
+    tokens = tr.batch_size * (tr.seq_len if tr.seq_len is not None else m.max_seq_len)
+    s, a = plan.parameter_bytes, plan.activation_bytes
+    loss_bytes = 4 if plan.autocast else a
+    cols = 3 + (2 if m.mlp == "swiglu" else 1)
+    reduce = KindVolume(1, tokens * m.d_model * s, tokens * m.d_model * s)  # embedding
+    reduce += KindVolume(1, tokens * m.d_model * a, tokens * m.d_model * a).times(2 * m.num_layers)
+    reduce += KindVolume(1, tokens * m.d_model * s, tokens * m.d_model * s).times(cols * m.num_layers + 1)
+    kinds = {"all_reduce": reduce}
+    if config.parallel.loss_parallel:
+        kinds["all_reduce"] = reduce + KindVolume(1, tokens * loss_bytes, tokens * loss_bytes).times(3)
+    else:
+        local = tokens * (m.vocab_size // t) * a
+        kinds["all_gather"] = KindVolume(1, local, t * local)
+    empty = CommVolume.of(t, {})
+    return CommParts(CommVolume.of(t, kinds), empty, empty, empty)
+
+
 @register_strategy
 class TensorParallelStrategy:
     """TP alone: ``world_size`` ranks in one tensor-parallel group."""
@@ -105,6 +148,11 @@ class TensorParallelStrategy:
 
     def groups(self, ctx: RankContext) -> list[tuple[tuple[tuple[int, int], ...], int]]:
         return [(((0, ctx.world_size - 1),), 0)]  # every rank holds the same sizes
+
+    def communication(self, ctx: RankContext, rank: int) -> CommParts:
+        t = tp_degree(ctx.config, self.name, ctx.world_size)
+        check_layout(ctx.config, t)
+        return tp_communication(ctx.config, t)
 
     def estimate(self, ctx: RankContext, rank: int) -> RankEstimate:
         config, device = ctx.config, ctx.device
