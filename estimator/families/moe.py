@@ -12,8 +12,9 @@ Routing is data-dependent, so it is an explicit, stated input (:class:`RoutingCo
 the worst case (every token picks the same k experts), or measured counts per layer.
 
 Every number describes the project's own torch implementation ``estimator.measure.moe``, which runs
-the per-expert loop of transformers' ``experts_implementation="eager"`` (``MixtralExperts.forward``:
-3-D expert weights, a loop over the experts hit by at least one token); see docs/moe.md.
+the routed experts as transformers 5 does: ``experts_implementation="grouped_mm"`` (its default: the
+T·k pairs sorted by expert, two ``torch.nn.functional.grouped_mm`` over the 3-D weights) or ``"eager"``
+(``MixtralExperts.forward``: a loop over the experts hit by at least one token); see docs/moe.md.
 Notation: T = B·S tokens, d = d_model, E experts, k experts per token, F expert width, L layers.
 """
 
@@ -102,6 +103,10 @@ class MoEConfig(StrictModel):
         "default output_router_logits=false)"
     )
     routing: RoutingConfig = Field(default_factory=RoutingConfig, description="tokens per expert (an assumption)")
+    experts_implementation: Literal["grouped_mm", "eager"] = Field(
+        "grouped_mm", description="how the routed experts run, as transformers 5 names it: grouped_mm (its "
+        "default: pairs sorted by expert, two grouped GEMMs) | eager (a loop over the experts hit)"
+    )
     rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency θ")
     max_seq_len: int = Field(4096, gt=0, description="the longest sequence")
     tie_embeddings: bool = Field(False, description="the output head reuses the token embedding matrix")
@@ -234,7 +239,9 @@ def routing_assumption(model: MoEConfig, training: TrainingConfig) -> str:
     else:
         counts = expert_tokens(model, training)
         what = f"measured routing: the busiest expert gets {max(max(c) for c in counts)} of {t} tokens"
-    return f"{what}; per-expert loop over the experts hit (transformers' experts_implementation='eager')"
+    how = ("a loop over the experts hit" if model.experts_implementation == "eager"
+           else "the T·k pairs sorted by expert, two grouped GEMMs")
+    return f"{what}; experts as transformers' experts_implementation='{model.experts_implementation}' ({how})"
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from estimator.config import TrainingConfig
+from estimator.errors import EstimatorError
 from estimator.events import Event
 from estimator.families.base import StepShape
 from estimator.families.moe import MoEConfig, expert_tokens, parameter_tensors
@@ -76,8 +77,8 @@ class _MoESim(_Sim):
         return key
 
     def linear(self, prefix: str, x: str, n_in: int, n_out: int, weight: str, bias: str | None,
-               stop: bool = False) -> str:
-        return super().linear(prefix, x, n_in, n_out, weight, bias, stop=stop and not self.no_stop)
+               stop: bool = False, **kwargs: str) -> str:
+        return super().linear(prefix, x, n_in, n_out, weight, bias, stop=stop and not self.no_stop, **kwargs)
 
     def node(self, out: str, inputs: list[str | tuple[str, str]], saves: tuple[str, ...] = (),
              scratch: int = 0) -> None:
@@ -285,16 +286,113 @@ class _MoESim(_Sim):
         self.dead(*casts)
         return out
 
+    def _grouped(self, m: str, i: int, h: str, w: str, w_kind: str) -> str:
+        """transformers' ``grouped_mm_experts_forward``: returns the (T, d) output, or "" at checkpoint's early stop.
+
+        The T·k pairs sorted by expert (``sort``: the sorted ids and the permutation, int64), the tokens
+        gathered once (saves ``perm // k``), the weights gathered (saves ``perm``), ``histc`` counts (fp32,
+        from an fp32 copy of the ids) and their int32 ``cumsum`` offsets (saved by both GEMMs); the
+        grouped GEMM with the whole ``gate_up_proj`` (in the parameters' dtype: ``grouped_mm`` is not
+        autocast, so its input is cast to the weight's dtype and it saves that), SiLU·up, the grouped
+        GEMM with ``down_proj``, the routing weight (saves both factors), the inverse permutation
+        (``empty_like`` + ``arange``) and the gather back to token order (saves it), the sum over k.
+        In backward each GEMM produces its whole weight's gradient once (then the input's gradient).
+        Every tensor has one row per (token, expert) pair, T·k whatever the routing (E·C slots under a
+        capacity factor, the padded dispatch that assumption describes).
+        """
+        c = self.moe
+        d, f = c.d_model, c.expert_d_ff
+        s = sum(self.routes[i])
+        pb = self.shape.parameter_bytes
+        for field, n in (("d_model", d), ("expert_d_ff", f)):
+            if n * pb % 16:  # torch checks this before any grouped GEMM (CPU and CUDA)
+                raise EstimatorError(f"model.{field}: experts_implementation grouped_mm needs rows of a multiple of "
+                                     f"16 bytes (torch.nn.functional.grouped_mm), got {n} x {pb} B; use a multiple "
+                                     f"of {16 // pb} or experts_implementation: eager")
+        ids = self.new_bytes(f"{m}.expert_ids_sorted", s * I64)
+        perm = self.new_bytes(f"{m}.perm", s * I64)
+        tok = self.new_bytes(f"{m}.pair_token", s * I64)  # perm // k
+        sel = self.new(f"{m}.selected", d * s, self.tensors[h].kind)
+        self.node(sel, [h], saves=(tok,))  # backward: zeros(T, d).index_put_(accumulate)
+        self.dead(tok)  # a temporary of the expression
+        sw = self.new(f"{m}.pair_weight", s, w_kind)
+        self.node(sw, [w], saves=(perm,))  # backward: zeros(T·k).index_put_
+        hist = self.new(f"{m}.histc_input", s, "fp32")
+        tpe = self.new(f"{m}.tokens_per_expert", c.num_experts, "fp32")
+        offs = self.new_bytes(f"{m}.offsets", c.num_experts * 4)  # int32
+        src = sel
+        if self._bytes(sel) != pb:  # input.to(weight.dtype)
+            src = self.new(f"{m}.selected_cast", d * s, "stream")
+            self.node(src, [sel])
+        gu = self.new(f"{m}.gate_up", 2 * f * s, "stream")
+        self.node(gu, [f"param:{m}.experts.gate_up_proj", src], saves=(src, offs))
+        if src != sel:
+            self.dead(src)
+        x = f"{m}.pairs"
+        # chunk: gate and up are views; backward concatenates their gradients into one (T·k, 2F) tensor
+        gate = self._view(f"{x}.gate", f * s * pb)
+        self.node(gate, [gu, f"param:hook|free|{x}.up_grad"])
+        act = self.new(f"{x}.silu", f * s, "stream")
+        self.node(act, [gate], saves=(gu,))
+        hid = self.new(f"{x}.hidden", f * s, "stream")
+        self.node(hid, [act, f"param:hook|alloc|{x}.up_grad|{f * s * pb}"], saves=(act, gu))
+        self.dead(act, gu)
+        down = self.new(f"{m}.down", d * s, "stream")
+        self.node(down, [f"param:{m}.experts.down_proj", hid], saves=(hid, offs))
+        self.dead(hid)
+        prod_kind = w_kind if self._bytes(sw) > self._bytes(down) else "stream"
+        weighted = self.new(f"{m}.weighted", d * s, prod_kind)
+        grad_sw = d * s * self._bytes(weighted)  # grad·down, summed to (T·k, 1) once the node has returned
+        if self.ckpt_block < 0:
+            self.node(weighted, [down, sw], saves=(down, sw), scratch=grad_sw)
+        else:  # recomputed saved tensors die with the node's locals, before that sum
+            wide = self._view(f"{m}.pair_weight_wide", grad_sw, sw)
+            self.node(weighted, [down, wide], saves=(down, sw))
+        inv = self.new_bytes(f"{m}.inv_perm", s * I64)
+        self.dead(self._tmp(f"{m}.arange", s * I64))
+        if self.recomputing and not c.shared_expert_d_ff:
+            # checkpoint's early stop: the gather back saves inv_perm, the block's last saved tensor
+            self.tensors[inv].saved_by += 1
+            self.dead(ids, perm, sel, sw, hist, tpe, offs, down, weighted, inv)
+            return ""
+        back = self.new(f"{m}.unsorted", d * s, prod_kind)
+        self.node(back, [weighted], saves=(inv,))  # backward: zeros(T·k, d).index_put_
+        self.dead(weighted)
+        total = self.new(f"{m}.out", d * self.t, prod_kind)
+        # view(T, k, d).sum(1): backward expands the incoming gradient, and the view's backward reshapes that
+        # expanded (stride-0) tensor to (T·k, d): a copy
+        self.node(total, [back])
+        self.dead(perm, sel, sw, offs, down, inv)  # saved: they stay until backward
+        self.dead(ids, hist, tpe, back)  # the function's locals, freed in this order when it returns
+        if self._bytes(total) == self._bytes(h):
+            return total
+        result = self.new(f"{m}.out_cast", d * self.t, self.tensors[h].kind)  # .to(hidden_states.dtype)
+        self.node(result, [total])
+        self.dead(total)
+        return result
+
     def _moe(self, p: str, i: int, h: str) -> str:
-        c, t = self.moe, self.t
-        e_n, k, d, f = c.num_experts, c.experts_per_token, c.d_model, c.expert_d_ff
+        c = self.moe
         m = f"{p}.moe"
         w, top_i, w_kind, keep = self._route(m, h)
+        if c.experts_implementation == "grouped_mm":
+            out = self._grouped(m, i, h, w, w_kind)
+            if not out:
+                self.dead(*keep)
+                return ""
+            return self._shared(m, h, out, keep)
+        return self._eager(m, i, h, w, w_kind, keep)
+
+    def _eager(self, m: str, i: int, h: str, w: str, w_kind: str, keep: list[str]) -> str:
+        """transformers' eager ``MixtralExperts.forward``: the loop over the experts hit (module docstring)."""
+        c, t = self.moe, self.t
+        e_n, k, d, f = c.num_experts, c.experts_per_token, c.d_model, c.expert_d_ff
         out = self.new(f"{m}.out", d * t, self.tensors[h].kind)  # zeros_like(hidden_states)
         self.dead(self._tmp(f"{m}.aminmax", I64), self._tmp(f"{m}.aminmax", I64))  # one_hot's range check
         mask = self.new_bytes(f"{m}.mask", t * k * (e_n + 1) * I64)
         counts = self.new_bytes(f"{m}.counts", (e_n + 1) * I64)
         gt = self.new_bytes(f"{m}.hit_bool", (e_n + 1) * BOOL)
+        self.dead(counts)  # greater(mask.sum(...), 0): the sum is a temporary of the expression
         route = self.routes[i]
         hit = [e for e, n in enumerate(route) if n]
         hits = self.new_bytes(f"{m}.hit", len(hit) * I64)
@@ -335,7 +433,11 @@ class _MoESim(_Sim):
             self.node(wsel, [w], saves=(nz,))  # backward: zeros (T, k, 1).index_put_
             prod_kind = w_kind if self._bytes(wsel) > self._bytes(down) else "act"
             weighted = self.new(f"{x}.weighted", d * n, prod_kind)
-            self.node(weighted, [down, wsel], saves=(down, wsel), scratch=d * n * self._bytes(weighted))
+            grad_w = d * n * self._bytes(weighted)  # grad·down, summed to (n, 1) once the node has returned
+            if self.ckpt_block < 0:
+                self.node(weighted, [down, wsel], saves=(down, wsel), scratch=grad_w)
+            else:  # recomputed saved tensors die with the node's locals, before that sum
+                self.node(weighted, [down, self._view(f"{x}.weight_wide", grad_w, wsel)], saves=(down, wsel))
             self.dead(wsel)
             rebind("hidden", weighted)
             src = weighted
@@ -351,10 +453,15 @@ class _MoESim(_Sim):
             version = new_version
             if last and self.recomputing and not c.shared_expert_d_ff:
                 # checkpoint's early stop: the block's last saved tensors are packed, the rerun ends
-                self.dead(*prev.values(), out, mask, counts, hits, *keep)
+                self.dead(*prev.values(), out, mask, hits, *keep)
                 return ""
         self.dead(*prev.values())
-        self.dead(mask, counts, hits)
+        self.dead(mask, hits)
+        return self._shared(m, h, out, keep)
+
+    def _shared(self, m: str, h: str, out: str, keep: list[str]) -> str:
+        """The shared expert (and its sigmoid gate) added to the routed experts' output ``out``."""
+        c, t, d = self.moe, self.t, self.moe.d_model
         result = out
         if c.shared_expert_d_ff:
             model = self.model
@@ -390,11 +497,11 @@ class _MoESim(_Sim):
         self.dead(*keep)
         return result
 
-    def _param_grad(self, name: str, via_cast: bool, later: list[Callable[[], None]]) -> None:
+    def _param_grad(self, name: str, via_cast: bool, later: list[Callable[[], None]], **kwargs: bool) -> None:
         """Expert weights: ``select_backward`` scatters each slice's gradient into zeros of the full
         parameter; the engine sums them out of place; the last sum becomes ``.grad``."""
         if not name.startswith("hook|"):
-            super()._param_grad(name, via_cast, later)
+            super()._param_grad(name, via_cast, later, **kwargs)
             return
         _, what, rest = name.split("|", 2)
         if what == "alloc":  # a gradient the sim keeps outside the engine's buffers (chunk's second half)

@@ -6,6 +6,8 @@
 attention FLOPs. :func:`register_sdpa_flops` registers the same formulas for the CPU kernel and
 its backward: forward 4·B·H·S_q·S_k·h (QKᵀ and P·V, causal mask not discounted), backward
 10·B·H·S_q·S_k·h (torch's count, which includes recomputing QKᵀ as flash backward does).
+It has no entry for ``aten._grouped_mm`` (transformers' default MoE experts) either: registered
+here with 2 FLOPs per multiply-add.
 """
 
 from __future__ import annotations
@@ -41,9 +43,24 @@ def _cpu_sdpa_backward_flop(
     return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
+def _grouped_mm_flop(a_shape: Any, b_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """``aten._grouped_mm`` (MoE experts; its backward calls it too), which FlopCounterMode leaves at 0:
+    2 FLOPs per multiply-add, each row (or column block) multiplied by its group's matrix only.
+
+    (m, k) x (g, k, n): 2·m·k·n; (m, k) x (k, n) grouped over k (a weight gradient): 2·m·k·n;
+    (g, m, k) x (k, n): 2·m·k·n; (g, m, k) x (g, k, n): 2·g·m·k·n.
+    """
+    if len(a_shape) == 2:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[-1]
+    if len(b_shape) == 2:
+        return 2 * a_shape[1] * a_shape[2] * b_shape[1]
+    return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
+
+
 _FORMULAS: dict[Any, Callable[..., int]] = {
     _aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flop,
     _aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flop,
+    _aten._grouped_mm: _grouped_mm_flop,
 }
 
 

@@ -95,32 +95,75 @@ class MLAttention(nn.Module):
 
 
 class Experts(nn.Module):
-    """E SwiGLU experts as two 3-D parameters, run by a loop over the experts hit (transformers' eager path)."""
+    """E SwiGLU experts as two 3-D parameters, run as transformers runs them: ``grouped_mm`` (its default)
+    or the ``eager`` loop over the experts hit (``cfg.experts_implementation``)."""
 
     def __init__(self, cfg: MoEConfig, device: Device, dtype: torch.dtype | None) -> None:
         super().__init__()
         e, f, d = cfg.num_experts, cfg.expert_d_ff, cfg.d_model
         self.num_experts = e
+        self.grouped = cfg.experts_implementation == "grouped_mm"
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * f, d, device=device, dtype=dtype))
         self.down_proj = nn.Parameter(torch.empty(e, d, f, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor, top_i: torch.Tensor, top_w: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        if self.grouped:
+            return self.grouped_forward(x, top_i, top_w)
+        return self.eager_forward(x, top_i, top_w)
+
+    def grouped_forward(self, x: torch.Tensor, top_i: torch.Tensor,
+                        top_w: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """transformers 5's ``grouped_mm_experts_forward`` (``integrations/moe.py``), statement by statement.
+
+        The T·k (token, expert) pairs sorted by expert, the tokens gathered once, two grouped GEMMs over
+        the whole 3-D weights (``torch.nn.functional.grouped_mm``, offsets from ``histc``), the routing
+        weights applied, the pairs put back in token order and summed over k.
+        """
+        k, t, d = top_i.size(-1), x.size(0), x.size(-1)
+        sample_weights = top_w.reshape(-1)
+        expert_ids = top_i.reshape(-1)
+        expert_ids_g, perm = torch.sort(expert_ids)
+        selected = x[perm // k]
+        sample_weights_g = sample_weights[perm]
+        histc_input = expert_ids_g.float()
+        tokens_per_expert = torch.histc(histc_input, bins=self.num_experts, min=0, max=self.num_experts - 1)
+        offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
+        proj = F.grouped_mm(selected.to(self.gate_up_proj.dtype), self.gate_up_proj.transpose(-2, -1), offs=offsets)
+        proj = _apply_gate(proj)
+        proj = F.grouped_mm(proj.to(self.down_proj.dtype), self.down_proj.transpose(-2, -1), offs=offsets)
+        weighted = proj * sample_weights_g.unsqueeze(-1)
+        inv_perm = torch.empty_like(perm)
+        inv_perm[perm] = torch.arange(perm.size(0), device=x.device)
+        weighted = weighted[inv_perm]
+        out = weighted.view(t, k, d).sum(dim=1)
+        return out.to(x.dtype), [int(n) for n in tokens_per_expert.tolist()]
+
+    def eager_forward(self, x: torch.Tensor, top_i: torch.Tensor,
+                      top_w: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """transformers' ``MixtralExperts.forward`` (``experts_implementation="eager"``)."""
         out = torch.zeros_like(x)
         with torch.no_grad():
             mask = F.one_hot(top_i, num_classes=self.num_experts + 1).permute(2, 1, 0)
-            counts = mask.sum(dim=(-1, -2))
-            hit = torch.greater(counts, 0).nonzero()
+            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+        counts = [0] * self.num_experts
         for expert in hit:
             e = expert[0]
             if e == self.num_experts:
                 continue
             pos, token = torch.where(mask[e])
+            counts[int(e)] = token.shape[0]
             current = x[token]
             gate, up = F.linear(current, self.gate_up_proj[e]).chunk(2, dim=-1)
             hidden = F.linear(F.silu(gate) * up, self.down_proj[e])
             hidden = hidden * top_w[token, pos, None]
             out.index_add_(0, token, hidden.to(out.dtype))
-        return out, counts[: self.num_experts].tolist()
+        return out, counts
+
+
+def _apply_gate(gate_up: torch.Tensor) -> torch.Tensor:
+    """transformers' ``_default_apply_gate``: SiLU(gate)·up (its own frame: the chunk views die at its return)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 class MoE(nn.Module):

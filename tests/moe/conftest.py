@@ -5,7 +5,7 @@ from __future__ import annotations
 from estimator.families.moe import MoEConfig
 
 BASE = {"vocab_size": 17, "d_model": 8, "num_layers": 2, "num_heads": 2, "num_experts": 4, "experts_per_token": 2,
-        "expert_d_ff": 6, "max_seq_len": 16}
+        "expert_d_ff": 8, "max_seq_len": 16}
 
 SMALL: dict[str, dict] = {
     # Mixtral: GQA, softmax router, renormalised top-2, no shared expert.

@@ -50,7 +50,7 @@ def test_experts_flops_do_not_depend_on_balance_but_on_capacity() -> None:
     base = matmul_flops(small("mixtral"), training).total
     assert matmul_flops(small("mixtral", routing={"mode": "worst"}), training).total == base
     padded = matmul_flops(small("mixtral", routing={"mode": "capacity", "capacity_factor": 1.25}), training).total
-    per_token = 2 * 3 * 8 * 6 * 3  # 2 FLOPs x 3 matrices x d x F, forward + backward (x3), per extra slot
+    per_token = 2 * 3 * 8 * 8 * 3  # 2 FLOPs x 3 matrices x d x F, forward + backward (x3), per extra slot
     assert padded - base == 2 * (40 - 30) * per_token  # two MoE layers, 10 padded slots each
 
 

@@ -1,5 +1,6 @@
-"""Tiny real Hugging Face MoE models on the CPU (transformers' own classes, eager experts): per-layer
-saved bytes of the MoE block and the step's matmul FLOPs equal the estimate under the measured routing."""
+"""Tiny real Hugging Face MoE models on the CPU (transformers' own classes, grouped_mm and eager experts):
+per-layer saved bytes of the MoE block, the rise of each MoE block's forward peak (the allocator's record) and
+the step's matmul FLOPs equal the estimate under the measured routing."""
 
 from __future__ import annotations
 
@@ -32,11 +33,13 @@ TYPES = {
 }
 
 
-def _run_hf(model_type: str, tmp_path: Path) -> tuple[MoEConfig, list[int], int]:
+def _run_hf(model_type: str, tmp_path: Path, impl: str) -> tuple[MoEConfig, list[int], list[int], int]:
     """Train-mode forward + backward of the HF model; our config (via configs' reader), MoE-block saved
-    bytes per layer, and FlopCounterMode's total."""
+    bytes per layer, the rise of the allocator's live tensor bytes over each MoE block's forward, and
+    FlopCounterMode's total."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from estimator.measure.allocator import profile_allocations
     from estimator.measure.flop_formulas import register_sdpa_flops
 
     data = {**COMMON, **TYPES[model_type]}
@@ -46,7 +49,7 @@ def _run_hf(model_type: str, tmp_path: Path) -> tuple[MoEConfig, list[int], int]
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = transformers.AutoModelForCausalLM.from_config(hf_config, experts_implementation="eager",
+        model = transformers.AutoModelForCausalLM.from_config(hf_config, experts_implementation=impl,
                                                               attn_implementation="sdpa")
     model.train()
     idx = torch.randint(0, COMMON["vocab_size"], (B, S))
@@ -62,32 +65,65 @@ def _run_hf(model_type: str, tmp_path: Path) -> tuple[MoEConfig, list[int], int]
             saved.setdefault(state["layer"], {})[ptr] = t.untyped_storage().nbytes()
         return t
 
+    box: dict = {}
+
+    def enter(i: int) -> None:
+        state.update(layer=i)
+        box["marks"](f"moe{i}")
+
+    def leave() -> None:
+        state.update(layer=None)
+        box["marks"]("rest")
+
     for i, layer in enumerate(layers):
-        layer.mlp.register_forward_pre_hook(lambda m, a, i=i: state.update(layer=i))
-        layer.mlp.register_forward_hook(lambda m, a, o: state.update(layer=None))
+        layer.mlp.register_forward_pre_hook(lambda m, a, i=i: enter(i))
+        layer.mlp.register_forward_hook(lambda m, a, o: leave())
         layer.mlp.gate.register_forward_hook(
-            lambda m, a, o, i=i: counts.__setitem__(i, torch.bincount(o[2].flatten(), minlength=E).tolist()))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=idx, labels=idx).loss.backward()
+            lambda m, a, o, i=i: counts.__setitem__(i, o[2].flatten().tolist()))
+
+    def run(marks) -> None:  # noqa: ANN001
+        box["marks"] = marks
+        marks("rest")
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=idx, labels=idx).loss.backward()
+
+    trace = profile_allocations(run)
     per_layer = [sum(saved[i].values()) for i in range(len(layers))]
+    rise = [max(s.tensors for s in trace.within(f"moe{i}")) - trace.live_before(f"moe{i}").tensors
+            for i in range(len(layers))]
 
     register_sdpa_flops()
     model.zero_grad()
     with FlopCounterMode(display=False) as counter:
         model(input_ids=idx, labels=idx).loss.backward()
     values = {k: v for k, v in read_hf_config(path).items() if k != "family"}
-    cfg = MoEConfig(**{**values, "routing": {"mode": "measured",
-                                             "tokens_per_expert": [counts[i] for i in range(len(layers))]}})
-    return cfg, per_layer, counter.get_total_flops()
+    tokens = [[sum(1 for e in counts[i] if e == x) for x in range(E)] for i in range(len(layers))]
+    cfg = MoEConfig(**{**values, "experts_implementation": impl,
+                       "routing": {"mode": "measured", "tokens_per_expert": tokens}})
+    return cfg, per_layer, rise, counter.get_total_flops()
 
 
+def _block_rise(events: list, i: int) -> int:
+    """The estimate's rise of live bytes over MoE block ``i``'s forward (its first to its last event)."""
+    inside = [n for n, e in enumerate(events) if e.phase == "forward" and e.name.startswith(f"blocks.{i}.moe.")]
+    live = sum(e.nbytes for e in events[:inside[0]])
+    start, peak = live, live
+    for e in events[inside[0]:inside[-1] + 1]:
+        live += e.nbytes
+        peak = max(peak, live)
+    return peak - start
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "eager"])
 @pytest.mark.parametrize("model_type", sorted(TYPES))
-def test_hf_moe_block_saved_bytes_and_flops(model_type: str, tmp_path: Path) -> None:
-    cfg, per_layer, flops = _run_hf(model_type, tmp_path)
+def test_hf_moe_block_saved_bytes_peaks_and_flops(model_type: str, impl: str, tmp_path: Path) -> None:
+    cfg, per_layer, rise, flops = _run_hf(model_type, tmp_path, impl)
     training = TrainingConfig(batch_size=B, seq_len=S)
     events = step_events(cfg, training, StepShape(4, 4, 4, False))
     ours = [sum(e.nbytes for e in events if e.nbytes > 0 and e.role == "activation" and e.phase == "forward"
                 and (e.name.startswith(f"blocks.{i}.moe.") or e.name == f"blocks.{i}.norm2.out"))
             for i in range(cfg.num_layers)]
     assert ours == per_layer
+    if model_type != "qwen2_moe":  # HF's Qwen2-MoE runs its shared expert before the router, ours after it
+        assert [_block_rise(events, i) for i in range(cfg.num_layers)] == rise
     assert matmul_flops(cfg, training).total == flops
