@@ -96,8 +96,8 @@ class _LazyConsole:
         if self._console is None:
             from rich.console import Console
 
-            self._console = (Console(file=SafeStdout(), highlight=False) if self._stdout
-                             else Console(stderr=True, highlight=False))
+            self._console = (Console(file=SafeStdout(), highlight=False, emoji=False) if self._stdout
+                             else Console(stderr=True, highlight=False, emoji=False))
         return getattr(self._console, name)
 
 
