@@ -613,7 +613,21 @@ def rank_rows(est: Any, measured: Any) -> list[Row]:
         Row("optimizer_state", "opt. state", est.optimizer_state, measured.optimizer_state),
         Row("first_step_peak_bytes", "1st peak", est.first_step_peak_bytes, measured.first_step.peak_bytes),
         Row("peak_bytes", "steady peak", est.peak_bytes, measured.steady_step.peak_bytes),
+        *communication_rows(est, measured),
     ]
+
+
+def communication_rows(est: Any, measured: Any) -> list[Row]:
+    """The collectives' logical bytes per step and the calls of a later step, estimated and recorded."""
+    from estimator.measure.comm_record import measured_communication
+
+    got, want = measured_communication(measured), getattr(est, "communication_volume", None)
+    if got is None or want is None:
+        return []
+    return [Row(f"communication_{key}_bytes", f"coll. B {label}", getattr(want, key).size_bytes,
+                getattr(got, key).size_bytes)
+            for key, label in (("first_step", "step 1"), ("second_step", "step 2"), ("steady_step", "step 3"))
+            ] + [Row("communication_steady_step_calls", "coll. calls", want.steady_step.calls, got.steady_step.calls)]
 
 
 def render_ranks(estimates: list[Any], measured: list[Any] | None, console: Console, tolerance: float | None) -> None:
@@ -644,6 +658,8 @@ def render_ranks(estimates: list[Any], measured: list[Any] | None, console: Cons
         table = _ranks_long(estimates, measured, rows, title, tolerance)
     print_fitting(console, table)
     console.print("bytes; the comm. row: persistent communication buffers, DDP's gradient buckets (estimated only); "
+                  "coll. B: bytes handed to collectives per step (S of each call; recorded by torch's flight "
+                  "recorder), coll. calls: collectives in step 3; "
                   "optim.: optimizer_step. "
                   "docs/distributed.md: what torch allocates per strategy (buckets, FSDP2 all-gathers and "
                   "reduce-scatters) and the sources.")
@@ -671,18 +687,47 @@ def render_rank_estimates(estimates: list[Any], console: Console) -> None:
     first = estimates[0]
     table = Table(title=f"Per rank: {first.strategy} on {first.world_size} ranks (training.batch_size is per rank)",
                   title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), pad_edge=False)
-    for col in ("rank", "params", "grads", "state", "comm.", "1st peak", "peak", "phase"):
+    for col in ("rank", "params", "grads", "state", "comm.", "sent/step", "1st peak", "peak", "phase"):
         table.add_column(col, justify="left" if col in ("rank", "phase") else "right", no_wrap=True)
     for est in estimates:
+        volume = getattr(est, "communication_volume", None)
         table.add_row(est.label() if hasattr(est, "label") else str(est.rank), human_bytes(est.parameters),
                       human_bytes(est.gradients),
                       human_bytes(est.optimizer_state), human_bytes(est.communication),
+                      human_bytes(volume.steady_step.wire_bytes()) if volume else "-",
                       human_bytes(est.first_step_peak_bytes), human_bytes(est.peak_bytes),
                       PHASE_SHORT.get(est.step.steady_peak.phase, est.step.steady_peak.phase))
     print_fitting(console, table)
+    render_communication(estimates, console)
     console.print("state: optimizer state; comm.: persistent communication buffers (DDP's gradient buckets); "
-                  "optim.: optimizer_step. "
+                  "sent/step: bytes a rank sends (and receives) per step on a ring (docs/distributed.md, "
+                  "Communication volume); optim.: optimizer_step. "
                   "docs/distributed.md: what torch allocates per strategy and the sources of the formulas; "
                   "exact bytes with --json.")
 
 
+
+
+def render_communication(estimates: list[Any], console: Console) -> None:
+    """The collectives of a later step per rank, by kind: one table per distinct set of ranks."""
+    distinct: dict[Any, list[str]] = {}
+    for est in estimates:
+        volume = getattr(est, "communication_volume", None)
+        if volume is not None:
+            distinct.setdefault(volume, []).append(est.label() if hasattr(est, "label") else str(est.rank))
+    for volume, labels in distinct.items():
+        step = volume.steady_step
+        where = "every rank" if len(distinct) == 1 else f"ranks {','.join(labels)}"
+        table = Table(title=f"Communication per step, {where} (N={step.world_size})", title_justify="left",
+                      box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), pad_edge=False)
+        for col in ("collective", "calls", "size", "sent = received"):
+            table.add_column(col, justify="left" if col == "collective" else "right", no_wrap=True)
+        for kind, v in step.kinds:
+            table.add_row(kind, f"{v.calls:,}", human_bytes(v.size_bytes), human_bytes(step.wire_bytes(kind)))
+        table.add_row("total", f"{step.calls:,}", human_bytes(step.size_bytes), human_bytes(step.wire_bytes()),
+                      style="bold")
+        print_fitting(console, table)
+        extra = volume.second_step.calls - step.calls
+        if extra:
+            console.print(f"the second step calls {extra} more (DDP's bucket rebuild: "
+                          f"{human_bytes(volume.second_step.size_bytes - step.size_bytes)})")

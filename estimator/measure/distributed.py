@@ -21,7 +21,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from estimator.config import Config
 from estimator.errors import EstimatorError, Interrupted
+from estimator.measure.comm_record import RECORDER_ENV, CollectiveLog, calls_to_json
 from estimator.measure.models import step_parts, torch_optimizer_class, torch_optimizer_kwargs
 from estimator.measure.step import StepMeasurement, StepProbe, TrackerSource, gc_paused
 from estimator.measure.tracker import LiveTensorTracker
@@ -55,6 +56,9 @@ class RankMeasurement:
     gradients: int  # this rank's .grad bytes right after the steady backward (shards under zero3)
     optimizer_state: int  # this rank's optimizer state, excluding 'step' scalars
     optimizer_step_tensors: int
+    # the collectives this rank called, in order (comm_record.calls_to_json): setup, first_step, second_step,
+    # third_step
+    communication: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         data = {k: v for k, v in asdict(self).items() if k not in ("first_step", "steady_step")}
@@ -171,7 +175,7 @@ def _stop_on_signals(world_size: int) -> Iterator[None]:
 def _worker(rank: int, world_size: int, strategy: str, config: Config, env: dict[str, str], out: str) -> None:
     import torch.distributed as dist
 
-    os.environ.update(env)
+    os.environ.update({**env, **RECORDER_ENV})  # the flight recorder lists every collective (comm_record.py)
     torch.set_num_threads(1)  # 2 cores shared by the ranks; the figures do not depend on threads
     # The Cruncher returns squeeze(-1), a view; FSDP2 warns in case a caller modifies it in place,
     # which the step never does.
@@ -274,6 +278,8 @@ def _measure_rank(config: Config, strategy: str, rank: int, world_size: int) -> 
     tracker = LiveTensorTracker(device, phase="setup")
     source = TrackerSource(tracker)
     grads = 0
+    log = CollectiveLog(world_size)
+    communication: dict[str, Any] = {}
     with tracker:
         if strategy == "tp" or config.parallel.tp_size > 1:  # tensor parallel, alone or on a 2-D mesh
             from estimator.measure.tp import loss_context, wrap_tp
@@ -287,6 +293,7 @@ def _measure_rank(config: Config, strategy: str, rank: int, world_size: int) -> 
         inputs, target = parts.make_batch()
         optimizer = _optimizer(config, strategy, [p for p in model.parameters() if p.requires_grad])
         setup = tracker.live_bytes
+        communication["setup"] = calls_to_json(log.take())
 
         def run(enter: Any) -> None:
             nonlocal grads
@@ -318,6 +325,9 @@ def _measure_rank(config: Config, strategy: str, rank: int, world_size: int) -> 
                 probe.begin()
                 run(probe.enter)
                 steps.append(probe.end())
+            communication[label.replace("steady", "second")] = calls_to_json(log.take())
+        run(lambda phase: None)  # a third step, for its collectives only: DDP rebuilds its buckets in the second
+        communication["third_step"] = calls_to_json(log.take())
         debug = os.environ.get("ESTIMATOR_DIST_EVENTS")  # a directory: dump every tracker event per rank
         if debug:
             with open(os.path.join(debug, f"rank{rank}.events"), "w") as f:
@@ -328,6 +338,7 @@ def _measure_rank(config: Config, strategy: str, rank: int, world_size: int) -> 
         parameters=_bytes(model.parameters()), gradients=grads,
         optimizer_state=_bytes(_state(optimizer, step=False)),
         optimizer_step_tensors=_bytes(_state(optimizer, step=True)),
+        communication=communication,
     )
 
 

@@ -27,6 +27,7 @@ from estimator.parallel.base import (
     check_world_size,
     get_strategy,
     merge_equal,
+    with_communication,
 )
 from estimator.parallel.ddp import ddp_bucket_bytes
 from estimator.parallel.zero import zero_partition
@@ -46,7 +47,8 @@ def rank_groups(config: Config, strategy: str, world_size: int, device: str = "c
     chosen = get_strategy(strategy)
     check_world_size(world_size)
     ctx = RankContext(config, world_size, device)
-    return merge_equal([(ranges, chosen.estimate(ctx, rep)) for ranges, rep in chosen.groups(ctx)])
+    return merge_equal([(ranges, with_communication(chosen, ctx, rep, chosen.estimate(ctx, rep)))
+                        for ranges, rep in chosen.groups(ctx)])
 
 
 def per_rank_estimate(
@@ -55,7 +57,8 @@ def per_rank_estimate(
     """The memory of ``rank`` when the step runs data-parallel on ``world_size`` ranks with ``strategy``."""
     chosen = get_strategy(strategy)
     check_world_size(world_size, rank)
-    return chosen.estimate(RankContext(config, world_size, device), rank)
+    ctx = RankContext(config, world_size, device)
+    return with_communication(chosen, ctx, rank, chosen.estimate(ctx, rank))
 
 
 def per_rank_estimates(config: Config, strategy: str, world_size: int, device: str = "cuda") -> list[RankEstimate]:

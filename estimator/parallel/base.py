@@ -10,7 +10,7 @@ cost of the distinct ranks, and that of a distinct rank is the number of events 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, Protocol
 
@@ -19,6 +19,7 @@ from estimator.errors import EstimatorError
 from estimator.events import Event
 from estimator.families.base import ParamTensor, get_family
 from estimator.optimizers import OptimizerSpec, get_optimizer
+from estimator.parallel.comm import CommParts, StepCommunication, step_communication
 from estimator.periodic import Program, keep_events, map_events
 from estimator.precision import PrecisionPlan, training_plan
 from estimator.simulate import (
@@ -58,6 +59,7 @@ class RankEstimate:
     activations: int  # saved for backward, same as one device (batch_size is per rank)
     communication: int  # persistent buffers: DDP buckets (transient all-gather/reduce-scatter are in the peak)
     step: RankStep
+    communication_volume: StepCommunication | None = None  # the collectives per step (comm.py)
 
     @property
     def peak_bytes(self) -> int:
@@ -71,7 +73,7 @@ class RankEstimate:
         """Everything the report shows of a rank: ranks with equal figures are shown as one row."""
         return (self.parameters, self.gradients, self.optimizer_state, self.optimizer_step_tensors,
                 self.activations, self.communication, self.peak_bytes, self.first_step_peak_bytes,
-                self.step.steady_peak.phase, self.step.first_peak.phase)
+                self.step.steady_peak.phase, self.step.first_peak.phase, self.communication_volume)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -81,6 +83,7 @@ class RankEstimate:
                        "activations": self.activations, "communication": self.communication},
             "peak_bytes": self.peak_bytes, "peak_phase": self.step.steady_peak.phase,
             "first_step_peak_bytes": self.first_step_peak_bytes, "first_step_peak_phase": self.step.first_peak.phase,
+            **({"communication_volume": self.communication_volume.to_json()} if self.communication_volume else {}),
         }
 
 
@@ -198,6 +201,18 @@ class Strategy(Protocol):
         ...
 
     def estimate(self, ctx: RankContext, rank: int) -> RankEstimate: ...
+
+    def communication(self, ctx: RankContext, rank: int) -> CommParts:
+        """The collectives one micro-batch, one gradient sync and one optimizer step of ``rank`` call."""
+        ...
+
+
+def with_communication(strategy: Strategy, ctx: RankContext, rank: int, estimate: RankEstimate) -> RankEstimate:
+    """``estimate`` with its communication per step (a strategy without ``communication`` leaves it None)."""
+    parts = getattr(strategy, "communication", None)
+    if parts is None:
+        return estimate
+    return replace(estimate, communication_volume=step_communication(ctx.config, parts(ctx, rank)))
 
 
 STRATEGIES_BY_NAME: dict[str, Strategy] = {}

@@ -29,6 +29,7 @@ from estimator.parallel.base import (
     local_model_states,
     register_strategy,
 )
+from estimator.parallel.comm import CommParts, CommVolume, KindVolume, collective_dtypes, empty
 from estimator.precision import precision_plan
 from estimator.simulate import _shape_key, layered_step, optimizer_step_events, state_events, step_shape
 
@@ -101,6 +102,10 @@ class Zero3:
 
     def groups(self, ctx: RankContext) -> list[tuple[tuple[tuple[int, int], ...], int]]:
         return shard_groups(ctx.params, ctx.world_size)
+
+    def communication(self, ctx: RankContext, rank: int) -> CommParts:
+        reshards = self.reshards(ctx.config)
+        return ctx.shared(f"fsdp_communication_{reshards}", lambda: fsdp_communication(ctx, self.name, reshards))
 
     def estimate(self, ctx: RankContext, rank: int) -> RankEstimate:
         config, world_size, params = ctx.config, ctx.world_size, ctx.params
@@ -430,3 +435,43 @@ def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True,
     first = out + optimizer_step_events(ctx.spec, local_params, config, ctx.impl, ctx.step_bytes, first=True) + tail
     steady = out + optimizer_step_events(ctx.spec, local_params, config, ctx.impl, ctx.step_bytes, first=False) + tail
     return setup, first, steady
+
+
+# --------------------------------------------------------------------------- communication (comm.py)
+def fsdp_units(config: Config, params: list[ParamTensor]) -> dict[str, list[ParamTensor]]:
+    """The ``fully_shard`` units in forward order, the root last: ``layers.i`` (mlp) or ``blocks.i``."""
+    prefix = "layers." if config.model.family == "mlp" else UNIT_PREFIX
+    units: dict[str, list[ParamTensor]] = {}
+    for p in params:
+        units.setdefault(".".join(p.name.split(".")[:2]) if p.name.startswith(prefix) else "root", []).append(p)
+    return {**{u: ps for u, ps in units.items() if u != "root"}, **({"root": units["root"]} if "root" in units else {})}
+
+
+def fsdp_communication(ctx: RankContext, strategy: str, reshard_after_forward: bool) -> CommParts:
+    """FSDP2's collectives per rank (torch 2.13 ``_fsdp_collectives.py``, ``_fsdp_param_group.py``; the
+    ZeRO paper's 3Ψ, Rajbhandari et al. 2020, section 7.2.2).
+
+    Every unit is all-gathered before its forward (``all_gather_into_tensor``: input the rank's padded
+    shards of the unit, flat; output N times that). With ``reshard_after_forward`` passed to
+    ``fully_shard`` (as ``verify`` does, for the root too: only an unset value keeps the root gathered)
+    every unit is resharded after its forward and all-gathered again before its backward, the root first.
+    Every unit with gradients is reduce-scattered after its backward (``reduce_scatter_tensor``: input the
+    N padded chunks of its trainable parameters, output one chunk). ProcessGroupGloo has no reduce-scatter
+    of its own: it all-reduces a copy of the whole input and keeps its chunk, so on the CPU (gloo) each is an
+    all-reduce of the whole input. Shard(0) pads every tensor to N·ceil(rows/N) rows, so every rank hands
+    over the same bytes. Dtypes: :func:`~estimator.parallel.comm.collective_dtypes`.
+    """
+    n = ctx.world_size
+    dt = collective_dtypes(ctx.config, strategy)
+    gather, reduce = KindVolume(), KindVolume()
+    for ps in fsdp_units(ctx.config, ctx.params).values():
+        chunk = sum(shard(p, n, 0).padded.numel for p in ps)
+        one = KindVolume(1, chunk * dt.parameter_bytes, n * chunk * dt.parameter_bytes)
+        gather += one.times(2 if reshard_after_forward else 1)
+        grads = sum(shard(p, n, 0).padded.numel for p in ps if p.trainable)
+        if grads:
+            full = n * grads * dt.gradient_bytes
+            reduce += KindVolume(1, full, full if ctx.device == "cpu" else grads * dt.gradient_bytes)
+    reduce_kind = "all_reduce" if ctx.device == "cpu" else "reduce_scatter"
+    return CommParts(CommVolume.of(n, {"all_gather": gather}), CommVolume.of(n, {reduce_kind: reduce}),
+                     empty(n), empty(n))

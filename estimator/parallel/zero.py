@@ -24,7 +24,8 @@ import heapq
 from estimator.events import Event
 from estimator.families.base import ParamTensor
 from estimator.parallel.base import RankContext, RankEstimate, register_strategy
-from estimator.parallel.ddp import buckets
+from estimator.parallel.comm import CommParts, CommVolume, KindVolume, collective_dtypes, empty
+from estimator.parallel.ddp import buckets, ddp_communication
 from estimator.parallel.replicated import ReplicatedParameters
 from estimator.timeline import Summary, summarize
 
@@ -65,6 +66,14 @@ class _Partitioned:
 class Zero1(_Partitioned):
     name = "zero1"
 
+    def communication(self, ctx: RankContext, rank: int) -> CommParts:
+        """DDP's all-reduces, then ``ZeroRedundancyOptimizer._sync_params`` (:func:`parameter_broadcasts`)."""
+        def make() -> CommParts:
+            ddp = ddp_communication(ctx, self.name)
+            return CommParts(ddp.micro_batch, ddp.gradient_sync, parameter_broadcasts(ctx, self.name), ddp.second_step)
+
+        return ctx.shared("zero1_communication", make)
+
     def estimate(self, ctx: RankContext, rank: int) -> RankEstimate:
         local = self.partition(ctx)[rank] if rank < len(ctx.trainable) else []
         grads = ctx.shared("all_grad_bytes", lambda: sum(p.numel for p in ctx.trainable) * ctx.plan.gradient_bytes)
@@ -74,6 +83,18 @@ class Zero1(_Partitioned):
 @register_strategy
 class Zero2(_Partitioned):
     name = "zero2"
+
+    def communication(self, ctx: RankContext, rank: int) -> CommParts:
+        """Estimate only (torch has no ZeRO-2): each gradient reduced to its owner as it is produced (one
+        ``reduce`` per trainable tensor, in the gradients' dtype), then the owners' parameter broadcasts
+        as ZeRO-1. ZeRO section 7: the same 2Ψ on the wire as DDP's all-reduce."""
+        def make() -> CommParts:
+            n, g_b = ctx.world_size, collective_dtypes(ctx.config, self.name).gradient_bytes
+            size = g_b * sum(p.numel for p in ctx.trainable)
+            reduce = CommVolume.of(n, {"reduce": KindVolume(len(ctx.trainable), size, size)})
+            return CommParts(empty(n), reduce, parameter_broadcasts(ctx, self.name), empty(n))
+
+        return ctx.shared("zero2_communication", make)
 
     def estimate(self, ctx: RankContext, rank: int) -> RankEstimate:
         local = self.partition(ctx)[rank] if rank < len(ctx.trainable) else []
@@ -197,3 +218,14 @@ class DroppedGradients:
 
 def _is_grad_event(e: Event) -> bool:
     return e.role == "gradient" and e.name.endswith(".grad") and e.nbytes != 0
+
+
+def parameter_broadcasts(ctx: RankContext, strategy: str) -> CommVolume:
+    """``ZeroRedundancyOptimizer.step`` ends with ``_sync_params``: for every rank, each parameter of its
+    partition is broadcast from it (``parameters_as_bucket_view=False``, the default: one ``broadcast`` per
+    tensor; torch 2.13 ``zero_redundancy_optimizer.py``). Every rank takes part in every broadcast, as
+    root or receiver, so each hands over all trainable parameters once per step: the same on every rank.
+    """
+    p_b = collective_dtypes(ctx.config, strategy).parameter_bytes
+    size = p_b * sum(p.numel for p in ctx.trainable)
+    return CommVolume.of(ctx.world_size, {"broadcast": KindVolume(len(ctx.trainable), size, size)})

@@ -1,0 +1,207 @@
+"""Communication volume of one rank in one training step: the collectives it calls, what it hands them,
+and the bytes a ring algorithm puts on its links.
+
+Two figures per collective kind, per rank, per step:
+
+* **logical** (exact, what ``verify --parallel`` measures): ``calls``, ``input_bytes`` and
+  ``output_bytes``, the bytes of the tensors handed to the collective and filled by it, as a
+  process-group hook or torch's flight recorder sees them. The collective's size S is the larger of
+  the two: the buffer of an all-reduce or a broadcast, the gathered output of an all-gather, the full
+  input of a reduce-scatter.
+* **wire** (a model): the bytes each rank sends, and receives, under NCCL's ring algorithms, which
+  are bandwidth-optimal (Patarasuk & Yuan 2009, "Bandwidth optimal all-reduce algorithms for clusters
+  of workstations", JPDC 69(2)): all-reduce 2(N-1)/N·S, all-gather and reduce-scatter (N-1)/N·S,
+  broadcast and reduce S. These are the factors NCCL's performance notes use for "bus bandwidth"
+  (nccl-tests ``doc/PERFORMANCE.md``). A ring sends as much as it receives; the root of a broadcast
+  receives nothing and the last rank of its chain sends nothing, which the figure (the busiest rank's)
+  leaves out. Summed exactly over the calls (a rational), rounded to whole bytes once.
+
+The dtypes of what crosses come from one place, :func:`collective_dtypes`, and what gradient
+accumulation repeats from another, :func:`accumulation`: a strategy only says which collectives one
+micro-batch, one gradient synchronisation and one optimizer step make (:class:`CommParts`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+from estimator.config import Config
+
+#: the kinds in the order they are shown
+KINDS: tuple[str, ...] = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce", "all_to_all")
+
+CONVENTION = ("per rank per step; logical: calls and the bytes of the tensors handed to (input) and filled by "
+              "(output) each collective; wire: bytes sent and received per rank by NCCL's ring algorithms "
+              "(all-reduce 2(N-1)/N·S, all-gather and reduce-scatter (N-1)/N·S, broadcast and reduce S; "
+              "Patarasuk & Yuan 2009; nccl-tests doc/PERFORMANCE.md)")
+
+
+def ring_factor(kind: str, world_size: int) -> Fraction:
+    """Bytes on one rank's link per byte of the collective's size S (NCCL's bus-bandwidth factors)."""
+    n = world_size
+    if kind == "all_reduce":
+        return Fraction(2 * (n - 1), n)
+    if kind in ("all_gather", "reduce_scatter", "all_to_all"):
+        return Fraction(n - 1, n)
+    if kind in ("broadcast", "reduce"):
+        return Fraction(1 if n > 1 else 0)
+    raise ValueError(f"unknown collective kind {kind!r}")
+
+
+@dataclass(frozen=True)
+class KindVolume:
+    """One collective kind's calls and bytes on one rank."""
+
+    calls: int = 0
+    input_bytes: int = 0
+    output_bytes: int = 0
+
+    @property
+    def size_bytes(self) -> int:
+        """S summed over the calls: the buffer (all-reduce, broadcast), the gathered output, the full input."""
+        return max(self.input_bytes, self.output_bytes)
+
+    def __add__(self, other: KindVolume) -> KindVolume:
+        return KindVolume(self.calls + other.calls, self.input_bytes + other.input_bytes,
+                          self.output_bytes + other.output_bytes)
+
+    def times(self, k: int) -> KindVolume:
+        return KindVolume(self.calls * k, self.input_bytes * k, self.output_bytes * k)
+
+
+@dataclass(frozen=True)
+class CommVolume:
+    """Every collective one rank calls in one step (or one part of it), by kind."""
+
+    world_size: int
+    kinds: tuple[tuple[str, KindVolume], ...] = ()
+
+    @classmethod
+    def of(cls, world_size: int, volumes: dict[str, KindVolume]) -> CommVolume:
+        for kind in volumes:
+            ring_factor(kind, 2)  # an unknown kind is a bug
+        order = {k: i for i, k in enumerate(KINDS)}
+        return cls(world_size, tuple(sorted(((k, v) for k, v in volumes.items() if v.calls),
+                                            key=lambda kv: order[kv[0]])))
+
+    def get(self, kind: str) -> KindVolume:
+        return dict(self.kinds).get(kind, KindVolume())
+
+    def __add__(self, other: CommVolume) -> CommVolume:
+        merged = dict(self.kinds)
+        for kind, v in other.kinds:
+            merged[kind] = merged.get(kind, KindVolume()) + v
+        return CommVolume.of(self.world_size, merged)
+
+    def times(self, k: int) -> CommVolume:
+        return CommVolume.of(self.world_size, {kind: v.times(k) for kind, v in self.kinds})
+
+    @property
+    def calls(self) -> int:
+        return sum(v.calls for _, v in self.kinds)
+
+    @property
+    def size_bytes(self) -> int:
+        """The logical bytes of every collective (each one's S)."""
+        return sum(v.size_bytes for _, v in self.kinds)
+
+    def wire_bytes(self, kind: str | None = None) -> int:
+        """Bytes this rank sends (and receives) on the ring, for one kind or all, rounded once."""
+        chosen = self.kinds if kind is None else [(kind, self.get(kind))]
+        return round(sum((ring_factor(k, self.world_size) * v.size_bytes for k, v in chosen), Fraction(0)))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "calls": self.calls, "size_bytes": self.size_bytes, "wire_bytes": self.wire_bytes(),
+            "by_kind": {k: {"calls": v.calls, "input_bytes": v.input_bytes, "output_bytes": v.output_bytes,
+                            "size_bytes": v.size_bytes, "wire_bytes": self.wire_bytes(k)} for k, v in self.kinds},
+        }
+
+    def logical(self) -> dict[str, tuple[int, int, int]]:
+        """Kind -> (calls, input bytes, output bytes): what a measurement is compared with, exactly."""
+        return {k: (v.calls, v.input_bytes, v.output_bytes) for k, v in self.kinds}
+
+
+@dataclass(frozen=True)
+class CommParts:
+    """What a strategy's collectives are made of, before accumulation repeats them.
+
+    ``micro_batch``: every forward/backward (FSDP2's all-gathers); ``gradient_sync``: each time gradients
+    are synchronised (DDP's all-reduce, FSDP2's reduce-scatter); ``optimizer_step``: once per step
+    (ZeRO's parameter broadcasts); ``second_step``: once, in the second step only (DDP rebuilding its
+    buckets).
+    """
+
+    micro_batch: CommVolume
+    gradient_sync: CommVolume
+    optimizer_step: CommVolume
+    second_step: CommVolume
+
+
+@dataclass(frozen=True)
+class StepCommunication:
+    """One rank's collectives in the first, the second and every later step."""
+
+    first_step: CommVolume
+    second_step: CommVolume
+    steady_step: CommVolume
+
+    def to_json(self) -> dict[str, Any]:
+        return {"convention": CONVENTION, "world_size": self.steady_step.world_size,
+                "first_step": self.first_step.to_json(), "second_step": self.second_step.to_json(),
+                "steady_step": self.steady_step.to_json()}
+
+
+@dataclass(frozen=True)
+class CollectiveDtypes:
+    """Bytes per element of what crosses: parameters (gathered, broadcast) and gradients (reduced)."""
+
+    parameter_bytes: int
+    gradient_bytes: int
+
+
+def collective_dtypes(config: Config, strategy: str | None = None) -> CollectiveDtypes:
+    """The one place the dtypes of the collectives are decided.
+
+    The tensors cross in the dtype they have: the parameters' (``model.to(dtype)``, or fp32 under
+    autocast, which casts only inside the forward) for all-gathers and broadcasts, the gradients'
+    (AccumulateGrad keeps the parameter's dtype) for all-reduces and reduce-scatters. With 16-bit weights
+    and an fp32 master copy (``training.master_weights``) the model's parameters and gradients are 16-bit
+    under DDP and ZeRO-1/2; under zero3/fsdp it is FSDP2's ``MixedPrecisionPolicy``: the fp32 shard is cast
+    to ``param_dtype`` (16-bit) before the all-gather and gradients are reduce-scattered in
+    ``reduce_dtype`` (``parallel.reduce_dtype``: fp32, or the 16-bit param dtype) (torch 2.13
+    ``_fsdp_collectives.py``; Zhao et al. 2023, section 4.4).
+    """
+    from estimator.precision import precision_plan
+
+    plan = precision_plan(config.training.precision)
+    gradient = plan.gradient_bytes
+    master = bool(getattr(config.training, "master_weights", False))
+    if master and strategy in ("zero3", "fsdp") and getattr(config.parallel, "reduce_dtype", "fp32") == "fp32":
+        gradient = 4
+    return CollectiveDtypes(plan.parameter_bytes, gradient)
+
+
+def accumulation(config: Config) -> tuple[int, bool]:
+    """(micro-batches per optimizer step, whether gradients are synchronised after every one of them).
+
+    One micro-batch today; ``training.grad_accum_steps`` and a ``no_sync``-style switch, once the
+    config has them, are read here and nowhere else.
+    """
+    steps = int(getattr(config.training, "grad_accum_steps", 1) or 1)
+    sync_every = bool(getattr(config.parallel, "sync_every_micro_batch", True))
+    return steps, sync_every
+
+
+def step_communication(config: Config, parts: CommParts) -> StepCommunication:
+    """Repeat a strategy's parts over the micro-batches of one step (:func:`accumulation`)."""
+    steps, sync_every = accumulation(config)
+    steady = (parts.micro_batch.times(steps) + parts.gradient_sync.times(steps if sync_every else 1)
+              + parts.optimizer_step)
+    return StepCommunication(steady, steady + parts.second_step, steady)
+
+
+def empty(world_size: int) -> CommVolume:
+    return CommVolume(world_size)
