@@ -7,9 +7,16 @@ meta backend) and ``F.scaled_dot_product_attention`` picks the CPU flash kernel 
 back to the math path and saves the S x S probabilities). Observed with the live-tensor tracker,
 the fake step allocates and frees the same storages as the real CPU step, byte for byte, except
 where a real kernel's output storage differs from its meta kernel's: those are corrected in
-:data:`_REAL_KERNEL_BYTES` (``mse_loss`` returns a view of its unreduced buffer; batch/group norm
-keep fp32 statistics for 16-bit inputs under autocast). ``allow_fallback_kernels=False``: an op
-without a meta kernel is an error, never a silent run on real zero-filled tensors.
+``kernel_corrections.REAL_KERNEL_BYTES`` (``mse_loss`` returns a view of its unreduced buffer;
+batch/group norm keep fp32 statistics for 16-bit inputs under autocast; the CPU LSTM keeps oneDNN's
+workspace). ``allow_fallback_kernels=False``: an op without a meta kernel is an error, never a silent
+run on real zero-filled tensors.
+
+Construction: the factory is first called under ``FakeTensorMode`` (no memory, the fast path). A
+constructor that cannot run there -- one that reads tensor values (timm's drop-path rates via
+``.item()``, torchvision's ``trunc_normal_``), converts to NumPy, ... -- is then built for real on the
+CPU (bounded by the RAM available) and its parameters, buffers and tensor attributes are converted
+to fake tensors (``module_build.py``). An error that remains names the user's file and line.
 
 FLOPs are counted in the same pass with FlopCounterMode's own formulas (``flop_registry``), not
 with a FlopCounterMode: its module tracker keeps module outputs alive for backward hooks, and it
@@ -35,6 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
@@ -50,8 +58,10 @@ from estimator.families.module import (
     TensorSpec,
     resolve_spec,
 )
+from estimator.measure.kernel_corrections import DISTINCT_OUTPUTS, REAL_KERNEL_BYTES, separate_outputs
+from estimator.measure.module_build import build_for_real, described, to_fake, user_location
 from estimator.measure.step import gc_paused
-from estimator.measure.tracker import ALLOC, EXISTING, FREE, RESIZE, LiveTensorTracker
+from estimator.measure.tracker import ALLOC, EXISTING, FREE, RESIZE, LiveTensorTracker, MemoryEvent
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -61,7 +71,6 @@ _aten = torch.ops.aten
 #: table lookups: a parameter read only through these does no multiply-add per token (6·B·P rule)
 _LOOKUPS = {_aten.embedding.default, _aten._embedding_bag.default, _aten._embedding_bag_forward_only.default,
             _aten.index.Tensor, _aten.index_select.default}
-_SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 
 
 # --------------------------------------------------------------------------- the factory
@@ -81,9 +90,9 @@ def load_factory(model: ModuleConfig) -> Callable[..., Any]:
         if module_name == missing or module_name.startswith(missing + "."):
             raise EstimatorError(f"model.module: no module named {missing!r} (from {model.module!r}); "
                                  "is it installed, next to the config or in the current directory?") from None
-        raise EstimatorError(f"model.module: importing {module_name!r} failed: {_one_line(exc)}") from None
+        raise EstimatorError(f"model.module: importing {module_name!r} failed: {described(exc)}") from None
     except Exception as exc:  # the user's module raised at import time
-        raise EstimatorError(f"model.module: importing {module_name!r} raised {_one_line(exc)}") from None
+        raise EstimatorError(f"model.module: importing {module_name!r} raised {described(exc)}") from None
     finally:
         for folder in added:
             sys.path.remove(folder)
@@ -98,18 +107,57 @@ def load_factory(model: ModuleConfig) -> Callable[..., Any]:
 
 
 def build_module(factory: Callable[..., Any], model: ModuleConfig, device: str | torch.device) -> nn.Module:
-    """Call the factory with ``kwargs`` (and ``device=`` if it takes one); check it made a Module."""
-    kwargs = dict(model.kwargs)
-    if _takes_device(factory):
-        kwargs["device"] = device
-    try:
-        module = factory(**kwargs)
-    except Exception as exc:
-        raise EstimatorError(f"model.module: {model.module}(**kwargs) raised {_one_line(exc)}") from None
+    """Call the factory with ``kwargs`` (and ``device=`` if it takes one); check it made a Module.
+
+    A failure is one line: the exception and the user's file and line (``module_build.user_location``).
+    """
+    return _checked(call_factory(factory, model, device), model)
+
+
+def _checked(module: Any, model: ModuleConfig) -> nn.Module:
     if not isinstance(module, nn.Module):
         raise EstimatorError(f"model.module: {model.module} returned a {type(module).__name__}, "
                              "not a torch.nn.Module")
     return module
+
+
+def call_factory(factory: Callable[..., Any], model: ModuleConfig, device: str | torch.device) -> Any:
+    """``factory(**kwargs)`` (plus ``device=`` if it takes one); an exception becomes one EstimatorError line."""
+    try:
+        return factory(**factory_kwargs(factory, model, device))
+    except EstimatorError:
+        raise
+    except Exception as exc:
+        raise EstimatorError(f"model.module: {model.module}(**kwargs) raised {described(exc)}") from None
+
+
+def factory_kwargs(factory: Callable[..., Any], model: ModuleConfig, device: str | torch.device) -> dict[str, Any]:
+    """``model.kwargs``, plus ``device=`` if the factory takes one."""
+    kwargs = dict(model.kwargs)
+    if _takes_device(factory):
+        kwargs["device"] = device
+    return kwargs
+
+
+def _construct(factory: Callable[..., Any], model: ModuleConfig, fake: Any, tracker: _StepTracker
+               ) -> tuple[nn.Module, str]:
+    """The module on fake tensors, and how it was built: ``"fake"`` or ``"real"`` (module_build.py).
+
+    Called with ``fake`` and ``tracker`` active. The fast path builds it under them; a constructor that
+    fails there (it reads tensor values, ...) is built for real on the CPU, its tensors converted to fake
+    ones and adopted by the tracker. If the real construction fails too, that error is the one reported.
+    """
+    kwargs = factory_kwargs(factory, model, "cpu")
+    try:
+        return _checked(factory(**kwargs), model), "fake"
+    except EstimatorError:
+        raise
+    except Exception as exc:  # its traceback holds the half-built fake module until this block ends
+        failure = described(exc)
+    gc.collect()
+    real = build_for_real(lambda: build_module(factory, model, "cpu"), f"{model.module}(**kwargs)", failure)
+    tracker.track_existing(to_fake(real, fake))
+    return real, "real"
 
 
 def _takes_device(factory: Callable[..., Any]) -> bool:
@@ -193,31 +241,6 @@ def default_target(model: ModuleConfig, out: Tensor, precision: str) -> TensorSp
 
 
 # --------------------------------------------------------------------------- the tracker
-def _mse_loss_bytes(args: tuple, kwargs: dict, outs: list[Tensor]) -> dict[int, int]:
-    """mse_loss (mean/sum) returns a view of its unreduced, broadcast-shaped buffer."""
-    reduction = args[2] if len(args) > 2 else kwargs.get("reduction", 1)
-    if not reduction:
-        return {}
-    numel = torch.broadcast_shapes(args[0].shape, args[1].shape).numel()
-    return {0: numel * outs[0].element_size()}
-
-
-def _norm_stats_bytes(args: tuple, kwargs: dict, outs: list[Tensor]) -> dict[int, int]:
-    """Batch/group norm keep fp32 mean and inverse std for a 16-bit input with fp32 weights (autocast)."""
-    x, weight = args[0], args[1] if len(args) > 1 else None
-    if x.dtype in _SIXTEEN_BIT and isinstance(weight, Tensor) and weight.dtype == torch.float32:
-        return {i: outs[i].numel() * 4 for i in (1, 2) if len(outs) > i and outs[i].numel()}
-    return {}
-
-
-#: ops whose real kernel's output storage is not what the meta kernel says: output index -> bytes
-_REAL_KERNEL_BYTES: dict[Any, Callable[[tuple, dict, list[Tensor]], dict[int, int]]] = {
-    _aten.mse_loss.default: _mse_loss_bytes,
-    _aten.native_batch_norm.default: _norm_stats_bytes,
-    _aten.native_group_norm.default: _norm_stats_bytes,
-}
-
-
 class _StepTracker(LiveTensorTracker):
     """The live-tensor tracker plus what the family needs: where each storage came from.
 
@@ -237,7 +260,10 @@ class _StepTracker(LiveTensorTracker):
         self.modules: list[str] = []
         self.flops = 0  # FlopCounterMode's formulas, counted here (see run_trace)
         self.in_node = 0  # >0 while an autograd node's apply runs (node pre/post hooks, _engine_sums)
+        self.in_linear = 0  # >0 while F.linear runs (_LinearBias): its bias add is in place in the real step
         self.sums: list[tuple[int, int]] = []  # (output sid, old sid) of fan-in sums real autograd does in place
+        self._correcting = False  # inside an op of REAL_KERNEL_BYTES: its zero-byte outputs get events too
+        self._zero_sized: set[int] = set()  # sids of such outputs (the real kernel's may be larger)
 
     def sid_of(self, t: Tensor) -> int | None:
         """The tracker's id of the storage behind ``t`` (None if untracked)."""
@@ -246,7 +272,12 @@ class _StepTracker(LiveTensorTracker):
         return entry.sid if entry is not None else None
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = super().__torch_dispatch__(func, types, args, kwargs)
+        self._correcting = self.watching and func in REAL_KERNEL_BYTES
+        call = _SeparateOutputs(func) if func in DISTINCT_OUTPUTS else func
+        try:
+            out = super().__torch_dispatch__(call, types, args, kwargs)
+        finally:
+            self._correcting = False
         if self.watching:
             self._observe(func, args, kwargs or {}, out)
             formula = flop_registry.get(getattr(func, "_overloadpacket", None))
@@ -254,11 +285,23 @@ class _StepTracker(LiveTensorTracker):
                 self.flops += int(formula(*args, **(kwargs or {}), out_val=out))
         return out
 
+    def _record(self, kind: str, entry: Any, nbytes: int, delta: int) -> None:
+        """As the tracker's, but a zero-byte output of a corrected op (the meta kernel's empty LSTM
+        workspace) gets its allocation and release recorded, so the real kernel's size can replace it."""
+        if delta == 0 and kind in (ALLOC, FREE) and (self._correcting or entry.sid in self._zero_sized):
+            self._zero_sized.add(entry.sid)
+            self.events.append(MemoryEvent(kind, 0, 0, self.live_bytes, self._phase, entry.op, entry.sid,
+                                           entry.shape, entry.dtype))
+            return
+        super()._record(kind, entry, nbytes, delta)
+
     def _observe(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
         phase = self.phase
         if phase == "backward" and not self.in_node and func is _aten.add.Tensor and outs:
             self._engine_sum(args, outs[0])
+        elif self.in_linear and func is _aten.add.Tensor and outs and phase in ("forward", "loss"):
+            self._engine_sum(args, outs[0])  # F.linear's `output.add_(bias)`, made out of place here
         if phase == "forward" and self.modules:
             for t in outs:
                 sid = self.sid_of(t)
@@ -275,7 +318,7 @@ class _StepTracker(LiveTensorTracker):
                     sid = self.sid_of(outs[0])
                     if sid is not None:
                         self.casts.add(sid)
-        fix = _REAL_KERNEL_BYTES.get(func)
+        fix = REAL_KERNEL_BYTES.get(func)
         if fix is not None:
             for index, nbytes in fix(args, kwargs, outs).items():
                 sid = self.sid_of(outs[index])
@@ -301,6 +344,45 @@ class _StepTracker(LiveTensorTracker):
         out_sid, old_sid = self.sid_of(out), self.sid_of(old)
         if out_sid is not None and old_sid is not None:
             self.sums.append((out_sid, old_sid))
+
+
+class _LinearBias(TorchFunctionMode):
+    """Mark the inside of ``F.linear`` for the tracker (``tracker.in_linear``).
+
+    ``at::linear`` (``aten/src/ATen/native/Linear.cpp``) computes an input that is neither 2-D nor
+    contiguous as ``output = at::matmul(input, weight.t())`` and then adds the bias *in place*,
+    ``output.add_(bias)`` -- unless ``isTensorSubclassLike(bias)``, which a fake bias is, so the trace
+    sees ``at::add(output, bias)`` and a second output-sized storage for a moment. The add is handed to
+    the tracker's in-place bookkeeping (:func:`_in_place_sums`): the matmul's result, released right
+    after the add, is the storage the real step adds into.
+    """
+
+    def __init__(self, tracker: _StepTracker) -> None:
+        super().__init__()
+        self.tracker = tracker
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is not F.linear:
+            return func(*args, **(kwargs or {}))
+        self.tracker.in_linear += 1
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            self.tracker.in_linear -= 1
+
+
+class _SeparateOutputs:
+    """``func`` whose aliased outputs are made separate storages as the real kernel's are
+    (``kernel_corrections.separate_outputs``), before the tracker records them; named as ``func``."""
+
+    def __init__(self, func: Any) -> None:
+        self.func = func
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return separate_outputs(self.func, self.func(*args, **kwargs))
+
+    def __str__(self) -> str:
+        return str(self.func)
 
 
 def _dense(t: Tensor) -> bool:
@@ -383,14 +465,6 @@ def _module_paths(tracker: _StepTracker, root: nn.Module) -> Iterator[None]:
             h.remove()
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    first = text[0] if text else ""
-    if len(first) > 300:
-        first = first[:297] + "..."
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-
-
 @contextlib.contextmanager
 def _stage(field: str, what: str) -> Iterator[None]:
     """Turn an exception inside one stage of the trace into one EstimatorError line."""
@@ -406,12 +480,18 @@ def _stage(field: str, what: str) -> Iterator[None]:
         raise
     except UnsupportedOperatorException as exc:
         raise EstimatorError(f"model.module: {exc} has no meta kernel, so the step cannot be traced without "
-                             "running it (docs/module.md, limits)") from None
+                             f"running it (docs/module.md, limits){_at(exc)}") from None
     except (DataDependentOutputException, DynamicOutputShapeException) as exc:
-        raise EstimatorError(f"model.module: {what} depends on tensor values ({exc}: `if tensor:`, .item(), "
-                             "nonzero, ...), which a meta-device trace cannot know (docs/module.md, limits)") from None
+        raise EstimatorError(f"model.module: {what} depends on tensor values{_at(exc)} ({exc}: `if tensor:`, "
+                             ".item(), nonzero, ...), which a meta-device trace cannot know (docs/module.md, "
+                             "limits)") from None
     except Exception as exc:
-        raise EstimatorError(f"{field}: {what} failed: {_one_line(exc)}") from None
+        raise EstimatorError(f"{field}: {what} failed: {described(exc)}") from None
+
+
+def _at(exc: BaseException) -> str:
+    where = user_location(exc)
+    return f" at {where}" if where else ""
 
 
 # --------------------------------------------------------------------------- the trace
@@ -456,8 +536,8 @@ def _run_trace(model: ModuleConfig, precision: str) -> ModuleTrace:
     tracker = _StepTracker()
     fake = FakeTensorMode(allow_fallback_kernels=False, allow_non_fake_inputs=True)
     with _quiet_fake_tensor_log(), fake, tracker:
+        module, built = _construct(factory, model, fake, tracker)
         with _stage("model.module", f"building {model.module}"):
-            module = build_module(factory, model, "cpu")
             convert_floating(module, data_dtype)
         named = dict(module.named_parameters())
         real = [name for name, p in named.items() if not isinstance(p, FakeTensor)]
@@ -493,7 +573,8 @@ def _run_trace(model: ModuleConfig, precision: str) -> ModuleTrace:
         with gc_paused():
             tracker.watching = True
             tracker.set_phase("forward")
-            with _module_paths(tracker, module), autocast, torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
+            with _module_paths(tracker, module), autocast, torch.autograd.graph.saved_tensors_hooks(pack, _unpack), \
+                    _LinearBias(tracker):
                 with _stage("model.inputs", f"{model.module} forward on inputs {_shapes(inputs_spec)}"):
                     pred = module(*inputs)
                 out = first_output(pred)
@@ -614,6 +695,7 @@ def _step_events(
         return sid
 
     consumed = set(in_place.values())
+    saved_roots = {root(sid) for sid in saved}  # a storage added into in place is saved if its result is
     grads = {root(sid) if sid is not None else sid: value for sid, value in grads.items()}
     step: list[Event] = []
     end: list[Event] = []
@@ -637,7 +719,9 @@ def _step_events(
                     step.append(extra)
                     excess.append(free(extra.name, extra.role, extra.nbytes, "zero_grad"))
             continue
-        role = "activation" if sid in saved else "temporary"
+        role = "activation" if sid in saved_roots else "temporary"
+        if ev.kind == ALLOC and not tracker.real_bytes.get(sid, ev.nbytes):
+            continue  # a zero-byte output of a corrected op that the real kernel leaves empty too
         if ev.kind == ALLOC:
             prefix = tracker.where.get(sid, ev.phase)
             name = f"{prefix}:{ev.op.removeprefix('aten.').removesuffix('.default')}#{sid}"
