@@ -52,6 +52,7 @@ class _MoESim(_Sim):
         self.serial = 0
         self.view_base: dict[str, str] = {}
         self.no_stop = False
+        self.aux_logits: list[tuple[str, str]] = []  # (MoE block prefix, its router logits), for the aux loss
 
     def sums_after_node(self, name: str) -> bool:
         """Fan-in gradients of an MoE block's tensors are summed out of place after the node (torch's engine)."""
@@ -263,6 +264,83 @@ class _MoESim(_Sim):
             return cast, top_i, logits_kind, keep
         return w, top_i, "fp32", keep
 
+    # --- the load-balancing loss ------------------------------------------------------------
+    def after_loss(self, loss: str) -> None:
+        """``loss += α · load_balancing_loss_func(router_logits, E, k)`` (transformers 5.24, no mask).
+
+        Per MoE block, in order: the softmax of its logits in their dtype (saved: its output, (T, E)),
+        ``topk`` (values and int64 indices; its node is unreachable from the loss, so it keeps nothing
+        and both die when rebound), the indices as fp32 (T·k) for ``histc`` (E), the running counts
+        (E, fp32, out of place), an fp32 copy of the probabilities when they are not fp32, their sum
+        over tokens (E) and the running probability sum (E). Then the two means (E each; ``f`` is
+        saved by the product), the product, its sum, ×E, ×α, and the in-place add into the loss. In
+        backward these nodes run first (created last): each block's (T, E) logits gradient waits in
+        the engine's buffer until that block's router adds its own. The logits are kept by the
+        forward until it returns.
+        """
+        c, t = self.moe, self.t
+        if not c.aux_loss_coef or not self.aux_logits:
+            return
+        e, k = c.num_experts, c.experts_per_token
+        counts = self.new("aux.tokens_per_expert_sum", e, "fp32")  # torch.zeros (no gradient)
+        prob_sum = self.new("aux.router_prob_sum", e, "fp32")
+        prob_sum_grad = False  # the zeros have no gradient: the first sum is the first input with one
+        rebound: dict[str, str] = {}
+
+        def rebind(var: str, tensor: str) -> None:
+            if var in rebound:
+                self.dead(rebound[var])
+            rebound[var] = tensor
+
+        for m, logits in self.aux_logits:
+            a = f"{m}.aux"
+            probs = self.new(f"{a}.probs", e * t, self._kind(logits))
+            self.node(probs, [logits], saves=(probs,))
+            rebind("routing_weights", probs)
+            values = self.new(f"{a}.top_v", k * t, self._kind(logits))
+            chosen = self.new_bytes(f"{a}.top_i", k * t * I64)
+            rebind("_", values)
+            rebind("selected_experts", chosen)
+            as_float = self.new(f"{a}.top_i_fp32", k * t, "fp32")
+            hist = self.new(f"{a}.histc", e, "fp32")
+            self.dead(as_float)
+            new_counts = self.new(f"{a}.tokens_per_expert_sum", e, "fp32")
+            self.dead(hist, counts)
+            counts = new_counts
+            src = probs
+            if self._bytes(probs) != 4:  # .float()
+                src = self.new(f"{a}.probs_fp32", e * t, "fp32")
+                self.node(src, [probs])
+            col = self.new(f"{a}.prob_sum", e, "fp32")
+            self.node(col, [(src, PASS)])  # sum(dim=0): backward expands the incoming gradient (a view)
+            if src != probs:
+                self.dead(src)
+            new_sum = self.new(f"{a}.router_prob_sum", e, "fp32")
+            self.node(new_sum, [(prob_sum, PASS), (col, PASS)] if prob_sum_grad else [(col, PASS)])
+            self.dead(col, prob_sum)
+            prob_sum, prob_sum_grad = new_sum, True
+        f = self.new("aux.tokens_per_expert", e, "fp32")
+        p_mean = self.new("aux.router_prob_per_expert", e, "fp32")
+        self.node(p_mean, [prob_sum])  # division by a number: backward allocates grad / rows
+        prod = self.new("aux.product", e, "fp32")
+        self.node(prod, [p_mean], saves=(f,))  # f · P.unsqueeze(0): backward grad · f
+        total = self.new("aux.sum", 1, "fp32")
+        self.node(total, [(prod, PASS)])
+        self.dead(prod)
+        aux = self.new("aux.loss", 1, "fp32")
+        self.node(aux, [total])  # × E
+        # the function returns: its locals die in the order they were bound
+        self.dead(counts, prob_sum, *rebound.values(), f, p_mean, total)
+        scaled = self.new("aux.scaled", 1, "fp32")
+        self.node(scaled, [aux])  # × α
+        self.dead(aux)
+        # loss += ...: in place, so the step's loss tensor is the one the cross-entropy made
+        ce = next(n for n in reversed(self.nodes) if n.out == loss)
+        self.tensors["loss.ce"] = _T("loss.ce", self.tensors[loss].nbytes, dead=True, live=False)
+        ce.out = "loss.ce"
+        self.node(loss, [("loss.ce", PASS), (scaled, PASS)])
+        self.dead(scaled, *(logits for _, logits in self.aux_logits))
+
     def _bytes(self, name: str) -> int:
         """Bytes per element of a tensor's dtype class."""
         return kind_bytes(self.tensors[name].kind, self.shape)
@@ -375,6 +453,8 @@ class _MoESim(_Sim):
         c = self.moe
         m = f"{p}.moe"
         w, top_i, w_kind, keep = self._route(m, h)
+        if c.aux_loss_coef and not self.recomputing:  # collected for the load-balancing loss (output_router_logits)
+            self.aux_logits.append((m, keep.pop(0)))
         if c.experts_implementation == "grouped_mm":
             out = self._grouped(m, i, h, w, w_kind)
             if not out:

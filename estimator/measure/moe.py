@@ -167,7 +167,7 @@ def _apply_gate(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 class MoE(nn.Module):
-    """Router, routed experts, shared expert (and its gate); the aux loss is stashed in ``aux_loss``."""
+    """Router, routed experts, shared expert (and its gate); with ``aux_loss_coef`` it keeps its router logits."""
 
     def __init__(self, cfg: MoEConfig, device: Device, dtype: torch.dtype | None) -> None:
         super().__init__()
@@ -181,7 +181,7 @@ class MoE(nn.Module):
                 self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False, device=device, dtype=dtype)
         self.counts: list[int] = []
         self.history: list[list[int]] = []  # tokens per expert of every forward, in order
-        self.aux_loss: torch.Tensor | None = None
+        self.router_logits: torch.Tensor | None = None  # kept for the load-balancing loss (aux_loss_coef > 0)
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(router logits, top-k weights, top-k expert ids) of the tokens ``h`` (T, d)."""
@@ -212,11 +212,11 @@ class MoE(nn.Module):
         b, s, d = x.shape
         h = x.view(-1, d)
         logits, top_w, top_i = self.route(h)
-        if self.cfg.aux_loss_coef:
-            self.aux_loss = load_balancing_loss(logits, top_i, self.cfg.num_experts)
         out, self.counts = self.experts(h, top_i, top_w)
         if torch._C._current_graph_task_id() == -1:  # not a checkpoint rerun inside backward
             self.history.append(self.counts)
+            if self.cfg.aux_loss_coef:  # HF's output_router_logits: the logits are collected
+                self.router_logits = logits
         if self.cfg.shared_expert_d_ff:
             shared = self.mlp(h)
             if self.cfg.shared_expert_gate:
@@ -225,16 +225,30 @@ class MoE(nn.Module):
         return out.view(b, s, d)
 
 
-def load_balancing_loss(logits: torch.Tensor, top_i: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Switch Transformer's auxiliary loss (Fedus et al. 2021, eq. 4-6): E · Σ_e f_e · P_e.
+def load_balancing_loss_func(gate_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int) -> torch.Tensor:
+    """Switch Transformer's auxiliary loss (Fedus et al. 2021, eq. 4-6): E · Σ_e f_e · P_e, over all MoE layers.
 
-    f_e: the fraction of the T·k assignments that went to expert e (no gradient); P_e: the mean
-    router probability of expert e (softmax in fp32). HF's ``load_balancing_loss_func`` without a mask.
+    transformers 5.24's ``load_balancing_loss_func`` (``models/mixtral/modeling_mixtral.py``, no attention
+    mask), statement by statement: per layer the softmax of its router logits (in their dtype), the top-k
+    of it, ``histc`` counts of the chosen experts and the per-expert sum of the probabilities, summed over
+    layers and divided by the rows; f_e (the fraction of assignments) carries no gradient, P_e does.
     """
-    probs = F.softmax(logits, dim=-1, dtype=torch.float)
-    with torch.no_grad():
-        f = F.one_hot(top_i, num_experts).float().mean(dim=(0, 1))
-    return num_experts * (f * probs.mean(dim=0)).sum()
+    compute_device = gate_logits[0].device
+    tokens_per_expert_sum = torch.zeros(num_experts, dtype=torch.float32, device=compute_device)
+    router_prob_sum = torch.zeros(num_experts, dtype=torch.float32, device=compute_device)
+    total_rows = 0.0
+    for layer_gate in gate_logits:
+        routing_weights = F.softmax(layer_gate.to(compute_device), dim=-1)
+        _, selected_experts = torch.topk(routing_weights, top_k, dim=-1)
+        tokens_per_expert_sum = tokens_per_expert_sum + torch.histc(
+            selected_experts.reshape(-1).to(torch.float32), bins=num_experts, min=0, max=num_experts
+        )
+        router_prob_sum = router_prob_sum + routing_weights.float().sum(dim=0)
+        total_rows = total_rows + routing_weights.shape[0]
+    tokens_per_expert = tokens_per_expert_sum / total_rows
+    router_prob_per_expert = router_prob_sum / total_rows
+    overall_loss = torch.sum(tokens_per_expert * router_prob_per_expert.unsqueeze(0))
+    return overall_loss * num_experts
 
 
 class MoEBlock(nn.Module):
@@ -261,7 +275,7 @@ class MoEBlock(nn.Module):
 
 
 class MoETransformer(nn.Module):
-    """Token ids (B, S) -> logits, or the mean cross-entropy (plus α·Σ aux losses) when targets are given."""
+    """Token ids (B, S) -> logits, or the mean cross-entropy (plus α·the load-balancing loss) when targets are given."""
 
     def __init__(self, cfg: MoEConfig, device: Device = None, dtype: torch.dtype | None = None,
                  activation_checkpointing: str = "none") -> None:
@@ -296,9 +310,13 @@ class MoETransformer(nn.Module):
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.view(b * s, -1), targets.view(b * s))
-        if self.cfg.aux_loss_coef:
-            aux = [blk.moe.aux_loss for blk in self.blocks if hasattr(blk, "moe") and blk.moe.aux_loss is not None]
-            loss = loss + self.cfg.aux_loss_coef * sum(aux)
+        if self.cfg.aux_loss_coef:  # MixtralForCausalLM.forward with output_router_logits=True
+            moes = [blk.moe for blk in self.blocks if hasattr(blk, "moe")]
+            router_logits = tuple(moe.router_logits for moe in moes)
+            for moe in moes:
+                moe.router_logits = None
+            aux_loss = load_balancing_loss_func(router_logits, self.cfg.num_experts, self.cfg.experts_per_token)
+            loss += self.cfg.aux_loss_coef * aux_loss
         return loss
 
 

@@ -96,6 +96,21 @@ def test_peaks_equal_the_real_step(name: str, ckpt: str, precision: str, impl: s
     assert sim == real
 
 
+AUX_CASES = [(n, c, p, "grouped_mm") for n, c, p in itertools.product(sorted(set(SMALL) - {"deepseek-v3"}),
+                                                                      ["none", "full"], ["fp32", "bf16"])]
+AUX_CASES += [("mixtral", c, p, "eager") for c, p in itertools.product(["none", "full"], ["fp32", "bf16"])]
+
+
+@pytest.mark.parametrize(("name", "ckpt", "precision", "impl"), AUX_CASES)
+def test_load_balancing_loss_peaks_equal_the_real_step(name: str, ckpt: str, precision: str, impl: str) -> None:
+    """aux_loss_coef > 0: transformers' load_balancing_loss_func over the collected router logits, exact."""
+    cfg = small(name, experts_implementation=impl, aux_loss_coef=0.02)
+    real, counts = real_step(cfg, precision, ckpt)
+    assert simulated(cfg, counts, precision, ckpt) == real
+    no_aux = simulated(small(name, experts_implementation=impl), counts, precision, ckpt)
+    assert real[2] > no_aux[2]  # the (T, E) softmax of every MoE block is kept for backward
+
+
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_deepseek_bf16_within_one_and_a_half_percent(impl: str) -> None:
     """The group-limited router's unmodelled short-lived tensors (128 B per MoE block here) add up over the

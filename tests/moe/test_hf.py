@@ -127,3 +127,66 @@ def test_hf_moe_block_saved_bytes_peaks_and_flops(model_type: str, impl: str, tm
     if model_type != "qwen2_moe":  # HF's Qwen2-MoE runs its shared expert before the router, ours after it
         assert [_block_rise(events, i) for i in range(cfg.num_layers)] == rise
     assert matmul_flops(cfg, training).total == flops
+
+
+def _hf_aux_step(model_type: str, tmp_path: Path) -> tuple[MoEConfig, int, int]:
+    """HF model with output_router_logits=True: the rise of live tensor bytes while its
+    ``load_balancing_loss_func`` runs, and the bytes it leaves (what its graph keeps for backward)."""
+    from estimator.measure.allocator import profile_allocations
+
+    module = __import__(f"transformers.models.{model_type}.modeling_{model_type}", fromlist=["x"])
+    data = {**COMMON, **TYPES[model_type], "router_aux_loss_coef": 0.02, "output_router_logits": True}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_type": model_type, **data}))
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(model_type, **data),
+                                                              attn_implementation="sdpa")
+    model.train()
+    idx = torch.randint(0, COMMON["vocab_size"], (B, S))
+    counts: dict[int, list[int]] = {}
+    for i, layer in enumerate(model.model.layers):
+        layer.mlp.gate.register_forward_hook(lambda m, a, o, i=i: counts.__setitem__(i, o[2].flatten().tolist()))
+    original = module.load_balancing_loss_func
+    box: dict = {}
+
+    def marked(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        box["marks"]("aux")
+        out = original(*args, **kwargs)
+        box["marks"]("after")
+        return out
+
+    def run(marks) -> None:  # noqa: ANN001
+        box["marks"] = marks
+        marks("forward")
+        model(input_ids=idx, labels=idx).loss.backward()
+
+    module.load_balancing_loss_func = marked
+    try:
+        trace = profile_allocations(run)
+    finally:
+        module.load_balancing_loss_func = original
+    start = trace.live_before("aux").tensors
+    rise = max(s.tensors for s in trace.within("aux")) - start
+    kept = trace.live_before("after").tensors - start
+    values = {k: v for k, v in read_hf_config(path).items() if k != "family"}
+    assert values["aux_loss_coef"] == 0.02
+    tokens = [[sum(1 for e in counts[i] if e == x) for x in range(E)] for i in sorted(counts)]
+    cfg = MoEConfig(**{**values, "routing": {"mode": "measured", "tokens_per_expert": tokens}})
+    return cfg, rise, kept
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
+def test_hf_load_balancing_loss_bytes(model_type: str, tmp_path: Path) -> None:
+    """The estimate's events of the aux loss (from its first tensor to the one it returns) against HF's."""
+    cfg, rise, kept = _hf_aux_step(model_type, tmp_path)
+    events = step_events(cfg, TrainingConfig(batch_size=B, seq_len=S), StepShape(4, 4, 4, False))
+    first = next(n for n, e in enumerate(events) if e.name == "aux.tokens_per_expert_sum")
+    last = next(n for n, e in enumerate(events) if e.name == "aux.scaled")
+    live = peak = 0
+    for e in events[first:last]:
+        live += e.nbytes
+        peak = max(peak, live)
+    assert (peak, live) == (rise, kept)
+    assert kept == cfg.num_layers * B * S * E * 4 + E * 4 + 4  # each layer's softmax, f and the loss
