@@ -450,11 +450,15 @@ class _Sim:
         loss = self.new("loss", 1, loss_kind, role="temporary")
         tw = self.new("loss.total_weight", 1, loss_kind)
         self.node(loss, [logp], saves=(logp, tw))
+        self.after_loss(loss)
         self.dead(tw, logp, logits, hf)  # forward's locals (x, logits) live until it returns
         self.mark("post_forward", "root")
         for cast in self.casts:  # autocast's weight cache is cleared when the forward ends
             if self.tensors[cast].live:
                 self.dead(cast)
+
+    def after_loss(self, loss: str) -> None:
+        """What the model adds to ``loss`` before its forward returns (the MoE family's load-balancing loss)."""
 
     def backward(self) -> None:
         self.phase = "backward"
