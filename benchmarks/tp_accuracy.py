@@ -1,0 +1,85 @@
+"""Tensor parallelism (``--parallel tp``) per-rank memory of the transformer family: estimate against real gloo ranks.
+
+Each case runs the step for real on t local processes with torch's own plan
+(``parallelize_module``: ColwiseParallel q/k/v and gate/up, RowwiseParallel o_proj and down_proj, the
+vocab-sharded embedding and head; ``estimator.measure.tp``) and compares, per rank, the parameter,
+gradient and optimizer-state bytes, the first- and steady-step peaks, and the all-reduce calls and
+bytes torch's flight recorder saw with ``per_rank_estimates``.
+
+    python benchmarks/tp_accuracy.py            # the whole matrix (several minutes on 2 cores)
+    python benchmarks/tp_accuracy.py --quick    # two cases
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from estimator.loader import load_config
+from estimator.measure.distributed import measure_distributed
+from estimator.parallel import per_rank_estimates
+
+GPT2_LIKE = {"family": "transformer", "d_model": 32, "num_heads": 4, "vocab_size": 96, "max_seq_len": 16}
+LLAMA_LIKE = {"family": "transformer", "d_model": 32, "num_heads": 4, "num_kv_heads": 2, "vocab_size": 96,
+              "max_seq_len": 16, "positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "d_ff": 88,
+              "bias": False, "tie_embeddings": False}
+
+# (label, model, precision, optimizer, t, extra --set)
+CASES = [
+    ("gpt2-like (tied, biases)", GPT2_LIKE, "fp32", "adam", 2, ()),
+    ("llama-like GQA", LLAMA_LIKE, "fp32", "adamw", 2, ()),
+    ("llama-like GQA, loss parallel", LLAMA_LIKE, "fp32", "adamw", 2, ("parallel.loss_parallel=true",)),
+    ("gpt2-like (tied, biases)", GPT2_LIKE, "bf16", "sgd", 2, ()),
+    ("llama-like GQA", LLAMA_LIKE, "bf16", "adamw", 2, ()),
+    ("llama-like GQA", LLAMA_LIKE, "amp-bf16", "adamw", 2, ()),
+    ("gpt2-like (tied, biases)", GPT2_LIKE, "fp32", "adagrad", 4, ()),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--cases", default="", help="comma-separated case numbers (0-based) to run")
+    args = parser.parse_args()
+    chosen = [CASES[int(i)] for i in args.cases.split(",")] if args.cases else CASES[:2] if args.quick else CASES
+    print("| model | precision | optimizer | t | rank | params est/meas | grads est/meas | state est/meas "
+          "| 1st peak est | 1st peak meas | steady est | steady meas | all-reduce calls, B est/meas | diff |")
+    print("|---|---|---|---:|---:|---|---|---|---:|---:|---:|---:|---|---:|")
+    worst = 0.0
+    for label, model, precision, optimizer, t, extra in chosen:
+        config = load_config(None, [f"model.num_layers={args.layers}", "training.seq_len=16", "training.batch_size=2",
+                                    f"optimizer.name={optimizer}", f"training.precision={precision}", *extra],
+                             base={"model": dict(model)})
+        start = time.perf_counter()
+        estimates = per_rank_estimates(config, "tp", t, "cpu")
+        measured = measure_distributed(config, "tp", t, "cpu")
+        for e, m in zip(estimates, measured, strict=True):
+            diff = max(abs(e.first_step_peak_bytes - m.first_step.peak_bytes) / m.first_step.peak_bytes,
+                       abs(e.peak_bytes - m.steady_step.peak_bytes) / m.steady_step.peak_bytes)
+            worst = max(worst, diff)
+            same = lambda a, b: f"{a:,} {'=' if a == b else '≠'} {b:,}"  # noqa: E731
+            est_ar = _all_reduce(e.communication_volume.steady_step.logical() if e.communication_volume else {})
+            meas_ar = _recorded_all_reduce(m.communication.get("third_step", []))
+            print(f"| {label} | {precision} | {optimizer} | {t} | {e.rank} | "
+                  f"{same(e.parameters, m.parameters)} | {same(e.gradients, m.gradients)} | "
+                  f"{same(e.optimizer_state, m.optimizer_state)} | "
+                  f"{e.first_step_peak_bytes:,} | {m.first_step.peak_bytes:,} | {e.peak_bytes:,} | "
+                  f"{m.steady_step.peak_bytes:,} | {est_ar} {'=' if est_ar == meas_ar else '≠'} {meas_ar} | "
+                  f"{diff:.3%} |", flush=True)
+        print(f"<!-- {label} {precision} t={t}: {time.perf_counter() - start:.0f} s -->", flush=True)
+    print(f"\nworst per-rank peak difference: {worst:.3%}")
+
+
+def _all_reduce(logical: dict) -> str:
+    calls, size, _ = logical.get("all_reduce", (0, 0, 0))
+    return f"{calls} x, {size:,}"
+
+
+def _recorded_all_reduce(calls: list) -> str:
+    ar = [c for c in calls if c[0] == "all_reduce"]
+    return f"{len(ar)} x, {sum(c[1] for c in ar):,}"
+
+
+if __name__ == "__main__":
+    main()
