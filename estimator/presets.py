@@ -209,7 +209,7 @@ def model_section(name: str) -> dict[str, Any]:
     except OSError:
         local = False
     if local:
-        return {"hf_config": str(path.resolve())}
+        return {"hf_config": str(path)}  # as given: relative to the current directory
     if is_hub_id(text):
         return {"hub": text}
     from estimator.errors import EstimatorError

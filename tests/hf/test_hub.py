@@ -81,7 +81,7 @@ def test_lookup_order_preset_then_path_then_hub(tmp_path: Path, monkeypatch: pyt
     assert model_section("gpt2") == {"preset": "gpt2"}
     assert model_section("org/name") == {"hub": "org/name"}  # no such local folder: the hub
     write_config(tmp_path / "org" / "name", TINY_CONFIGS["llama"])  # now a local folder of that name
-    assert model_section("org/name") == {"hf_config": str(tmp_path / "org" / "name")}
+    assert model_section("org/name") == {"hf_config": "org/name"}  # relative to the current directory
     assert model_section(str(tmp_path / "org" / "name" / "config.json"))["hf_config"].endswith("config.json")
     with pytest.raises(EstimatorError, match=r"--model gpt-2: not a preset .*did you mean 'gpt2'"):
         model_section("gpt-2")

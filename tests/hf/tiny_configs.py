@@ -11,12 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 _COMMON = {"vocab_size": 128, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-           "max_position_embeddings": 64}
+           "max_position_embeddings": 256}
 _MOE = {**_COMMON, "num_key_value_heads": 2, "num_experts_per_tok": 2, "intermediate_size": 96}
 
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "gpt2": {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": 128, "n_embd": 64,
-             "n_layer": 2, "n_head": 4, "n_positions": 64, "activation_function": "gelu_new",
+             "n_layer": 2, "n_head": 4, "n_positions": 256, "activation_function": "gelu_new",
              "resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1},
     "llama": {"model_type": "llama", "architectures": ["LlamaForCausalLM"], **_COMMON, "num_key_value_heads": 2,
               "intermediate_size": 96},

@@ -1,0 +1,112 @@
+"""The analytic families against the real transformers model, per covered model_type (docs/hf.md, the matrix).
+
+B=2, S=16, AdamW (for-loop), exact CPU bytes; the tiny configs of tests/hf/tiny_configs.py. Parameters and
+FlopCounterMode's matmuls are equal for every type; each byte of the peaks' difference is accounted for below
+(or, where only measured, pinned and described in docs/hf.md). The dense types in fp32; the MoE types in bf16:
+under fake tensors transformers' default grouped_mm experts trace in 16-bit only (the meta kernel of
+torch._grouped_mm refuses fp32 on the CPU, where the real kernel accepts it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from estimator.api import estimate
+from estimator.loader import load_config
+from tests.hf.conftest import write_config
+from tests.hf.tiny_configs import TINY_CONFIGS
+
+pytest.importorskip("transformers")
+
+B, S, D, HEAD = 2, 16, 64, 16
+LABELS = B * S * 8  # transformers' labels are the input ids themselves: one int64 [B, S] tensor less as input
+
+
+def _pair(tmp_path: Path, model_type: str, precision: str) -> tuple:
+    folder = write_config(tmp_path / model_type, TINY_CONFIGS[model_type])
+    sets = [f"training.seq_len={S}", f"training.batch_size={B}", f"training.precision={precision}",
+            "optimizer.name=adamw", "device=cpu"]
+    return tuple(estimate(load_config(overrides=[*sets, f"model.engine={engine}"],
+                                      base={"model": {"hf_config": str(folder)}}))
+                 for engine in ("analytic", "transformers"))
+
+
+def _diffs(a: object, h: object) -> dict:
+    roles = set(a.step.steady_peak.by_role) | set(h.step.steady_peak.by_role)
+    return {"peak": h.peak_bytes - a.peak_bytes, "first": h.first_step_peak_bytes - a.first_step_peak_bytes,
+            "saved": h.saved_activations - a.saved_activations,
+            **{role: h.step.steady_peak.by_role.get(role, 0) - a.step.steady_peak.by_role.get(role, 0)
+               for role in sorted(roles)}}
+
+
+def _rotary_buffers(rotary_dims: int, nbytes: int = 4) -> int:
+    """inv_freq and original_inv_freq (transformers' rotary embedding keeps both): rotary_dims/2 each."""
+    return 2 * (rotary_dims // 2) * nbytes
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+def test_llama_like_fp32_every_byte(tmp_path: Path, model_type: str) -> None:
+    a, h = _pair(tmp_path, model_type, "fp32")
+    assert (a.parameters, a.flops.matmul) == (h.parameters, h.flops.matmul)
+    d = _diffs(a, h)
+    # the peak is in optimizer_step: the labels less, the two rotary buffers more
+    assert d["input"] == -LABELS and d["parameter"] == _rotary_buffers(HEAD)
+    assert d["peak"] == d["first"] == -LABELS + _rotary_buffers(HEAD) == -192, d
+    assert d["saved"] == LABELS  # nll_loss saves the shifted labels' contiguous copy
+
+
+def test_gpt_neox_fp32_every_byte(tmp_path: Path) -> None:
+    a, h = _pair(tmp_path, "gpt_neox", "fp32")
+    assert (a.parameters, a.flops.matmul) == (h.parameters, h.flops.matmul)
+    d = _diffs(a, h)
+    step_scalars = -2 * 4 * 4  # fused query_key_value: 2 tensors for 6 per block, one fp32 'step' each (AdamW)
+    assert d["optimizer_state"] == step_scalars and d["parameter"] == _rotary_buffers(HEAD // 4)  # rotary_pct 0.25
+    assert d["peak"] == -LABELS + _rotary_buffers(HEAD // 4) + step_scalars == -272, d
+    assert d["saved"] == LABELS + 2 * B * S * D * 4  # + one [B, S, d] fp32 copy per block (the fused qkv split)
+
+
+def test_phi3_fp32_every_byte(tmp_path: Path) -> None:
+    a, h = _pair(tmp_path, "phi3", "fp32")
+    assert (a.parameters, a.flops.matmul) == (h.parameters, h.flops.matmul)
+    d = _diffs(a, h)
+    step_scalars = -2 * 3 * 4  # fused qkv_proj and gate_up_proj: 2 tensors for 5 per block
+    largest = (2 * 96 * 64, 96 * 64)  # gate_up_proj (2F x d) against the largest unfused tensor (F x d)
+    temporaries = 3 * (largest[0] - largest[1]) * 4  # the for-loop AdamW's 3 fp32 temporaries of the largest tensor
+    assert d["optimizer_state"] == step_scalars and d["temporary"] == temporaries
+    assert d["peak"] == -LABELS + _rotary_buffers(HEAD) + step_scalars + temporaries == 73_512, d
+    assert d["saved"] == LABELS + 2 * B * S * D * 4
+
+
+def test_gpt2_fp32_gelu_new_and_dropout(tmp_path: Path) -> None:
+    a, h = _pair(tmp_path, "gpt2", "fp32")
+    assert a.parameters == h.parameters
+    d = _diffs(a, h)
+    # pinned, measured (docs/hf.md): gelu_new written in Python and dropout 0.1 save more; the peak moves
+    # from optimizer_step into backward
+    assert (d["peak"], d["first"], d["saved"], d["input"]) == (51_812, -288, 286_080, -LABELS), d
+    assert h.step.steady_peak.phase == "backward" and (a.flops.matmul, h.flops.matmul) == (21_364_736, 21_233_664)
+
+
+@pytest.mark.parametrize("model_type, peak", [("mixtral", -222), ("qwen2_moe", -222), ("olmoe", -222),
+                                               ("qwen3_moe", -220)])
+def test_moe_bf16(tmp_path: Path, model_type: str, peak: int) -> None:
+    a, h = _pair(tmp_path, model_type, "bf16")
+    assert (a.parameters, a.flops.matmul) == (h.parameters, h.flops.matmul)
+    d = _diffs(a, h)
+    # labels; the two rotary buffers in bf16; the loss: transformers' is an fp32 scalar (2 B more than bf16),
+    # and it upcasts the logits: its log-probabilities are fp32, V·T·2 bytes more saved
+    assert d["input"] == -LABELS and d["parameter"] == _rotary_buffers(HEAD, 2)
+    assert d["peak"] == peak == -LABELS + _rotary_buffers(HEAD, 2) + d["temporary"] and d["temporary"] in (2, 4), d
+    router = 256 if model_type == "mixtral" else 0  # pinned: mixtral saves 256 B more (docs/hf.md)
+    assert d["saved"] == 128 * B * S * 2 + LABELS + 2 + router, d
+
+
+def test_deepseek_v3_bf16_pinned(tmp_path: Path) -> None:
+    a, h = _pair(tmp_path, "deepseek_v3", "bf16")
+    assert a.parameters == h.parameters
+    d = _diffs(a, h)
+    # pinned, measured (docs/hf.md): transformers' MLA on the CPU saves and computes more; not attributed yet
+    assert (d["peak"], d["saved"], d["input"]) == (48_412, 42_114, -LABELS), d
+    assert (a.flops.matmul, h.flops.matmul) == (14_991_360, 14_598_144)
