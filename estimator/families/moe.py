@@ -447,11 +447,21 @@ class MoEFamily:
         """Bytes autograd saves for backward in one step (the router's and experts' tensors included).
 
         Taken from the event simulation (``moe_events``), each tensor at its real dtype: int64 routing
-        indices, fp32 router probabilities, the gathered tokens and hidden states of every expert.
+        indices, fp32 router probabilities, the gathered tokens and hidden states of every expert. A deep
+        model whose blocks all route alike is not simulated whole: the saved bytes of ``n``, ``n + p`` and
+        ``n + 2p`` layers (p = ``moe_layer_step``, the layer counts ``simulate`` builds anyway) must grow by
+        the same amount, and that amount is repeated for the remaining periods (else the whole model).
         """
-        events = self.forward_backward_events(model, batch, shape)
-        return sum(e.nbytes for e in events if e.nbytes > 0 and e.role == "activation"
-                   and e.phase in ("forward", "loss"))
+        period = model.moe_layer_step
+        base = max(4, model.first_dense_layers + 2 * period)  # simulate.layered_step's first layer count
+        base += (model.num_layers - base) % period
+        given = model.routing.tokens_per_expert or []
+        if model.num_layers > base + 2 * period and len(given) <= 1:
+            a, b, c = (_saved_bytes(model.model_copy(update={"num_layers": base + i * period}), batch, shape)
+                       for i in range(3))
+            if b - a == c - b:
+                return a + (model.num_layers - base) // period * (b - a)
+        return _saved_bytes(model, batch, shape)
 
     def batch_in_force(self, model: MoEConfig, batch: TrainingConfig) -> BatchInForce:
         """B sequences of S tokens; S is ``training.seq_len``, else the model's ``max_seq_len``."""
@@ -494,6 +504,14 @@ class MoEFamily:
         """The loss, held by the caller until the step is over."""
         loss_bytes = 4 if shape.autocast else shape.activation_bytes
         return [free("loss", "temporary", loss_bytes, "zero_grad")]
+
+
+def _saved_bytes(model: MoEConfig, batch: TrainingConfig, shape: StepShape) -> int:
+    """Bytes of the forward and loss allocations autograd saves, from the event simulation."""
+    from estimator.families.moe_events import step_events
+
+    return sum(e.nbytes for e in step_events(model, batch, shape) if e.nbytes > 0 and e.role == "activation"
+               and e.phase in ("forward", "loss"))
 
 
 def details(model: MoEConfig, training: TrainingConfig) -> dict[str, Any]:

@@ -131,3 +131,18 @@ def test_routing_changes_the_backward_transients() -> None:
     assert FAMILY.activation_bytes(balanced, training, shape) == FAMILY.activation_bytes(worst, training, shape)
     assert FAMILY.forward_backward_events(balanced, training, shape) != FAMILY.forward_backward_events(
         worst, training, shape)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"num_layers": 12},
+    {"num_layers": 13, "first_dense_layers": 2, "d_ff": 10, "moe_layer_step": 2, "experts_implementation": "eager"},
+    {"num_layers": 11, "routing": {"mode": "capacity", "capacity_factor": 1.5}, "aux_loss_coef": 0.01},
+])
+def test_saved_bytes_of_a_deep_model_read_off_small_ones(overrides: dict) -> None:
+    """activation_bytes extrapolates the per-period growth of 4-8 layer models: equal to the whole model's events."""
+    from estimator.families.moe import _saved_bytes
+
+    cfg = small("mixtral", **overrides)
+    training = TrainingConfig(batch_size=B, seq_len=S)
+    for shape in SHAPES.values():
+        assert FAMILY.activation_bytes(cfg, training, shape) == _saved_bytes(cfg, training, shape)
