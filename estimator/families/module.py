@@ -164,6 +164,7 @@ class ModuleTrace:
     matmul_forward: int  # FlopCounterMode, forward + loss
     matmul: int  # FlopCounterMode, the whole step (forward + loss + backward)
     seconds: float  # wall time of the trace
+    construction: str = "fake"  # "fake": built on fake tensors | "real": built on the CPU, then converted
 
 
 def resolve_spec(spec: InputSpec, precision: str) -> TensorSpec:

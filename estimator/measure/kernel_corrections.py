@@ -118,7 +118,7 @@ def mkldnn_rnn_layer_bytes(args: tuple, kwargs: dict, outs: list[Tensor]) -> dic
     if not given.get("train", True) or given.get("mode", 2) != 2 or len(outs) < 4:
         return {}
     x = given["input"]
-    steps, batch = (x.shape[1], x.shape[0]) if given.get("batch_first") else (x.shape[0], x.shape[1])
+    steps, batch = x.shape[0], x.shape[1]  # time-major: ATen transposes a batch-first input before this op
     return {3: lstm_workspace_bytes(batch, steps, x.shape[-1], int(given["hidden_size"]), x.element_size())}
 
 

@@ -632,6 +632,7 @@ def _run_trace(model: ModuleConfig, precision: str) -> ModuleTrace:
         matmul_forward=matmul_forward,
         matmul=matmul,
         seconds=time.perf_counter() - started,
+        construction=built,
     )
 
 
