@@ -8,6 +8,9 @@ sees it (``tests/moe/test_events.py``):
   indices saved), the in-place renormalisation ``top_w /= top_w.sum()`` (autograd saves a clone
   of the values and the sum) and the cast back to the logits' dtype; or DeepSeek-V3's sigmoid
   router (fp32 logits, group-limited top-k, ``gather``);
+* the routed experts as transformers 5 runs them: ``grouped_mm`` (its default; ``_MoESim._grouped``:
+  the T·k pairs sorted by expert, two grouped GEMMs over the whole 3-D weights, whose gradients are
+  produced once) or
 * the per-expert loop of transformers' eager experts (``MixtralExperts.forward``): the one-hot
   mask (T, k, E+1) int64, then for every expert hit, ``torch.where`` (an (n_e, 2) int64 tensor
   saved by three ops), the gathered tokens (n_e, d), gate/up (n_e, 2F), SiLU and product (n_e, F),
@@ -17,7 +20,9 @@ sees it (``tests/moe/test_events.py``):
   full 3-D parameter (``select_backward``): the engine sums these out of place, so a layer's
   backward briefly holds three copies of ``gate_up_proj``'s size (the running sum, the new slice's
   zeros, their sum) — the price of the eager path;
-* the shared expert (the dense SwiGLU, reused), its sigmoid gate, and the sum.
+* the shared expert (the dense SwiGLU, reused), its sigmoid gate, and the sum;
+* with ``aux_loss_coef`` > 0, transformers' ``load_balancing_loss_func`` after the cross-entropy
+  (``_MoESim.after_loss``).
 
 MLA and q/k norms are built from the same primitives (linear, RMSNorm, RoPE, SDPA); their slices
 and concatenations are modelled as views whose gradients materialise at the size of their base.
