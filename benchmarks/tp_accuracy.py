@@ -23,6 +23,8 @@ GPT2_LIKE = {"family": "transformer", "d_model": 32, "num_heads": 4, "vocab_size
 LLAMA_LIKE = {"family": "transformer", "d_model": 32, "num_heads": 4, "num_kv_heads": 2, "vocab_size": 96,
               "max_seq_len": 16, "positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "d_ff": 88,
               "bias": False, "tie_embeddings": False}
+NEOX_LIKE = {"family": "transformer", "d_model": 32, "num_heads": 4, "vocab_size": 96, "max_seq_len": 16,
+             "positions": "rope", "rotary_pct": 0.5, "parallel_residual": True, "tie_embeddings": False}
 
 # (label, model, precision, optimizer, t, extra --set)
 CASES = [
@@ -33,6 +35,12 @@ CASES = [
     ("llama-like GQA", LLAMA_LIKE, "bf16", "adamw", 2, ()),
     ("llama-like GQA", LLAMA_LIKE, "amp-bf16", "adamw", 2, ()),
     ("gpt2-like (tied, biases)", GPT2_LIKE, "fp32", "adagrad", 4, ()),
+    ("llama-like GQA, SP", LLAMA_LIKE, "fp32", "adamw", 2, ("parallel.sequence_parallel=true",)),
+    ("llama-like GQA, SP + loss parallel", LLAMA_LIKE, "bf16", "adamw", 2,
+     ("parallel.sequence_parallel=true", "parallel.loss_parallel=true")),
+    ("neox-like (rope, layernorm, gelu, biases, parallel residual), SP", NEOX_LIKE, "amp-bf16", "adam", 2,
+     ("parallel.sequence_parallel=true",)),
+    ("llama-like MHA, SP", {**LLAMA_LIKE, "num_kv_heads": 4}, "fp32", "sgd", 4, ("parallel.sequence_parallel=true",)),
 ]
 
 

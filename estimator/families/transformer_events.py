@@ -81,6 +81,9 @@ class _Sim:
         # tensor parallelism (docs/tp.md): this rank's shards of heads, d_ff and vocabulary
         self.tp = tp if tp is not None and tp.size > 1 else None
         self.tp_size = self.tp.size if self.tp else 1
+        # sequence parallelism: the residual stream, norms and adds hold S/t of each sequence (Shard(1))
+        self.sp = bool(self.tp and self.tp.sequence)
+        self.tl = self.t // self.tp_size if self.sp else self.t
         self.params = {p.name: p.numel for p in sharded_parameter_tensors(model, self.tp_size)}
         # DTensor's embedding backward makes the whole (V, d) gradient; the Shard(0) .grad is a view of it
         self.grad_numel = {"tok_emb.weight": model.vocab_size * model.d_model} if self.tp else {}
@@ -166,7 +169,9 @@ class _Sim:
         x_saved = x
         if self.tp and split == "col":
             xd = self.alias(f"{prefix}.x_dtensor", x)
-            self.node(xd, [x], opaque=True)
+            # without SP from_local's backward all-reduces the partial input gradient into a new tensor;
+            # with SP the gather before it reduce-scatters the sum instead, and from_local passes it on
+            self.node(xd, [(x, PASS)] if self.sp else [x], opaque=True)
             x = xd
         cast = self.autocast and self.tensors[x_saved].kind != "act"  # a 16-bit input is used as is
         if cast:
@@ -192,15 +197,41 @@ class _Sim:
         self.node(out, [*params, x], saves=(x_saved, *saves))  # mm backward: weight grad, then input grad
         if cast:
             self.dead(x_saved)
-        if self.tp and split == "row":  # Partial -> Replicate: an all-reduce into a new tensor
+        if self.tp and split == "row" and self.sp:  # Partial -> Shard(1): a reduce-scatter
+            out = self.reduce_scatter(prefix, out, n_out, "act")
+        elif self.tp and split == "row":  # Partial -> Replicate: an all-reduce into a new tensor
             reduced = self.new(f"{prefix}.reduced", n_out * t, "act")
             self.node(reduced, [(out, PASS)])
             self.dead(out)
             out = reduced
         return out
 
+    def reduce_scatter(self, prefix: str, x: str, width: int, kind: Kind) -> str:
+        """Partial -> Shard(1) (SP): the sequence chunks are laid out with a ``cat`` (a full-size copy),
+        reduce-scattered into a new S/t tensor, the copy and the partial tensor dropped. Its backward
+        all-gathers the gradient (a flat buffer, then the ``cat`` into a full-size gradient)."""
+        full = width * self.t * kind_bytes(kind, self.shape)
+        cat = self.new_bytes(f"{prefix}.rs_layout", full, "temporary")
+        out = self.new(f"{prefix}.scattered", width * self.tl, kind)
+        self.node(out, [x], scratch=full)
+        self._free(self.tensors[cat])
+        self.dead(x)
+        return out
+
+    def gather(self, prefix: str, x: str) -> str:
+        """Shard(1) -> Replicate (SP, ``PrepareModuleInput`` and the head's input): all-gather into a flat
+        buffer, ``cat`` into the full tensor, drop the buffer. Its backward reduce-scatters the gradient
+        (the ``cat`` layout copy, then an S/t gradient)."""
+        kind = self.tensors[x].kind
+        size = self.model.d_model * self.t
+        buf = self.new(f"{prefix}.all_gather", size, kind, role="temporary")  # type: ignore[arg-type]
+        full = self.new(f"{prefix}.gathered", size, kind)  # type: ignore[arg-type]
+        self.node(full, [x], scratch=size * kind_bytes(kind, self.shape))
+        self._free(self.tensors[buf])
+        return full
+
     def norm(self, prefix: str, x: str) -> str:
-        m, t, d = self.model, self.t, self.model.d_model
+        m, t, d = self.model, self.tl, self.model.d_model
         w, b = f"param:{prefix}.weight", f"param:{prefix}.bias"
         if m.norm == "layernorm":
             out = self.new(f"{prefix}.out", d * t, "stream")
@@ -264,6 +295,8 @@ class _Sim:
     def attention(self, p: str, x: str) -> str:
         m, t, seq = self.model, self.t, self.seq
         d, h, hq, hk = m.d_model, m.head_size, m.num_heads // self.tp_size, m.kv_heads // self.tp_size
+        gathered = self.gather(f"{p}.attn", x) if self.sp else ""
+        x = gathered or x
         qb = f"{p}.attn.q_proj.bias" if m.qkv_has_bias else None
         kb = f"{p}.attn.k_proj.bias" if m.qkv_has_bias else None
         vb = f"{p}.attn.v_proj.bias" if m.qkv_has_bias else None
@@ -320,6 +353,8 @@ class _Sim:
         ob = f"{p}.attn.o_proj.bias" if m.linear_bias else None
         out = self.linear(f"{p}.attn.o_proj", y, hq * h, d, f"{p}.attn.o_proj.weight", ob, split="row")
         self.dead(y, *temps)
+        if gathered:  # the module's input, dropped when it returns
+            self.dead(gathered)
         return out
 
     def mlp(self, p: str, x: str) -> str:
@@ -330,6 +365,8 @@ class _Sim:
                                f"{p}.mlp.{name}.bias" if m.linear_bias else None, stop=stop,
                                split="row" if name == "down_proj" else "col")
 
+        gathered = self.gather(f"{p}.mlp", x) if self.sp else ""
+        x = gathered or x
         if m.mlp == "swiglu":
             gate = lin("gate_proj", x, d, f)
             silu = self.new(f"{p}.mlp.silu", f * t, "act")
@@ -347,11 +384,13 @@ class _Sim:
         # Under checkpoint recomputation torch stops once down_proj's inputs are saved (early stop).
         out = lin("down_proj", hidden, f, d, stop=self.recomputing)
         self.dead(hidden)
+        if gathered:
+            self.dead(gathered)
         return out
 
     def block(self, i: int, x: str) -> str:
         """Block ``i`` on input ``x``; returns its output (the next block's input)."""
-        m, t, d = self.model, self.t, self.model.d_model
+        m, t, d = self.model, self.tl, self.model.d_model
         p = f"blocks.{i}"
         out_name = f"blocks.{i + 1}.x_in" if i + 1 < m.num_layers else f"{p}.x_out"
         h1 = self.norm(f"{p}.norm1", x)
@@ -393,6 +432,9 @@ class _Sim:
         self.node(emb, ["paramlookup:tok_emb.weight" if self.tp else "param:tok_emb.weight"])
         if self.tp:  # RowwiseParallel embedding: a masked local lookup (a 0-dim tensor), then an all-reduce
             self._free(self.tensors[self.new_bytes("tok_emb.mask_fill", 4, "temporary")])
+        if self.sp:  # ... or a reduce-scatter into the sequence-sharded stream
+            emb = self.reduce_scatter("tok_emb", emb, d, "stream")
+        elif self.tp:
             reduced = self.new("tok_emb.reduced", d * t, "stream")
             self.node(reduced, [(emb, PASS)])
             self.dead(emb)
@@ -427,7 +469,8 @@ class _Sim:
         hf = self.norm("norm_f", x)
         self.dead(x)
         head = "lm_head.weight" if not m.tie_embeddings else "tok_emb.weight"
-        logits = self.linear("lm_head", hf, d, m.vocab_size // self.tp_size, head, None, split="col")
+        head_in = self.gather("lm_head", hf) if self.sp else hf
+        logits = self.linear("lm_head", head_in, d, m.vocab_size // self.tp_size, head, None, split="col")
         if self.tp and not self.tp.loss:  # ColwiseParallel head, Replicate output: all-gather, then cat
             gathered = self.new("lm_head.all_gather", m.vocab_size * t, "act", role="temporary")
             full = self.new("lm_head.logits", m.vocab_size * t, "act")
@@ -452,6 +495,8 @@ class _Sim:
         self.node(loss, [logp], saves=(logp, tw))
         self.after_loss(loss)
         self.dead(tw, logp, logits, hf)  # forward's locals (x, logits) live until it returns
+        if head_in != hf:
+            self.dead(head_in)
         self.mark("post_forward", "root")
         for cast in self.casts:  # autocast's weight cache is cleared when the forward ends
             if self.tensors[cast].live:
@@ -501,6 +546,8 @@ class _Sim:
                 if passthrough and incoming is not None:
                     key = incoming
                     refs[key] += 1
+                    if node.opaque:  # a DTensor's local gradient: referenced by its wrapper too
+                        self.opaque.add(key)
                 else:
                     count += 1
                     key = self.new_bytes(f"grad.{name}#{count}", self.grad_size(name), "temporary")

@@ -50,9 +50,12 @@ def check_layout(config: Config, t: int) -> None:
     if config.model.family != "transformer":
         raise EstimatorError(f"--parallel tp: tensor parallelism is modelled for the transformer family, "
                              f"not {config.model.family!r}")
-    if config.parallel.sequence_parallel:
-        raise EstimatorError("parallel.sequence_parallel: not modelled yet (TP without sequence parallelism only; "
-                             "docs/tp.md)")
+    if config.parallel.sequence_parallel and config.model.positions == "learned":
+        raise EstimatorError("parallel.sequence_parallel: needs positions: rope (a learned position table is added "
+                             "to the whole sequence, which the sequence-sharded stream no longer holds)")
+    if config.parallel.sequence_parallel and config.training.seq_len is not None and config.training.seq_len % t:
+        raise EstimatorError(f"training.seq_len: {config.training.seq_len} is not divisible by the tensor-parallel "
+                             f"degree {t} (sequence parallelism shards each sequence)")
     if config.training.activation_checkpointing != "none":
         raise EstimatorError("training.activation_checkpointing: not modelled under tensor parallelism "
                              "(expected none)")
@@ -102,22 +105,36 @@ def tp_events(config: Config, t: int, device: str, impl: str, step_bytes: int
     return setup, first, steady
 
 
-def tp_communication(config: Config, t: int) -> CommParts:
-    """One TP rank's collectives per micro-batch (all of them in forward and backward; no gradient sync:
-    the replicated norms see the same inputs on every rank and compute the same gradients).
+#: how many times each optimizer's single-tensor step reads ``grad`` (torch 2.13 ``torch/optim``): under sequence
+#: parallelism the replicated norm weights' gradients are Partial DTensors, all-reduced at every read
+#: (Adam measured: 3 per norm weight; the others read off the code)
+GRADIENT_READS = {"sgd": 1, "momentum": 1, "adam": 3, "adamw": 3, "adagrad": 3, "rmsprop": 3}
 
-    With T = B·S tokens, d the width, s the residual stream's bytes per element (the parameter dtype) and
-    a the activations' (16-bit under autocast), as read off torch 2.13's flight recorder on gloo:
-    the embedding's all-reduce (T·d·s); per block, the two row-parallel outputs' all-reduces in forward
-    (T·d·a each) and one all-reduce per column-parallel input gradient in backward (q, k, v and the MLP's
-    gate/up or up: T·d·s each); the head's all-gather of the logits in forward (the recorder gives the
-    functional all-gather's input, T·V/t·a, as both its input and its output size; the output buffer the
-    tracker sees is T·V·a, which is what this gives, so the ring's (t-1)/t·S is right) and its input gradient's
-    all-reduce
-    in backward; with loss_parallel no all-gather but three all-reduces of T elements (the row maxima,
-    the sums of exponentials and the target logits) in the loss's dtype. Megatron-LM's count is the same
-    four all-reduces of T·d per block and step (Shoeybi et al. 2019, Figure 4: two in forward, two in
+
+def tp_communication(config: Config, t: int, device: str = "cuda") -> CommParts:
+    """One TP rank's collectives per micro-batch, as read off torch 2.13's flight recorder on gloo.
+
+    T = B·S tokens, d the width, s the residual stream's bytes per element (the parameter dtype), a the
+    activations' (16-bit under autocast). Without sequence parallelism (every collective an all-reduce
+    but the logits' all-gather): the embedding's (T·d·s); per block the two row-parallel outputs' in
+    forward (T·d·a each) and one per column-parallel input gradient in backward (q, k, v and the MLP's
+    gate/up or up: T·d·s each); the head's input gradient's (T·d·s). Megatron-LM's count is four
+    all-reduces of T·d per block and step (Shoeybi et al. 2019, Figure 4: two in forward, two in
     backward); torch's plan all-reduces q, k and v's input gradients separately.
+
+    With sequence parallelism (Korthikanti et al. 2022, section 4.2.2: each all-reduce becomes a
+    reduce-scatter plus an all-gather of the same total size): the embedding's and each row-parallel
+    output's reduce-scatter (input T·d, output T·d/t) and in backward the all-gather of their gradients;
+    the all-gather before each block's attention and MLP and before the head (input T·d/t, output T·d)
+    and in backward the reduce-scatter of their input gradients. ProcessGroupGloo has no reduce-scatter:
+    on the CPU each is an all-reduce of the whole input. The replicated norm weights' gradients are
+    Partial: ``optimizer.step()`` all-reduces one (d elements) at each read of the gradient
+    (:data:`GRADIENT_READS`; other optimizers: not counted).
+
+    The logits: an all-gather (input T·V/t·a, output T·V·a; the recorder writes the functional
+    all-gather's input size for both, the tracker sees the T·V·a buffer), or with loss_parallel three
+    all-reduces of T elements in the loss's dtype (the row maxima, the sums of exponentials, the target
+    logits).
     """
     from estimator.parallel.comm import CommParts, CommVolume, KindVolume
 
@@ -126,18 +143,39 @@ def tp_communication(config: Config, t: int) -> CommParts:
     tokens = tr.batch_size * (tr.seq_len if tr.seq_len is not None else m.max_seq_len)
     s, a = plan.parameter_bytes, plan.activation_bytes
     loss_bytes = 4 if plan.autocast else a
-    cols = 3 + (2 if m.mlp == "swiglu" else 1)
-    reduce = KindVolume(1, tokens * m.d_model * s, tokens * m.d_model * s)  # embedding
-    reduce += KindVolume(1, tokens * m.d_model * a, tokens * m.d_model * a).times(2 * m.num_layers)
-    reduce += KindVolume(1, tokens * m.d_model * s, tokens * m.d_model * s).times(cols * m.num_layers + 1)
-    kinds = {"all_reduce": reduce}
-    if config.parallel.loss_parallel:
-        kinds["all_reduce"] = reduce + KindVolume(1, tokens * loss_bytes, tokens * loss_bytes).times(3)
+    layers, full = m.num_layers, tokens * m.d_model
+
+    def one(n: int, kind: str = "all_reduce", shrink: bool = False) -> dict[str, KindVolume]:
+        if kind == "reduce_scatter" and device == "cpu":  # gloo: an all-reduce of the whole input
+            return {"all_reduce": KindVolume(1, n, n)}
+        return {kind: KindVolume(1, n, n // t if shrink else n * t if kind == "all_gather" else n)}
+
+    calls: list[tuple[dict[str, KindVolume], int]] = []
+    optimizer: list[tuple[dict[str, KindVolume], int]] = []
+    if config.parallel.sequence_parallel:
+        calls += [(one(full * s, "reduce_scatter", True), 1), (one(full * s // t, "all_gather"), 1)]  # embedding
+        calls += [(one(full * a, "reduce_scatter", True), 2 * layers), (one(full * a // t, "all_gather"), 2 * layers)]
+        calls += [(one(full * s // t, "all_gather"), 2 * layers + 1),  # before attention, MLP and head
+                  (one(full * s, "reduce_scatter", True), 2 * layers + 1)]
+        norms = [p for p in local_parameters(config, t) if ".norm" in p.name or p.name.startswith("norm_f")]
+        reads = GRADIENT_READS.get(config.optimizer.name, 0)
+        optimizer += [(one(p.numel * plan.gradient_bytes), reads) for p in norms]
     else:
-        local = tokens * (m.vocab_size // t) * a
-        kinds["all_gather"] = KindVolume(1, local, t * local)
+        cols = 3 + (2 if m.mlp == "swiglu" else 1)
+        calls += [(one(full * s), 1), (one(full * a), 2 * layers), (one(full * s), cols * layers + 1)]
+    if config.parallel.loss_parallel:
+        calls.append((one(tokens * loss_bytes), 3))
+    else:
+        calls.append((one(tokens * (m.vocab_size // t) * a, "all_gather"), 1))
+
+    def volume(parts: list[tuple[dict[str, KindVolume], int]]) -> CommVolume:
+        total = CommVolume.of(t, {})
+        for kinds, times in parts:
+            total = total + CommVolume.of(t, {k: v.times(times) for k, v in kinds.items()})
+        return total
+
     empty = CommVolume.of(t, {})
-    return CommParts(CommVolume.of(t, kinds), empty, empty, empty)
+    return CommParts(volume(calls), empty, volume(optimizer), empty)
 
 
 @register_strategy
@@ -152,7 +190,7 @@ class TensorParallelStrategy:
     def communication(self, ctx: RankContext, rank: int) -> CommParts:
         t = tp_degree(ctx.config, self.name, ctx.world_size)
         check_layout(ctx.config, t)
-        return tp_communication(ctx.config, t)
+        return tp_communication(ctx.config, t, ctx.device)
 
     def estimate(self, ctx: RankContext, rank: int) -> RankEstimate:
         config, device = ctx.config, ctx.device
