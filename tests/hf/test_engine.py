@@ -110,11 +110,13 @@ def test_checkpoint_beside_the_config(tmp_path: Path) -> None:
     assert "≠ the config's 69,952 (+8,192)" in line  # the checkpoint's untied head: 128 x 64 more
 
 
-def test_verify_runs_the_transformers_model_exactly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("checkpointing", ["none", "full"])
+def test_verify_runs_the_transformers_model_exactly(tmp_path: Path, checkpointing: str) -> None:
+    """transformers' Llama (its own activation_checkpointing_enable() for 'full'), measured on the CPU."""
     from estimator.measure.verify import run_verify
 
     cfg = _load(write_config(tmp_path / "llama", TINY_CONFIGS["llama"]), "model.engine=transformers",
-                "training.seq_len=16")
+                "training.seq_len=16", f"training.activation_checkpointing={checkpointing}")
     result = run_verify(cfg, "cpu")
     m = result.measurement
     assert "LlamaForCausalLM" in result.to_json()["measured"]["model"]
