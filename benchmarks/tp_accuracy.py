@@ -8,6 +8,7 @@ bytes torch's flight recorder saw with ``per_rank_estimates``.
 
     python benchmarks/tp_accuracy.py            # the whole matrix (several minutes on 2 cores)
     python benchmarks/tp_accuracy.py --quick    # two cases
+    python benchmarks/tp_accuracy.py --korthikanti   # activation bytes per layer against Korthikanti et al. Table 2
 """
 
 from __future__ import annotations
@@ -49,7 +50,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--cases", default="", help="comma-separated case numbers (0-based) to run")
+    parser.add_argument("--korthikanti", action="store_true", help="only the per-layer activation table (no ranks)")
     args = parser.parse_args()
+    if args.korthikanti:
+        korthikanti()
+        return
     chosen = [CASES[int(i)] for i in args.cases.split(",")] if args.cases else CASES[:2] if args.quick else CASES
     print("| model | precision | optimizer | t | rank | params est/meas | grads est/meas | state est/meas "
           "| 1st peak est | 1st peak meas | steady est | steady meas | all-reduce calls, B est/meas | diff |")
@@ -77,6 +82,31 @@ def main() -> None:
                   f"{diff:.3%} |", flush=True)
         print(f"<!-- {label} {precision} t={t}: {time.perf_counter() - start:.0f} s -->", flush=True)
     print(f"\nworst per-rank peak difference: {worst:.3%}")
+
+
+def korthikanti(s: int = 2048, b: int = 1, h: int = 2048, a: int = 16) -> None:
+    """Saved bytes per layer (two layers less one) of a GPT-like layer with RoPE, bf16, in units of sbh,
+    against Korthikanti et al. 2022, Table 2 (docs/tp.md)."""
+    model = {"family": "transformer", "d_model": h, "num_heads": a, "vocab_size": 32000, "max_seq_len": s,
+             "positions": "rope", "norm": "layernorm", "bias": True, "mlp": "gelu", "tie_embeddings": False}
+    sbh = s * b * h
+    print("| layout | t | Korthikanti (sbh) | ours, eager (sbh) | ours, SDPA (sbh) |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for sp in (False, True):
+        for t in (2, 4, 8):
+            ours = []
+            for attention in ("eager", "sdpa"):
+                saved = []
+                for layers in (1, 2):
+                    cfg = load_config(None, [f"model.num_layers={layers}", f"training.seq_len={s}",
+                                             f"training.batch_size={b}", "training.precision=bf16",
+                                             "optimizer.name=sgd", f"model.attention={attention}",
+                                             f"parallel.sequence_parallel={str(sp).lower()}"],
+                                      base={"model": dict(model)})
+                    saved.append(per_rank_estimates(cfg, "tp", t, "cpu")[0].activations)
+                ours.append((saved[1] - saved[0]) / sbh)
+            theirs = 34 / t + 5 * a * s / (h * t) if sp else 10 + 24 / t + 5 * a * s / (h * t)
+            print(f"| TP{' + SP' if sp else ''} | {t} | {theirs:g} | {ours[0]:.4f} | {ours[1]:.4f} |")
 
 
 def _all_reduce(logical: dict) -> str:

@@ -146,6 +146,11 @@ def test_refusals_name_the_field() -> None:
         assert result.exit_code == 2 and result.stderr.startswith(f"error: {field}:"), result.stderr
 
 
+def test_two_d_mesh_is_refused_not_ignored() -> None:
+    result = runner.invoke(app, ["estimate", "--model", "llama-2-7b", "--parallel", "fsdp", "-n", "8", "--tp", "2"])
+    assert result.exit_code == 2 and result.stderr.startswith("error: parallel.tp_size:"), result.stderr
+
+
 @pytest.mark.slow
 def test_real_tp_ranks_match_to_the_byte() -> None:
     """parallelize_module with torch's plan on 2 gloo processes: each rank's figures equal the estimate."""

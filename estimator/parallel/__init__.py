@@ -46,6 +46,7 @@ def rank_groups(config: Config, strategy: str, world_size: int, device: str = "c
     """The distinct ranks of ``strategy`` on ``world_size`` ranks, each computed once, with the ranks it covers."""
     chosen = get_strategy(strategy)
     check_world_size(world_size)
+    tp.refuse_two_d(config, strategy)
     ctx = RankContext(config, world_size, device)
     return merge_equal([(ranges, with_communication(chosen, ctx, rep, chosen.estimate(ctx, rep)))
                         for ranges, rep in chosen.groups(ctx)])
@@ -57,6 +58,7 @@ def per_rank_estimate(
     """The memory of ``rank`` when the step runs data-parallel on ``world_size`` ranks with ``strategy``."""
     chosen = get_strategy(strategy)
     check_world_size(world_size, rank)
+    tp.refuse_two_d(config, strategy)
     ctx = RankContext(config, world_size, device)
     return with_communication(chosen, ctx, rank, chosen.estimate(ctx, rank))
 

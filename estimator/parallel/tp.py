@@ -43,6 +43,13 @@ def tp_degree(config: Config, strategy: str, world_size: int) -> int:
     return t
 
 
+def refuse_two_d(config: Config, strategy: str) -> None:
+    """A TP degree under another strategy is a 2-D mesh, which is not modelled yet (docs/tp.md, Limits)."""
+    if strategy != "tp" and config.parallel.tp_size > 1:
+        raise EstimatorError(f"parallel.tp_size: {config.parallel.tp_size} with --parallel {strategy} is a 2-D "
+                             f"(data x tensor) mesh, not modelled yet; use --parallel tp alone (docs/tp.md)")
+
+
 def check_layout(config: Config, t: int) -> None:
     """What the modelled plan supports: the transformer family, sharded sizes divisible by t."""
     from estimator.families.transformer import check_tensor_parallel
