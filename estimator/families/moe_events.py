@@ -93,13 +93,20 @@ class _MoESim(_Sim):
 
     @contextmanager
     def _width(self, d: int, rows: int) -> Iterator[None]:
-        """Run a transformer primitive (RMSNorm) on a (rows, d) tensor instead of (T, d_model)."""
-        model, t = self.model, self.t
+        """Run a transformer primitive (RMSNorm) on a (rows, d) tensor instead of (T, d_model).
+
+        The transformer simulation's norms take their rows from ``tl`` (T, or T/t of each sequence under
+        sequence parallelism) when it has one, else from ``t``: both are set."""
+        model, t, tl = self.model, self.t, getattr(self, "tl", None)
         self.model, self.t = model.model_copy(update={"d_model": d}), rows
+        if tl is not None:
+            self.tl = rows
         try:
             yield
         finally:
             self.model, self.t = model, t
+            if tl is not None:
+                self.tl = tl
 
     def norm_of(self, prefix: str, x: str, d: int, rows: int) -> str:
         with self._width(d, rows):
