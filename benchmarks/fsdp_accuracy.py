@@ -11,6 +11,9 @@ and optimizer-state bytes and the first- and steady-step peaks with ``per_rank_e
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import tempfile
 import time
 
 from estimator.loader import load_config
@@ -22,17 +25,41 @@ LLAMA_LIKE = {"family": "transformer", "d_model": 32, "num_heads": 4, "num_kv_he
               "max_seq_len": 16, "positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "d_ff": 88,
               "bias": False, "tie_embeddings": False}
 
-# (label, model, precision, optimizer, ranks, reshard_after_forward)
+MASTER = ["training.master_weights=true"]  # FSDP2's MixedPrecisionPolicy(bf16, reduce_dtype) over fp32 shards
+TINY_LLAMA_HF = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 88, "num_hidden_layers": 2,
+                 "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 96, "max_position_embeddings": 16,
+                 "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+
+# (label, model, precision, optimizer, ranks, reshard_after_forward, more overrides)
 CASES = [
-    ("gpt2-like", GPT2_LIKE, "fp32", "adam", 2, True),
-    ("llama-like GQA", LLAMA_LIKE, "fp32", "adamw", 2, True),
-    ("llama-like GQA", LLAMA_LIKE, "fp32", "adamw", 4, True),
-    ("gpt2-like", GPT2_LIKE, "bf16", "sgd", 2, True),
-    ("llama-like GQA", LLAMA_LIKE, "amp-bf16", "adamw", 2, True),
-    ("gpt2-like", GPT2_LIKE, "fp32", "adagrad", 3, True),
-    ("gpt2-like", GPT2_LIKE, "fp32", "adam", 2, False),
-    ("llama-like GQA", LLAMA_LIKE, "fp32", "adamw", 4, False),
+    ("gpt2-like", GPT2_LIKE, "fp32", "adam", 2, True, []),
+    ("llama-like GQA", LLAMA_LIKE, "fp32", "adamw", 2, True, []),
+    ("llama-like GQA", LLAMA_LIKE, "fp32", "adamw", 4, True, []),
+    ("gpt2-like", GPT2_LIKE, "bf16", "sgd", 2, True, []),
+    ("llama-like GQA", LLAMA_LIKE, "amp-bf16", "adamw", 2, True, []),
+    ("gpt2-like", GPT2_LIKE, "fp32", "adagrad", 3, True, []),
+    ("gpt2-like", GPT2_LIKE, "fp32", "adam", 2, False, []),
+    ("llama-like GQA", LLAMA_LIKE, "fp32", "adamw", 4, False, []),
+    ("llama-like GQA", LLAMA_LIKE, "bf16 + master, reduce fp32", "adamw", 2, True, MASTER),
+    ("llama-like GQA", LLAMA_LIKE, "bf16 + master, reduce fp32", "adamw", 4, False, MASTER),
+    ("gpt2-like", GPT2_LIKE, "bf16 + master, reduce bf16", "adam", 2, True, [*MASTER, "parallel.reduce_dtype=param"]),
+    ("hf_config llama (tiny config.json)", "hf", "fp32", "adamw", 2, True, []),
+    ("hf_config llama (tiny config.json)", "hf", "bf16 + master, reduce fp32", "adamw", 4, True, MASTER),
 ]
+
+
+def _config(model: dict | str, precision: str, optimizer: str, reshard: bool, more: list[str], layers: int,
+            tmp: str):  # noqa: ANN202
+    """The case's config; 'hf' is a tiny Llama config.json read through ``model.hf_config``."""
+    overrides = [f"optimizer.name={optimizer}", f"training.precision={precision.split()[0]}",
+                 "training.seq_len=16", "training.batch_size=2",
+                 f"parallel.reshard_after_forward={str(reshard).lower()}", *more]
+    if model == "hf":
+        path = os.path.join(tmp, "config.json")
+        with open(path, "w") as f:
+            json.dump({**TINY_LLAMA_HF, "num_hidden_layers": layers}, f)
+        return load_config(None, overrides, base={"model": {"hf_config": path}})
+    return load_config(None, [f"model.num_layers={layers}", *overrides], base={"model": dict(model)})
 
 
 def main() -> None:
@@ -46,11 +73,9 @@ def main() -> None:
           "| state est/meas | 1st peak est | 1st peak meas | steady est | steady meas | diff |")
     print("|---|---|---|---|---:|---:|---|---|---|---:|---:|---:|---:|---:|")
     worst = 0.0
-    for label, model, precision, optimizer, n, reshard in chosen:
-        config = load_config(None, [f"model.num_layers={args.layers}", "training.seq_len=16", "training.batch_size=2",
-                                    f"optimizer.name={optimizer}", f"training.precision={precision}",
-                                    f"parallel.reshard_after_forward={str(reshard).lower()}"],
-                             base={"model": dict(model)})
+    tmp = tempfile.mkdtemp(prefix="fsdp-accuracy-")
+    for label, model, precision, optimizer, n, reshard, more in chosen:
+        config = _config(model, precision, optimizer, reshard, more, args.layers, tmp)
         start = time.perf_counter()
         estimates = per_rank_estimates(config, "fsdp", n, "cpu")
         measured = measure_distributed(config, "fsdp", n, "cpu")

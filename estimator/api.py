@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from estimator.accumulation import global_batch, scale_flops
 from estimator.config import Config
 from estimator.families.base import BatchInForce, FlopCount, ParamTensor, get_family
 from estimator.nogc import without_gc
@@ -118,6 +119,9 @@ class Estimate:
             "inputs": self.input_bytes,
             "optimizer": self.config.optimizer.name,
             "precision": self.config.training.precision,
+            "master_weights": self.config.training.master_weights,
+            "grad_accum_steps": self.config.training.grad_accum_steps,
+            "global_batch": global_batch(self.config, self.batch.batch_size),
             "device": self.device,
             "implementation": self.implementation,
             "config": self.config_in_force(),
@@ -214,7 +218,8 @@ def estimate(config: Config | None = None, device: str | None = None) -> Estimat
         parameters=n_params,
         trainable_parameters=n_trainable,
         memory=memory,
-        flops=_with_optimizer_flops(family.flops(config.model, config.training), spec, trainable),
+        flops=_with_optimizer_flops(scale_flops(family.flops(config.model, config.training),
+                                                config.training.grad_accum_steps), spec, trainable),
         step=step,
         batch=_batch_in_force(family, config),
         saved_activations=step.saved_activation_bytes if target == "cpu" else _saved_bytes(config, step),

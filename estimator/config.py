@@ -132,6 +132,10 @@ class TrainingConfig(StrictModel):
     activation_checkpointing: Literal["none", "full"] = Field(
         "none", description="full: keep only each block's input, recompute the rest in backward"
     )
+    grad_accum_steps: int = Field(
+        1, ge=1, le=1 << 20, description="micro-batches of batch_size per optimizer step (gradient accumulation); "
+        "the global batch is batch_size x grad_accum_steps x data-parallel ranks"
+    )
     master_weights: bool = Field(
         False, description="bf16/fp16: keep an fp32 master copy the optimizer updates (ZeRO/DeepSpeed/Megatron); "
         "under zero3/fsdp it is FSDP2's MixedPrecisionPolicy (fp32 shards, 16-bit all-gather): docs/precision.md"

@@ -56,7 +56,8 @@ def describe(est: Estimate) -> str:
     opt = cfg.optimizer
     options = ", ".join(f"{k}={opt.option(k)}" for k in ("lr", "momentum", "betas", "eps", "weight_decay")
                         if opt.option(k) not in (None, 0, 0.0))
-    return (f"{shape} · {batch_in_force(est)} · {opt.name}({options}) · {cfg.training.precision} · "
+    precision = cfg.training.precision + (" + fp32 master" if cfg.training.master_weights else "")
+    return (f"{shape} · {batch_in_force(est)} · {opt.name}({options}) · {precision} · "
             f"{est.device} ({est.implementation} optimizer kernels)")
 
 
@@ -71,6 +72,11 @@ def batch_in_force(est: Estimate) -> str:
     if b.seq_len is not None:
         text += f", seq_len={b.seq_len}" + (" (the model's max_seq_len)" if b.seq_source == "model.max_seq_len"
                                               else "")
+    from estimator.accumulation import data_parallel_ranks, global_batch
+
+    k, n = est.config.training.grad_accum_steps, data_parallel_ranks(est.config)
+    if k > 1 or n > 1:  # the global batch: micro-batch x accumulation x data-parallel ranks
+        text += f", global batch {b.batch_size} x {k} x {n} = {global_batch(est.config, b.batch_size):,}"
     return text
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from estimator.accumulation import LATER, accumulated_body
 from estimator.config import Config
 from estimator.events import Event, alloc, free
 from estimator.families.base import ParamTensor, StepShape, get_family
@@ -75,7 +76,8 @@ class SimulatedStep:
 
 
 def _is_saved(e: Event) -> bool:
-    return e.nbytes > 0 and e.role == "activation" and e.phase in ("forward", "loss")
+    """Saved for backward by one micro-batch (the tensors of later micro-batches are named ``…@later``)."""
+    return e.nbytes > 0 and e.role == "activation" and e.phase in ("forward", "loss") and not e.name.endswith(LATER)
 
 
 @dataclass(frozen=True)
@@ -281,7 +283,12 @@ def step_events(
 
     body = family.forward_backward_events(config.model, config.training, shape)
     tail = _zero_grad_events(params, shape) + (master_grad_free_events(trainable) if master else [])
-    tail += family.end_of_step_events(config.model, config.training, shape)
+    end = family.end_of_step_events(config.model, config.training, shape)
+    steps = config.training.grad_accum_steps
+    if steps > 1:  # each micro-batch drops its output and loss after its backward (accumulation.py)
+        body = accumulated_body(body, end, steps)
+    else:
+        tail += end
     to_master = master_grad_events(trainable) if master else []
     first = body + to_master + optimizer_step_events(spec, trainable, config, impl, step_bytes, first=True) + tail
     steady = body + to_master + optimizer_step_events(spec, trainable, config, impl, step_bytes, first=False) + tail

@@ -113,7 +113,7 @@ def test_fsdp2_mixed_precision_policy_exact_on_real_ranks() -> None:
     from estimator.simulate import assemble_step
 
     cfg = _tiny()
-    for m in measure_distributed(cfg, "zero3", 2, timeout=120):
+    for m in measure_distributed(cfg, "zero3", 2, timeout=300):
         e = per_rank_estimate(cfg, "zero3", 2, "cpu", m.rank)
         assert (m.parameters, m.gradients, m.optimizer_state) == (e.parameters, e.gradients, e.optimizer_state)
         late = assemble_step(*unit_events(RankContext(cfg, 2, "cpu"), m.rank, late_gradients=True))

@@ -295,7 +295,7 @@ def _measure_rank(config: Config, strategy: str, rank: int, world_size: int) -> 
         setup = tracker.live_bytes
         communication["setup"] = calls_to_json(log.take())
 
-        def run(enter: Any) -> None:
+        def forward_backward(enter: Any) -> tuple[Any, Any]:
             nonlocal grads
             enter("forward")
             autocast: Any = contextlib.nullcontext()
@@ -312,6 +312,17 @@ def _measure_rank(config: Config, strategy: str, rank: int, world_size: int) -> 
             with loss_ctx():
                 loss.backward()
             grads = _bytes(p.grad for p in model.parameters())
+            return pred, loss
+
+        def run(enter: Any) -> None:
+            # gradient accumulation: K micro-batches (FSDP2 reduce-scatters after each), one optimizer step
+            for _ in range(config.training.grad_accum_steps - 1):
+                pred, loss = forward_backward(enter)
+                del pred, loss
+            pred, loss = forward_backward(enter)
+            if config.training.grad_accum_steps > 1:
+                del pred, loss
+                pred = loss = None
             enter("optimizer_step")
             optimizer.step()
             enter("zero_grad")

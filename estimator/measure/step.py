@@ -413,10 +413,12 @@ class _Runner:
         optimizer: torch.optim.Optimizer,
         device: torch.device,
         autocast_dtype: torch.dtype | None,
+        accum_steps: int = 1,
     ) -> None:
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.inputs, self.target = batch
         self.device, self.autocast_dtype = device, autocast_dtype
+        self.accum_steps = accum_steps
         self.grad_bytes = 0
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -425,7 +427,22 @@ class _Runner:
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     def run(self, enter: Callable[[str], None], saved: _SavedTensorCounter | None = None) -> None:
-        """The seed's step: forward, loss, backward, optimizer.step(), zero_grad(set_to_none=True)."""
+        """The seed's step: forward, loss, backward, optimizer.step(), zero_grad(set_to_none=True).
+
+        With ``accum_steps`` K > 1, K micro-batches of forward, loss and backward, each output and loss
+        dropped after its backward, then one optimizer step (``estimator/accumulation.py``).
+        """
+        if self.accum_steps > 1:
+            for micro in range(self.accum_steps):
+                self._forward_backward(enter, saved if micro == 0 else None)
+            self._step(enter)
+            return
+        pred, loss = self._forward_backward(enter, saved, keep=True)
+        self._step(enter)
+        del pred, loss  # the seed's loop keeps them until the next forward; we end the step clean
+
+    def _forward_backward(self, enter: Callable[[str], None], saved: _SavedTensorCounter | None,
+                          keep: bool = False) -> tuple[Any, Any]:
         hooks: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
         if saved is not None:
             hooks = torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack)
@@ -441,11 +458,16 @@ class _Runner:
         enter("backward")
         loss.backward()
         self.grad_bytes = _storage_bytes((p.grad for p in self.model.parameters()), self.device)
+        if keep:
+            return pred, loss
+        del pred, loss
+        return None, None
+
+    def _step(self, enter: Callable[[str], None]) -> None:
         enter("optimizer_step")
         self.optimizer.step()
         enter("zero_grad")
         self.optimizer.zero_grad(set_to_none=True)
-        del pred, loss  # the seed's loop keeps them until the next forward; we end the step clean
 
     def measured(
         self, source: _MemorySource, on_phase: Callable[[str], None] | None, label: str, **kw: Any
@@ -466,6 +488,7 @@ def measure_training_step(
     autocast_dtype: torch.dtype | None = None,
     on_phase: Callable[[str], None] | None = None,
     uninstrumented: bool = False,
+    accum_steps: int = 1,
 ) -> Measurement:
     """Build the model on ``device`` and measure two real training steps plus one FLOP-counted step.
 
@@ -480,7 +503,8 @@ def measure_training_step(
     if uninstrumented and device.type == "cpu":
         if on_phase is not None:
             on_phase("uninstrumented")
-        real = measure_uninstrumented(build_model, make_batch, loss_fn, build_optimizer, device, autocast_dtype)
+        real = measure_uninstrumented(build_model, make_batch, loss_fn, build_optimizer, device, autocast_dtype,
+                                      accum_steps)
     if device.type == "cpu":
         tracker: LiveTensorTracker | None = LiveTensorTracker(device, phase="setup")
         source: _MemorySource = TrackerSource(tracker)
@@ -491,7 +515,8 @@ def measure_training_step(
         source = _AllocatorSource(device)
         outer = contextlib.nullcontext()
     measurement = _measure(
-        build_model, make_batch, loss_fn, build_optimizer, device, autocast_dtype, on_phase, source, outer
+        build_model, make_batch, loss_fn, build_optimizer, device, autocast_dtype, on_phase, source, outer,
+        accum_steps,
     )
     measurement.uninstrumented = real
     return measurement
@@ -507,6 +532,7 @@ def _measure(
     on_phase: Callable[[str], None] | None,
     source: _MemorySource,
     outer: contextlib.AbstractContextManager[Any],
+    accum_steps: int = 1,
 ) -> Measurement:
     """The device-independent body of :func:`measure_training_step` (tests inject a fake source)."""
     if on_phase is not None:
@@ -522,7 +548,7 @@ def _measure(
         optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad])
         # tensors the builders did not create under the tracker (e.g. a batch cached in a closure)
         source.adopt([*model.parameters(), *model.buffers(), *inputs, target])
-        runner = _Runner(model, (inputs, target), loss_fn, optimizer, device, autocast_dtype)
+        runner = _Runner(model, (inputs, target), loss_fn, optimizer, device, autocast_dtype, accum_steps)
 
         first = runner.measured(source, on_phase, "first_step")
         saved = _SavedTensorCounter(device, [*model.parameters(), *model.buffers(), *inputs, target])
@@ -569,6 +595,7 @@ def measure_uninstrumented(
     build_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
     device: torch.device,
     autocast_dtype: torch.dtype | None = None,
+    accum_steps: int = 1,
 ) -> UninstrumentedRun:
     """Build a fresh model and run the first and the steady step with only the profiler watching (CPU).
 
@@ -584,7 +611,7 @@ def measure_uninstrumented(
         inputs = tuple(t.to(device) for t in inputs)
         target = target.to(device)
         optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad])
-        runner = _Runner(model, (inputs, target), loss_fn, optimizer, device, autocast_dtype)
+        runner = _Runner(model, (inputs, target), loss_fn, optimizer, device, autocast_dtype, accum_steps)
         for label in ("first_step", "steady_step"):
             with gc_paused():
                 runner.run(lambda phase, label=label: marks(f"{label}/{phase}"))

@@ -130,6 +130,7 @@ def run_verify(
     measurement = measure_training_step(
         parts.build_model, parts.make_batch, parts.loss_fn, make_optimizer, device,
         autocast_dtype=parts.autocast_dtype, on_phase=on_phase, uninstrumented=True,
+        accum_steps=config.training.grad_accum_steps,
     )
     routing = None
     if config.model.family == "moe":  # re-estimate with the routing the step really had

@@ -110,6 +110,9 @@ class Zero3:
     def estimate(self, ctx: RankContext, rank: int) -> RankEstimate:
         config, world_size, params = ctx.config, ctx.world_size, ctx.params
         shards = [shard(p, world_size, rank) for p in params]
+        if config.model.family == "mlp" and config.training.grad_accum_steps > 1:
+            raise EstimatorError("training.grad_accum_steps: under zero3/fsdp gradient accumulation is modelled for "
+                                 "the transformer and moe families, not the mlp family")
         if config.model.family == "mlp" and master_weights(config):
             raise EstimatorError("training.master_weights: FSDP2's MixedPrecisionPolicy is modelled for the "
                                  "transformer and moe families under zero3/fsdp, not the mlp family")
@@ -325,7 +328,7 @@ def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True,
     order = [u for u in units if u != "root"]  # forward order of the blocks
     gloo_copy = ctx.device == "cpu"  # ProcessGroupGloo's reduce_scatter copies its input; NCCL does not
 
-    state: dict[str, Any] = {"ag_kept": None, "prefetched": set(), "unsharded": set(), "rs_live": None}
+    state: dict[str, Any] = {"ag_kept": None, "prefetched": set(), "unsharded": set(), "rs_live": None, "micro": 0}
     out: list[Event] = []
 
     def all_gather(u: str, phase: str) -> None:
@@ -390,32 +393,48 @@ def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True,
             else:
                 last_frees = []
             out.extend(free(f"{p.name}.grad", "gradient", p.numel * g_b, phase) for p in early)
-            if r_b == dt.shard:
+            # a later micro-batch adds its reduced shard into the existing .grad (foreach_reduce's
+            # ``to_accumulate_grad``): the output, or its cast to the shards' dtype, is a temporary
+            accumulating = state["micro"] > 0
+            if r_b == dt.shard and not accumulating:
                 out.append(alloc(f"{u}.grad_shards", "gradient", local[u] * dt.shard, phase))
             else:
                 out.append(alloc(f"{u}.reduce_output", "temporary", local[u] * r_b, phase))
             if gloo_copy:
                 out.append(alloc(f"{u}.gloo_copy", "temporary", gathered[u] * r_b, phase))
                 out.append(free(f"{u}.gloo_copy", "temporary", gathered[u] * r_b, phase))
+            added = None
             if r_b != dt.shard:  # the reduce-dtype output cast to the shards' dtype, then dropped
-                out.append(alloc(f"{u}.grad_shards", "gradient", local[u] * dt.shard, phase))
+                added = alloc(f"{u}.grad_shards", "gradient", local[u] * dt.shard, phase) if not accumulating \
+                    else alloc(f"{u}.reduce_output_cast", "temporary", local[u] * dt.shard, phase)
+                out.append(added)
                 out.append(free(f"{u}.reduce_output", "temporary", local[u] * r_b, phase))
+            elif accumulating:
+                added = alloc(f"{u}.reduce_output", "temporary", local[u] * r_b, phase)
             out.extend(free(f"{p.name}.grad", "gradient", p.numel * g_b, phase) for p in [*last_frees, last_grad])
+            if accumulating and added is not None:  # added into .grad in place; dropped when foreach_reduce returns
+                out.append(free(added.name, added.role, added.nbytes, phase))
             state["rs_live"] = u
 
-    at = 0
-    for index, event in enumerate(body):
-        while at < len(marks) and marks[at][0] == index:
-            # a hook runs between two events: it takes the phase of the one before it
-            hook(marks[at][1], marks[at][2], body[index - 1].phase if index else event.phase)
+    end = family.end_of_step_events(config.model, config.training, shape)
+    accumulate = config.training.grad_accum_steps > 1  # micro-batches 3..K repeat the second (accumulation.py)
+    for micro in range(2 if accumulate else 1):
+        state["micro"] = micro
+        at = 0
+        for index, event in enumerate(body):
+            while at < len(marks) and marks[at][0] == index:
+                # a hook runs between two events: it takes the phase of the one before it
+                hook(marks[at][1], marks[at][2], body[index - 1].phase if index else event.phase)
+                at += 1
+            out.append(event)
+        while at < len(marks):
+            hook(marks[at][1], marks[at][2], body[-1].phase)
             at += 1
-        out.append(event)
-    while at < len(marks):
-        hook(marks[at][1], marks[at][2], body[-1].phase)
-        at += 1
-    if state["rs_live"] is not None:
-        prev = state["rs_live"]
-        out.append(free(f"{prev}.rs_input", "temporary", gathered[prev] * r_b, "backward"))
+        if state["rs_live"] is not None:
+            prev, state["rs_live"] = state["rs_live"], None
+            out.append(free(f"{prev}.rs_input", "temporary", gathered[prev] * r_b, "backward"))
+        if accumulate:  # each micro-batch's output and loss dropped after its backward
+            out.extend(Event(e.name, e.role, e.nbytes, "backward") for e in end)
 
     local_params = [shards[p.name].local for p in ctx.params if p.trainable]
     # zero_grad(set_to_none=True) in parameter order: a unit's flat gradient shard goes with its last view
@@ -425,7 +444,7 @@ def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True,
             last[unit_of(p.name)] = p.name
     tail = [free(f"{unit_of(p.name)}.grad_shards", "gradient", local[unit_of(p.name)] * dt.shard, "zero_grad")
             for p in ctx.params if p.trainable and last[unit_of(p.name)] == p.name]
-    tail += family.end_of_step_events(config.model, config.training, shape)
+    tail += [] if accumulate else end
     setup = [alloc(p.name, "parameter", shards[p.name].padded.numel * dt.shard, "setup") for p in ctx.params]
     if ctx.device == "cpu":  # DeviceMesh keeps torch.arange(N, dtype=int32) as its rank map, always on the CPU
         setup.append(alloc("device_mesh.rank_map", "temporary", 4 * n, "setup"))
