@@ -25,8 +25,10 @@ CASES = [
     ("zero1", 2, _tiny()),
     # FSDP2 on 3 ranks with uneven rows (D=10): padded gathers, the root gathered again, gloo's all-reduces
     ("zero3", 3, load_config(None, ["model.dim=10"])),
-    # FSDP2 keeping blocks gathered, in bf16: one gather per unit, 2 bytes per element
-    ("fsdp", 2, _tiny("parallel.reshard_after_forward=false", "training.precision=bf16", "optimizer.name=sgd")),
+    # FSDP2 keeping blocks gathered, with MixedPrecisionPolicy over fp32 shards: one bf16 gather per unit, the
+    # gradients reduced in fp32
+    ("fsdp", 2, _tiny("parallel.reshard_after_forward=false", "training.precision=bf16",
+                      "training.master_weights=true", "optimizer.name=sgd")),
 ]
 
 

@@ -14,6 +14,7 @@ that becomes the sharded ``.grad``. On gloo the reduce-scatter makes one more in
 from __future__ import annotations
 
 from dataclasses import dataclass
+from math import prod
 from typing import Any
 
 from estimator.config import Config
@@ -483,11 +484,12 @@ def fsdp_communication(ctx: RankContext, strategy: str, reshard_after_forward: b
     n = ctx.world_size
     dt = collective_dtypes(ctx.config, strategy)
     gather, reduce = KindVolume(), KindVolume()
+    padded = {p.name: -(-p.shape[0] // n) * prod(p.shape[1:]) for p in ctx.params}  # = shard(p, n, r).padded.numel
     for ps in fsdp_units(ctx.config, ctx.params).values():
-        chunk = sum(shard(p, n, 0).padded.numel for p in ps)
+        chunk = sum(padded[p.name] for p in ps)  # the same for every rank
         one = KindVolume(1, chunk * dt.parameter_bytes, n * chunk * dt.parameter_bytes)
         gather += one.times(2 if reshard_after_forward else 1)
-        grads = sum(shard(p, n, 0).padded.numel for p in ps if p.trainable)
+        grads = sum(padded[p.name] for p in ps if p.trainable)
         if grads:
             full = n * grads * dt.gradient_bytes
             reduce += KindVolume(1, full, full if ctx.device == "cpu" else grads * dt.gradient_bytes)
