@@ -464,6 +464,8 @@ class _MoESim(_Sim):
     def _moe(self, p: str, i: int, h: str) -> str:
         c = self.moe
         m = f"{p}.moe"
+        # Qwen2-MoE (a gated shared expert) runs the shared SwiGLU first, its gate after the routed experts
+        first = self._shared_mlp(m, h) if c.shared_expert_d_ff and c.shared_expert_gate else ""
         w, top_i, w_kind, keep = self._route(m, h)
         if c.aux_loss_coef and not self.recomputing:  # collected for the load-balancing loss (output_router_logits)
             self.aux_logits.append((m, keep.pop(0)))
@@ -472,10 +474,10 @@ class _MoESim(_Sim):
             if not out:
                 self.dead(*keep)
                 return ""
-            return self._shared(m, h, out, keep)
-        return self._eager(m, i, h, w, w_kind, keep)
+            return self._shared(m, h, out, keep, first)
+        return self._eager(m, i, h, w, w_kind, keep, first)
 
-    def _eager(self, m: str, i: int, h: str, w: str, w_kind: str, keep: list[str]) -> str:
+    def _eager(self, m: str, i: int, h: str, w: str, w_kind: str, keep: list[str], first: str = "") -> str:
         """transformers' eager ``MixtralExperts.forward``: the loop over the experts hit (module docstring)."""
         c, t = self.moe, self.t
         e_n, k, d, f = c.num_experts, c.experts_per_token, c.d_model, c.expert_d_ff
@@ -549,20 +551,26 @@ class _MoESim(_Sim):
                 return ""
         self.dead(*prev.values())
         self.dead(mask, hits)
-        return self._shared(m, h, out, keep)
+        return self._shared(m, h, out, keep, first)
 
-    def _shared(self, m: str, h: str, out: str, keep: list[str]) -> str:
-        """The shared expert (and its sigmoid gate) added to the routed experts' output ``out``."""
+    def _shared_mlp(self, m: str, h: str) -> str:
+        """The shared expert's SwiGLU on every token ("" at checkpoint's early stop at its down_proj)."""
+        c = self.moe
+        model = self.model
+        self.model = model.model_copy(update={"d_ff": c.shared_expert_d_ff})
+        self.no_stop = c.shared_expert_gate  # the gate's product, not down_proj, is the last to save
+        try:
+            return super().mlp(m, h)
+        finally:
+            self.model, self.no_stop = model, False
+
+    def _shared(self, m: str, h: str, out: str, keep: list[str], shared: str = "") -> str:
+        """The shared expert (and its sigmoid gate) added to the routed experts' output ``out``;
+        ``shared``: its output when it ran before the router (Qwen2-MoE's order)."""
         c, t, d = self.moe, self.t, self.moe.d_model
         result = out
         if c.shared_expert_d_ff:
-            model = self.model
-            self.model = model.model_copy(update={"d_ff": c.shared_expert_d_ff})
-            self.no_stop = c.shared_expert_gate  # the gate's product, not down_proj, is the last to save
-            try:
-                shared = super().mlp(m, h)
-            finally:
-                self.model, self.no_stop = model, False
+            shared = shared or self._shared_mlp(m, h)
             if not shared:  # early stop at the shared expert's down_proj (checkpoint rerun)
                 self.dead(out, *keep)
                 return ""

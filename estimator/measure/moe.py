@@ -211,6 +211,8 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, d = x.shape
         h = x.view(-1, d)
+        gated = self.cfg.shared_expert_d_ff and self.cfg.shared_expert_gate
+        shared = self.mlp(h) if gated else None  # Qwen2MoeSparseMoeBlock: the shared expert first, its gate later
         logits, top_w, top_i = self.route(h)
         out, self.counts = self.experts(h, top_i, top_w)
         if torch._C._current_graph_task_id() == -1:  # not a checkpoint rerun inside backward
@@ -218,7 +220,8 @@ class MoE(nn.Module):
             if self.cfg.aux_loss_coef:  # HF's output_router_logits: the logits are collected
                 self.router_logits = logits
         if self.cfg.shared_expert_d_ff:
-            shared = self.mlp(h)
+            if shared is None:  # DeepSeek: after the routed experts
+                shared = self.mlp(h)
             if self.cfg.shared_expert_gate:
                 shared = F.sigmoid(self.shared_gate(h)) * shared
             out = out + shared

@@ -124,8 +124,7 @@ def test_hf_moe_block_saved_bytes_peaks_and_flops(model_type: str, impl: str, tm
                 and (e.name.startswith(f"blocks.{i}.moe.") or e.name == f"blocks.{i}.norm2.out"))
             for i in range(cfg.num_layers)]
     assert ours == per_layer
-    if model_type != "qwen2_moe":  # HF's Qwen2-MoE runs its shared expert before the router, ours after it
-        assert [_block_rise(events, i) for i in range(cfg.num_layers)] == rise
+    assert [_block_rise(events, i) for i in range(cfg.num_layers)] == rise
     assert matmul_flops(cfg, training).total == flops
 
 
