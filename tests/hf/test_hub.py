@@ -98,3 +98,35 @@ def test_bad_hub_value_is_one_line(hub_cache: Path) -> None:
         load_config(base={"model": {"hub": "not a repo"}})
     with pytest.raises(EstimatorError, match=r"^model: give one of preset, hf_config, hub, not hf_config and hub"):
         load_config(base={"model": {"hub": "a/b", "hf_config": "x.json"}})
+
+
+def _write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], dtype: str = "BF16", size: int = 2) -> None:
+    """A safetensors file by the format's definition: 8-byte little-endian header length, JSON header, data."""
+    import math
+    import struct
+
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        nbytes = math.prod(shape) * size
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(offset))
+
+
+def test_checkpoint_in_the_hub_cache_beside_the_count(tiny_llama_hub: Path) -> None:
+    from estimator.api import parameter_tensors
+
+    cfg = load_config(overrides=TRAINING, base={"model": {"hub": "tiny-org/tiny-llama"}})
+    snapshot = next((tiny_llama_hub / "models--tiny-org--tiny-llama" / "snapshots").iterdir())
+    _write_safetensors(snapshot / "model.safetensors", {p.name: p.shape for p in parameter_tensors(cfg)})
+    env = {**os.environ, "HF_HUB_CACHE": str(tiny_llama_hub), "HF_HUB_OFFLINE": "1"}
+    args = [sys.executable, "-m", "estimator", "estimate", "--model", "tiny-org/tiny-llama", "--set",
+            "training.seq_len=16"]
+    data = json.loads(subprocess.run([*args, "--json"], capture_output=True, text=True, timeout=120, env=env,
+                                     check=True).stdout)
+    assert data["checkpoint"]["parameters"] == data["checkpoint"]["config_parameters"] == data["parameters"] == 78_144
+    assert data["checkpoint"]["by_dtype"] == {"BF16": 78_144} and data["checkpoint"]["files"] == ["model.safetensors"]
+    text = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env, check=True).stdout
+    assert ("checkpoint (safetensors headers, 1 file): 78,144 parameters (BF16 78,144) = the config's count"
+            in " ".join(text.split()))  # rich wraps at the terminal's width
