@@ -733,7 +733,8 @@ def render_communication(estimates: list[Any], console: Console) -> None:
         table.add_row("total", f"{step.calls:,}", human_bytes(step.size_bytes), human_bytes(step.wire_bytes()),
                       style="bold")
         print_fitting(console, table)
-        extra = volume.second_step.calls - step.calls
-        if extra:
-            console.print(f"the second step calls {extra} more (DDP's bucket rebuild: "
-                          f"{human_bytes(volume.second_step.size_bytes - step.size_bytes)})")
+        for label, other in (("first", volume.first_step), ("second", volume.second_step)):
+            extra = other.calls - step.calls
+            if extra:
+                console.print(f"the {label} step calls {extra} more (DDP's bucket rebuild: "
+                              f"{human_bytes(other.size_bytes - step.size_bytes)})")

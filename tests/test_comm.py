@@ -161,6 +161,19 @@ def test_accumulation_repeats_what_each_micro_batch_does() -> None:
                                   "broadcast": (3, 7, 7)}
 
 
+def test_accumulation_in_the_config() -> None:
+    """training.grad_accum_steps=3 (every micro-batch syncs, as the harness runs it): DDP all-reduces 3 times per
+    step, and its bucket rebuild happens at the run's second forward, in the first step; ZeRO-1 broadcasts once;
+    FSDP2 gathers and reduces per micro-batch."""
+    cfg = _seed("training.grad_accum_steps=3")
+    v = per_rank_estimate(cfg, "ddp", 2, "cpu").communication_volume
+    assert v.first_step.logical() == {"all_reduce": (3, 432, 432), "broadcast": (2, 20, 20)}
+    assert v.second_step.logical() == v.steady_step.logical() == {"all_reduce": (3, 432, 432)}
+    assert _steady(cfg, "zero1", 2).get("broadcast") == KindVolume(3, 144, 144)
+    one, three = _steady(_tiny(), "zero3", 2), _steady(_tiny("training.grad_accum_steps=3"), "zero3", 2)
+    assert three == one.times(3)
+
+
 def test_recorder_entries_become_volumes() -> None:
     """What the flight recorder writes for gloo, read back (names and dtypes as torch 2.13 writes them)."""
     entry = {"profiling_name": "gloo:all_reduce", "input_sizes": [[36]], "input_dtypes": ["Float"],

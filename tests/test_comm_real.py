@@ -21,8 +21,9 @@ def _tiny(*extra: str):  # noqa: ANN202
 CASES = [
     # DDP: one all-reduce per step, the bucket rebuild's two int32 broadcasts in the second step
     ("ddp", 2, load_config(None, [])),
-    # ZeRO-1 on a transformer: DDP's all-reduce and 36 parameter broadcasts per step
-    ("zero1", 2, _tiny()),
+    # ZeRO-1 on a transformer with 2 micro-batches: DDP's all-reduce after each (the rebuild in the first step's
+    # second forward), 36 parameter broadcasts once per step
+    ("zero1", 2, _tiny("training.grad_accum_steps=2")),
     # FSDP2 on 3 ranks with uneven rows (D=10): padded gathers, the root gathered again, gloo's all-reduces
     ("zero3", 3, load_config(None, ["model.dim=10"])),
     # FSDP2 keeping blocks gathered, with MixedPrecisionPolicy over fp32 shards: one bf16 gather per unit, the

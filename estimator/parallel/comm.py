@@ -130,14 +130,14 @@ class CommParts:
 
     ``micro_batch``: every forward/backward (FSDP2's all-gathers); ``gradient_sync``: each time gradients
     are synchronised (DDP's all-reduce, FSDP2's reduce-scatter); ``optimizer_step``: once per step
-    (ZeRO's parameter broadcasts); ``second_step``: once, in the second step only (DDP rebuilding its
-    buckets).
+    (ZeRO's parameter broadcasts); ``second_forward``: once, in the run's second forward (DDP rebuilding
+    its buckets): the second step's, or the first step's second micro-batch under accumulation.
     """
 
     micro_batch: CommVolume
     gradient_sync: CommVolume
     optimizer_step: CommVolume
-    second_step: CommVolume
+    second_forward: CommVolume
 
 
 @dataclass(frozen=True)
@@ -187,8 +187,10 @@ def collective_dtypes(config: Config, strategy: str | None = None) -> Collective
 def accumulation(config: Config) -> tuple[int, bool]:
     """(micro-batches per optimizer step, whether gradients are synchronised after every one of them).
 
-    One micro-batch today; ``training.grad_accum_steps`` and a ``no_sync``-style switch, once the
-    config has them, are read here and nowhere else.
+    ``training.grad_accum_steps`` micro-batches; each synchronises its gradients, as the harness runs them
+    (DDP without ``no_sync``, FSDP2 reduce-scattering after every backward: estimator/accumulation.py). A
+    switch that syncs only the last micro-batch (``no_sync`` / ``set_requires_gradient_sync(False)``) would
+    be read here, as ``parallel.sync_every_micro_batch``.
     """
     steps = int(getattr(config.training, "grad_accum_steps", 1) or 1)
     sync_every = bool(getattr(config.parallel, "sync_every_micro_batch", True))
@@ -200,7 +202,9 @@ def step_communication(config: Config, parts: CommParts) -> StepCommunication:
     steps, sync_every = accumulation(config)
     steady = (parts.micro_batch.times(steps) + parts.gradient_sync.times(steps if sync_every else 1)
               + parts.optimizer_step)
-    return StepCommunication(steady, steady + parts.second_step, steady)
+    if steps > 1:  # the run's second forward is the first step's second micro-batch
+        return StepCommunication(steady + parts.second_forward, steady, steady)
+    return StepCommunication(steady, steady + parts.second_forward, steady)
 
 
 def empty(world_size: int) -> CommVolume:

@@ -58,7 +58,7 @@ def ddp_communication(ctx: RankContext, strategy: str = "ddp") -> CommParts:
     """DDP's collectives per rank (every rank alike; torch 2.13 ``reducer.cpp``; Li et al. 2020, section 3.2.3).
 
     Each gradient sync all-reduces every bucket in place (input = output = the bucket, in the gradients'
-    dtype; buckets as :func:`ddp_bucket_bytes` cuts them). In the second step's forward the reducer
+    dtype; buckets as :func:`ddp_bucket_bytes` cuts them). In the second forward (of the run) the reducer
     rebuilds its buckets in the order the gradients became ready and ``sync_bucket_indices`` broadcasts
     that assignment from rank 0: an int32 tensor of the bucketed parameter indices plus the bucket count
     (P + 1 elements), then the int32 bucket sizes (one per bucket). The rebuilt buckets are taken to be

@@ -70,7 +70,8 @@ class Zero1(_Partitioned):
         """DDP's all-reduces, then ``ZeroRedundancyOptimizer._sync_params`` (:func:`parameter_broadcasts`)."""
         def make() -> CommParts:
             ddp = ddp_communication(ctx, self.name)
-            return CommParts(ddp.micro_batch, ddp.gradient_sync, parameter_broadcasts(ctx, self.name), ddp.second_step)
+            return CommParts(ddp.micro_batch, ddp.gradient_sync, parameter_broadcasts(ctx, self.name),
+                             ddp.second_forward)
 
         return ctx.shared("zero1_communication", make)
 
