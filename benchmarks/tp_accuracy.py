@@ -42,6 +42,15 @@ CASES = [
     ("neox-like (rope, layernorm, gelu, biases, parallel residual), SP", NEOX_LIKE, "amp-bf16", "adam", 2,
      ("parallel.sequence_parallel=true",)),
     ("llama-like MHA, SP", {**LLAMA_LIKE, "num_kv_heads": 4}, "fp32", "sgd", 4, ("parallel.sequence_parallel=true",)),
+    # 2-D: FSDP2 x TP on a (dp, tp) = (2, 2) mesh (4 processes)
+    ("2-D zero3 x tp: llama-like GQA", LLAMA_LIKE, "fp32", "adam", 4, ("parallel.tp_size=2",)),
+    ("2-D zero3 x tp: gpt2-like (tied, biases)", GPT2_LIKE, "bf16", "adamw", 4, ("parallel.tp_size=2",)),
+    ("2-D zero3 x tp + SP: llama-like GQA", LLAMA_LIKE, "fp32", "adamw", 4,
+     ("parallel.tp_size=2", "parallel.sequence_parallel=true")),
+    ("2-D zero3 x tp + SP: llama-like GQA", LLAMA_LIKE, "amp-bf16", "adamw", 4,
+     ("parallel.tp_size=2", "parallel.sequence_parallel=true")),
+    ("2-D fsdp (no reshard) x tp + SP: llama-like GQA", LLAMA_LIKE, "amp-bf16", "adamw", 4,
+     ("parallel.tp_size=2", "parallel.sequence_parallel=true", "parallel.reshard_after_forward=false")),
 ]
 
 
@@ -56,7 +65,7 @@ def main() -> None:
         korthikanti()
         return
     chosen = [CASES[int(i)] for i in args.cases.split(",")] if args.cases else CASES[:2] if args.quick else CASES
-    print("| model | precision | optimizer | t | rank | params est/meas | grads est/meas | state est/meas "
+    print("| model | precision | optimizer | ranks | rank | params est/meas | grads est/meas | state est/meas "
           "| 1st peak est | 1st peak meas | steady est | steady meas | all-reduce calls, B est/meas | diff |")
     print("|---|---|---|---:|---:|---|---|---|---:|---:|---:|---:|---|---:|")
     worst = 0.0
@@ -65,8 +74,10 @@ def main() -> None:
                                     f"optimizer.name={optimizer}", f"training.precision={precision}", *extra],
                              base={"model": dict(model)})
         start = time.perf_counter()
-        estimates = per_rank_estimates(config, "tp", t, "cpu")
-        measured = measure_distributed(config, "tp", t, "cpu")
+        strategy = "tp" if config.parallel.tp_size == 1 else (
+            "fsdp" if not config.parallel.reshard_after_forward else "zero3")
+        estimates = per_rank_estimates(config, strategy, t, "cpu")
+        measured = measure_distributed(config, strategy, t, "cpu")
         for e, m in zip(estimates, measured, strict=True):
             diff = max(abs(e.first_step_peak_bytes - m.first_step.peak_bytes) / m.first_step.peak_bytes,
                        abs(e.peak_bytes - m.steady_step.peak_bytes) / m.steady_step.peak_bytes)

@@ -146,9 +146,35 @@ def test_refusals_name_the_field() -> None:
         assert result.exit_code == 2 and result.stderr.startswith(f"error: {field}:"), result.stderr
 
 
-def test_two_d_mesh_is_refused_not_ignored() -> None:
-    result = runner.invoke(app, ["estimate", "--model", "llama-2-7b", "--parallel", "fsdp", "-n", "8", "--tp", "2"])
-    assert result.exit_code == 2 and result.stderr.startswith("error: parallel.tp_size:"), result.stderr
+# 2-D: FSDP2 x TP on a (dp, tp) = (2, 2) mesh, measured on 4 gloo ranks (benchmarks/tp_accuracy.py), all ranks
+# equal: (parameters, gradients, optimizer state, first-step peak, steady peak).
+MEASURED_2D = [
+    (LLAMA_LIKE, "zero3", ("optimizer.name=adam",), (29_504, 29_504, 59_008, 224_856, 283_948)),
+    (GPT2_LIKE, "zero3", ("training.precision=bf16", "optimizer.name=adamw"), (15_008, 15_008, 30_016, 101_044,
+                                                                               131_204)),
+    (LLAMA_LIKE, "zero3", ("optimizer.name=adamw", "parallel.sequence_parallel=true"),
+     (29_504, 29_504, 59_008, 206_168, 265_260)),
+    (LLAMA_LIKE, "zero3", ("training.precision=amp-bf16", "optimizer.name=adamw", "parallel.sequence_parallel=true"),
+     (29_504, 29_504, 59_008, 201_752, 260_844)),
+]
+
+
+@pytest.mark.parametrize(("model", "strategy", "extra", "measured"), MEASURED_2D)
+def test_two_d_mesh_equals_the_measured_ranks(model: dict, strategy: str, extra: tuple[str, ...],
+                                              measured: tuple[int, ...]) -> None:
+    """Every TP-local tensor sharded along dim 0 over dp = 2: a rank holds a quarter of the sharded matrices
+    and half of the norms (59,008 / 2 fp32 bytes for the llama-like model); one group of 4 ranks."""
+    groups = rank_groups(_config(model, "parallel.tp_size=2", *extra), strategy, 4, "cpu")
+    assert [g.ranks for g in groups] == [((0, 3),)]
+    e = groups[0].estimate
+    assert (e.parameters, e.gradients, e.optimizer_state, e.first_step_peak_bytes, e.peak_bytes) == measured
+
+
+def test_two_d_mesh_bounds() -> None:
+    for args, field in ((["--parallel", "fsdp", "-n", "2", "--tp", "2"], "--world-size"),
+                        (["--parallel", "ddp", "-n", "4", "--tp", "2"], "parallel.tp_size")):
+        result = runner.invoke(app, ["estimate", "--model", "llama-2-7b", *args])
+        assert result.exit_code == 2 and result.stderr.startswith(f"error: {field}:"), result.stderr
 
 
 @pytest.mark.slow

@@ -44,9 +44,8 @@ __all__ = ["MAX_WORLD_SIZE", "STRATEGIES", "RankEstimate", "RankGroup", "ddp_buc
 @without_gc
 def rank_groups(config: Config, strategy: str, world_size: int, device: str = "cuda") -> list[RankGroup]:
     """The distinct ranks of ``strategy`` on ``world_size`` ranks, each computed once, with the ranks it covers."""
-    chosen = get_strategy(strategy)
+    chosen = tp.mesh_strategy(config, strategy) or get_strategy(strategy)
     check_world_size(world_size)
-    tp.refuse_two_d(config, strategy)
     ctx = RankContext(config, world_size, device)
     return merge_equal([(ranges, with_communication(chosen, ctx, rep, chosen.estimate(ctx, rep)))
                         for ranges, rep in chosen.groups(ctx)])
@@ -56,9 +55,8 @@ def per_rank_estimate(
     config: Config, strategy: str, world_size: int, device: str = "cuda", rank: int = 0
 ) -> RankEstimate:
     """The memory of ``rank`` when the step runs data-parallel on ``world_size`` ranks with ``strategy``."""
-    chosen = get_strategy(strategy)
+    chosen = tp.mesh_strategy(config, strategy) or get_strategy(strategy)
     check_world_size(world_size, rank)
-    tp.refuse_two_d(config, strategy)
     ctx = RankContext(config, world_size, device)
     return with_communication(chosen, ctx, rank, chosen.estimate(ctx, rank))
 

@@ -299,7 +299,8 @@ def unit_of(name: str) -> str:
     return "root"
 
 
-def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True, late_gradients: bool = False
+def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True, late_gradients: bool = False,
+                marked: tuple[list[Event], list[tuple[int, str, str]]] | None = None,
                 ) -> tuple[list[Event], list[Event], list[Event]]:
     """One rank's step under FSDP2, from the family's events and where its hooks run.
 
@@ -318,7 +319,8 @@ def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True,
     shape = step_shape(config)
     dt = ShardDtypes.of(ctx)
     p_b, g_b, r_b = dt.gather, dt.grad, dt.reduce
-    body, marks = MARKED_FAMILIES[config.model.family](config)
+    # ``marked``: the family's events and hook marks made elsewhere (a tensor-parallel rank's, parallel/tp.py)
+    body, marks = marked if marked is not None else MARKED_FAMILIES[config.model.family](config)
     units: dict[str, list[ParamTensor]] = {}
     for p in ctx.params:
         units.setdefault(unit_of(p.name), []).append(p)

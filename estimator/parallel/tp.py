@@ -43,11 +43,14 @@ def tp_degree(config: Config, strategy: str, world_size: int) -> int:
     return t
 
 
-def refuse_two_d(config: Config, strategy: str) -> None:
-    """A TP degree under another strategy is a 2-D mesh, which is not modelled yet (docs/tp.md, Limits)."""
-    if strategy != "tp" and config.parallel.tp_size > 1:
-        raise EstimatorError(f"parallel.tp_size: {config.parallel.tp_size} with --parallel {strategy} is a 2-D "
-                             f"(data x tensor) mesh, not modelled yet; use --parallel tp alone (docs/tp.md)")
+def mesh_strategy(config: Config, strategy: str) -> MeshStrategy | None:
+    """FSDP2 x TP on a 2-D mesh for zero3/fsdp with ``parallel.tp_size`` > 1; None for a 1-D layout."""
+    if strategy == "tp" or config.parallel.tp_size == 1:
+        return None
+    if strategy not in ("zero3", "fsdp"):
+        raise EstimatorError(f"parallel.tp_size: {config.parallel.tp_size} with --parallel {strategy}: a 2-D mesh "
+                             f"is modelled with fsdp or zero3 (FSDP2 x TP); use one of them, or --parallel tp")
+    return MeshStrategy(strategy)
 
 
 def check_layout(config: Config, t: int) -> None:
@@ -220,3 +223,86 @@ class TensorParallelStrategy:
         saved = step.saved_activation_bytes
         return RankEstimate(self.name, ctx.world_size, rank, parameters, gradients, state, step_tensors, saved, 0,
                             RankStep(step.first_peak, step.steady_peak, saved))
+
+
+class MeshStrategy:
+    """FSDP2 x TP on a ``(dp, tp)`` mesh (torchtitan's 2-D layout): TP inside each group of t consecutive
+    ranks, then ``fully_shard`` per block and on the root over the ``dp`` dimension, which shards every
+    TP-local tensor along dim 0 (FSDP2's Shard(0), padded) over the dp = N/t data-parallel ranks.
+
+    A rank's step is FSDP2's per-unit hooks (``fsdp.unit_events``) run over this file's TP-local events
+    (the TP sizes, collectives and hook marks of ``transformer_events``); rank r is (r // t, r mod t) on
+    the mesh, and ranks differ only by their dp index (which rows of each TP-local tensor they hold).
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def _sizes(self, ctx: RankContext) -> tuple[int, int]:
+        t = ctx.config.parallel.tp_size
+        if ctx.world_size % t or ctx.world_size == t:
+            raise EstimatorError(f"--world-size: a {self.name} x tp mesh needs a multiple of parallel.tp_size = {t} "
+                                 f"with at least 2 data-parallel shards, got {ctx.world_size}")
+        check_layout(ctx.config, t)
+        return ctx.world_size // t, t
+
+    def groups(self, ctx: RankContext) -> list[tuple[tuple[tuple[int, int], ...], int]]:
+        from estimator.parallel.fsdp import shard_groups
+
+        dp, t = self._sizes(ctx)
+        out = []
+        for ranges, rep in shard_groups(local_parameters(ctx.config, t), dp):
+            out.append((tuple((a * t, (b + 1) * t - 1) for a, b in ranges), rep * t))
+        return out
+
+    def estimate(self, ctx: RankContext, rank: int) -> RankEstimate:
+        from estimator.parallel.fsdp import ShardDtypes, shard
+
+        config, device = ctx.config, ctx.device
+        dp, t = self._sizes(ctx)
+        reshards = True if self.name == "zero3" else config.parallel.reshard_after_forward
+        params = local_parameters(config, t)
+        dp_rank = rank // t
+
+        def build(cfg: Config) -> tuple[list[Event], list[Event], list[Event]]:
+            return mesh_events(cfg, dp, t, dp_rank, device, reshards)
+
+        key = (_shape_key(config, device), "fsdp-tp", reshards, t)
+        step = layered_step(config, build, ctx.round if device == "cuda" else None, key)
+        shards = [shard(p, dp, dp_rank) for p in params]
+        dtypes = ShardDtypes.of(ctx)
+        parameters = sum(x.padded.numel for x in shards) * dtypes.shard
+        gradients = dtypes.shard * sum(x.padded.numel for x, p in zip(shards, params, strict=True) if p.trainable)
+        state, step_tensors = local_model_states(ctx, [x.local for x, p in zip(shards, params, strict=True)
+                                                       if p.trainable])
+        saved = step.saved_activation_bytes
+        return RankEstimate(self.name, ctx.world_size, rank, parameters, gradients, state, step_tensors, saved, 0,
+                            RankStep(step.first_peak, step.steady_peak, saved))
+
+
+def mesh_events(config: Config, dp: int, t: int, dp_rank: int, device: str, reshards: bool
+                ) -> tuple[list[Event], list[Event], list[Event]]:
+    """One rank of the (dp, tp) mesh: FSDP2's hooks over the TP rank's events."""
+    from estimator.families.transformer_events import TensorParallel, step_events_with_marks
+    from estimator.parallel.fsdp import unit_events
+
+    small = RankContext(config, dp, device)
+    params = local_parameters(config, t)
+    small.params, small.trainable = params, [p for p in params if p.trainable]
+    layout = TensorParallel(t, config.parallel.sequence_parallel, config.parallel.loss_parallel)
+    marked = step_events_with_marks(config.model, config.training, step_shape(config), layout)
+    setup, first, steady = unit_events(small, dp_rank, reshard_after_forward=reshards, marked=marked)
+    whole = {p.name: gradient_numel(config, p) * step_shape(config).gradient_bytes for p in params}
+
+    def fix(events: list[Event]) -> list[Event]:
+        # FSDP2 frees each unsharded gradient after its reduce-scatter: the embedding's is the whole (V, d)
+        out = []
+        for e in events:
+            if e.nbytes < 0 and e.role == "gradient" and e.name.endswith(".grad") and e.name[:-5] in whole:
+                e = free(e.name, e.role, whole[e.name[:-5]], e.phase)
+            elif e.name == "device_mesh.rank_map":  # the 2-D mesh's rank map: dp x tp int32
+                e = alloc(e.name, e.role, 4 * dp * t, e.phase)
+            out.append(e)
+        return out
+
+    return fix(setup), fix(first), fix(steady)
