@@ -504,7 +504,10 @@ def verify(
         from estimator.plot import check_plot_path
 
         check_plot_path(plot)
-    cfg = build_config(config, set_, batch_size, optimizer, precision, model)
+    from estimator.hf_config import engine_default
+
+    with engine_default("transformers"):  # an hf_config/hub model: measure transformers' own model (docs/hf.md)
+        cfg = build_config(config, set_, batch_size, optimizer, precision, model)
     if parallel is None and cfg.parallel.strategy != "none":  # the config's parallel: section, as if typed
         parallel = cfg.parallel.strategy
         world_size = world_size_in_force(parallel, cfg.parallel.world_size, ranks_most, why)

@@ -24,7 +24,9 @@ sigmoid group-limited routing; the multi-token-prediction module is not part of 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -335,12 +337,42 @@ def config_json_path(key: str, value: Any, source_dir: Path) -> Path:
     return path if path.is_absolute() else source_dir / path
 
 
+_ENGINE_DEFAULT: ContextVar[str] = ContextVar("engine_default", default="analytic")
+
+
+@contextmanager
+def engine_default(engine: str) -> Iterator[None]:
+    """The engine a covered ``model_type`` gets when ``model.engine`` is not given, while the block runs.
+
+    ``estimate`` keeps ``analytic`` (instant). ``verify`` asks for ``transformers``: it measures the model a
+    transformers user runs, and compares it with the trace of that same model (docs/hf.md).
+    """
+    token = _ENGINE_DEFAULT.set(engine)
+    try:
+        yield
+    finally:
+        _ENGINE_DEFAULT.reset(token)
+
+
+def default_engine(model_type: Any) -> str:
+    """``analytic`` for a covered type unless :func:`engine_default` says ``transformers`` -- and then still
+    for the MoE types (transformers' default grouped_mm experts do not trace in fp32 on fake tensors,
+    docs/hf.md) and when transformers is not installed; ``transformers`` for every other type."""
+    from estimator.families.hf import transformers_installed
+
+    if model_type not in _READERS:
+        return "transformers"
+    if _ENGINE_DEFAULT.get() == "analytic" or model_type in MOE_TYPES or not transformers_installed():
+        return "analytic"
+    return "transformers"
+
+
 def _engine(section: dict[str, Any], model_type: Any) -> str:
     engine = section.pop("engine", None)
     if engine is not None and engine not in ENGINES:
         raise EstimatorError(f"model.engine: expected one of {', '.join(ENGINES)}, got {engine!r}")
     if engine is None:
-        return "analytic" if model_type in _READERS else "transformers"
+        return default_engine(model_type)
     if engine == "analytic" and model_type not in _READERS:
         raise EstimatorError(f"model.engine: the analytic families cover {', '.join(supported_model_types())}, "
                              f"not {model_type!r}; use engine: transformers (the real model, traced)")
@@ -388,8 +420,8 @@ def section_family(section: dict[str, Any], source_dir: Path | None = None) -> s
     except EstimatorError:
         return "transformer"
     model_type = data.get("model_type")
-    engine = section.get("engine")
-    if engine == "transformers" or (engine is None and model_type not in _READERS):
+    engine = section.get("engine") or default_engine(model_type)
+    if engine == "transformers":
         return "hf"
     return "moe" if model_type in MOE_TYPES else "transformer"
 

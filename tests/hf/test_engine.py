@@ -110,9 +110,31 @@ def test_checkpoint_beside_the_config(tmp_path: Path) -> None:
     assert "≠ the config's 69,952 (+8,192)" in line  # the checkpoint's untied head: 128 x 64 more
 
 
-@pytest.mark.parametrize("checkpointing", ["none", "full"])
+def test_verify_of_an_hf_config_runs_transformers_model_by_default(tmp_path: Path) -> None:
+    """`verify --model DIR` of a covered type: transformers' LlamaForCausalLM is run and traced (no engine given)."""
+    import os
+    import subprocess
+    import sys
+
+    from estimator.hf_config import engine_default
+
+    llama = write_config(tmp_path / "llama", TINY_CONFIGS["llama"])
+    with engine_default("transformers"):
+        assert _load(llama).model.family == "hf" and _load(llama, "model.engine=analytic").model.family == "transformer"
+        assert _load(write_config(tmp_path / "mixtral", TINY_CONFIGS["mixtral"])).model.family == "moe"
+    proc = subprocess.run([sys.executable, "-m", "estimator", "verify", "--model", str(llama), "--device", "cpu",
+                           "-p", "fp32", "--set", "training.seq_len=16", "--json"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["config"]["model"]["family"] == "hf" and "LlamaForCausalLM" in data["measured"]["model"]
+    for key in ("peak_bytes", "first_step_peak_bytes", "activations", "flops_matmul"):
+        assert data["comparison"][key]["estimated"] == data["comparison"][key]["measured"], key
+
+
+@pytest.mark.parametrize("checkpointing", ["full"])
 def test_verify_runs_the_transformers_model_exactly(tmp_path: Path, checkpointing: str) -> None:
-    """transformers' Llama (its own activation_checkpointing_enable() for 'full'), measured on the CPU."""
+    """transformers' Llama with its own activation_checkpointing_enable(), measured on the CPU."""
     from estimator.measure.verify import run_verify
 
     cfg = _load(write_config(tmp_path / "llama", TINY_CONFIGS["llama"]), "model.engine=transformers",
