@@ -214,3 +214,22 @@ def test_communication_stays_cheap_at_scale() -> None:
     step = comm.step_communication(cfg, parts).steady_step
     assert step.get("all_gather").calls == 2 * 81 and step.get("reduce_scatter").calls == 81
     assert elapsed < 1.0
+
+
+def test_verify_rows_compare_the_recorded_calls() -> None:
+    """verify --parallel's rows: S summed per step and the later step's calls, estimated vs recorded; a missing
+    collective shows as a difference (the tolerance check then names it)."""
+    from estimator.report import communication_rows
+
+    est = per_rank_estimate(_seed(), "ddp", 2, "cpu")
+    step = [["all_reduce", 144, 144]]
+    rebuild = [*step, ["broadcast", 16, 16], ["broadcast", 4, 4]]
+    measured = SimpleNamespace(world_size=2, communication={"setup": [], "first_step": step, "second_step": rebuild,
+                                                            "third_step": step})
+    rows = {r.key: (r.estimated, r.measured) for r in communication_rows(est, measured)}
+    assert rows == {"communication_first_step_bytes": (144, 144), "communication_second_step_bytes": (164, 164),
+                    "communication_steady_step_bytes": (144, 144), "communication_steady_step_calls": (1, 1)}
+    short = SimpleNamespace(world_size=2, communication={**measured.communication, "third_step": []})
+    assert [r.key for r in communication_rows(est, short) if not r.within(0.0)] == [
+        "communication_steady_step_bytes", "communication_steady_step_calls"]
+    assert communication_rows(est, SimpleNamespace(world_size=2, communication={})) == []
