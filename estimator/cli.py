@@ -229,6 +229,9 @@ def layout_in_force(cfg: Any, parallel: Optional[str], world_size: Optional[int]
     """
     configured = cfg.parallel.strategy if cfg.parallel.strategy != "none" else None
     strategy = parallel or configured
+    if cfg.parallel.offload and strategy not in ("zero3", "fsdp"):  # said, not silently ignored
+        raise EstimatorError("parallel.offload: FSDP2's CPU offload applies with --parallel zero3 or fsdp, "
+                             f"not {strategy or 'one device'}")
     if strategy is None:
         world_size_in_force(None, world_size)
         return cfg, None, 1

@@ -117,6 +117,10 @@ class ParallelConfig(StrictModel):
     loss_parallel: bool = Field(
         False, description="tp: keep the head's logits vocabulary-sharded into the loss (torch's loss_parallel)"
     )
+    offload: bool = Field(
+        False, description="zero3/fsdp: FSDP2's CPUOffloadPolicy: sharded parameters, gradients and optimizer "
+        "state in host memory, the optimizer stepping on the CPU (estimate only: docs/distributed.md)"
+    )
     reduce_dtype: Literal["fp32", "param"] = Field(
         "fp32", description="zero3/fsdp with training.master_weights: FSDP2 MixedPrecisionPolicy.reduce_dtype, "
         "fp32 or the 16-bit param dtype (gradients reduce-scattered in it)"

@@ -195,12 +195,19 @@ def alternatives(config: Config, gpu: GPU, parallel: str | None, world_size: int
         trial("-o adam8bit", updated("optimizer", name="adam8bit"), parallel, world_size)
     if config.training.precision in ("fp32", "amp-bf16", "amp-fp16"):
         trial("-p bf16", updated("training", precision="bf16"), parallel, world_size)
+        if parallel in ("zero3", "fsdp") or config.training.precision != "fp32":
+            # the 16-bit layout with fp32 master weights (FSDP2's MixedPrecisionPolicy under zero3/fsdp)
+            trial("-p bf16 --set training.master_weights=true",
+                  updated("training", precision="bf16", master_weights=True), parallel, world_size)
+    if parallel in ("zero3", "fsdp") and not config.parallel.offload and family in ("transformer", "moe"):
+        trial("--set parallel.offload=true (model states in host memory)", updated("parallel", offload=True),
+              parallel, world_size)
     batch = config.training.batch_size
     if batch > 1 and batch_applies(config):
-        # the global batch kept by accumulating micro-batches; the accumulation itself (gradients held
-        # from one micro-batch to the next) is not modelled, so the step shown is one micro-batch's
-        trial(f"-b 1 (accumulate {batch} micro-batches; one micro-batch's step)", updated("training", batch_size=1),
-              parallel, world_size)
+        # the same global batch as micro-batches of 1 accumulated (accumulation.py: gradients kept between them)
+        steps = batch * config.training.grad_accum_steps
+        trial(f"-b 1 --set training.grad_accum_steps={steps}",
+              updated("training", batch_size=1, grad_accum_steps=steps), parallel, world_size)
     n = max(world_size, 2) if parallel else 8
     rank = STAGES.index(parallel) if parallel in STAGES else -1 if parallel is None else len(STAGES)
     higher = [stage for i, stage in enumerate(STAGES) if i > rank]

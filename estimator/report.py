@@ -704,6 +704,14 @@ def render_rank_estimates(estimates: list[Any], console: Console) -> None:
                       human_bytes(est.first_step_peak_bytes), human_bytes(est.peak_bytes),
                       PHASE_SHORT.get(est.step.steady_peak.phase, est.step.steady_peak.phase))
     print_fitting(console, table)
+    for est in estimates:  # FSDP2 CPU offload: the model states are in host memory, not on the device
+        host = getattr(est, "host", None)
+        if host:
+            label = est.label() if hasattr(est, "label") else str(est.rank)
+            console.print(f"host memory (CPU offload), rank {label}: parameters {human_bytes(host['parameters'])}, "
+                          f"gradients {human_bytes(host['gradients'])}, optimizer state "
+                          f"{human_bytes(host['optimizer_state'] + host['optimizer_step_tensors'])}; "
+                          f"{human_bytes(est.host_bytes)} in all (the device columns show 0)", markup=False)
     render_communication(estimates, console)
     console.print("state: optimizer state; comm.: persistent communication buffers (DDP's gradient buckets); "
                   "sent/step: bytes a rank sends (and receives) per step on a ring (docs/distributed.md, "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from typer.testing import CliRunner
 
@@ -128,3 +130,39 @@ def test_verify_refuses_master_weights_without_a_torch_engine() -> None:
 
     with pytest.raises(EstimatorError, match="training.master_weights"):
         measure_distributed(_tiny(), "zero1", 2)
+
+
+def test_cpu_offload_moves_the_model_states_to_the_host() -> None:
+    """FSDP2's CPUOffloadPolicy: the rank's shards, gradients and optimizer state are host bytes, equal to what
+    the same rank holds on the device without offload; the device peak drops by at least the resident states."""
+    on_device = per_rank_estimate(_tiny(), "zero3", 2, "cpu")
+    offloaded = per_rank_estimate(_tiny("parallel.offload=true"), "zero3", 2, "cpu")
+    assert (offloaded.parameters, offloaded.gradients, offloaded.optimizer_state) == (0, 0, 0)
+    assert offloaded.host == {"parameters": on_device.parameters, "gradients": on_device.gradients,
+                              "optimizer_state": on_device.optimizer_state,
+                              "optimizer_step_tensors": on_device.optimizer_step_tensors}
+    assert offloaded.peak_bytes <= on_device.peak_bytes - on_device.parameters - on_device.optimizer_state
+    data = runner.invoke(app, ["estimate", "--model", "gpt2", "--set", "training.seq_len=32", "--set",
+                               "parallel.offload=true", "--parallel", "fsdp", "-n", "4", "--json"])
+    rank = json.loads(data.stdout)["distributed"]["ranks"][0]
+    assert rank["host_memory"]["total"] == sum(v for k, v in rank["host_memory"].items() if k != "total") > 0
+
+
+def test_offload_needs_fsdp() -> None:
+    result = runner.invoke(app, ["estimate", "--model", "gpt2", "--set", "parallel.offload=true", "--parallel", "ddp"])
+    assert result.exit_code == 2 and "parallel.offload" in result.output and "Traceback" not in result.output
+
+
+def test_fit_offers_the_layouts_and_accumulation() -> None:
+    """A step that does not fit under zero3: the master-weight layout, CPU offload and micro-batches of 1
+    accumulated to the same global batch are among the alternatives, each re-estimated."""
+    from estimator.fit import alternatives
+    from estimator.hardware import get_gpu
+
+    cfg = load_config(None, ["model.preset=llama-2-7b", "training.batch_size=4", "parallel.strategy=zero3",
+                             "parallel.world_size=2"])
+    found = {a.change: a for a in alternatives(cfg, get_gpu("a100-40gb"), "zero3", 2)}
+    assert "--set parallel.offload=true (model states in host memory)" in found
+    assert "-p bf16 --set training.master_weights=true" in found
+    accumulated = found["-b 1 --set training.grad_accum_steps=4"]
+    assert accumulated.needed_bytes < max(a.needed_bytes for a in found.values())

@@ -60,6 +60,11 @@ class RankEstimate:
     communication: int  # persistent buffers: DDP buckets (transient all-gather/reduce-scatter are in the peak)
     step: RankStep
     communication_volume: StepCommunication | None = None  # the collectives per step (comm.py)
+    host: dict[str, int] | None = None  # bytes kept in host memory (FSDP2 CPU offload), by role
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(self.host.values()) if self.host else 0
 
     @property
     def peak_bytes(self) -> int:
@@ -73,7 +78,8 @@ class RankEstimate:
         """Everything the report shows of a rank: ranks with equal figures are shown as one row."""
         return (self.parameters, self.gradients, self.optimizer_state, self.optimizer_step_tensors,
                 self.activations, self.communication, self.peak_bytes, self.first_step_peak_bytes,
-                self.step.steady_peak.phase, self.step.first_peak.phase, self.communication_volume)
+                self.step.steady_peak.phase, self.step.first_peak.phase, self.communication_volume,
+                self.host_bytes)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -84,6 +90,7 @@ class RankEstimate:
             "peak_bytes": self.peak_bytes, "peak_phase": self.step.steady_peak.phase,
             "first_step_peak_bytes": self.first_step_peak_bytes, "first_step_peak_phase": self.step.first_peak.phase,
             **({"communication_volume": self.communication_volume.to_json()} if self.communication_volume else {}),
+            **({"host_memory": {**self.host, "total": self.host_bytes}} if self.host else {}),
         }
 
 

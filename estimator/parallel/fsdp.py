@@ -111,6 +111,9 @@ class Zero3:
     def estimate(self, ctx: RankContext, rank: int) -> RankEstimate:
         config, world_size, params = ctx.config, ctx.world_size, ctx.params
         shards = [shard(p, world_size, rank) for p in params]
+        if config.model.family == "mlp" and config.parallel.offload:
+            raise EstimatorError("parallel.offload: FSDP2's CPU offload is modelled for the transformer and moe "
+                                 "families, not the mlp family")
         if config.model.family == "mlp" and config.training.grad_accum_steps > 1:
             raise EstimatorError("training.grad_accum_steps: under zero3/fsdp gradient accumulation is modelled for "
                                  "the transformer and moe families, not the mlp family")
@@ -141,6 +144,11 @@ class Zero3:
         gradients = dtypes.shard * sum(s.padded.numel for s, p in zip(shards, params, strict=True) if p.trainable)
         saved = ctx.shared("saved_activation_bytes", lambda: ctx.base.saved_activation_bytes)
         state, step_tensors = local_model_states(ctx, local_state, master_copy=False)
+        if config.parallel.offload:  # CPUOffloadPolicy: the model states live in (pinned) host memory
+            host = {"parameters": parameters, "gradients": gradients, "optimizer_state": state,
+                    "optimizer_step_tensors": step_tensors}
+            return RankEstimate(self.name, world_size, rank, 0, 0, 0, 0, saved, 0,
+                                RankStep(step.first_peak, step.steady_peak, saved), host=host)
         return RankEstimate(self.name, world_size, rank, parameters, gradients, state, step_tensors, saved, 0,
                             RankStep(step.first_peak, step.steady_peak, saved))
 
@@ -319,6 +327,7 @@ def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True,
     shape = step_shape(config)
     dt = ShardDtypes.of(ctx)
     p_b, g_b, r_b = dt.gather, dt.grad, dt.reduce
+    offload = config.parallel.offload  # FSDP2's CPUOffloadPolicy: shards, their gradients and the optimizer on the host
     # ``marked``: the family's events and hook marks made elsewhere (a tensor-parallel rank's, parallel/tp.py)
     body, marks = marked if marked is not None else MARKED_FAMILIES[config.model.family](config)
     units: dict[str, list[ParamTensor]] = {}
@@ -335,7 +344,25 @@ def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True,
     out: list[Event] = []
 
     def all_gather(u: str, phase: str) -> None:
-        """The all-gather output; under the MixedPrecisionPolicy the shard's 16-bit cast lives through it."""
+        """The all-gather output; under the MixedPrecisionPolicy the shard's 16-bit cast lives through it.
+
+        With CPU offload each shard is first copied to the device (``sharded_param_data.to(device)``),
+        then cast if the policy says so (``FSDPParam.all_gather_inputs``); those inputs live until the
+        all-gather returns.
+        """
+        if offload:
+            inputs = []
+            for p in units[u]:
+                h2d = alloc(f"{p.name}.h2d", "temporary", shards[p.name].padded.numel * dt.shard, phase)
+                out.append(h2d)
+                if dt.cast_for_gather:
+                    cast = alloc(f"{p.name}.h2d_cast", "temporary", shards[p.name].padded.numel * p_b, phase)
+                    out.extend([cast, free(h2d.name, h2d.role, h2d.nbytes, phase)])
+                    h2d = cast
+                inputs.append(h2d)
+            out.append(alloc(f"{u}.all_gather", "temporary", gathered[u] * p_b, phase))
+            out.extend(free(e.name, e.role, e.nbytes, phase) for e in inputs)
+            return
         if dt.cast_for_gather:
             out.append(alloc(f"{u}.all_gather_input", "temporary", held[u] * p_b, phase))
         out.append(alloc(f"{u}.all_gather", "temporary", gathered[u] * p_b, phase))
@@ -398,7 +425,7 @@ def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True,
             out.extend(free(f"{p.name}.grad", "gradient", p.numel * g_b, phase) for p in early)
             # a later micro-batch adds its reduced shard into the existing .grad (foreach_reduce's
             # ``to_accumulate_grad``): the output, or its cast to the shards' dtype, is a temporary
-            accumulating = state["micro"] > 0
+            accumulating = state["micro"] > 0 or offload  # offload: the shard goes to host memory
             if r_b == dt.shard and not accumulating:
                 out.append(alloc(f"{u}.grad_shards", "gradient", local[u] * dt.shard, phase))
             else:
@@ -415,7 +442,8 @@ def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True,
             elif accumulating:
                 added = alloc(f"{u}.reduce_output", "temporary", local[u] * r_b, phase)
             out.extend(free(f"{p.name}.grad", "gradient", p.numel * g_b, phase) for p in [*last_frees, last_grad])
-            if accumulating and added is not None:  # added into .grad in place; dropped when foreach_reduce returns
+            # added into .grad in place (or copied to the host's pinned .grad): dropped when foreach_reduce returns
+            if accumulating and added is not None:
                 out.append(free(added.name, added.role, added.nbytes, phase))
             state["rs_live"] = u
 
@@ -446,12 +474,15 @@ def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True,
         if p.trainable:
             last[unit_of(p.name)] = p.name
     tail = [free(f"{unit_of(p.name)}.grad_shards", "gradient", local[unit_of(p.name)] * dt.shard, "zero_grad")
-            for p in ctx.params if p.trainable and last[unit_of(p.name)] == p.name]
+            for p in ctx.params if p.trainable and last[unit_of(p.name)] == p.name and not offload]
     tail += [] if accumulate else end
-    setup = [alloc(p.name, "parameter", shards[p.name].padded.numel * dt.shard, "setup") for p in ctx.params]
+    setup = [alloc(p.name, "parameter", shards[p.name].padded.numel * dt.shard, "setup") for p in ctx.params
+             if not offload]
     if ctx.device == "cpu":  # DeviceMesh keeps torch.arange(N, dtype=int32) as its rank map, always on the CPU
         setup.append(alloc("device_mesh.rank_map", "temporary", 4 * n, "setup"))
     setup += family.input_events(config.model, config.training, shape)
+    if offload:  # the optimizer steps the host's shards on the CPU: nothing of it on the device
+        return setup, out + tail, out + tail
     if ctx.spec.state_init == "constructor":
         setup += state_events(ctx.spec, local_params, config, "setup", ctx.step_bytes)
     first = out + optimizer_step_events(ctx.spec, local_params, config, ctx.impl, ctx.step_bytes, first=True) + tail
