@@ -78,7 +78,7 @@ def main() -> None:
         config = _config(model, precision, optimizer, reshard, more, args.layers, tmp)
         start = time.perf_counter()
         estimates = per_rank_estimates(config, "fsdp", n, "cpu")
-        measured = measure_distributed(config, "fsdp", n, "cpu")
+        measured = measure_distributed(config, "fsdp", n, "cpu", timeout=600)
         for e, m in zip(estimates, measured, strict=True):
             diff = max(abs(e.first_step_peak_bytes - m.first_step.peak_bytes) / m.first_step.peak_bytes,
                        abs(e.peak_bytes - m.steady_step.peak_bytes) / m.steady_step.peak_bytes)
