@@ -220,6 +220,25 @@ def tp_shortcuts(set_: Optional[list[str]], parallel: Optional[str], world_size:
     return (extra or set_), parallel, world_size
 
 
+def _mesh_json(cfg: Any, parallel: str, world_size: int, ranks: list[Any]) -> dict[str, Any]:
+    """With tensor parallelism: the (dp, tp) mesh and each rank group's coordinates on it (docs/tp.md)."""
+    from estimator.parallel.mesh import coordinates, mesh_shape
+
+    dp, tp = mesh_shape(cfg, parallel, world_size)
+    if tp == 1:
+        return {}
+    return {"mesh": {"dims": ["dp", "tp"], "shape": [dp, tp],
+                     "groups": [coordinates(r.ranks, tp) for r in ranks]}}
+
+
+def _print_mesh(cfg: Any, parallel: str, world_size: int) -> None:
+    from estimator.parallel.mesh import describe, mesh_shape
+
+    shape = mesh_shape(cfg, parallel, world_size)
+    if shape[1] > 1:
+        out.print(describe(shape), markup=False)
+
+
 def layout_in_force(cfg: Any, parallel: Optional[str], world_size: Optional[int], most: int = MAX_WORLD_SIZE,
                     why: str = "") -> tuple[Any, Optional[str], int]:
     """The config with the parallel layout in force: --parallel / -n over its ``parallel:`` section.
@@ -378,6 +397,7 @@ def estimate(
         if ranks:
             extra["distributed"] = {"strategy": parallel, "world_size": world_size,
                                     "ranks": [r.to_json() for r in ranks]}
+            extra["distributed"].update(_mesh_json(cfg, parallel, world_size, ranks))
         if timeline:
             first, steady = result.step.first_curve(), result.step.steady_curve()
             extra["timeline"] = {"first_step": _curve_json(first), "steady_step": _curve_json(steady),
@@ -396,6 +416,7 @@ def estimate(
         render_alternatives(fit, out)
     if ranks:
         render_ranks(ranks, None, out, None)
+        _print_mesh(cfg, parallel, world_size)
     if plot is not None:
         out.print(f"wrote {plot}")
 
@@ -577,6 +598,7 @@ def _verify_parallel(cfg: Any, parallel: str, world_size: int, device: str, tole
             for e, m in zip(estimates, measured, strict=True)]})
     else:
         render_ranks(estimates, measured, out, tolerance)
+        _print_mesh(cfg, parallel, world_size)
     if tolerance is not None:
         bad = [f"rank {e.rank} {r.key}" for e, m in zip(estimates, measured, strict=True)
                for r in rank_rows(e, m) if not r.within(tolerance)]

@@ -170,6 +170,17 @@ def test_two_d_mesh_equals_the_measured_ranks(model: dict, strategy: str, extra:
     assert (e.parameters, e.gradients, e.optimizer_state, e.first_step_peak_bytes, e.peak_bytes) == measured
 
 
+def test_mesh_coordinates_in_json_and_table() -> None:
+    """Rank r of a (dp, tp) mesh is (r // tp, r mod tp): 8 ranks at t = 2 are a (4, 2) mesh, one group here."""
+    args = ["estimate", "--model", "llama-2-7b", "-b", "1", "--set", "training.seq_len=128", "--parallel", "zero3",
+            "-n", "8", "--tp", "2"]
+    data = json.loads(runner.invoke(app, [*args, "--json"]).stdout)["distributed"]
+    assert data["mesh"] == {"dims": ["dp", "tp"], "shape": [4, 2], "groups": [{"dp": [[0, 3]], "tp": [[0, 1]]}]}
+    assert "mesh (dp, tp) = (4, 2)" in runner.invoke(app, args).stdout
+    plain = json.loads(runner.invoke(app, [*args[:-2], "--json"]).stdout)["distributed"]
+    assert "mesh" not in plain  # data parallelism alone: no mesh
+
+
 def test_two_d_mesh_bounds() -> None:
     for args, field in ((["--parallel", "fsdp", "-n", "2", "--tp", "2"], "--world-size"),
                         (["--parallel", "ddp", "-n", "4", "--tp", "2"], "parallel.tp_size")):
