@@ -7,11 +7,16 @@ Three tables, all measured in one run on this machine:
 2. ``rank_groups()`` in-process wall time against the world size (2 ... 4,096) for DDP and ZeRO-1/2/3,
    with the number of distinct ranks computed and the fitted exponent.
 3. Whole commands against ``python -c "import torch"``, alternated A B A B ... (after one warm-up of
-   each), the median of the pairwise ratios: every preset plain, with ``--gpu``, and with
-   ``--parallel ... -n 1024``; a 100,000-layer MLP; a tiny traced ``nn.Module``.
+   each), the median of the pairwise ratios: the seed's example, a 100,000-layer MLP, 100,000 DDP
+   ranks, a tiny traced ``nn.Module`` (beside ``import torch, torch._dynamo``, the floor of any trace
+   on fake tensors, see docs/benchmarks.md), then every preset plain, with ``--gpu``, with
+   ``--parallel zero2 -n 8`` and with ``--parallel fsdp -n 1024``.
 
-    python benchmarks/scaling.py                 # everything (about 10 minutes on 2 cores)
-    python benchmarks/scaling.py --pairs 2 --presets gpt2,llama-2-70b --skip-layers
+The child processes run without ``PYTHONDONTWRITEBYTECODE`` (the warm-up writes the package's ``.pyc``
+files, as any install has them; torch's come with its wheel), so that neither side compiles source.
+
+    python benchmarks/scaling.py                 # everything (about 25 minutes on 2 cores)
+    python benchmarks/scaling.py --pairs 2 --presets gpt2,llama-2-70b --skip-layers --skip-world
 
 Targets (issue 8): presets, with --gpu and with --parallel -n 1024, at most 0.25x import torch; layers
 exponent <= 1.1 and a 100,000-layer MLP under one second; cost independent of world size once the
@@ -36,7 +41,9 @@ from estimator.parallel import rank_groups
 from estimator.presets import PRESETS
 
 TORCH = [sys.executable, "-c", "import torch"]
+TORCH_DYNAMO = [sys.executable, "-c", "import torch, torch._dynamo"]
 ESTIMATOR = [sys.executable, "-m", "estimator"]
+CHILD_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 TINY_MODULE = '''import torch.nn as nn
 
 
@@ -54,14 +61,20 @@ TINY_CONFIG = """model:
 def run(cmd: list[str], cwd: str | None = None) -> tuple[float, int, int]:
     """Wall seconds, peak RSS (KiB) and exit code of one whole process."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=cwd)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=cwd, env=CHILD_ENV)
     _, status, usage = os.wait4(proc.pid, 0)
     return time.perf_counter() - start, usage.ru_maxrss, os.waitstatus_to_exitcode(status)
 
 
+_TORCH_WARM: list[bool] = []
+
+
 def paired(cmd: list[str], pairs: int, cwd: str | None = None) -> dict[str, float]:
-    """``cmd`` and ``import torch`` alternated after a warm-up of each: medians and the pairwise ratio."""
-    run(cmd, cwd), run(TORCH)
+    """``cmd`` and ``import torch`` alternated after a warm-up of ``cmd`` (and, once per run, of ``import
+    torch``): medians and the pairwise ratio."""
+    if not _TORCH_WARM:
+        _TORCH_WARM.append(run(TORCH)[2] == 0)
+    run(cmd, cwd)
     a, b, rss = [], [], []
     for _ in range(pairs):
         wall, kib, code = run(cmd, cwd)
@@ -152,24 +165,27 @@ def commands_table(presets: list[str], pairs: int, gpu: str) -> None:
     print(f"## Whole commands against `python -c \"import torch\"` (A B A B ..., {pairs} pairs after a warm-up)\n")
     print("| command | median s | import torch median s | ratio (median of pairs) | max ratio | peak RSS MiB |")
     print("|---|---:|---:|---:|---:|---:|")
-    cases: list[tuple[str, list[str], str | None]] = []
-    for name in presets:
-        cases.append((f"estimate --model {name}", ["estimate", "--model", name], None))
-        cases.append((f"estimate --model {name} --gpu {gpu}", ["estimate", "--model", name, "--gpu", gpu], None))
-        for strategy in ("zero2", "zero3"):
-            cases.append((f"estimate --model {name} --parallel {strategy} -n 1024",
-                          ["estimate", "--model", name, "--parallel", strategy, "-n", "1024"], None))
-    cases.append(("estimate --set model.num_layers=100000", ["estimate", "--set", "model.num_layers=100000"], None))
-    cases.append(("estimate --parallel ddp -n 100000", ["estimate", "--parallel", "ddp", "-n", "100000"], None))
+    est = ESTIMATOR
+    cases: list[tuple[str, list[str], str | None]] = [
+        ("estimate (the seed's example)", [*est, "estimate"], None),
+        ("estimate --json (the seed's example)", [*est, "estimate", "--json"], None),
+        ("estimate --set model.num_layers=100000", [*est, "estimate", "--set", "model.num_layers=100000"], None),
+        ("estimate --parallel ddp -n 100000", [*est, "estimate", "--parallel", "ddp", "-n", "100000"], None),
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "tiny_module.py").write_text(TINY_MODULE)
         Path(tmp, "tiny.yaml").write_text(TINY_CONFIG)
-        cases.append(("estimate tiny.yaml (a traced 2-layer nn.Module)", ["estimate", "tiny.yaml"], tmp))
-        for label, args, cwd in cases:
+        cases.append(("estimate tiny.yaml (a traced 1,002-parameter nn.Module)", [*est, "estimate", "tiny.yaml"], tmp))
+        cases.append(('python -c "import torch, torch._dynamo" (what a fake-tensor trace imports)', TORCH_DYNAMO, None))
+        for name in presets:
+            for extra in ([], ["--gpu", gpu], ["--parallel", "zero2", "-n", "8"], ["--parallel", "fsdp", "-n", "1024"]):
+                cases.append((" ".join(["estimate --model", name, *extra]), [*est, "estimate", "--model", name, *extra],
+                              None))
+        for label, cmd, cwd in cases:
             try:
-                r = paired([*ESTIMATOR, *args], pairs, cwd)
+                r = paired(cmd, pairs, cwd)
             except SystemExit as exc:
-                print(f"| `{label}` | failed: {exc} | | | | |")
+                print(f"| `{label}` | failed: {exc} | | | | |", flush=True)
                 continue
             print(f"| `{label}` | {r['cmd']:.3f} | {r['torch']:.3f} | **{r['ratio']:.3f}** | {r['ratio_max']:.3f} | "
                   f"{r['rss_mib']:.0f} |", flush=True)
