@@ -34,7 +34,15 @@ LATER = "@later"
 
 
 def later_micro_batch(body: list[Event]) -> list[Event]:
-    """The forward and backward of micro-batch 2..K, from the first micro-batch's events ``body``.
+    """The forward and backward of micro-batch 2..K, from the first micro-batch's events ``body``."""
+    return later_micro_batch_at(body, frozenset())[0]
+
+
+def later_micro_batch_at(body: list[Event], boundaries: frozenset[int]) -> tuple[list[Event], list[int]]:
+    """:func:`later_micro_batch`, and where each event of ``body`` begins in the result (for hook marks).
+
+    ``boundaries``: indices of ``body`` before which a hook runs (FSDP2's), by then every pending
+    incoming gradient has been accumulated.
 
     A parameter's gradient (``<p>.grad``, role gradient) becomes a temporary, added into ``.grad`` by
     AccumulateGrad once the backward node that made it has finished: it is freed just before the next
@@ -57,7 +65,11 @@ def later_micro_batch(body: list[Event]) -> list[Event]:
         pending.clear()
         released = False
 
-    for e in body:
+    positions: list[int] = []
+    for index, e in enumerate(body):
+        if index in boundaries and pending:
+            accumulate()
+        positions.append(len(out))
         if e.phase == "backward" and e.name.endswith(".grad_sum"):
             continue
         if e.role == "gradient" and e.name.endswith(".grad") and e.phase == "backward":
@@ -89,7 +101,8 @@ def later_micro_batch(body: list[Event]) -> list[Event]:
                 accumulate()
         out.append(e)
     accumulate()
-    return out
+    positions.append(len(out))
+    return out, positions
 
 
 def accumulated_body(body: list[Event], after_each: list[Event], steps: int) -> list[Event]:

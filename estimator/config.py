@@ -121,6 +121,10 @@ class ParallelConfig(StrictModel):
         False, description="zero3/fsdp: FSDP2's CPUOffloadPolicy: sharded parameters, gradients and optimizer "
         "state in host memory, the optimizer stepping on the CPU (estimate only: docs/distributed.md)"
     )
+    sync_every_micro_batch: bool = Field(
+        True, description="zero3/fsdp with training.grad_accum_steps > 1: reduce-scatter after every micro-batch "
+        "(FSDP2's default); false keeps the unsharded gradients until the last (set_requires_gradient_sync(False))"
+    )
     reduce_dtype: Literal["fp32", "param"] = Field(
         "fp32", description="zero3/fsdp with training.master_weights: FSDP2 MixedPrecisionPolicy.reduce_dtype, "
         "fp32 or the 16-bit param dtype (gradients reduce-scattered in it)"

@@ -97,5 +97,20 @@ def test_fsdp2_accumulation_exact_on_real_ranks() -> None:
         e = per_rank_estimate(cfg, "zero3", 2, "cpu", m.rank)
         # either gradient order gloo has shown (docs/distributed.md), each modelled exactly
         late = assemble_step(*unit_events(RankContext(cfg, 2, "cpu"), m.rank, late_gradients=True))
-        assert m.first_step.peak_bytes in (e.first_step_peak_bytes, late.first_peak.bytes)
-        assert m.steady_step.peak_bytes in (e.peak_bytes, late.steady_peak.bytes)
+        # gloo releases a block's last gradients before or after its reduce-scatter, unit by unit (both
+        # orders modelled, docs/distributed.md): a run lies between the two, at one of them when all agree
+        assert e.first_step_peak_bytes <= m.first_step.peak_bytes <= late.first_peak.bytes
+        assert e.peak_bytes <= m.steady_step.peak_bytes <= late.steady_peak.bytes
+
+
+def test_fsdp2_without_sync_keeps_the_unsharded_gradients() -> None:
+    """set_requires_gradient_sync(False) until the last micro-batch: every rank holds the whole model's
+    unsharded gradients between micro-batches, so the peak rises by about the gradients it no longer shards."""
+    tiny = {"family": "transformer", "d_model": 16, "num_heads": 2, "vocab_size": 32, "max_seq_len": 8}
+    base = ["model.num_layers=2", "training.seq_len=8", "training.batch_size=1", "optimizer.name=adam",
+            "training.grad_accum_steps=3"]
+    synced = per_rank_estimate(load_config(None, base, base={"model": tiny}), "zero3", 2, "cpu")
+    kept = per_rank_estimate(load_config(None, [*base, "parallel.sync_every_micro_batch=false"],
+                                         base={"model": tiny}), "zero3", 2, "cpu")
+    assert kept.peak_bytes > synced.peak_bytes
+    assert (kept.parameters, kept.gradients) == (synced.parameters, synced.gradients)

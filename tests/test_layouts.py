@@ -119,8 +119,10 @@ def test_fsdp2_mixed_precision_policy_exact_on_real_ranks() -> None:
         e = per_rank_estimate(cfg, "zero3", 2, "cpu", m.rank)
         assert (m.parameters, m.gradients, m.optimizer_state) == (e.parameters, e.gradients, e.optimizer_state)
         late = assemble_step(*unit_events(RankContext(cfg, 2, "cpu"), m.rank, late_gradients=True))
-        assert m.first_step.peak_bytes in (e.first_step_peak_bytes, late.first_peak.bytes)
-        assert m.steady_step.peak_bytes in (e.peak_bytes, late.steady_peak.bytes)
+        # gloo releases a block's last gradients before or after its reduce-scatter, unit by unit (both
+        # orders modelled, docs/distributed.md): a run lies between the two, at one of them when all agree
+        assert e.first_step_peak_bytes <= m.first_step.peak_bytes <= late.first_peak.bytes
+        assert e.peak_bytes <= m.steady_step.peak_bytes <= late.steady_peak.bytes
 
 
 def test_verify_refuses_master_weights_without_a_torch_engine() -> None:

@@ -319,9 +319,14 @@ def _measure_rank(config: Config, strategy: str, rank: int, world_size: int) -> 
 
         def run(enter: Any) -> None:
             # gradient accumulation: K micro-batches (FSDP2 reduce-scatters after each), one optimizer step
+            no_sync = not config.parallel.sync_every_micro_batch and hasattr(model, "set_requires_gradient_sync")
             for _ in range(config.training.grad_accum_steps - 1):
+                if no_sync:  # FSDP2 keeps the unsharded gradients until the last micro-batch
+                    model.set_requires_gradient_sync(False)
                 pred, loss = forward_backward(enter)
                 del pred, loss
+            if no_sync:
+                model.set_requires_gradient_sync(True)
             pred, loss = forward_backward(enter)
             if config.training.grad_accum_steps > 1:
                 del pred, loss

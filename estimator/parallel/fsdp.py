@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from math import prod
 from typing import Any
 
+from estimator.accumulation import later_micro_batch_at
 from estimator.config import Config
 from estimator.errors import EstimatorError
 from estimator.events import Event, alloc, free
@@ -340,7 +341,10 @@ def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True,
     order = [u for u in units if u != "root"]  # forward order of the blocks
     gloo_copy = ctx.device == "cpu"  # ProcessGroupGloo's reduce_scatter copies its input; NCCL does not
 
-    state: dict[str, Any] = {"ag_kept": None, "prefetched": set(), "unsharded": set(), "rs_live": None, "micro": 0}
+    state: dict[str, Any] = {"ag_kept": None, "prefetched": set(), "unsharded": set(), "rs_live": None,
+                             "sync": True, "acc": set(), "sharded_grads": set()}
+    # without a sync, FSDP2 keeps each unsharded gradient, cast to reduce_dtype first when that differs
+    cast_to_reduce = r_b != g_b
     out: list[Event] = []
 
     def all_gather(u: str, phase: str) -> None:
@@ -407,25 +411,38 @@ def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True,
                 all_gather(previous, phase)
                 state["prefetched"].add(previous)
         elif kind == "post_backward":
-            reshard(u, phase)
             trainable = [p for p in units[u] if p.trainable]
+            if u in state["acc"]:  # accumulate_unsharded_grad_if_needed: the new gradients added, dropped
+                out.extend(free(f"{p.name}.grad", "gradient", p.numel * g_b, phase) for p in trainable)
+            reshard(u, phase)
             if not trainable:
                 return
+            if not state["sync"]:  # set_requires_gradient_sync(False): the unsharded gradients are kept
+                if cast_to_reduce and u not in state["acc"]:  # to_accumulated_grad_if_needed: in reduce_dtype
+                    for p in trainable:
+                        out.append(alloc(f"{p.name}.acc", "gradient", p.numel * r_b, phase))
+                        out.append(free(f"{p.name}.grad", "gradient", p.numel * g_b, phase))
+                    state["acc"].add(u)
+                return
+            held_grads = [(f"{p.name}.acc", p.numel * r_b) if u in state["acc"] else (f"{p.name}.grad", p.numel * g_b)
+                          for p in trainable]
+            state["acc"].discard(u)
             if state["rs_live"] is not None:
                 prev = state["rs_live"]
                 out.append(free(f"{prev}.rs_input", "temporary", gathered[prev] * r_b, phase))
             out.append(alloc(f"{u}.rs_input", "temporary", gathered[u] * r_b, phase))
             # foreach_reduce clears its list of gradients after the copy-in; its loop variable keeps
             # the last one until it returns
-            *early, last_grad = trainable
+            *early, last_grad = held_grads
             if late_gradients:  # the other order seen on gloo: every gradient lives through the reduce-scatter
                 early, last_frees = [], early
             else:
                 last_frees = []
-            out.extend(free(f"{p.name}.grad", "gradient", p.numel * g_b, phase) for p in early)
+            out.extend(free(name, "gradient", nbytes, phase) for name, nbytes in early)
             # a later micro-batch adds its reduced shard into the existing .grad (foreach_reduce's
             # ``to_accumulate_grad``): the output, or its cast to the shards' dtype, is a temporary
-            accumulating = state["micro"] > 0 or offload  # offload: the shard goes to host memory
+            accumulating = u in state["sharded_grads"] or offload  # offload: the shard goes to host memory
+            state["sharded_grads"].add(u)
             if r_b == dt.shard and not accumulating:
                 out.append(alloc(f"{u}.grad_shards", "gradient", local[u] * dt.shard, phase))
             else:
@@ -441,25 +458,27 @@ def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True,
                 out.append(free(f"{u}.reduce_output", "temporary", local[u] * r_b, phase))
             elif accumulating:
                 added = alloc(f"{u}.reduce_output", "temporary", local[u] * r_b, phase)
-            out.extend(free(f"{p.name}.grad", "gradient", p.numel * g_b, phase) for p in [*last_frees, last_grad])
+            out.extend(free(name, "gradient", nbytes, phase) for name, nbytes in [*last_frees, last_grad])
             # added into .grad in place (or copied to the host's pinned .grad): dropped when foreach_reduce returns
             if accumulating and added is not None:
                 out.append(free(added.name, added.role, added.nbytes, phase))
             state["rs_live"] = u
 
     end = family.end_of_step_events(config.model, config.training, shape)
-    accumulate = config.training.grad_accum_steps > 1  # micro-batches 3..K repeat the second (accumulation.py)
-    for micro in range(2 if accumulate else 1):
-        state["micro"] = micro
+    steps = config.training.grad_accum_steps
+    accumulate = steps > 1
+    for sync, events, where in _micro_batches(body, marks, steps, config.parallel.sync_every_micro_batch,
+                                              cast_to_reduce):
+        state["sync"] = sync
         at = 0
-        for index, event in enumerate(body):
-            while at < len(marks) and marks[at][0] == index:
+        for index, event in enumerate(events):
+            while at < len(where) and where[at][0] == index:
                 # a hook runs between two events: it takes the phase of the one before it
-                hook(marks[at][1], marks[at][2], body[index - 1].phase if index else event.phase)
+                hook(where[at][1], where[at][2], events[index - 1].phase if index else event.phase)
                 at += 1
             out.append(event)
-        while at < len(marks):
-            hook(marks[at][1], marks[at][2], body[-1].phase)
+        while at < len(where):
+            hook(where[at][1], where[at][2], events[-1].phase)
             at += 1
         if state["rs_live"] is not None:
             prev, state["rs_live"] = state["rs_live"], None
@@ -488,6 +507,29 @@ def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True,
     first = out + optimizer_step_events(ctx.spec, local_params, config, ctx.impl, ctx.step_bytes, first=True) + tail
     steady = out + optimizer_step_events(ctx.spec, local_params, config, ctx.impl, ctx.step_bytes, first=False) + tail
     return setup, first, steady
+
+
+def _micro_batches(body: list[Event], marks: list[tuple[int, str, str]], steps: int, sync_every: bool,
+                   cast_to_reduce: bool) -> list[tuple[bool, list[Event], list[tuple[int, str, str]]]]:
+    """(sync, events, hook marks) of each micro-batch modelled: 3..K repeat the second (accumulation.py).
+
+    FSDP2 syncs every micro-batch by default: each backward starts with no unsharded gradient, so every
+    micro-batch's events are the first's. With ``sync_every_micro_batch: false``
+    (``set_requires_gradient_sync(False)`` until the last), the unsharded gradients are kept between
+    micro-batches: a later one's gradients are then added into them in place (the single-device
+    accumulation), unless FSDP2 moved them to reduce_dtype copies (``unsharded_accumulated_grad``).
+    """
+    if steps <= 1:
+        return [(True, body, marks)]
+    if sync_every:
+        return [(True, body, marks), (True, body, marks)]
+    if cast_to_reduce:
+        later, where = body, marks
+    else:
+        later, positions = later_micro_batch_at(body, frozenset(m[0] for m in marks))
+        where = [(positions[i], kind, unit) for i, kind, unit in marks]
+    middle = [(False, later, where)] if steps >= 3 else []
+    return [(False, body, marks), *middle, (True, later, where)]
 
 
 # --------------------------------------------------------------------------- communication (comm.py)
