@@ -143,8 +143,8 @@ def tp_communication(config: Config, t: int, device: str = "cuda") -> CommParts:
 
     The logits: an all-gather (input T·V/t·a, output T·V·a; the recorder writes the functional
     all-gather's input size for both, the tracker sees the T·V·a buffer), or with loss_parallel three
-    all-reduces of T elements in the loss's dtype (the row maxima, the sums of exponentials, the target
-    logits).
+    all-reduces of T elements: the row maxima and the sums of exponentials in fp32, the target logits in the
+    loss's dtype (measured in bf16: 128, 128 and 64 B for T = 32).
     """
     from estimator.parallel.comm import CommParts, CommVolume, KindVolume
 
@@ -173,8 +173,8 @@ def tp_communication(config: Config, t: int, device: str = "cuda") -> CommParts:
     else:
         cols = 3 + (2 if m.mlp == "swiglu" else 1)
         calls += [(one(full * s), 1), (one(full * a), 2 * layers), (one(full * s), cols * layers + 1)]
-    if config.parallel.loss_parallel:
-        calls.append((one(tokens * loss_bytes), 3))
+    if config.parallel.loss_parallel:  # the max and the sum of exponentials in fp32, the target logits as is
+        calls += [(one(tokens * 4), 2), (one(tokens * loss_bytes), 1)]
     else:
         calls.append((one(tokens * (m.vocab_size // t) * a, "all_gather"), 1))
 
