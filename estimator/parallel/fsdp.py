@@ -112,6 +112,10 @@ class Zero3:
     def estimate(self, ctx: RankContext, rank: int) -> RankEstimate:
         config, world_size, params = ctx.config, ctx.world_size, ctx.params
         shards = [shard(p, world_size, rank) for p in params]
+        if config.model.family == "mlp" and config.training.precision.startswith("amp"):
+            raise EstimatorError("training.precision: the mlp family's FSDP2 timeline is modelled for fp32, bf16 "
+                                 f"and fp16, not {config.training.precision} (autocast's casts are not placed among "
+                                 "its hooks); the transformer and moe families model it")
         if config.model.family == "mlp" and config.parallel.offload:
             raise EstimatorError("parallel.offload: FSDP2's CPU offload is modelled for the transformer and moe "
                                  "families, not the mlp family")
