@@ -122,31 +122,54 @@ def build_for_real(build: Callable[[], nn.Module], what: str, fake_failure: str,
             raise EstimatorError(f"model.module: {what} raised {described(exc)}") from None
 
 
-def to_fake(module: nn.Module, fake: Any) -> list[Tensor]:
-    """Swap every parameter, buffer and tensor attribute of ``module`` for a fake copy; returns the copies.
+def module_tensors(module: nn.Module) -> list[Tensor]:
+    """Every parameter, buffer and plain tensor attribute of ``module`` and its submodules."""
+    found: list[Tensor] = []
+    for sub in module.modules():
+        found += [p for p in sub._parameters.values() if p is not None]
+        found += [b for b in sub._buffers.values() if b is not None]
+        found += [v for v in vars(sub).values() if isinstance(v, Tensor)]
+    return found
 
-    ``fake.from_tensor`` keeps shape, dtype, strides and storage sharing (two tensors on one storage get
-    fakes on one fake storage); a tensor reached twice (a tied weight) is converted once, so a tied
-    Parameter stays one Parameter. The real tensors are released when the module no longer holds them.
+
+def to_fake(module: nn.Module, fake: Any) -> list[Tensor]:
+    """Make every parameter, buffer and tensor attribute of ``module`` a fake tensor of ``fake``; returns those
+    it replaced with new ones.
+
+    A real tensor gets ``fake.from_tensor``, which keeps shape, dtype, strides and storage sharing (two
+    tensors on one storage get fakes on one fake storage). A fake tensor of *another* FakeTensorMode --
+    ``copy.deepcopy`` under a FakeTensorMode makes those, and ``nn.TransformerEncoder`` deep-copies its
+    layer -- would be taken for a constant and re-converted at every use (a new storage each time), so it
+    gets a fresh ``empty_strided`` in ``fake``. A tensor reached twice (a tied weight) is converted once,
+    so a tied Parameter stays one Parameter; entries of ``_parameters`` stay Parameters with their
+    ``requires_grad``. The old tensors are released when the module no longer holds them.
     """
+    from torch._subclasses.fake_tensor import FakeTensor
+
     memo: dict[int, Tensor] = {}
 
-    def convert(t: Tensor) -> Tensor:
+    def convert(t: Tensor, parameter: bool) -> Tensor:
+        if isinstance(t, FakeTensor) and t.fake_mode is fake:
+            return t
         key = id(t)
         if key not in memo:
-            copy = fake.from_tensor(t)
-            memo[key] = nn.Parameter(copy, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else copy
+            if isinstance(t, FakeTensor):
+                with fake:
+                    copy = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu")
+            else:
+                copy = fake.from_tensor(t)
+            memo[key] = nn.Parameter(copy, requires_grad=t.requires_grad) if parameter else copy
         return memo[key]
 
     with torch.no_grad():
         for sub in module.modules():
             for name, p in list(sub._parameters.items()):
                 if p is not None:
-                    sub._parameters[name] = convert(p)  # type: ignore[assignment]
+                    sub._parameters[name] = convert(p, True)  # type: ignore[assignment]
             for name, b in list(sub._buffers.items()):
                 if b is not None:
-                    sub._buffers[name] = convert(b)
+                    sub._buffers[name] = convert(b, False)
             for name, value in list(vars(sub).items()):
                 if isinstance(value, Tensor):  # a tensor kept as a plain attribute (a cache, a table)
-                    vars(sub)[name] = convert(value)
+                    vars(sub)[name] = convert(value, isinstance(value, nn.Parameter))
     return list(memo.values())

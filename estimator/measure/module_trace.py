@@ -18,6 +18,10 @@ constructor that cannot run there -- one that reads tensor values (timm's drop-p
 CPU (bounded by the RAM available) and its parameters, buffers and tensor attributes are converted
 to fake tensors (``module_build.py``). An error that remains names the user's file and line.
 
+Values: small integer tensors the step computes from constants (position ids, masks) are shadowed on
+real tensors (``known_values.py``), so value reads and transformers' "am I traced?" checks on them go
+the way they go in the real step.
+
 FLOPs are counted in the same pass with FlopCounterMode's own formulas (``flop_registry``), not
 with a FlopCounterMode: its module tracker keeps module outputs alive for backward hooks, and it
 decomposes ops it has no formula for, so inside the trace it would change the memory being traced.
@@ -59,7 +63,8 @@ from estimator.families.module import (
     resolve_spec,
 )
 from estimator.measure.kernel_corrections import DISTINCT_OUTPUTS, REAL_KERNEL_BYTES, separate_outputs
-from estimator.measure.module_build import build_for_real, described, to_fake, user_location
+from estimator.measure.known_values import KnownValues, transformers_sees_values
+from estimator.measure.module_build import build_for_real, described, module_tensors, to_fake, user_location
 from estimator.measure.step import gc_paused
 from estimator.measure.tracker import ALLOC, EXISTING, FREE, RESIZE, LiveTensorTracker, MemoryEvent
 
@@ -147,16 +152,28 @@ def _construct(factory: Callable[..., Any], model: ModuleConfig, fake: Any, trac
     fails there (it reads tensor values, ...) is built for real on the CPU, its tensors converted to fake
     ones and adopted by the tracker. If the real construction fails too, that error is the one reported.
     """
+    from torch._subclasses.fake_tensor import FakeTensor
+
     kwargs = factory_kwargs(factory, model, "cpu")
     try:
-        return _checked(factory(**kwargs), model), "fake"
+        module = _checked(factory(**kwargs), model)
     except EstimatorError:
         raise
     except Exception as exc:  # its traceback holds the half-built fake module until this block ends
         failure = described(exc)
+    else:
+        params = list(module.parameters())
+        if params and not any(isinstance(p, FakeTensor) for p in params):
+            return module, "fake"  # built before the factory was called: the caller refuses it
+        # fake tensors of another mode (copy.deepcopy under FakeTensorMode: nn.TransformerEncoder clones its
+        # layer) become ours, and everything the module holds is adopted as module state (module_build.to_fake)
+        to_fake(module, fake)
+        tracker.track_existing(module_tensors(module))
+        return module, "fake"
     gc.collect()
     real = build_for_real(lambda: build_module(factory, model, "cpu"), f"{model.module}(**kwargs)", failure)
-    tracker.track_existing(to_fake(real, fake))
+    to_fake(real, fake)
+    tracker.track_existing(module_tensors(real))
     return real, "real"
 
 
@@ -261,6 +278,7 @@ class _StepTracker(LiveTensorTracker):
         self.flops = 0  # FlopCounterMode's formulas, counted here (see run_trace)
         self.in_node = 0  # >0 while an autograd node's apply runs (node pre/post hooks, _engine_sums)
         self.in_linear = 0  # >0 while F.linear runs (_LinearBias): its bias add is in place in the real step
+        self.known = KnownValues()  # small integer tensors computed from constants, shadowed (known_values.py)
         self.sums: list[tuple[int, int]] = []  # (output sid, old sid) of fan-in sums real autograd does in place
         self._correcting = False  # inside an op of REAL_KERNEL_BYTES: its zero-byte outputs get events too
         self._zero_sized: set[int] = set()  # sids of such outputs (the real kernel's may be larger)
@@ -272,6 +290,10 @@ class _StepTracker(LiveTensorTracker):
         return entry.sid if entry is not None else None
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if self.watching:  # a value read of a tensor the real step computes from constants: its real value
+            done, value = self.known.read(func, args, kwargs or {})
+            if done:
+                return value
         self._correcting = self.watching and func in REAL_KERNEL_BYTES
         call = _SeparateOutputs(func) if func in DISTINCT_OUTPUTS else func
         try:
@@ -279,6 +301,7 @@ class _StepTracker(LiveTensorTracker):
         finally:
             self._correcting = False
         if self.watching:
+            self.known.observe(func, args, kwargs or {}, out)
             self._observe(func, args, kwargs or {}, out)
             formula = flop_registry.get(getattr(func, "_overloadpacket", None))
             if formula is not None:
@@ -574,7 +597,7 @@ def _run_trace(model: ModuleConfig, precision: str) -> ModuleTrace:
             tracker.watching = True
             tracker.set_phase("forward")
             with _module_paths(tracker, module), autocast, torch.autograd.graph.saved_tensors_hooks(pack, _unpack), \
-                    _LinearBias(tracker):
+                    _LinearBias(tracker), transformers_sees_values(tracker.known):
                 with _stage("model.inputs", f"{model.module} forward on inputs {_shapes(inputs_spec)}"):
                     pred = module(*inputs)
                 out = first_output(pred)
@@ -590,7 +613,8 @@ def _run_trace(model: ModuleConfig, precision: str) -> ModuleTrace:
                     loss = loss_fn(pred, target if target is not None else torch.empty(0))
             matmul_forward = tracker.flops
             tracker.set_phase("backward")
-            with _stage("model.module", "backward"), _node_hooks(tracker, loss):
+            with _stage("model.module", "backward"), _node_hooks(tracker, loss), \
+                    transformers_sees_values(tracker.known):
                 loss.backward()
             matmul = tracker.flops
             tracker.watching = False
