@@ -7,7 +7,7 @@ Three tables, all measured in one run on this machine:
 2. ``rank_groups()`` in-process wall time against the world size (2 ... 4,096) for DDP and ZeRO-1/2/3,
    with the number of distinct ranks computed and the fitted exponent.
 3. Whole commands against ``python -c "import torch"``, alternated A B A B ... (after one warm-up of
-   each), the median of the pairwise ratios: the seed's example, a 100,000-layer MLP, 100,000 DDP
+   both), the median of the pairwise ratios: the seed's example, a 100,000-layer MLP, 100,000 DDP
    ranks, a tiny traced ``nn.Module`` (beside ``import torch, torch._dynamo``, the floor of any trace
    on fake tensors, see docs/benchmarks.md), then every preset plain, with ``--gpu``, with
    ``--parallel zero2 -n 8`` and with ``--parallel fsdp -n 1024``.
@@ -66,15 +66,14 @@ def run(cmd: list[str], cwd: str | None = None) -> tuple[float, int, int]:
     return time.perf_counter() - start, usage.ru_maxrss, os.waitstatus_to_exitcode(status)
 
 
-_TORCH_WARM: list[bool] = []
+_WARM: list[bool] = []
 
 
 def paired(cmd: list[str], pairs: int, cwd: str | None = None) -> dict[str, float]:
-    """``cmd`` and ``import torch`` alternated after a warm-up of ``cmd`` (and, once per run, of ``import
-    torch``): medians and the pairwise ratio."""
-    if not _TORCH_WARM:
-        _TORCH_WARM.append(run(TORCH)[2] == 0)
-    run(cmd, cwd)
+    """``cmd`` and ``import torch`` alternated (after one warm-up of each, once per run: page cache and
+    the package's ``.pyc`` files): medians and the pairwise ratio."""
+    if not _WARM:
+        _WARM.append(run(TORCH)[2] == 0 and run([*ESTIMATOR, "estimate"])[2] == 0)
     a, b, rss = [], [], []
     for _ in range(pairs):
         wall, kib, code = run(cmd, cwd)
@@ -162,7 +161,7 @@ def world_table(preset: str) -> None:
 
 
 def commands_table(presets: list[str], pairs: int, gpu: str) -> None:
-    print(f"## Whole commands against `python -c \"import torch\"` (A B A B ..., {pairs} pairs after a warm-up)\n")
+    print(f"## Whole commands against `python -c \"import torch\"` (A B A B ..., {pairs} pairs per command)\n")
     print("| command | median s | import torch median s | ratio (median of pairs) | max ratio | peak RSS MiB |")
     print("|---|---:|---:|---:|---:|---:|")
     est = ESTIMATOR
@@ -194,7 +193,7 @@ def commands_table(presets: list[str], pairs: int, gpu: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=3, help="A/B pairs per command (after one warm-up each)")
+    parser.add_argument("--pairs", type=int, default=3, help="A/B pairs per command (one warm-up per run)")
     parser.add_argument("--presets", default=",".join(PRESETS), help="comma-separated preset names")
     parser.add_argument("--gpu", default="a100-80gb")
     parser.add_argument("--skip-layers", action="store_true")
