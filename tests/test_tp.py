@@ -57,6 +57,9 @@ MEASURED = [
     (LLAMA_LIKE, ("training.precision=bf16",), (29_504, 32_576, 59_008, 130_142, 179_808)),
     (GPT2_LIKE, (), (60_032, 60_032, 120_064, 257_436, 309_536)),
     (LLAMA_LIKE, ("parallel.sequence_parallel=true",), (59_008, 65_152, 118_016, 259_680, 314_660)),
+    ({"family": "transformer", "d_model": 32, "num_heads": 4, "vocab_size": 96, "max_seq_len": 16,
+      "positions": "rope", "rotary_pct": 0.5, "parallel_residual": True, "tie_embeddings": False},
+     ("parallel.sequence_parallel=true", "training.precision=amp-bf16"), (64_128, 70_272, 128_256, 279_964, 308_128)),
 ]
 
 
@@ -156,6 +159,8 @@ MEASURED_2D = [
      (29_504, 29_504, 59_008, 206_168, 265_260)),
     (LLAMA_LIKE, "zero3", ("training.precision=amp-bf16", "optimizer.name=adamw", "parallel.sequence_parallel=true"),
      (29_504, 29_504, 59_008, 201_752, 260_844)),
+    (LLAMA_LIKE, "fsdp", ("training.precision=amp-bf16", "optimizer.name=adamw", "parallel.sequence_parallel=true",
+                          "parallel.reshard_after_forward=false"), (29_504, 29_504, 59_008, 244_248, 303_340)),
 ]
 
 

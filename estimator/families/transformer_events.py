@@ -477,6 +477,8 @@ class _Sim:
             self.node(full, [logits])
             self.dead(gathered, logits)
             logits = full
+        if head_in != hf:  # the head's input hook's gathered tensor, dropped when lm_head returns
+            self.dead(head_in)
         self.phase = "loss"
         loss_kind: Kind = "fp32" if self.autocast else "act"
         src = logits
@@ -488,15 +490,15 @@ class _Sim:
             self.node(src, [logits])
         logp = self.new("loss.log_probs", vocab * t, loss_kind)
         self.node(logp, [(src, PASS)] if self.tp and self.tp.loss else [src], saves=(logp,))
-        if src != logits:
+        if src != logits and not self.tp:
             self.dead(src)
         loss = self.new("loss", 1, loss_kind, role="temporary")
         tw = self.new("loss.total_weight", 1, loss_kind)
         self.node(loss, [logp], saves=(logp, tw))
+        if src != logits and self.tp:  # measured under TP: autocast's fp32 copy lives until cross_entropy returns
+            self.dead(src)
         self.after_loss(loss)
         self.dead(tw, logp, logits, hf)  # forward's locals (x, logits) live until it returns
-        if head_in != hf:
-            self.dead(head_in)
         self.mark("post_forward", "root")
         for cast in self.casts:  # autocast's weight cache is cleared when the forward ends
             if self.tensors[cast].live:
