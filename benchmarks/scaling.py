@@ -160,7 +160,7 @@ def world_table(preset: str) -> None:
     print()
 
 
-def commands_table(presets: list[str], pairs: int, gpu: str) -> None:
+def commands_table(presets: list[str], pairs: int, gpu: str, extras: bool = True) -> None:
     print(f"## Whole commands against `python -c \"import torch\"` (A B A B ..., {pairs} pairs per command)\n")
     print("| command | median s | import torch median s | ratio (median of pairs) | max ratio | peak RSS MiB |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -176,6 +176,8 @@ def commands_table(presets: list[str], pairs: int, gpu: str) -> None:
         Path(tmp, "tiny.yaml").write_text(TINY_CONFIG)
         cases.append(("estimate tiny.yaml (a traced 1,002-parameter nn.Module)", [*est, "estimate", "tiny.yaml"], tmp))
         cases.append(('python -c "import torch, torch._dynamo" (what a fake-tensor trace imports)', TORCH_DYNAMO, None))
+        if not extras:
+            cases.clear()
         for name in presets:
             for extra in ([], ["--gpu", gpu], ["--parallel", "zero2", "-n", "8"], ["--parallel", "fsdp", "-n", "1024"]):
                 cases.append((" ".join(["estimate --model", name, *extra]), [*est, "estimate", "--model", name, *extra],
@@ -199,6 +201,7 @@ def main() -> None:
     parser.add_argument("--skip-layers", action="store_true")
     parser.add_argument("--skip-world", action="store_true")
     parser.add_argument("--skip-commands", action="store_true")
+    parser.add_argument("--presets-only", action="store_true", help="in the command table, only the presets' rows")
     args = parser.parse_args()
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}\n")
     if not args.skip_layers:
@@ -206,7 +209,7 @@ def main() -> None:
     if not args.skip_world:
         world_table("llama-2-7b")
     if not args.skip_commands:
-        commands_table([p for p in args.presets.split(",") if p], args.pairs, args.gpu)
+        commands_table([p for p in args.presets.split(",") if p], args.pairs, args.gpu, not args.presets_only)
 
 
 if __name__ == "__main__":
