@@ -86,17 +86,22 @@ class KnownValues:
             return True, func(real, *args[1:], **kwargs)
 
     def observe(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
-        """After the fake op ran: shadow its outputs if every tensor argument is known."""
-        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
-        outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
+        """After the fake op ran: shadow its outputs if every tensor argument is known.
+
+        Called for every op of the trace, so the common cases leave early: nothing known yet and not a
+        factory, or a floating/large output of an op that mutates nothing.
+        """
+        if not self._values and func not in FACTORIES:
+            return
+        outs = [out] if isinstance(out, Tensor) else [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
+        small = bool(outs) and not any(t.is_floating_point() or t.is_complex() or t.numel() > LIMIT for t in outs)
         mutates = bool(getattr(func, "_schema", None)) and func._schema.is_mutable
-        if not all(self._known(t) for t in inputs) or (not inputs and func not in FACTORIES):
+        if not small and not mutates:
+            return
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+        if not small or not all(self._known(t) for t in inputs) or (not inputs and func not in FACTORIES):
             if mutates and any(t in self for t in inputs):
                 self._values.clear()  # a known tensor changed to something unknown
-            return
-        if not outs or any(t.is_floating_point() or t.is_complex() or t.numel() > LIMIT for t in outs):
-            if mutates and any(t in self for t in inputs):
-                self._values.clear()
             return
         with _disable_current_modes():
             real_args, real_kwargs = tree_map(self._shadow, (args, kwargs))
