@@ -171,8 +171,9 @@ WORLD_SIZES = tuple(2**k for k in range(1, 14))  # 2 ... 8,192 ranks, for the sm
 
 
 def alternatives(config: Config, gpu: GPU, parallel: str | None, world_size: int) -> list[Alternative]:
-    """What would fit instead, each re-estimated: checkpointing, 8-bit Adam, 16-bit, a higher ZeRO stage
-    (FSDP2 beyond zero2), and the smallest power-of-two world size under zero3."""
+    """What would fit instead, each re-estimated: checkpointing, 8-bit Adam, 16-bit (and with fp32 master
+    weights), CPU offload, micro-batches of 1 accumulated, the smallest tensor-parallel degree, a higher ZeRO
+    stage (FSDP2 beyond zero2), and the smallest power-of-two world size under zero3."""
     budget = gpu.memory_bytes - CONTEXT_RESERVE
     found: list[Alternative] = []
 
@@ -208,6 +209,16 @@ def alternatives(config: Config, gpu: GPU, parallel: str | None, world_size: int
         steps = batch * config.training.grad_accum_steps
         trial(f"-b 1 --set training.grad_accum_steps={steps}",
               updated("training", batch_size=1, grad_accum_steps=steps), parallel, world_size)
+    if family == "transformer" and parallel is None:
+        # tensor parallelism (docs/tp.md): the smallest degree of 2, 4, 8 that fits, else 8
+        for t in (2, 4, 8):
+            before = len(found)
+            tp = config.parallel.model_copy(update={"strategy": "tp", "world_size": t, "tp_size": t})
+            trial(f"--parallel tp -n {t}", config.model_copy(update={"parallel": tp}), "tp", t)
+            if len(found) > before and (found[-1].fits or t == 8):
+                break
+            if len(found) > before:
+                found.pop()
     n = max(world_size, 2) if parallel else 8
     rank = STAGES.index(parallel) if parallel in STAGES else -1 if parallel is None else len(STAGES)
     higher = [stage for i, stage in enumerate(STAGES) if i > rank]

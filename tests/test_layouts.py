@@ -174,3 +174,19 @@ def test_mlp_autocast_under_fsdp2_is_refused_in_one_line() -> None:
     """Not modelled for the mlp family (it was an internal error): one line, exit 2."""
     result = runner.invoke(app, ["estimate", "-p", "amp-bf16", "--parallel", "zero3"])
     assert result.exit_code == 2 and "training.precision" in result.output and "internal" not in result.output
+
+
+def test_fit_offers_the_smallest_tensor_parallel_degree() -> None:
+    """One device that does not fit: the smallest of TP 2, 4, 8 that fits is offered (else 8), re-estimated
+    as the worst TP rank."""
+    from estimator.fit import alternatives
+    from estimator.hardware import get_gpu
+
+    cfg = load_config(None, ["model.preset=llama-2-7b", "training.batch_size=1"])
+    found = [a for a in alternatives(cfg, get_gpu("a100-40gb"), None, 1) if a.change.startswith("--parallel tp")]
+    assert len(found) == 1
+    t = int(found[0].change.rsplit(" ", 1)[1])
+    assert found[0].fits or t == 8
+    expected = per_rank_estimate(cfg.model_copy(update={"parallel": cfg.parallel.model_copy(
+        update={"strategy": "tp", "world_size": t, "tp_size": t})}), "tp", t, "cuda")
+    assert found[0].needed_bytes >= expected.peak_bytes

@@ -231,7 +231,9 @@ def _wrap(model: nn.Module, strategy: str, world_size: int, reshard_after_forwar
     policy = {} if mp_policy is None else {"mp_policy": mp_policy}
     for block in _blocks(model):
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard, **policy)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard, **policy)
+    # the root as FSDP2 sets it when not told (reshard_after_forward=None): kept gathered from its forward
+    # to its backward, which starts with it (docs/distributed.md); False when blocks are kept too
+    fully_shard(model, mesh=mesh, reshard_after_forward=None if reshard else False, **policy)
     return model
 
 

@@ -564,10 +564,10 @@ def fsdp_communication(ctx: RankContext, strategy: str, reshard_after_forward: b
     dt = collective_dtypes(ctx.config, strategy)
     gather, reduce = KindVolume(), KindVolume()
     padded = {p.name: -(-p.shape[0] // n) * prod(p.shape[1:]) for p in ctx.params}  # = shard(p, n, r).padded.numel
-    for ps in fsdp_units(ctx.config, ctx.params).values():
+    for unit, ps in fsdp_units(ctx.config, ctx.params).items():
         chunk = sum(padded[p.name] for p in ps)  # the same for every rank
         one = KindVolume(1, chunk * dt.parameter_bytes, n * chunk * dt.parameter_bytes)
-        gather += one.times(2 if reshard_after_forward else 1)
+        gather += one.times(2 if reshard_after_forward and unit != "root" else 1)
         grads = sum(padded[p.name] for p in ps if p.trainable)
         if grads:
             full = n * grads * dt.gradient_bytes
