@@ -11,6 +11,7 @@ from estimator import load_config
 from estimator.cli import app
 from estimator.parallel import per_rank_estimate, per_rank_estimates, rank_groups
 from estimator.parallel.fsdp import shard_groups, unit_of
+from tests.fsdp_ranks import assert_fsdp2_ranks_match
 
 runner = CliRunner()
 TINY = {"family": "transformer", "d_model": 16, "num_heads": 2, "vocab_size": 32, "max_seq_len": 8}
@@ -78,24 +79,7 @@ def test_fsdp_for_every_preset_answers() -> None:
 @pytest.mark.slow
 def test_real_fsdp2_ranks_match_to_the_byte() -> None:
     """fully_shard on each block then the root, 2 gloo processes: each rank's figures equal the estimate."""
-    torch = pytest.importorskip("torch")
-    if not torch.distributed.is_available():
-        pytest.skip("torch.distributed is not available in this torch build")
-    from estimator.measure.distributed import measure_distributed
-    from estimator.parallel.base import RankContext
-    from estimator.parallel.fsdp import unit_events
-    from estimator.simulate import assemble_step
-
-    cfg = _config()
-    for m in measure_distributed(cfg, "zero3", 2, timeout=120):
-        e = per_rank_estimate(cfg, "zero3", 2, "cpu", m.rank)
-        assert (m.parameters, m.gradients, m.optimizer_state) == (e.parameters, e.gradients, e.optimizer_state)
-        # Two orders have been measured: a block's gradients freed before the reduce-scatter (the estimate;
-        # runs in the development tree) or after it (runs in a fresh CI virtual environment); both modelled
-        late = assemble_step(*unit_events(RankContext(cfg, 2, "cpu"), m.rank, late_gradients=True))
-        # gloo may also mix the two unit by unit (a peak between them was seen): a run lies between them
-        assert e.first_step_peak_bytes <= m.first_step.peak_bytes <= late.first_peak.bytes
-        assert e.peak_bytes <= m.steady_step.peak_bytes <= late.steady_peak.bytes
+    assert_fsdp2_ranks_match(_config(), timeout=120)
 
 
 @pytest.mark.slow

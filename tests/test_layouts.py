@@ -12,6 +12,7 @@ from estimator.api import estimate
 from estimator.cli import app
 from estimator.layouts import bytes_per_parameter
 from estimator.parallel import model_state_bytes, per_rank_estimate, per_rank_estimates
+from tests.fsdp_ranks import assert_fsdp2_ranks_match
 
 runner = CliRunner()
 TINY = {"family": "transformer", "d_model": 16, "num_heads": 2, "vocab_size": 32, "max_seq_len": 8}
@@ -106,23 +107,7 @@ def test_master_weights_exact_against_a_real_step(overrides: list[str]) -> None:
 
 def test_fsdp2_mixed_precision_policy_exact_on_real_ranks() -> None:
     """fully_shard(mp_policy=MixedPrecisionPolicy(bf16, fp32)) on 2 gloo ranks: states and peaks to the byte."""
-    torch = pytest.importorskip("torch")
-    if not torch.distributed.is_available():
-        pytest.skip("torch.distributed is not available in this torch build")
-    from estimator.measure.distributed import measure_distributed
-    from estimator.parallel.base import RankContext
-    from estimator.parallel.fsdp import unit_events
-    from estimator.simulate import assemble_step
-
-    cfg = _tiny()
-    for m in measure_distributed(cfg, "zero3", 2, timeout=300):
-        e = per_rank_estimate(cfg, "zero3", 2, "cpu", m.rank)
-        assert (m.parameters, m.gradients, m.optimizer_state) == (e.parameters, e.gradients, e.optimizer_state)
-        late = assemble_step(*unit_events(RankContext(cfg, 2, "cpu"), m.rank, late_gradients=True))
-        # gloo releases a block's last gradients before or after its reduce-scatter, unit by unit (both
-        # orders modelled, docs/distributed.md): a run lies between the two, at one of them when all agree
-        assert e.first_step_peak_bytes <= m.first_step.peak_bytes <= late.first_peak.bytes
-        assert e.peak_bytes <= m.steady_step.peak_bytes <= late.steady_peak.bytes
+    assert_fsdp2_ranks_match(_tiny())
 
 
 def test_verify_refuses_master_weights_without_a_torch_engine() -> None:
