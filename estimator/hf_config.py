@@ -356,8 +356,8 @@ def engine_default(engine: str) -> Iterator[None]:
 
 def default_engine(model_type: Any) -> str:
     """``analytic`` for a covered type unless :func:`engine_default` says ``transformers`` -- and then still
-    for the MoE types (transformers' default grouped_mm experts do not trace in fp32 on fake tensors,
-    docs/hf.md) and when transformers is not installed; ``transformers`` for every other type."""
+    for the MoE types (whose verify re-estimates with the measured routing, docs/moe.md) and when
+    transformers is not installed; ``transformers`` for every other type."""
     from estimator.families.hf import transformers_installed
 
     if model_type not in _READERS:

@@ -19,11 +19,17 @@ entry's real kernel on real tensors and checks the bytes it returns against the 
   (:func:`lstm_workspace_bytes`).
 * ``aten.mkldnn_rnn_layer_backward``: the meta kernel returns one tensor for both bias gradients, the
   real kernel two (:data:`DISTINCT_OUTPUTS`, applied by :func:`separate_outputs`).
+* ``aten._grouped_mm`` (transformers 5's default MoE experts): the meta kernel refuses fp32 inputs
+  (``_meta_grouped_mm_common`` mirrors the CUDA kernel's bf16-only check) where the CPU kernel computes
+  them; during a trace an fp32 call gets the meta kernel's output tensor, shaped and strided as the real
+  one (:func:`fp32_grouped_mm_meta`; checked against the real kernel in the tests).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -155,3 +161,28 @@ REAL_KERNEL_BYTES: dict[Any, Correction] = {
 DISTINCT_OUTPUTS: dict[Any, tuple[int, ...]] = {
     _aten.mkldnn_rnn_layer_backward.default: (3, 4),
 }
+
+
+@contextlib.contextmanager
+def fp32_grouped_mm_meta() -> Iterator[None]:
+    """Let the fake kernel of ``aten._grouped_mm`` take fp32 inputs, as the CPU kernel does, while tracing.
+
+    Other dtypes go to torch's own meta kernel, checks included. The override is a ``torch.library``
+    registration for the Meta key, removed on exit.
+    """
+    from torch._meta_registrations import _create_grouped_mm_output_tensor, meta_grouped_mm
+
+    def grouped_mm(mat_a: Tensor, mat_b: Tensor, offs: Tensor | None = None, bias: Tensor | None = None,
+                   out_dtype: torch.dtype | None = None) -> Tensor:
+        if mat_a.dtype == mat_b.dtype == torch.float32 and out_dtype in (None, torch.float32) and bias is None:
+            return _create_grouped_mm_output_tensor(mat_a, mat_b, offs, torch.float32)
+        return meta_grouped_mm(mat_a, mat_b, offs, bias, out_dtype)
+
+    with warnings.catch_warnings():  # "overriding a previously registered kernel": on purpose, undone on exit
+        warnings.simplefilter("ignore")
+        library = torch.library.Library("aten", "IMPL")
+        library.impl("_grouped_mm", grouped_mm, "Meta")
+    try:
+        yield
+    finally:
+        library._destroy()

@@ -62,7 +62,12 @@ from estimator.families.module import (
     TensorSpec,
     resolve_spec,
 )
-from estimator.measure.kernel_corrections import DISTINCT_OUTPUTS, REAL_KERNEL_BYTES, separate_outputs
+from estimator.measure.kernel_corrections import (
+    DISTINCT_OUTPUTS,
+    REAL_KERNEL_BYTES,
+    fp32_grouped_mm_meta,
+    separate_outputs,
+)
 from estimator.measure.known_values import KnownValues, transformers_sees_values
 from estimator.measure.module_build import build_for_real, described, module_tensors, to_fake, user_location
 from estimator.measure.step import gc_paused
@@ -558,7 +563,7 @@ def _run_trace(model: ModuleConfig, precision: str) -> ModuleTrace:
     amp = AUTOCAST_DTYPES.get(precision)
     tracker = _StepTracker()
     fake = FakeTensorMode(allow_fallback_kernels=False, allow_non_fake_inputs=True)
-    with _quiet_fake_tensor_log(), fake, tracker:
+    with _quiet_fake_tensor_log(), fp32_grouped_mm_meta(), fake, tracker:
         module, built = _construct(factory, model, fake, tracker)
         with _stage("model.module", f"building {model.module}"):
             convert_floating(module, data_dtype)
