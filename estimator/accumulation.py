@@ -14,8 +14,9 @@ divides). The first micro-batch is the single step's forward and backward: every
 and is kept (AccumulateGrad steals the incoming tensor). In every later micro-batch the gradients
 already exist, so AccumulateGrad adds each incoming gradient into ``.grad`` in place and drops it
 (``torch/csrc/autograd/functions/accumulate_grad.h``, ``accumulateGrad``: ``variable_grad += new_grad``
-when grad mode is off); the engine runs AccumulateGrad nodes first (their sequence number is the
-largest), so the incoming tensor is freed before the next backward node runs. A later micro-batch
+when grad mode is off); the engine runs an AccumulateGrad node as soon as the node that made its
+gradient is done (its sequence number is the largest), so the incoming tensor lives until then
+(:func:`later_micro_batch_at`). A later micro-batch
 returns to the bytes it started from, so micro-batches 3..K repeat the second's peak exactly: the
 step is modelled as two micro-batches for any K >= 2, which is exact and costs the same for every K.
 """
@@ -27,8 +28,6 @@ from typing import Any
 
 from estimator.events import Event, alloc, free
 
-#: the most micro-batches a step accepts (a bound on the input, not a cost: the step costs two at most)
-MAX_ACCUM_STEPS = 1 << 20
 #: suffix of the tensors of micro-batches 2..K (so one micro-batch's saved activations are told apart)
 LATER = "@later"
 
@@ -110,11 +109,16 @@ def accumulated_body(body: list[Event], after_each: list[Event], steps: int) -> 
     loss dropped after each backward). ``steps == 1`` is the plain step, unchanged."""
     if steps <= 1:
         return body
-    dropped = [Event(e.name, e.role, e.nbytes, "backward") for e in after_each]
+    dropped = after_backward(after_each)
     later = later_micro_batch(body)
     made = {e.name for e in later if e.nbytes > 0}
     renamed = [Event(e.name + LATER, e.role, e.nbytes, e.phase) if e.name in made else e for e in later]
     return body + dropped + renamed + [Event(e.name + LATER, e.role, e.nbytes, e.phase) for e in dropped]
+
+
+def after_backward(end_of_step: list[Event]) -> list[Event]:
+    """A family's end-of-step frees (the output and loss), done after each micro-batch's backward."""
+    return [Event(e.name, e.role, e.nbytes, "backward") for e in end_of_step]
 
 
 def scale_flops(flops: Any, steps: int) -> Any:

@@ -177,12 +177,17 @@ def alternatives(config: Config, gpu: GPU, parallel: str | None, world_size: int
     budget = gpu.memory_bytes - CONTEXT_RESERVE
     found: list[Alternative] = []
 
-    def trial(change: str, cfg: Config, strategy: str | None, n: int) -> None:
+    def attempt(change: str, cfg: Config, strategy: str | None, n: int) -> Alternative | None:
         try:
             peak, ranks = step_peak(cfg, strategy, n)
         except Exception:  # noqa: BLE001 - an alternative this model cannot take is simply not offered
-            return
-        found.append(Alternative(change, peak + CONTEXT_RESERVE, peak <= budget, ranks))
+            return None
+        return Alternative(change, peak + CONTEXT_RESERVE, peak <= budget, ranks)
+
+    def trial(change: str, cfg: Config, strategy: str | None, n: int) -> None:
+        option = attempt(change, cfg, strategy, n)
+        if option is not None:
+            found.append(option)
 
     def updated(section: str, **values: Any) -> Config:
         part = getattr(config, section).model_copy(update=values)
@@ -212,13 +217,11 @@ def alternatives(config: Config, gpu: GPU, parallel: str | None, world_size: int
     if family == "transformer" and parallel is None:
         # tensor parallelism (docs/tp.md): the smallest degree of 2, 4, 8 that fits, else 8
         for t in (2, 4, 8):
-            before = len(found)
             tp = config.parallel.model_copy(update={"strategy": "tp", "world_size": t, "tp_size": t})
-            trial(f"--parallel tp -n {t}", config.model_copy(update={"parallel": tp}), "tp", t)
-            if len(found) > before and (found[-1].fits or t == 8):
+            option = attempt(f"--parallel tp -n {t}", config.model_copy(update={"parallel": tp}), "tp", t)
+            if option is not None and (option.fits or t == 8):
+                found.append(option)
                 break
-            if len(found) > before:
-                found.pop()
     n = max(world_size, 2) if parallel else 8
     rank = STAGES.index(parallel) if parallel in STAGES else -1 if parallel is None else len(STAGES)
     higher = [stage for i, stage in enumerate(STAGES) if i > rank]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from math import prod
 from typing import Any
 
-from estimator.accumulation import later_micro_batch_at
+from estimator.accumulation import after_backward, later_micro_batch_at
 from estimator.config import Config
 from estimator.errors import EstimatorError
 from estimator.events import Event, alloc, free
@@ -448,24 +448,21 @@ def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True,
             accumulating = u in state["sharded_grads"] or offload  # offload: the shard goes to host memory
             state["sharded_grads"].add(u)
             if r_b == dt.shard and not accumulating:
-                out.append(alloc(f"{u}.grad_shards", "gradient", local[u] * dt.shard, phase))
+                reduced = alloc(f"{u}.grad_shards", "gradient", local[u] * dt.shard, phase)
             else:
-                out.append(alloc(f"{u}.reduce_output", "temporary", local[u] * r_b, phase))
+                reduced = alloc(f"{u}.reduce_output", "temporary", local[u] * r_b, phase)
+            out.append(reduced)
             if gloo_copy:
                 out.append(alloc(f"{u}.gloo_copy", "temporary", gathered[u] * r_b, phase))
                 out.append(free(f"{u}.gloo_copy", "temporary", gathered[u] * r_b, phase))
-            added = None
+            result = reduced
             if r_b != dt.shard:  # the reduce-dtype output cast to the shards' dtype, then dropped
-                added = alloc(f"{u}.grad_shards", "gradient", local[u] * dt.shard, phase) if not accumulating \
+                result = alloc(f"{u}.grad_shards", "gradient", local[u] * dt.shard, phase) if not accumulating \
                     else alloc(f"{u}.reduce_output_cast", "temporary", local[u] * dt.shard, phase)
-                out.append(added)
-                out.append(free(f"{u}.reduce_output", "temporary", local[u] * r_b, phase))
-            elif accumulating:
-                added = alloc(f"{u}.reduce_output", "temporary", local[u] * r_b, phase)
+                out.extend([result, free(reduced.name, reduced.role, reduced.nbytes, phase)])
             out.extend(free(name, "gradient", nbytes, phase) for name, nbytes in [*last_frees, last_grad])
-            # added into .grad in place (or copied to the host's pinned .grad): dropped when foreach_reduce returns
-            if accumulating and added is not None:
-                out.append(free(added.name, added.role, added.nbytes, phase))
+            if accumulating:  # added into .grad in place (or copied to the host's .grad): dropped on return
+                out.append(free(result.name, result.role, result.nbytes, phase))
             state["rs_live"] = u
 
     end = family.end_of_step_events(config.model, config.training, shape)
@@ -488,7 +485,7 @@ def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True,
             prev, state["rs_live"] = state["rs_live"], None
             out.append(free(f"{prev}.rs_input", "temporary", gathered[prev] * r_b, "backward"))
         if accumulate:  # each micro-batch's output and loss dropped after its backward
-            out.extend(Event(e.name, e.role, e.nbytes, "backward") for e in end)
+            out.extend(after_backward(end))
 
     local_params = [shards[p.name].local for p in ctx.params if p.trainable]
     # zero_grad(set_to_none=True) in parameter order: a unit's flat gradient shard goes with its last view
