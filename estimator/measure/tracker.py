@@ -12,6 +12,7 @@ all live tensor bytes on the device. See ``docs/measurement.md`` for what it can
 
 from __future__ import annotations
 
+import sys
 import threading
 import weakref
 from collections.abc import Iterable
@@ -23,8 +24,40 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 
+from estimator.measure.settle import settle_worker_threads
+
+
+def _patch_async_wait() -> Any:
+    """An ``AsyncCollectiveTensor`` waits inside its own ``__torch_dispatch__``, where this mode does not
+    see the ``wait_tensor`` op: wrap the Python function it calls so those waits settle too. Returns the
+    original (None outside a process group: nothing to wrap)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return None
+    import torch.distributed._functional_collectives as funcol
+
+    original = funcol.wait_tensor
+
+    def wait_tensor(tensor: torch.Tensor) -> torch.Tensor:
+        out = original(tensor)
+        settle_worker_threads()
+        return out
+
+    funcol.wait_tensor = wait_tensor
+    return original
+
+
+def _unpatch_async_wait(original: Any) -> None:
+    if original is not None:
+        sys.modules["torch.distributed._functional_collectives"].wait_tensor = original
+
+
 #: ``kind`` of a :class:`MemoryEvent`.
 ALLOC, FREE, RESIZE, EXISTING = "alloc", "free", "resize", "existing"
+
+
+#: The op whose return means a functional collective finished (its worker may still hold its tensors).
+WAIT_TENSOR = "_c10d_functional.wait_tensor.default"
 
 
 @dataclass(frozen=True)
@@ -77,6 +110,7 @@ class LiveTensorTracker(TorchDispatchMode):
         self._next_sid = 0
         self._lock = threading.RLock()  # CUDA backward runs on a device thread; weakref callbacks too
         self._saved_resize: list[Any] = []
+        self._saved_wait: list[Any] = []
         self.phase_peaks[phase] = 0
 
     # ----------------------------------------------------------------- phases and peaks
@@ -132,6 +166,7 @@ class LiveTensorTracker(TorchDispatchMode):
             return result
 
         torch.UntypedStorage.resize_ = resize_  # type: ignore[method-assign]
+        self._saved_wait.append(_patch_async_wait())
         super().__enter__()
         return self
 
@@ -143,10 +178,13 @@ class LiveTensorTracker(TorchDispatchMode):
     ) -> None:
         super().__exit__(exc_type, exc_val, exc_tb)
         torch.UntypedStorage.resize_ = self._saved_resize.pop()  # type: ignore[method-assign]
+        _unpatch_async_wait(self._saved_wait.pop())
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
         op = str(func)
+        if op == WAIT_TENSOR:  # a collective finished: let its worker thread drop the tensors first
+            settle_worker_threads()
         # lift_fresh* is how torch.tensor(data) surfaces: its output is new memory, not an alias.
         fresh = op.startswith("aten.lift_fresh")
         input_ids: set[int] | None = None
