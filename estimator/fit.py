@@ -237,19 +237,34 @@ def alternatives(config: Config, gpu: GPU, parallel: str | None, world_size: int
 def _smallest_world(config: Config, budget: int) -> tuple[int, int, str] | None:
     """The smallest power-of-two world size whose zero3 worst rank fits (None: not even 8,192 ranks)."""
     try:
-        if step_peak(config, "zero3", WORLD_SIZES[-1])[0] > budget:
+        if not _zero3_fits(config, WORLD_SIZES[-1], budget):
             return None
     except Exception:  # noqa: BLE001 - a family zero3 does not model
         return None
     lo, hi = -1, len(WORLD_SIZES) - 1  # the peak falls as ranks grow: bisect on the index
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if step_peak(config, "zero3", WORLD_SIZES[mid])[0] <= budget:
+        if _zero3_fits(config, WORLD_SIZES[mid], budget):
             hi = mid
         else:
             lo = mid
     peak, ranks = step_peak(config, "zero3", WORLD_SIZES[hi])
     return WORLD_SIZES[hi], peak, ranks
+
+
+def _zero3_fits(config: Config, world_size: int, budget: int) -> bool:
+    """Whether every zero3 rank of ``world_size`` fits in ``budget``, rank 0 first.
+
+    Rank 0 alone answers "no": the worst rank's peak is at least rank 0's. Only when rank 0 fits are
+    the other distinct ranks computed (``rank_groups``, kept for the answer), so a world size that does
+    not fit costs one rank, not every distinct one.
+    """
+    from estimator.parallel import per_rank_estimate
+
+    first = per_rank_estimate(config, "zero3", world_size, "cuda", 0)
+    if max(first.peak_bytes, first.first_step_peak_bytes) > budget:
+        return False
+    return step_peak(config, "zero3", world_size)[0] <= budget
 
 
 @without_gc

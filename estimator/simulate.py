@@ -8,7 +8,7 @@ puts them in order. Pure Python.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -91,7 +91,8 @@ class CompressedStep:
     programs: tuple[Program, Program, Program]  # setup, first step, steady step
     first_peak: Peak
     steady_peak: Peak
-    flatten: Callable[[], SimulatedStep] = field(repr=False, compare=False)
+    # the flat event lists of setup, the first and a steady step, built when asked for
+    build_events: Callable[[], tuple[list[Event], list[Event], list[Event]]] = field(repr=False, compare=False)
     # the same programs before CUDA's 512-byte rounding (None when nothing was rounded)
     exact_programs: tuple[Program, Program, Program] | None = field(default=None, repr=False, compare=False)
 
@@ -107,12 +108,17 @@ class CompressedStep:
         return {role: n for role, n in totals.items() if n}
 
     @cached_property
-    def _flat(self) -> SimulatedStep:
-        return self.flatten()
+    def _events(self) -> tuple[list[Event], list[Event], list[Event]]:
+        """The flat lists alone (a strategy that edits events by name needs no replay of them)."""
+        return self.build_events()
 
-    setup = property(lambda self: self._flat.setup)
-    first_step = property(lambda self: self._flat.first_step)
-    steady_step = property(lambda self: self._flat.steady_step)
+    @cached_property
+    def _flat(self) -> SimulatedStep:
+        return assemble_step(*self._events)
+
+    setup = property(lambda self: self._events[0])
+    first_step = property(lambda self: self._events[1])
+    steady_step = property(lambda self: self._events[2])
     live_before_first = property(lambda self: self._flat.live_before_first)
     live_before_steady = property(lambda self: self._flat.live_before_steady)
 
@@ -147,31 +153,65 @@ def layered_step(config: Config, build: Callable[[Config], tuple[list[Event], li
     ``periodic_programs`` (what ``build`` depends on besides sizes)."""
     done = finish or (lambda events: events)
 
-    def flat() -> SimulatedStep:
+    def events() -> tuple[list[Event], list[Event], list[Event]]:
         setup, first, steady = build(config)
-        return assemble_step(done(setup), done(first), done(steady))
+        return done(setup), done(first), done(steady)
 
+    programs = _periodic_lists(config, lambda c: list(build(c)), shape_key)
+    if programs is not None:
+        return compressed_step(tuple(map_events(p, done) for p in programs), events,
+                               programs if finish is not None else None)
+    return assemble_step(*events())
+
+
+def layered_programs(config: Config, build: Callable[[Config], Sequence[list[Event]]],
+                     finish: Callable[[list[Event]], list[Event]] | None = None,
+                     shape_key: Hashable | None = None) -> tuple[Program, ...]:
+    """``build(config)``'s event lists (any number, empty ones allowed) as programs, each list passed
+    through ``finish``: compressed as :func:`layered_step` compresses a step, else one segment per list."""
+    done = finish or (lambda events: events)
+    programs = _periodic_lists(config, build, shape_key)
+    if programs is None:
+        return tuple((Segment(tuple(done(events))),) if events else () for events in build(config))
+    return tuple(map_events(p, done) for p in programs)
+
+
+def _periodic_lists(config: Config, build: Callable[[Config], Sequence[list[Event]]],
+                    shape_key: Hashable | None) -> tuple[Program, ...] | None:
+    """The periodic programs of ``build``'s lists (None: too few layers, or not periodic). A list that is
+    empty at every layer count built is an empty program; one empty at some counts only is not periodic."""
     layers = getattr(config.model, "num_layers", None)
-    if isinstance(layers, int) and layers > COMPRESS_ABOVE_LAYERS:
-        # a block that repeats may span several layers (an MoE layer every k), after some that do not
-        # (DeepSeek's dense first layers): read the pattern where two whole periods follow those
-        period = max(1, getattr(config.model, "moe_layer_step", 1) or 1)
-        base = max(BASE_LAYERS, (getattr(config.model, "first_dense_layers", 0) or 0) + 2 * period)
-        programs = periodic_programs(lambda n: build(with_layers(config, n)), layers, base=base,
-                                     shape_key=shape_key, period=period)
-        if programs is not None:
-            return compressed_step(tuple(map_events(p, done) for p in programs), flat,
-                                   programs if finish is not None else None)
-    return flat()
+    if not isinstance(layers, int) or layers <= COMPRESS_ABOVE_LAYERS:
+        return None
+    # a block that repeats may span several layers (an MoE layer every k), after some that do not
+    # (DeepSeek's dense first layers): read the pattern where two whole periods follow those
+    period = max(1, getattr(config.model, "moe_layer_step", 1) or 1)
+    base = max(BASE_LAYERS, (getattr(config.model, "first_dense_layers", 0) or 0) + 2 * period)
+    filled: list[tuple[bool, ...]] = []
+
+    def nonempty(n: int) -> list[list[Event]]:
+        lists = list(build(with_layers(config, n)))
+        pattern = tuple(bool(events) for events in lists)
+        if filled and pattern != filled[0]:
+            raise ValueError("a list is empty at some layer counts only")
+        filled.append(pattern)
+        return [events for events in lists if events]
+
+    programs = periodic_programs(nonempty, layers, base=base, shape_key=shape_key, period=period)
+    if programs is None:
+        return None
+    found = iter(programs)
+    return tuple(next(found) if full else () for full in filled[0])
 
 
-def compressed_step(programs: tuple[Program, ...], flatten: Callable[[], SimulatedStep],
+def compressed_step(programs: tuple[Program, ...],
+                    build_events: Callable[[], tuple[list[Event], list[Event], list[Event]]],
                     exact: tuple[Program, ...] | None = None) -> CompressedStep:
     setup, first, steady = (summary_of(p) for p in programs)
     live_first = dict(setup.roles)
     live_steady = dict(_merge(setup.roles, first.roles))
     return CompressedStep(programs, peak_of(first, live_first), peak_of(steady, live_steady),
-                          flatten, exact)  # type: ignore[arg-type]
+                          build_events, exact)  # type: ignore[arg-type]
 
 
 def _delta_program(rounded: Program, exact: Program) -> Program:
@@ -312,7 +352,8 @@ def round_blocks(events: list[Event]) -> list[Event]:
         sign = 1 if n > 0 else -1
         return sign * (-(-abs(n) // CUDA_BLOCK) * CUDA_BLOCK)
 
-    return [Event(e.name, e.role, up(e.nbytes), e.phase) for e in events]
+    # an event already a whole number of blocks is kept as it is (events are immutable): most are
+    return [e if not e.nbytes % CUDA_BLOCK else Event(e.name, e.role, up(e.nbytes), e.phase) for e in events]
 
 
 def state_events(

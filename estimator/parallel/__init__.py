@@ -11,6 +11,7 @@ splits the global batch, so activations do not change.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 from estimator.config import Config
 from estimator.families.base import get_family
@@ -43,12 +44,20 @@ __all__ = ["MAX_WORLD_SIZE", "STRATEGIES", "RankEstimate", "RankGroup", "ddp_buc
 
 @without_gc
 def rank_groups(config: Config, strategy: str, world_size: int, device: str = "cuda") -> list[RankGroup]:
-    """The distinct ranks of ``strategy`` on ``world_size`` ranks, each computed once, with the ranks it covers."""
+    """The distinct ranks of ``strategy`` on ``world_size`` ranks, each computed once, with the ranks it covers.
+
+    The same layout asked again in one process (the report and ``--gpu``'s fit, the fit's alternatives and
+    its search for the smallest world size) is answered from a small cache keyed by the config's JSON:
+    the result is immutable, as :func:`~estimator.simulate.simulate`'s.
+    """
     chosen = tp.mesh_strategy(config, strategy) or get_strategy(strategy)
     check_world_size(world_size)
-    ctx = RankContext(config, world_size, device)
-    return merge_equal([(ranges, with_communication(chosen, ctx, rep, chosen.estimate(ctx, rep)))
-                        for ranges, rep in chosen.groups(ctx)])
+    key = (config.model_dump_json(), strategy, world_size, device)
+    if key not in _GROUPS:
+        ctx = RankContext(config, world_size, device)
+        groups = merge_equal([(ranges, _rank_estimate(chosen, ctx, key, rep)) for ranges, rep in chosen.groups(ctx)])
+        _remember(_GROUPS, key, groups)
+    return list(_GROUPS[key])
 
 
 def per_rank_estimate(
@@ -57,8 +66,33 @@ def per_rank_estimate(
     """The memory of ``rank`` when the step runs data-parallel on ``world_size`` ranks with ``strategy``."""
     chosen = tp.mesh_strategy(config, strategy) or get_strategy(strategy)
     check_world_size(world_size, rank)
-    ctx = RankContext(config, world_size, device)
-    return with_communication(chosen, ctx, rank, chosen.estimate(ctx, rank))
+    key = (config.model_dump_json(), strategy, world_size, device)
+    if (*key, rank) in _RANKS:
+        return _RANKS[(*key, rank)]
+    return _rank_estimate(chosen, RankContext(config, world_size, device), key, rank)
+
+
+def _rank_estimate(chosen: Any, ctx: RankContext, key: tuple[str, str, int, str], rank: int) -> RankEstimate:
+    """One rank's estimate with its communication, made once per (config, strategy, world size, device, rank)."""
+    if (*key, rank) not in _RANKS:
+        _remember(_RANKS, (*key, rank), with_communication(chosen, ctx, rank, chosen.estimate(ctx, rank)))
+    return _RANKS[(*key, rank)]
+
+
+_GROUPS: dict[tuple[str, str, int, str], list[RankGroup]] = {}
+_RANKS: dict[tuple[str, str, int, str, int], RankEstimate] = {}
+
+
+def _remember(cache: dict[Any, Any], key: Any, value: Any, size: int = 64) -> None:
+    if len(cache) >= size:
+        cache.pop(next(iter(cache)))
+    cache[key] = value
+
+
+def clear_caches() -> None:
+    """Forget every layout estimated in this process (benchmarks time a cold estimate with it)."""
+    _GROUPS.clear()
+    _RANKS.clear()
 
 
 def per_rank_estimates(config: Config, strategy: str, world_size: int, device: str = "cuda") -> list[RankEstimate]:

@@ -142,7 +142,8 @@ class Zero3:
         # a rank's FSDP2 step repeats per block like the model's: costed once per distinct block (periodic.py)
         # the events' order and names do not depend on the world size or the rank (sizes do): one key for all
         key = (_shape_key(config, ctx.device), "fsdp", reshards)
-        step = layered_step(config, build, ctx.round if ctx.device == "cuda" else None, key)
+        step = _split_step(ctx, rank, reshards) or layered_step(config, build, ctx.round if ctx.device == "cuda"
+                                                                else None, key)
         local_state = [s.local for s, p in zip(shards, params, strict=True) if p.trainable]
         dtypes = ShardDtypes.of(ctx)
         parameters = sum(s.padded.numel for s in shards) * dtypes.shard
@@ -156,6 +157,19 @@ class Zero3:
                                 RankStep(step.first_peak, step.steady_peak, saved), host=host)
         return RankEstimate(self.name, world_size, rank, parameters, gradients, state, step_tensors, saved, 0,
                             RankStep(step.first_peak, step.steady_peak, saved))
+
+
+def _split_step(ctx: RankContext, rank: int, reshards: bool) -> RankStep | None:
+    """The rank's peaks from the part every rank shares and its own optimizer events (``fsdp_split.py``);
+    None where that split does not apply (then the rank's whole step is simulated)."""
+    from estimator.parallel.fsdp_split import SPLIT_FAMILIES, NotSplit, split_rank_step
+
+    if ctx.config.model.family not in SPLIT_FAMILIES:
+        return None
+    try:
+        return split_rank_step(ctx, rank, reshards)
+    except NotSplit:
+        return None
 
 
 def _zero3_events(

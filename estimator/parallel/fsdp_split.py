@@ -1,0 +1,132 @@
+"""FSDP2's distinct ranks without re-simulating the step for each: the part every rank shares, once.
+
+Under Shard(0) every rank allocates the same padded storage, all-gathers and reduce-scatters the same
+bytes, so a rank's step (``fsdp.unit_events``) is the same events as any other's except where the
+rows it really owns are used: the optimizer state it creates (``zeros_like`` of the local shard) and
+the temporaries of ``optimizer.step()``. A rank's first step is therefore
+
+    shared forward/backward  ·  its optimizer step  ·  shared zero_grad tail
+
+and its setup the shared setup plus, for an optimizer that makes its state in the constructor, its
+own state. The shared lists are read off rank 0's step once per layout (and checked: rank 0's lists
+must be exactly shared part + rank 0's optimizer events, else the caller takes the full path); each
+rank then costs only its optimizer events, compressed per layer like the step (``periodic.py``), and
+the peaks come from composing :class:`~estimator.timeline.Summary` values, which is exact (the
+summaries form a monoid: ``timeline.py``). ``tests/test_speed_fsdp.py`` checks every rank's peaks
+against the full per-rank simulation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from estimator.config import Config
+from estimator.events import Event
+from estimator.parallel.base import RankContext, RankStep, chain
+from estimator.periodic import Program, summary_of
+from estimator.simulate import _shape_key, layered_programs, optimizer_step_events, state_events
+from estimator.timeline import Summary, peak_of
+
+#: families whose FSDP2 step is split this way (``unit_events`` on their marked events)
+SPLIT_FAMILIES = ("transformer", "moe")
+
+
+class NotSplit(ValueError):
+    """Rank 0's step is not shared part + its optimizer events: the caller simulates each rank in full."""
+
+
+def _optimizer_lists(small: RankContext, rank: int) -> tuple[list[Event], list[Event], list[Event]]:
+    """What ``unit_events`` adds for ``rank``'s own rows: constructor state (setup), then each step's
+    ``optimizer.step()`` (nothing on the device under CPU offload)."""
+    from estimator.parallel.fsdp import shard
+
+    if small.config.parallel.offload:
+        return [], [], []
+    local = [shard(p, small.world_size, rank).local for p in small.params if p.trainable]
+    setup = (state_events(small.spec, local, small.config, "setup", small.step_bytes)
+             if small.spec.state_init == "constructor" else [])
+    return (setup,
+            optimizer_step_events(small.spec, local, small.config, small.impl, small.step_bytes, first=True),
+            optimizer_step_events(small.spec, local, small.config, small.impl, small.step_bytes, first=False))
+
+
+def _cut(events: list[Event], own: list[Event]) -> tuple[list[Event], list[Event]]:
+    """``events`` = before + ``own`` + after, ``own`` starting at the first optimizer_step event (or, in
+    setup, at the end): (before, after). Raises :class:`NotSplit` when that is not so."""
+    if not own:
+        return events, []
+    at = next((i for i, e in enumerate(events) if e.phase == "optimizer_step"), len(events) - len(own))
+    if events[at:at + len(own)] != own:
+        raise NotSplit("the optimizer's events are not where the split expects them")
+    return events[:at], events[at + len(own):]
+
+
+def _shared_lists(world_size: int, device: str, reshards: bool) -> Callable[[Config], list[list[Event]]]:
+    """Rank 0's step less its optimizer events: setup, first step before/after, steady step before/after."""
+    from estimator.parallel.fsdp import unit_events
+
+    def build(cfg: Config) -> list[list[Event]]:
+        small = RankContext(cfg, world_size, device)
+        setup, first, steady = unit_events(small, 0, reshard_after_forward=reshards)
+        own_setup, own_first, own_steady = _optimizer_lists(small, 0)
+        common_setup, rest = _cut(setup, own_setup)
+        if rest:
+            raise NotSplit("setup continues after the optimizer's state")
+        return [common_setup, *_cut(first, own_first), *_cut(steady, own_steady)]
+
+    return build
+
+
+def split_rank_step(ctx: RankContext, rank: int, reshards: bool) -> RankStep:
+    """``rank``'s first- and steady-step peaks from the shared lists (made once per context) and its own
+    optimizer events. Raises :class:`NotSplit` when rank 0's step does not split (then nothing is kept)."""
+    finish = ctx.round if ctx.device == "cuda" else None
+    key = _shape_key(ctx.config, ctx.device)
+
+    def shared() -> tuple[dict[str, int], tuple[Summary, ...]]:
+        programs = layered_programs(ctx.config, _shared_lists(ctx.world_size, ctx.device, reshards), finish,
+                                    (key, "fsdp-shared", reshards))
+        return dict(summary_of(programs[0]).roles), tuple(summary_of(p) for p in programs[1:])
+
+    def kept() -> tuple[dict[str, int], tuple[Summary, ...]] | None:
+        try:
+            return shared()
+        except NotSplit:
+            return None  # remembered: every rank of this context takes the full path
+
+    made = ctx.shared(f"fsdp_split_{reshards}", kept)
+    if made is None:
+        raise NotSplit("rank 0's step does not split")
+    setup_roles, (first_before, first_after, steady_before, steady_after) = made
+
+    def own(cfg: Config) -> tuple[list[Event], list[Event], list[Event]]:
+        return _optimizer_lists(RankContext(cfg, ctx.world_size, ctx.device), rank)
+
+    own_setup, own_first, own_steady = (summary_of(p) for p in _programs(ctx, own, finish, (key, "fsdp-own")))
+    live = dict(setup_roles)
+    for role, n in own_setup.roles:
+        live[role] = live.get(role, 0) + n
+    first = chain([first_before, own_first, first_after])
+    steady = chain([steady_before, own_steady, steady_after])
+    live_steady = dict(live)
+    for role, n in first.roles:
+        live_steady[role] = live_steady.get(role, 0) + n
+    saved = ctx.shared("saved_activation_bytes", lambda: _saved_bytes(ctx))  # the key Zero3.estimate reads
+    return RankStep(peak_of(first, live), peak_of(steady, live_steady), saved)
+
+
+def _programs(ctx: RankContext, build: Callable[[Config], tuple[list[Event], list[Event], list[Event]]],
+              finish: Callable[[list[Event]], list[Event]] | None, key: tuple[str, str]) -> tuple[Program, ...]:
+    return layered_programs(ctx.config, build, finish, key)
+
+
+def _saved_bytes(ctx: RankContext) -> int:
+    """Bytes saved for backward by one micro-batch, as the estimate on the rank's device counts them
+    (``api._saved_bytes``: off a CUDA step's unrounded programs, which the estimate of the same config
+    has already made), not by simulating the step on the CPU once more."""
+    from estimator.api import _saved_bytes as saved
+    from estimator.simulate import simulate
+
+    if ctx.device != "cuda":
+        return ctx.base.saved_activation_bytes
+    return saved(ctx.config, simulate(ctx.config, "cuda"))
