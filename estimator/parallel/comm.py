@@ -123,6 +123,92 @@ class CommVolume:
         """Kind -> (calls, input bytes, output bytes): what a measurement is compared with, exactly."""
         return {k: (v.calls, v.input_bytes, v.output_bytes) for k, v in self.kinds}
 
+    def rows(self) -> list[tuple[str, KindVolume, int]]:
+        """(kind, calls and bytes, wire bytes) per kind, for a table."""
+        return [(k, v, self.wire_bytes(k)) for k, v in self.kinds]
+
+
+@dataclass(frozen=True)
+class GroupVolume:
+    """One process group's collectives on a rank: the group's name (``dp``, ``tp``), its size and its volume."""
+
+    name: str
+    volume: CommVolume
+
+    @property
+    def size(self) -> int:
+        return self.volume.world_size
+
+
+@dataclass(frozen=True)
+class MeshVolume:
+    """A rank's collectives on a 2-D mesh, one :class:`CommVolume` per process group it belongs to.
+
+    On a ``(dp, tp)`` mesh a rank calls FSDP2's all-gathers and reduce-scatters in its ``dp`` group (N/t ranks)
+    and TP's all-reduces, all-gathers and reduce-scatters in its ``tp`` group (t ranks). Each group's calls
+    and bytes are its own; its wire bytes use its own size in the ring factors (:func:`ring_factor`). The
+    figures summed over the groups (``calls``, ``size_bytes``, ``wire_bytes``, ``kinds``) are what a 1-D
+    :class:`CommVolume` reports, so a reader of the totals needs nothing else.
+    """
+
+    world_size: int
+    groups: tuple[GroupVolume, ...] = ()
+
+    @classmethod
+    def of(cls, world_size: int, groups: dict[str, CommVolume]) -> MeshVolume:
+        return cls(world_size, tuple(GroupVolume(n, v) for n, v in sorted(groups.items()) if v.calls))
+
+    def group(self, name: str) -> CommVolume | None:
+        return next((g.volume for g in self.groups if g.name == name), None)
+
+    @property
+    def kinds(self) -> tuple[tuple[str, KindVolume], ...]:
+        """Every kind summed over the groups."""
+        total: dict[str, KindVolume] = {}
+        for g in self.groups:
+            for kind, v in g.volume.kinds:
+                total[kind] = total.get(kind, KindVolume()) + v
+        return CommVolume.of(self.world_size, total).kinds
+
+    def get(self, kind: str) -> KindVolume:
+        return dict(self.kinds).get(kind, KindVolume())
+
+    def __add__(self, other: MeshVolume) -> MeshVolume:
+        merged = {g.name: g.volume for g in self.groups}
+        for g in other.groups:
+            merged[g.name] = merged[g.name] + g.volume if g.name in merged else g.volume
+        return MeshVolume.of(self.world_size, merged)
+
+    def times(self, k: int) -> MeshVolume:
+        return MeshVolume.of(self.world_size, {g.name: g.volume.times(k) for g in self.groups})
+
+    @property
+    def calls(self) -> int:
+        return sum(g.volume.calls for g in self.groups)
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(g.volume.size_bytes for g in self.groups)
+
+    def wire_bytes(self, kind: str | None = None) -> int:
+        """Each group's ring bytes at its own size, summed (each group rounded once)."""
+        return sum(g.volume.wire_bytes(kind) for g in self.groups)
+
+    def to_json(self) -> dict[str, Any]:
+        total = {k: {"calls": v.calls, "input_bytes": v.input_bytes, "output_bytes": v.output_bytes,
+                     "size_bytes": v.size_bytes, "wire_bytes": self.wire_bytes(k)} for k, v in self.kinds}
+        return {"calls": self.calls, "size_bytes": self.size_bytes, "wire_bytes": self.wire_bytes(), "by_kind": total,
+                "by_group": {g.name: {"group_size": g.size, **g.volume.to_json()} for g in self.groups}}
+
+    def logical(self) -> dict[str, tuple[int, int, int]]:
+        """``group:kind`` -> (calls, input bytes, output bytes), what a measurement is compared with."""
+        return {f"{g.name}:{k}": v for g in self.groups for k, v in g.volume.logical().items()}
+
+    def rows(self) -> list[tuple[str, KindVolume, int]]:
+        """(label, calls and bytes, wire bytes) per group and kind, for a table."""
+        return [(f"{k} ({g.name}, {g.size} ranks)", v, g.volume.wire_bytes(k)) for g in self.groups
+                for k, v in g.volume.kinds]
+
 
 @dataclass(frozen=True)
 class CommParts:
@@ -134,22 +220,24 @@ class CommParts:
     its buckets): the second step's, or the first step's second micro-batch under accumulation.
     """
 
-    micro_batch: CommVolume
-    gradient_sync: CommVolume
-    optimizer_step: CommVolume
-    second_forward: CommVolume
+    micro_batch: CommVolume | MeshVolume
+    gradient_sync: CommVolume | MeshVolume
+    optimizer_step: CommVolume | MeshVolume
+    second_forward: CommVolume | MeshVolume
 
 
 @dataclass(frozen=True)
 class StepCommunication:
     """One rank's collectives in the first, the second and every later step."""
 
-    first_step: CommVolume
-    second_step: CommVolume
-    steady_step: CommVolume
+    first_step: CommVolume | MeshVolume
+    second_step: CommVolume | MeshVolume
+    steady_step: CommVolume | MeshVolume
 
     def to_json(self) -> dict[str, Any]:
+        groups = getattr(self.steady_step, "groups", None)
         return {"convention": CONVENTION, "world_size": self.steady_step.world_size,
+                **({"groups": {g.name: g.size for g in groups}} if groups is not None else {}),
                 "first_step": self.first_step.to_json(), "second_step": self.second_step.to_json(),
                 "steady_step": self.steady_step.to_json()}
 
