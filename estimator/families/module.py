@@ -165,6 +165,11 @@ class ModuleTrace:
     matmul: int  # FlopCounterMode, the whole step (forward + loss + backward)
     seconds: float  # wall time of the trace
     construction: str = "fake"  # "fake": built on fake tensors | "real": built on the CPU, then converted
+    # traced with FSDP2's hooks (zero3/fsdp): (step event index, hook, unit) where each hook ran, each
+    # parameter's unit ("root" or a submodule path) and the unit class(es) chosen (docs/module.md)
+    fsdp_marks: tuple[tuple[int, str, str], ...] = ()
+    fsdp_units: tuple[tuple[str, str], ...] = ()
+    fsdp_classes: tuple[str, ...] = ()
 
 
 def resolve_spec(spec: InputSpec, precision: str) -> TensorSpec:
@@ -191,6 +196,21 @@ def _trace_cached(model_json: str, precision: str) -> ModuleTrace:
 
 
 _PARAMETERS: dict[str, tuple[ParamTensor, ...]] = {}  # parameters do not depend on the precision
+
+
+def trace_module_fsdp(model: ModuleConfig, precision: str, unit_classes: tuple[str, ...] | None) -> ModuleTrace:
+    """The traced step of ``model`` with FSDP2's hooks on the units and the root, where they ran (cached)."""
+    return _fsdp_trace_cached(model.model_dump_json(), precision, unit_classes)
+
+
+@functools.lru_cache(maxsize=16)
+def _fsdp_trace_cached(model_json: str, precision: str, unit_classes: tuple[str, ...] | None) -> ModuleTrace:
+    try:
+        from estimator.measure.module_trace import run_trace
+    except ImportError as exc:
+        raise EstimatorError(f"model.module: tracing a module needs torch ({exc}); "
+                             "pip install 'estimator[torch]'") from None
+    return run_trace(ModuleConfig.model_validate_json(model_json), precision, fsdp=True, unit_classes=unit_classes)
 
 
 def _check_training(batch: TrainingConfig) -> None:

@@ -95,8 +95,10 @@ def measure_distributed(
     if strategy not in MEASURED_STRATEGIES:
         raise EstimatorError(f"--parallel {strategy}: torch has no implementation to measure; estimate only "
                              f"(measured: {', '.join(MEASURED_STRATEGIES)})")
-    if config.model.family not in ("mlp", "transformer"):
-        raise EstimatorError(f"--parallel: measures the mlp and transformer families, not {config.model.family!r}")
+    if config.model.family not in ("mlp", "transformer") and not (
+            config.model.family == "module" and strategy in ("zero3", "fsdp")):
+        raise EstimatorError(f"--parallel: measures the mlp and transformer families (and a traced module under "
+                             f"zero3/fsdp), not {config.model.family!r}")
     if config.parallel.offload:
         raise EstimatorError("parallel.offload: estimate only; on the CPU the host and the device are the same "
                              "memory, so a gloo run cannot tell what CPU offload moves (docs/distributed.md)")
@@ -216,8 +218,9 @@ def _as_built(config: Config) -> Config:
 
 
 def _wrap(model: nn.Module, strategy: str, world_size: int, reshard_after_forward: bool = True,
-          mp_policy: Any = None) -> nn.Module:
-    """DDP for ddp/zero1 (default bucket_cap_mb, gradient_as_bucket_view=False); FSDP2 for zero3."""
+          mp_policy: Any = None, units: list[nn.Module] | None = None) -> nn.Module:
+    """DDP for ddp/zero1 (default bucket_cap_mb, gradient_as_bucket_view=False); FSDP2 for zero3 on ``units``
+    (default :func:`_blocks`), then the root."""
     if strategy in ("ddp", "zero1"):
         from torch.nn.parallel import DistributedDataParallel
 
@@ -229,7 +232,7 @@ def _wrap(model: nn.Module, strategy: str, world_size: int, reshard_after_forwar
     # zero3: FSDP2's default; fsdp: as the config's parallel.reshard_after_forward says
     reshard = True if strategy == "zero3" else reshard_after_forward
     policy = {} if mp_policy is None else {"mp_policy": mp_policy}
-    for block in _blocks(model):
+    for block in _blocks(model) if units is None else units:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard, **policy)
     # the root as FSDP2 sets it when not told (reshard_after_forward=None): kept gathered from its forward
     # to its backward, which starts with it (docs/distributed.md); False when blocks are kept too
@@ -243,6 +246,16 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
     if layers is None:
         raise EstimatorError("zero3: no 'layers' or 'blocks' to shard")
     return list(layers)
+
+
+def _module_units(config: Config, model: nn.Module) -> list[nn.Module] | None:
+    """A traced module's FSDP2 units, chosen as the estimate chose them (module_trace.fsdp_unit_modules)."""
+    if config.model.family != "module":
+        return None
+    from estimator.measure.module_trace import fsdp_unit_modules
+    from estimator.parallel.fsdp import unit_classes
+
+    return list(fsdp_unit_modules(model, unit_classes(config))[0].values())
 
 
 def _local(t: Tensor | None) -> Tensor | None:
@@ -292,8 +305,9 @@ def _measure_rank(config: Config, strategy: str, rank: int, world_size: int) -> 
             model = wrap_tp(parts.build_model(), config, strategy, world_size)
             loss_ctx = lambda: loss_context(config)  # noqa: E731  (a fresh context each time: single use)
         else:
-            model = _wrap(parts.build_model(), strategy, world_size, config.parallel.reshard_after_forward,
-                          _mixed_precision(config))
+            built = parts.build_model()
+            model = _wrap(built, strategy, world_size, config.parallel.reshard_after_forward,
+                          _mixed_precision(config), _module_units(config, built))
             loss_ctx = contextlib.nullcontext
         inputs, target = parts.make_batch()
         optimizer = _optimizer(config, strategy, [p for p in model.parameters() if p.requires_grad])

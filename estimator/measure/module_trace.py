@@ -33,6 +33,7 @@ the dtype conversion, the batch and the loss.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import importlib
 import inspect
@@ -522,6 +523,153 @@ def _at(exc: BaseException) -> str:
     return f" at {where}" if where else ""
 
 
+# --------------------------------------------------------------------------- FSDP2 units and hook marks
+def fsdp_unit_modules(module: nn.Module, classes: tuple[str, ...] | None
+                      ) -> tuple[dict[str, nn.Module], tuple[str, ...]]:
+    """The submodules ``fully_shard`` wraps before the root (path -> module, forward order unknown here), and
+    the class names chosen; the same on the fake trace and on the real ranks (``measure/distributed.py``).
+
+    ``classes`` None: the most repeated class among the parameter-holding children of ``nn.ModuleList`` /
+    ``nn.Sequential`` containers (torchtitan's and accelerate's per-block wrapping), else the most repeated
+    parameter-holding class anywhere; a tie goes to the class met first in ``named_modules()`` (the
+    outermost); a class must occur twice, else only the root is wrapped. Instances without parameters, and
+    instances inside another chosen instance, are not units.
+    """
+    holds = {id(m): any(True for _ in m.parameters()) for m in module.modules()}
+    named = [(name, m) for name, m in module.named_modules() if name]
+    if classes is None:
+        children = [c for _, m in [("", module), *named] if isinstance(m, (nn.ModuleList, nn.Sequential))
+                    for c in m.children() if holds[id(c)]]
+        classes = _most_repeated(children) or _most_repeated([m for _, m in named if holds[id(m)]])
+    else:
+        known = {type(m).__name__ for _, m in named}
+        unknown = [c for c in classes if c not in known]
+        if unknown:
+            raise EstimatorError(f"parallel.fsdp_unit_class: the model has no submodule of class {unknown[0]!r} "
+                                 f"(its classes: {', '.join(sorted(known)) or 'none'})")
+    units: dict[str, nn.Module] = {}
+    for name, m in named:
+        if type(m).__name__ in classes and holds[id(m)] and not any(name.startswith(u + ".") for u in units):
+            units[name] = m
+    return units, classes
+
+
+def _most_repeated(modules: list[nn.Module]) -> tuple[str, ...]:
+    """The class name occurring most often (at least twice; ties: the first met), as a 1-tuple, or ()."""
+    counts: dict[str, int] = {}
+    for m in modules:
+        counts[type(m).__name__] = counts.get(type(m).__name__, 0) + 1
+    best = max(counts.values(), default=0)
+    return tuple(name for name, c in counts.items() if c == best)[:1] if best >= 2 else ()
+
+
+def unit_of_parameters(module: nn.Module, units: dict[str, nn.Module]) -> dict[str, str]:
+    """{parameter name: its unit's path, or "root"}: the innermost chosen module that holds it."""
+    out = {}
+    for name, _ in module.named_parameters():
+        owner = [u for u in units if name.startswith(u + ".")]
+        out[name] = max(owner, key=len) if owner else "root"
+    return out
+
+
+class _PostBackward(torch.autograd.Function):
+    """FSDP2's ``RegisterPostBackwardFunction``: identity on a unit's inputs that need a gradient; its
+    backward is the unit's post-backward."""
+
+    @staticmethod
+    def forward(ctx: Any, marks: _FSDPMarks, unit: str, *inputs: Tensor) -> tuple[Tensor, ...]:  # noqa: ANN401
+        ctx.marks, ctx.unit = marks, unit
+        return inputs
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Any, ...]:  # noqa: ANN401
+        ctx.marks.post_backward(ctx.unit)
+        return (None, None, *grads)
+
+
+class _FSDPMarks:
+    """Where FSDP2's hooks run in the traced step, as (tracker event index, hook, unit), with the hooks
+    ``fully_shard`` installs (torch 2.13 ``_fsdp_state.py``, ``_fsdp_param_group.py``): a forward pre-hook
+    (pre-forward; ``RegisterPostBackwardFunction`` on the inputs that need a gradient), a forward hook
+    (post-forward; ``register_hook`` on the outputs that need one: pre-backward), and the root's final
+    callback queued by the first pre-backward, which runs the post-backward of every unit whose inputs
+    needed no gradient, in ``named_modules()`` order (the root first). The hooks allocate nothing; the
+    identity Function adds a node, as in the real step."""
+
+    def __init__(self, tracker: _StepTracker, root: nn.Module, units: dict[str, nn.Module]) -> None:
+        self.tracker = tracker
+        self.modules = {"root": root, **units}
+        self.marks: list[tuple[int, str, str]] = []
+        self.forwards: dict[str, int] = {}
+        self.backward_started: set[str] = set()
+        self.backward_done: set[str] = set()
+        self.queued = False
+
+    def mark(self, kind: str, unit: str) -> None:
+        self.marks.append((len(self.tracker.events), kind, unit))
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        handles = []
+        for unit, m in self.modules.items():
+            handles.append(m.register_forward_pre_hook(functools.partial(self._pre_forward, unit), prepend=True))
+            handles.append(m.register_forward_hook(functools.partial(self._post_forward, unit)))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _pre_forward(self, unit: str, _module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        self.forwards[unit] = self.forwards.get(unit, 0) + 1
+        if self.forwards[unit] > 1:
+            raise EstimatorError(f"parallel.fsdp_unit_class: unit {unit!r} runs its forward more than once in a "
+                                 "step; the FSDP2 timeline is modelled for units that run once (choose another class)")
+        self.mark("pre_forward", unit)
+        flat, spec = tree_flatten(args)
+        needs = [i for i, t in enumerate(flat) if isinstance(t, Tensor) and t.requires_grad]
+        if not needs or not torch.is_grad_enabled():
+            return args
+        outs = _PostBackward.apply(self, unit, *(flat[i] for i in needs))
+        for i, t in zip(needs, outs, strict=True):
+            flat[i] = t
+        from torch.utils._pytree import tree_unflatten
+
+        return tuple(tree_unflatten(flat, spec))
+
+    def _post_forward(self, unit: str, _module: nn.Module, _args: Any, output: Any) -> Any:  # noqa: ANN401
+        self.mark("post_forward", unit)
+        for t in tree_flatten(output)[0]:
+            if isinstance(t, Tensor) and t.requires_grad:
+                t.register_hook(functools.partial(self._pre_backward, unit))
+        return output
+
+    def _pre_backward(self, unit: str, grad: Tensor) -> Tensor:
+        if not self.queued:
+            self.queued = True
+            from torch.autograd import Variable
+
+            Variable._execution_engine.queue_callback(self._final_callback)
+        if unit not in self.backward_started:
+            self.backward_started.add(unit)
+            self.mark("pre_backward", unit)
+        return grad
+
+    def post_backward(self, unit: str) -> None:
+        if unit not in self.backward_done:
+            self.backward_done.add(unit)
+            self.mark("post_backward", unit)
+
+    def _final_callback(self) -> None:
+        for unit in self.modules:
+            self.post_backward(unit)
+
+
+def marks_at(marks: list[tuple[int, str, str]], positions: dict[int, int], end: int) -> list[tuple[int, str, str]]:
+    """The marks with each tracker event index turned into the index of the family event it precedes."""
+    return [(positions.get(index, end), kind, unit) for index, kind, unit in marks]
+
+
 # --------------------------------------------------------------------------- the trace
 @contextlib.contextmanager
 def _quiet_fake_tensor_log() -> Iterator[None]:
@@ -536,22 +684,27 @@ def _quiet_fake_tensor_log() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def run_trace(model: ModuleConfig, precision: str) -> ModuleTrace:
+def run_trace(model: ModuleConfig, precision: str, fsdp: bool = False,
+              unit_classes: tuple[str, ...] | None = None) -> ModuleTrace:
     """Build the module on fake tensors and trace forward, loss and backward of one step.
 
     Everything alive before the trace (torch's and the user's imports: hundreds of thousands of objects)
     is frozen out of the cyclic collector while it runs, so the collections the trace needs (construction
     garbage must be gone before forward) scan only what the trace made: for a small module those full
     collections were most of the time that was ours. The objects are unfrozen afterwards.
+
+    ``fsdp``: trace with FSDP2's hooks on the units ``fully_shard`` would wrap (``unit_classes``, or the
+    default of :func:`fsdp_unit_modules`) and the root, and return where they ran (``ModuleTrace.fsdp_marks``).
     """
     gc.freeze()
     try:
-        return _run_trace(model, precision)
+        return _run_trace(model, precision, fsdp, unit_classes)
     finally:
         gc.unfreeze()
 
 
-def _run_trace(model: ModuleConfig, precision: str) -> ModuleTrace:
+def _run_trace(model: ModuleConfig, precision: str, fsdp: bool = False,
+               unit_classes: tuple[str, ...] | None = None) -> ModuleTrace:
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
     from estimator.measure.flop_formulas import register_sdpa_flops
@@ -586,6 +739,9 @@ def _run_trace(model: ModuleConfig, precision: str) -> ModuleTrace:
             skip.add(tracker.sid_of(target))
         state_events = _state_events(tracker, module, skip)
         skip |= {sid for sid, _ in tracker_live(tracker)}
+        units, classes = fsdp_unit_modules(module, unit_classes) if fsdp else ({}, ())
+        hooks = _FSDPMarks(tracker, module, units) if fsdp else None
+        unit_map = unit_of_parameters(module, units) if fsdp else {}
 
         saved: dict[int, str] = {}  # sid -> phase in which autograd saved it
 
@@ -602,7 +758,8 @@ def _run_trace(model: ModuleConfig, precision: str) -> ModuleTrace:
             tracker.watching = True
             tracker.set_phase("forward")
             with _module_paths(tracker, module), autocast, torch.autograd.graph.saved_tensors_hooks(pack, _unpack), \
-                    _LinearBias(tracker), transformers_sees_values(tracker.known):
+                    _LinearBias(tracker), transformers_sees_values(tracker.known), \
+                    hooks.installed() if hooks else contextlib.nullcontext():
                 with _stage("model.inputs", f"{model.module} forward on inputs {_shapes(inputs_spec)}"):
                     pred = module(*inputs)
                 out = first_output(pred)
@@ -621,6 +778,11 @@ def _run_trace(model: ModuleConfig, precision: str) -> ModuleTrace:
             with _stage("model.module", "backward"), _node_hooks(tracker, loss), \
                     transformers_sees_values(tracker.known):
                 loss.backward()
+            missing = [u for u in units if hooks is not None and u not in hooks.forwards]
+            if missing:
+                raise EstimatorError(f"parallel.fsdp_unit_class: unit {missing[0]!r} "
+                                     f"({type(units[missing[0]]).__name__}) does not run in the forward; "
+                                     "choose a class whose instances all run")
             matmul = tracker.flops
             tracker.watching = False
             grads = {}
@@ -634,7 +796,8 @@ def _run_trace(model: ModuleConfig, precision: str) -> ModuleTrace:
                 p.grad = None
             out_numel, out_last = out.numel(), (out.shape[-1] if out.dim() else 1)
             del pred, out, loss
-        step, end = _step_events(tracker, mark, skip, grads, saved, _in_place_sums(tracker, mark))
+        positions: dict[int, int] = {}
+        step, end = _step_events(tracker, mark, skip, grads, saved, _in_place_sums(tracker, mark), positions)
         parameters = tuple(ParamTensor(name, tuple(p.shape), name in trainable) for name, p in named.items())
         read = sum(p.numel() for name, p in named.items() if name in tracker.read_parameters)
         forward_saved = sum(tracker.real_bytes.get(sid, nbytes) for sid, nbytes in _saved_sizes(tracker, saved)
@@ -662,6 +825,9 @@ def _run_trace(model: ModuleConfig, precision: str) -> ModuleTrace:
         matmul=matmul,
         seconds=time.perf_counter() - started,
         construction=built,
+        fsdp_marks=tuple(marks_at(hooks.marks, positions, len(step))) if hooks else (),
+        fsdp_units=tuple(unit_map.items()),
+        fsdp_classes=classes,
     )
 
 
@@ -707,6 +873,7 @@ def _step_events(
     grads: dict[int | None, tuple[str, int]],
     saved: dict[int, str],
     in_place: dict[int, int] | None = None,
+    positions: dict[int, int] | None = None,
 ) -> tuple[list[Event], list[Event]]:
     """The tracker's records of the step as family events: (forward/loss/backward, end of step).
 
@@ -716,6 +883,7 @@ def _step_events(
     output of each fan-in sum the real step does in place (:func:`_in_place_sums`) to the buffer it
     adds into: the output's allocation and the buffer's release are dropped, and the output's later
     records are the buffer's (it may become a parameter's ``.grad``, which AccumulateGrad steals).
+    ``positions`` (filled if given): each tracker event index -> the index in the step list it precedes.
     """
     in_place = in_place or {}
 
@@ -732,7 +900,9 @@ def _step_events(
     live: dict[int, tuple[str, str, int]] = {}
     excess: list[Event] = []
     resized: dict[int, int] = {}
-    for ev in tracker.events[mark:]:
+    for index, ev in enumerate(tracker.events[mark:], start=mark):
+        if positions is not None:
+            positions[index] = len(step)
         if ev.kind == EXISTING or ev.storage_id in skip:
             continue
         if (ev.kind == ALLOC and ev.storage_id in in_place) or (ev.kind == FREE and ev.storage_id in consumed):

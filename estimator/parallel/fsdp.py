@@ -128,6 +128,11 @@ class Zero3:
         if config.model.family == "mlp" and not self.reshards(config):
             raise EstimatorError("parallel.reshard_after_forward: false is modelled for the transformer and moe "
                                  "families; the mlp family's FSDP2 timeline reshards after forward (zero3)")
+        if config.model.family == "module":
+            _module_supported(config)
+        elif config.parallel.fsdp_unit_class is not None:
+            raise EstimatorError(f"parallel.fsdp_unit_class: chooses the units of a model.module; the "
+                                 f"{config.model.family} family's units are fixed (docs/distributed.md)")
         if config.model.family not in ("mlp", *MARKED_FAMILIES):
             raise EstimatorError(f"--parallel zero3: the per-unit FSDP2 timeline is modelled for the mlp, "
                                  f"{', '.join(MARKED_FAMILIES)} families, not {config.model.family!r}")
@@ -314,8 +319,48 @@ def _moe_marks(config: Config) -> tuple[list[Event], list[tuple[int, str, str]]]
     return _memo(config, make)
 
 
+def unit_classes(config: Config) -> tuple[str, ...] | None:
+    """``parallel.fsdp_unit_class`` as a tuple of class names (None: the default choice, module_trace.py)."""
+    given = config.parallel.fsdp_unit_class
+    return None if given is None else ((given,) if isinstance(given, str) else tuple(given))
+
+
+def _module_trace(config: Config) -> Any:
+    """A traced module's step with FSDP2's hooks (families/module.py), at the precision it runs in."""
+    from estimator.families.module import trace_module_fsdp
+
+    return trace_module_fsdp(config.model, config.training.precision, unit_classes(config))
+
+
+def _module_supported(config: Config) -> None:
+    """Refuse, in one line, what the traced module's FSDP2 timeline does not model (yet)."""
+    if config.training.precision.startswith("amp"):
+        raise EstimatorError(f"training.precision: FSDP2 of a traced module is modelled for fp32, bf16 and fp16, "
+                             f"not {config.training.precision} (autocast under FSDP2 is not verified for modules)")
+    if master_weights(config):
+        raise EstimatorError("training.master_weights: FSDP2's MixedPrecisionPolicy is modelled for the transformer "
+                             "and moe families, not a traced module (its root casts the inputs: not traced)")
+    if config.training.grad_accum_steps > 1:
+        raise EstimatorError("training.grad_accum_steps: under zero3/fsdp gradient accumulation is modelled for "
+                             "the transformer and moe families, not a traced module")
+    if config.parallel.offload:
+        raise EstimatorError("parallel.offload: FSDP2's CPU offload is modelled for the transformer and moe "
+                             "families, not a traced module")
+
+
+def _module_marks(config: Config) -> tuple[list[Event], list[tuple[int, str, str]]]:
+    """A traced module: the step events and where FSDP2's hooks ran, both read off one hooked trace."""
+    trace = _module_trace(config)
+    return list(trace.step_events), list(trace.fsdp_marks)
+
+
+def _end_events(config: Config) -> list[Event]:
+    """The hooked trace's end of step (its storages' names are that trace's)."""
+    return list(_module_trace(config).end_events)
+
+
 #: families whose event simulation says where FSDP2's hooks run (pre/post forward and backward of each block)
-MARKED_FAMILIES: dict[str, Any] = {"transformer": _transformer_marks, "moe": _moe_marks}
+MARKED_FAMILIES: dict[str, Any] = {"transformer": _transformer_marks, "moe": _moe_marks, "module": _module_marks}
 UNIT_PREFIX = "blocks."
 
 
@@ -324,6 +369,14 @@ def unit_of(name: str) -> str:
     if name.startswith(UNIT_PREFIX):
         return ".".join(name.split(".")[:2])
     return "root"
+
+
+def units_of(config: Config, params: list[ParamTensor]) -> dict[str, str]:
+    """Each parameter's ``fully_shard`` unit: ``blocks.i`` / ``root``, or for a traced module the path of the
+    chosen submodule that holds it (``parallel.fsdp_unit_class``, module_trace.fsdp_unit_modules)."""
+    if config.model.family == "module":
+        return dict(_module_trace(config).fsdp_units)
+    return {p.name: unit_of(p.name) for p in params}
 
 
 def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True, late_gradients: bool = False,
@@ -349,14 +402,19 @@ def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True,
     offload = config.parallel.offload  # FSDP2's CPUOffloadPolicy: shards, their gradients and the optimizer on the host
     # ``marked``: the family's events and hook marks made elsewhere (a tensor-parallel rank's, parallel/tp.py)
     body, marks = marked if marked is not None else MARKED_FAMILIES[config.model.family](config)
+    unit_name = units_of(config, ctx.params)
     units: dict[str, list[ParamTensor]] = {}
     for p in ctx.params:
-        units.setdefault(unit_of(p.name), []).append(p)
+        units.setdefault(unit_name[p.name], []).append(p)
     shards = {p.name: shard(p, n, rank) for p in ctx.params}
     gathered = {u: sum(shards[p.name].padded.numel for p in ps) * n for u, ps in units.items()}
+    # the reduce-scatter input: the N padded chunks of the parameters with gradients (frozen ones have none)
+    reduced_in = {u: sum(shards[p.name].padded.numel for p in ps if p.trainable) * n for u, ps in units.items()}
     local = {u: sum(shards[p.name].padded.numel for p in ps if p.trainable) for u, ps in units.items()}
     held = {u: sum(shards[p.name].padded.numel for p in ps) for u, ps in units.items()}
-    order = [u for u in units if u != "root"]  # forward order of the blocks
+    # forward order of the blocks (FSDP2 prefetches in the order post-forward ran: a traced module's marks)
+    order = [u for u in units if u != "root"] if config.model.family != "module" else \
+        [u for _, kind, u in marks if kind == "post_forward" and u in units and u != "root"]
     gloo_copy = ctx.device == "cpu"  # ProcessGroupGloo's reduce_scatter copies its input; NCCL does not
 
     state: dict[str, Any] = {"ag_kept": None, "prefetched": set(), "unsharded": set(), "rs_live": None,
@@ -407,6 +465,11 @@ def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True,
             state["unsharded"].discard(u)
 
     def hook(kind: str, u: str, phase: str) -> None:
+        if u not in units:  # a module without parameters of its own: no group, only the root's state
+            if kind == "post_forward" and u == "root" and state["ag_kept"] is not None:
+                kept, state["ag_kept"] = state["ag_kept"], None
+                out.append(free(f"{kept}.all_gather", "temporary", gathered[kept] * p_b, phase))
+            return
         if kind == "pre_forward":
             unshard(u, phase)
             if state["ag_kept"] is not None:
@@ -447,8 +510,8 @@ def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True,
             state["acc"].discard(u)
             if state["rs_live"] is not None:
                 prev = state["rs_live"]
-                out.append(free(f"{prev}.rs_input", "temporary", gathered[prev] * r_b, phase))
-            out.append(alloc(f"{u}.rs_input", "temporary", gathered[u] * r_b, phase))
+                out.append(free(f"{prev}.rs_input", "temporary", reduced_in[prev] * r_b, phase))
+            out.append(alloc(f"{u}.rs_input", "temporary", reduced_in[u] * r_b, phase))
             # foreach_reduce clears its list of gradients after the copy-in; its loop variable keeps
             # the last one until it returns
             *early, last_grad = held_grads
@@ -467,8 +530,8 @@ def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True,
                 reduced = alloc(f"{u}.reduce_output", "temporary", local[u] * r_b, phase)
             out.append(reduced)
             if gloo_copy:
-                out.append(alloc(f"{u}.gloo_copy", "temporary", gathered[u] * r_b, phase))
-                out.append(free(f"{u}.gloo_copy", "temporary", gathered[u] * r_b, phase))
+                out.append(alloc(f"{u}.gloo_copy", "temporary", reduced_in[u] * r_b, phase))
+                out.append(free(f"{u}.gloo_copy", "temporary", reduced_in[u] * r_b, phase))
             result = reduced
             if r_b != dt.shard:  # the reduce-dtype output cast to the shards' dtype, then dropped
                 result = alloc(f"{u}.grad_shards", "gradient", local[u] * dt.shard, phase) if not accumulating \
@@ -479,7 +542,8 @@ def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True,
                 out.append(free(result.name, result.role, result.nbytes, phase))
             state["rs_live"] = u
 
-    end = family.end_of_step_events(config.model, config.training, shape)
+    end = _end_events(config) if config.model.family == "module" else \
+        family.end_of_step_events(config.model, config.training, shape)
     steps = config.training.grad_accum_steps
     accumulate = steps > 1
     for sync, events, where in _micro_batches(body, marks, steps, config.parallel.sync_every_micro_batch,
@@ -497,7 +561,7 @@ def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True,
             at += 1
         if state["rs_live"] is not None:
             prev, state["rs_live"] = state["rs_live"], None
-            out.append(free(f"{prev}.rs_input", "temporary", gathered[prev] * r_b, "backward"))
+            out.append(free(f"{prev}.rs_input", "temporary", reduced_in[prev] * r_b, "backward"))
         if accumulate:  # each micro-batch's output and loss dropped after its backward
             out.extend(after_backward(end))
 
@@ -506,9 +570,9 @@ def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True,
     last = {}
     for p in ctx.params:
         if p.trainable:
-            last[unit_of(p.name)] = p.name
-    tail = [free(f"{unit_of(p.name)}.grad_shards", "gradient", local[unit_of(p.name)] * dt.shard, "zero_grad")
-            for p in ctx.params if p.trainable and last[unit_of(p.name)] == p.name and not offload]
+            last[unit_name[p.name]] = p.name
+    tail = [free(f"{unit_name[p.name]}.grad_shards", "gradient", local[unit_name[p.name]] * dt.shard, "zero_grad")
+            for p in ctx.params if p.trainable and last[unit_name[p.name]] == p.name and not offload]
     tail += [] if accumulate else end
     setup = [alloc(p.name, "parameter", shards[p.name].padded.numel * dt.shard, "setup") for p in ctx.params
              if not offload]
@@ -552,8 +616,11 @@ def fsdp_units(config: Config, params: list[ParamTensor]) -> dict[str, list[Para
     """The ``fully_shard`` units in forward order, the root last: ``layers.i`` (mlp) or ``blocks.i``."""
     prefix = "layers." if config.model.family == "mlp" else UNIT_PREFIX
     units: dict[str, list[ParamTensor]] = {}
+    named = units_of(config, params) if config.model.family == "module" else {}
     for p in params:
-        units.setdefault(".".join(p.name.split(".")[:2]) if p.name.startswith(prefix) else "root", []).append(p)
+        unit = named[p.name] if named else \
+            ".".join(p.name.split(".")[:2]) if p.name.startswith(prefix) else "root"
+        units.setdefault(unit, []).append(p)
     return {**{u: ps for u, ps in units.items() if u != "root"}, **({"root": units["root"]} if "root" in units else {})}
 
 
