@@ -630,10 +630,17 @@ def communication_rows(est: Any, measured: Any) -> list[Row]:
     got, want = measured_communication(measured), getattr(est, "communication_volume", None)
     if got is None or want is None:
         return []
-    return [Row(f"communication_{key}_bytes", f"coll. B {label}", getattr(want, key).size_bytes,
+    rows = [Row(f"communication_{key}_bytes", f"coll. B {label}", getattr(want, key).size_bytes,
                 getattr(got, key).size_bytes)
             for key, label in (("first_step", "step 1"), ("second_step", "step 2"), ("steady_step", "step 3"))
             ] + [Row("communication_steady_step_calls", "coll. calls", want.steady_step.calls, got.steady_step.calls)]
+    for g in getattr(want.steady_step, "groups", ()):  # a 2-D mesh: step 3 per process group (dp, tp)
+        other = got.steady_step.group(g.name) if hasattr(got.steady_step, "group") else None
+        rows += [Row(f"communication_steady_step_{g.name}_bytes", f"coll. B {g.name}", g.volume.size_bytes,
+                     other.size_bytes if other else 0),
+                 Row(f"communication_steady_step_{g.name}_calls", f"coll. calls {g.name}", g.volume.calls,
+                     other.calls if other else 0)]
+    return rows
 
 
 def render_ranks(estimates: list[Any], measured: list[Any] | None, console: Console, tolerance: float | None) -> None:
@@ -732,12 +739,13 @@ def render_communication(estimates: list[Any], console: Console) -> None:
     for volume, labels in distinct.items():
         step = volume.steady_step
         where = "every rank" if len(distinct) == 1 else f"ranks {','.join(labels)}"
-        table = Table(title=f"Communication per step, {where} (N={step.world_size})", title_justify="left",
+        groups = "".join(f", {g.name} groups of {g.size}" for g in getattr(step, "groups", ()))
+        table = Table(title=f"Communication per step, {where} (N={step.world_size}{groups})", title_justify="left",
                       box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), pad_edge=False)
         for col in ("collective", "calls", "size", "sent = received"):
             table.add_column(col, justify="left" if col == "collective" else "right", no_wrap=True)
-        for kind, v in step.kinds:
-            table.add_row(kind, f"{v.calls:,}", human_bytes(v.size_bytes), human_bytes(step.wire_bytes(kind)))
+        for kind, v, wire in step.rows():
+            table.add_row(kind, f"{v.calls:,}", human_bytes(v.size_bytes), human_bytes(wire))
         table.add_row("total", f"{step.calls:,}", human_bytes(step.size_bytes), human_bytes(step.wire_bytes()),
                       style="bold")
         print_fitting(console, table)

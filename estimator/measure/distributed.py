@@ -302,7 +302,7 @@ def _measure_rank(config: Config, strategy: str, rank: int, world_size: int) -> 
         if strategy == "tp" or config.parallel.tp_size > 1:  # tensor parallel, alone or on a 2-D mesh
             from estimator.measure.tp import loss_context, wrap_tp
 
-            model = wrap_tp(parts.build_model(), config, strategy, world_size)
+            model = wrap_tp(parts.build_model(), config, strategy, world_size, _mixed_precision(config))
             loss_ctx = lambda: loss_context(config)  # noqa: E731  (a fresh context each time: single use)
         else:
             built = parts.build_model()

@@ -101,8 +101,9 @@ def loss_context(config: Config) -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext()
 
 
-def wrap_tp(model: nn.Module, config: Config, strategy: str, world_size: int) -> nn.Module:
-    """TP alone (``strategy == "tp"``), or TP then FSDP2 over the ``dp`` dimension of a 2-D mesh (torchtitan)."""
+def wrap_tp(model: nn.Module, config: Config, strategy: str, world_size: int, mp_policy: Any = None) -> nn.Module:
+    """TP alone (``strategy == "tp"``), or TP then FSDP2 over the ``dp`` dimension of a 2-D mesh (torchtitan),
+    with FSDP2's ``MixedPrecisionPolicy`` ``mp_policy`` (``training.master_weights``) when given."""
     mesh = tp_mesh(world_size, config.parallel.tp_size if strategy != "tp" else world_size)
     model = parallelize(model, config, mesh)
     if strategy == "tp":
@@ -111,7 +112,8 @@ def wrap_tp(model: nn.Module, config: Config, strategy: str, world_size: int) ->
 
     reshard = True if strategy == "zero3" else config.parallel.reshard_after_forward
     dp = mesh["dp"] if mesh.ndim > 1 else None
+    policy = {} if mp_policy is None else {"mp_policy": mp_policy}
     for block in model.blocks:
-        fully_shard(block, mesh=dp, reshard_after_forward=reshard)
-    fully_shard(model, mesh=dp, reshard_after_forward=reshard)
+        fully_shard(block, mesh=dp, reshard_after_forward=reshard, **policy)
+    fully_shard(model, mesh=dp, reshard_after_forward=reshard, **policy)
     return model
