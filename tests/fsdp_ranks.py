@@ -1,6 +1,7 @@
-"""The check every real-rank FSDP2 test makes: each rank's model states equal, its peaks between the two
-gradient orders gloo shows (docs/distributed.md: a block's last gradients released before or after its
-reduce-scatter, unit by unit; the estimate reports the first)."""
+"""The check every real-rank FSDP2 test makes: each rank's model states and first- and steady-step peaks
+equal the estimate's, to the byte. (Before the tracker settled after each collective wait, gloo's worker
+thread sometimes freed a block's gradients after its reduce-scatter instead of before, and these tests
+accepted the range between the two orders: docs/measurement.md.)"""
 
 from __future__ import annotations
 
@@ -16,15 +17,8 @@ def assert_fsdp2_ranks_match(cfg: Any, strategy: str = "zero3", world_size: int 
         pytest.skip("torch.distributed is not available in this torch build")
     from estimator.measure.distributed import measure_distributed
     from estimator.parallel import per_rank_estimate
-    from estimator.parallel.base import RankContext
-    from estimator.parallel.fsdp import unit_events
-    from estimator.simulate import assemble_step
 
     for m in measure_distributed(cfg, strategy, world_size, timeout=timeout):
         e = per_rank_estimate(cfg, strategy, world_size, "cpu", m.rank)
         assert (m.parameters, m.gradients, m.optimizer_state) == (e.parameters, e.gradients, e.optimizer_state)
-        reshards = strategy == "zero3" or cfg.parallel.reshard_after_forward
-        late = assemble_step(*unit_events(RankContext(cfg, world_size, "cpu"), m.rank,
-                                          reshard_after_forward=reshards, late_gradients=True))
-        assert e.first_step_peak_bytes <= m.first_step.peak_bytes <= late.first_peak.bytes
-        assert e.peak_bytes <= m.steady_step.peak_bytes <= late.steady_peak.bytes
+        assert (m.first_step.peak_bytes, m.steady_step.peak_bytes) == (e.first_step_peak_bytes, e.peak_bytes), m.rank

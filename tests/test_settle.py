@@ -55,3 +55,39 @@ def test_a_thread_that_goes_idle_ends_the_wait(tmp_path: Path, monkeypatch: pyte
 def test_without_proc_it_returns_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(settle, "_TASKS", str(tmp_path / "absent"))
     assert settle.settle_worker_threads() is False
+
+
+def test_the_tracker_settles_after_both_kinds_of_wait_and_restores_them(tmp_path: Path) -> None:
+    """Inside a process group the tracker wraps c10d's Work.wait and the functional wait_tensor (an
+    AsyncCollectiveTensor's wait is not seen by the dispatch mode), and puts both back on exit."""
+    torch = pytest.importorskip("torch")
+    dist = torch.distributed
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this torch build")
+    import torch.distributed._functional_collectives as funcol
+
+    from estimator.measure.tracker import LiveTensorTracker
+
+    originals = (dist.Work.wait, funcol.wait_tensor)
+    with LiveTensorTracker("cpu"):  # no process group: nothing wrapped
+        assert (dist.Work.wait, funcol.wait_tensor) == originals
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        calls = []
+        real = settle.settle_worker_threads
+        import estimator.measure.tracker as tracker_module
+
+        tracker_module.settle_worker_threads = lambda: calls.append(1) or real()
+        try:
+            with LiveTensorTracker("cpu") as tracker:
+                assert dist.Work.wait is not originals[0] and funcol.wait_tensor is not originals[1]
+                x = torch.ones(4)
+                dist.all_reduce(x, async_op=True).wait()  # c10d Work.wait
+                y = funcol.all_reduce(torch.ones(4), "sum", dist.group.WORLD)  # an AsyncCollectiveTensor
+                z = y + 1  # its first use waits inside __torch_dispatch__
+        finally:
+            tracker_module.settle_worker_threads = real
+        assert len(calls) >= 2 and z.tolist() == [2.0] * 4 and tracker.peak_bytes > 0
+        assert (dist.Work.wait, funcol.wait_tensor) == originals
+    finally:
+        dist.destroy_process_group()

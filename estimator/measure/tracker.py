@@ -27,29 +27,34 @@ from torch.utils._pytree import tree_flatten
 from estimator.measure.settle import settle_worker_threads
 
 
-def _patch_async_wait() -> Any:
-    """An ``AsyncCollectiveTensor`` waits inside its own ``__torch_dispatch__``, where this mode does not
-    see the ``wait_tensor`` op: wrap the Python function it calls so those waits settle too. Returns the
-    original (None outside a process group: nothing to wrap)."""
+def _patch_waits() -> list[tuple[Any, str, Any]]:
+    """Settle after every wait on a collective (see ``settle.py``). Two waits escape this mode's dispatch:
+    c10d ``Work.wait`` (DDP, ZeRO, FSDP2 and every ``async_op`` collective; a pybind method, not an op) and
+    the wait an ``AsyncCollectiveTensor`` runs inside its own ``__torch_dispatch__``, where this mode does not
+    see the ``wait_tensor`` op. Wrap both; returns what to restore (nothing outside a process group)."""
     dist = sys.modules.get("torch.distributed")
     if dist is None or not dist.is_available() or not dist.is_initialized():
-        return None
+        return []
     import torch.distributed._functional_collectives as funcol
 
-    original = funcol.wait_tensor
+    saved = [(funcol, "wait_tensor", funcol.wait_tensor), (dist.Work, "wait", dist.Work.wait)]
+    for owner, name, original in saved:
+        setattr(owner, name, _settling(original))
+    return saved
 
-    def wait_tensor(tensor: torch.Tensor) -> torch.Tensor:
-        out = original(tensor)
+
+def _settling(wait: Any) -> Any:
+    def settled(*args: Any, **kwargs: Any) -> Any:
+        out = wait(*args, **kwargs)
         settle_worker_threads()
         return out
 
-    funcol.wait_tensor = wait_tensor
-    return original
+    return settled
 
 
-def _unpatch_async_wait(original: Any) -> None:
-    if original is not None:
-        sys.modules["torch.distributed._functional_collectives"].wait_tensor = original
+def _restore(saved: list[tuple[Any, str, Any]]) -> None:
+    for owner, name, original in saved:
+        setattr(owner, name, original)
 
 
 #: ``kind`` of a :class:`MemoryEvent`.
@@ -166,7 +171,7 @@ class LiveTensorTracker(TorchDispatchMode):
             return result
 
         torch.UntypedStorage.resize_ = resize_  # type: ignore[method-assign]
-        self._saved_wait.append(_patch_async_wait())
+        self._saved_wait.append(_patch_waits())
         super().__enter__()
         return self
 
@@ -178,7 +183,7 @@ class LiveTensorTracker(TorchDispatchMode):
     ) -> None:
         super().__exit__(exc_type, exc_val, exc_tb)
         torch.UntypedStorage.resize_ = self._saved_resize.pop()  # type: ignore[method-assign]
-        _unpatch_async_wait(self._saved_wait.pop())
+        _restore(self._saved_wait.pop())
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
