@@ -225,8 +225,11 @@ def _mesh_json(cfg: Any, parallel: str, world_size: int, ranks: list[Any]) -> di
     from estimator.parallel.mesh import coordinates, mesh_shape
 
     dp, tp = mesh_shape(cfg, parallel, world_size)
-    if tp == 1:
-        return {}
+    if tp == 1:  # a traced module under FSDP2: the units fully_shard wraps (docs/module.md)
+        from estimator.parallel.fsdp import module_units_json
+
+        units = module_units_json(cfg, parallel)
+        return {"fsdp_units": units} if units else {}
     return {"mesh": {"dims": ["dp", "tp"], "shape": [dp, tp],
                      "groups": [coordinates(r.ranks, tp) for r in ranks]}}
 
@@ -237,6 +240,11 @@ def _print_mesh(cfg: Any, parallel: str, world_size: int) -> None:
     shape = mesh_shape(cfg, parallel, world_size)
     if shape[1] > 1:
         out.print(describe(shape), markup=False)
+    from estimator.parallel.fsdp import module_units_line
+
+    line = module_units_line(cfg, parallel)
+    if line:
+        out.print(line, markup=False)
 
 
 def layout_in_force(cfg: Any, parallel: Optional[str], world_size: Optional[int], most: int = MAX_WORLD_SIZE,

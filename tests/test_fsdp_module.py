@@ -93,6 +93,23 @@ def test_peaks_equal_the_measured_ranks() -> None:
         assert (e.first_step_peak_bytes, e.peak_bytes) == (first, steady)
 
 
+def test_output_names_the_units(tmp_path) -> None:  # noqa: ANN001
+    """The estimate says which units fully_shard wraps and why (text and --json)."""
+    import json
+
+    path = tmp_path / "c.yaml"
+    path.write_text(json.dumps({"model": STACK}))
+    result = runner.invoke(app, ["estimate", str(path), "--parallel", "zero3", "-n", "2"])
+    assert result.exit_code == 0
+    assert "FSDP2 units: fully_shard on 3 x Block (blocks.0 ... blocks.2), then the root" in " ".join(
+        result.stdout.split())
+    result = runner.invoke(app, ["estimate", str(path), "--parallel", "fsdp", "-n", "2", "--json", "--set",
+                                 "parallel.fsdp_unit_class=[Block,Embedding]"])
+    assert json.loads(result.stdout)["distributed"]["fsdp_units"] == {
+        "classes": ["Block", "Embedding"], "chosen_by": "parallel.fsdp_unit_class",
+        "units": ["embed", "blocks.0", "blocks.1", "blocks.2"]}
+
+
 def test_bad_unit_class_is_one_line(tmp_path) -> None:  # noqa: ANN001
     path = tmp_path / "c.yaml"
     path.write_text("model: {module: 'estimator.measure.examples:make_mlp', inputs: [{shape: [4, 16]}]}\n"

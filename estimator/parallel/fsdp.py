@@ -371,6 +371,31 @@ def unit_of(name: str) -> str:
     return "root"
 
 
+def module_units_json(config: Config, strategy: str | None) -> dict[str, Any] | None:
+    """A traced module's FSDP2 units as chosen (the class names, how, the submodule paths in order)."""
+    if config.model.family != "module" or strategy not in ("zero3", "fsdp"):
+        return None
+    trace = _module_trace(config)
+    units = list(dict.fromkeys(u for _, u in trace.fsdp_units if u != "root"))
+    how = "parallel.fsdp_unit_class" if config.parallel.fsdp_unit_class is not None else "default"
+    return {"classes": list(trace.fsdp_classes), "chosen_by": how, "units": units}
+
+
+def module_units_line(config: Config, strategy: str | None) -> str | None:
+    """One line naming the units ``fully_shard`` wraps before the root (None unless a module under FSDP2)."""
+    found = module_units_json(config, strategy)
+    if found is None:
+        return None
+    if not found["units"]:
+        return ("FSDP2 units: fully_shard on the root only (no submodule class holding parameters repeats; "
+                "parallel.fsdp_unit_class names one)")
+    units, how = found["units"], found["chosen_by"]
+    span = units[0] if len(units) == 1 else f"{units[0]} ... {units[-1]}"
+    why = "parallel.fsdp_unit_class" if how != "default" else "the most repeated class; parallel.fsdp_unit_class " \
+        "chooses another"
+    return f"FSDP2 units: fully_shard on {len(units)} x {', '.join(found['classes'])} ({span}), then the root ({why})"
+
+
 def units_of(config: Config, params: list[ParamTensor]) -> dict[str, str]:
     """Each parameter's ``fully_shard`` unit: ``blocks.i`` / ``root``, or for a traced module the path of the
     chosen submodule that holds it (``parallel.fsdp_unit_class``, module_trace.fsdp_unit_modules)."""
