@@ -10,6 +10,9 @@ Supported ``model_type``s and what each maps to (all parameter counts exact):
 * ``gpt_neox``: biased layernorm and linears, GELU MLP, partial RoPE (``rotary_pct``), parallel
   residual (``use_parallel_residual``), untied ``embed_out``.
 
+Every dense type also gets the options that make the project's model run the step transformers runs
+(``HF_STEP``; docs/hf.md): the loss upcasts the logits to fp32 and the labels are the input ids.
+
 Settings that change neither the parameter count nor what our torch model computes within
 ``max_seq_len`` are ignored: dropout, ``rope_scaling``, ``sliding_window`` (Mistral/Qwen2
 attend to a window only beyond it), initialisers, token ids. Model types whose blocks differ
@@ -79,6 +82,19 @@ class _Reader:
         return EstimatorError(f"{self.path}: {message}")
 
 
+def _gelu(r: _Reader, key: str, default: str) -> str:
+    """The transformer family's ``mlp`` for the GELU that ``key`` names (transformers/activations.py, ACT2FN).
+
+    ``gelu_new`` is transformers' tanh approximation written in Python (``NewGELUActivation``), modelled op by op
+    (``mlp: gelu_new``); the other GELUs (``gelu``: ``F.gelu``; ``gelu_pytorch_tanh``: ``F.gelu(approximate=
+    'tanh')``) are one torch op that saves its input, as ``mlp: gelu``. Anything else is refused.
+    """
+    act = r.get(key, default, kind=str)
+    if not act.startswith("gelu"):
+        raise r.refuse(f"key {key!r} is {act!r}; only gelu variants are supported for this model_type")
+    return "gelu_new" if act == "gelu_new" else "gelu"
+
+
 def _gpt2(r: _Reader) -> dict[str, Any]:
     return {
         "vocab_size": r.get("vocab_size"),
@@ -86,7 +102,7 @@ def _gpt2(r: _Reader) -> dict[str, Any]:
         "num_layers": r.get("n_layer"),
         "num_heads": r.get("n_head"),
         "d_ff": r.get("n_inner", None),
-        "mlp": "gelu",
+        "mlp": _gelu(r, "activation_function", "gelu_new"),
         "norm": "layernorm",
         "bias": True,
         "positions": "learned",
@@ -133,9 +149,7 @@ def _qwen2(r: _Reader) -> dict[str, Any]:
 
 
 def _gpt_neox(r: _Reader) -> dict[str, Any]:
-    act = r.get("hidden_act", "gelu", kind=str)
-    if not act.startswith("gelu"):
-        raise r.refuse(f"key 'hidden_act' is {act!r}; only gelu variants are supported for gpt_neox")
+    mlp = _gelu(r, "hidden_act", "gelu")
     if not r.get("attention_bias", True, kind=bool):
         raise r.refuse("key 'attention_bias' is false; gpt_neox without attention biases is not supported")
     return {
@@ -144,7 +158,7 @@ def _gpt_neox(r: _Reader) -> dict[str, Any]:
         "num_layers": r.get("num_hidden_layers"),
         "num_heads": r.get("num_attention_heads"),
         "d_ff": r.get("intermediate_size"),
-        "mlp": "gelu",
+        "mlp": mlp,
         "norm": "layernorm",
         "bias": True,
         "positions": "rope",
@@ -315,7 +329,14 @@ def analytic_values(p: Path, data: dict[str, Any]) -> dict[str, Any]:
             f"{p}: unsupported model_type {model_type!r} (supported: {', '.join(supported_model_types())})"
         )
     values = reader(_Reader(p, data))
+    if values.get("family", "transformer") == "transformer":
+        values.update(HF_STEP)
     return {"family": "transformer", **{k: v for k, v in values.items() if v is not None}}
+
+
+#: What transformers' model does beyond the architecture, as transformer-family options (docs/hf.md): its
+#: causal-LM loss upcasts the logits and takes the input ids as labels (``ForCausalLMLoss``).
+HF_STEP: dict[str, Any] = {"loss_upcast": True, "labels_from_inputs": True}
 
 
 # --------------------------------------------------------------------------- hf_config / hub sections

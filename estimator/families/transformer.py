@@ -39,8 +39,9 @@ class TransformerConfig(StrictModel):
     d_ff: int | None = Field(
         None, gt=0, description="F, the MLP hidden width; null = 4·d_model (gelu only; swiglu needs it given)"
     )
-    mlp: Literal["gelu", "swiglu"] = Field(
-        "gelu", description="gelu: up, GELU, down (GPT-2) | swiglu: down(silu(gate)·up) (Llama)"
+    mlp: Literal["gelu", "gelu_new", "swiglu"] = Field(
+        "gelu", description="gelu: up, GELU, down (GPT-2) | gelu_new: the same with transformers' tanh GELU written "
+        "in Python (NewGELUActivation: each elementwise op saves its tensors) | swiglu: down(silu(gate)·up) (Llama)"
     )
     norm: Literal["layernorm", "rmsnorm"] = Field(
         "layernorm", description="layernorm (weight, and bias if `bias`) | rmsnorm (weight only)"
@@ -69,6 +70,14 @@ class TransformerConfig(StrictModel):
         "saves no S x S scores) | eager (softmax(QKᵀ/√h + mask)·V, saves the probabilities)",
     )
     norm_eps: float = Field(1e-5, gt=0, description="ε of the normalisation layers")
+    loss_upcast: bool = Field(
+        False, description="the loss takes logits.float() first (transformers' ForCausalLMLoss): fp32 "
+        "log-probabilities and loss in 16-bit precisions"
+    )
+    labels_from_inputs: bool = Field(
+        False, description="the labels are the input ids, shifted inside the loss (transformers' ForCausalLMLoss): "
+        "one [B, S] int64 input, the shifted copy saved by the loss"
+    )
 
     @model_validator(mode="after")
     def _check_shapes(self) -> TransformerConfig:
@@ -220,7 +229,16 @@ def sharded_parameter_tensors(model: TransformerConfig, tp: int) -> list[ParamTe
 
 
 def check_tensor_parallel(model: TransformerConfig, tp: int) -> None:
-    """Every sharded dimension divides by the TP degree, else one line naming the field."""
+    """Every sharded dimension divides by the TP degree, else one line naming the field.
+
+    transformers' loss (``loss_upcast``, ``labels_from_inputs``) is not modelled with tensor parallelism.
+    """
+    if tp > 1 and getattr(model, "mlp", "") == "gelu_new":
+        raise EstimatorError("model.mlp: gelu_new is not modelled with tensor parallelism (docs/tp.md); use gelu")
+    for field in ("loss_upcast", "labels_from_inputs"):
+        if tp > 1 and getattr(model, field, False):
+            raise EstimatorError(f"model.{field}: not modelled with tensor parallelism (docs/tp.md); set it to "
+                                 "false, or use model.engine: transformers without parallel.tensor_parallel")
     for field, value in (("model.num_heads", model.num_heads), ("model.num_kv_heads", model.kv_heads),
                          ("model.d_ff", model.ffn_dim), ("model.vocab_size", model.vocab_size)):
         if value % tp:
@@ -316,7 +334,7 @@ def matmul_flops(model: TransformerConfig, training: TrainingConfig) -> MatmulFl
 #: Dtype classes of saved tensors. "act": the activation dtype (16-bit matmul inputs/outputs
 #: under autocast); "stream": the residual stream's dtype (the parameter dtype: fp32 under
 #: autocast); "fp32": always float32 (SDPA's logsumexp, RMSNorm's upcast statistics).
-Kind = Literal["act", "stream", "fp32"]
+Kind = Literal["act", "stream", "fp32", "int64"]
 
 
 @dataclass(frozen=True)
@@ -334,6 +352,8 @@ class SavedTensor:
 
 def kind_bytes(kind: str, shape: StepShape) -> int:
     """Bytes per element of a dtype class under a precision plan."""
+    if kind == "int64":
+        return 8
     if kind == "fp32":
         return 4
     if kind == "stream":
@@ -398,9 +418,11 @@ def saved_tensors(model: TransformerConfig, training: TrainingConfig) -> list[Sa
     out.append(SavedTensor("lm_head.x_in", d * t, "act", layers))
     # cross_entropy = log_softmax (saves its output) + nll_loss (saves that and the total weight,
     # a 0-dim tensor). Under autocast cross_entropy runs in fp32.
-    loss_kind: Kind = "fp32" if autocast else "act"
-    out += [SavedTensor("loss.log_probs", v * t, loss_kind, layers),
-            SavedTensor("loss.total_weight", 1, loss_kind, layers)]
+    loss_kind: Kind = "fp32" if autocast or model.loss_upcast else "act"
+    out += [SavedTensor("loss.log_probs", v * t, loss_kind, layers)]
+    if model.labels_from_inputs:  # nll_loss saves its target: the contiguous shifted copy of the ids
+        out.append(SavedTensor("loss.shifted_labels", t, "int64", layers))
+    out.append(SavedTensor("loss.total_weight", 1, loss_kind, layers))
     return out
 
 
@@ -445,6 +467,12 @@ def _block_saved(model: TransformerConfig, i: int, b: int, seq: int, fp32_step: 
         out += [SavedTensor(f"{p}.mlp.gate", f * t, "act", i),
                 SavedTensor(f"{p}.mlp.silu", f * t, "act", i),
                 SavedTensor(f"{p}.mlp.up", f * t, "act", i),
+                SavedTensor(f"{p}.mlp.hidden", f * t, "act", i)]
+    elif model.mlp == "gelu_new":  # pow and the final mul save x; tanh its output; the mul 0.5·x and 1 + tanh
+        out += [SavedTensor(f"{p}.mlp.up", f * t, "act", i),
+                SavedTensor(f"{p}.mlp.half_x", f * t, "act", i),
+                SavedTensor(f"{p}.mlp.tanh", f * t, "act", i),
+                SavedTensor(f"{p}.mlp.one_plus_tanh", f * t, "act", i),
                 SavedTensor(f"{p}.mlp.hidden", f * t, "act", i)]
     else:
         out += [SavedTensor(f"{p}.mlp.up", f * t, "act", i),
@@ -530,9 +558,10 @@ class TransformerFamily:
         )
 
     def input_events(self, model: TransformerConfig, batch: TrainingConfig, shape: StepShape) -> list[Event]:
-        """Token ids and targets, (B, S) int64 each."""
+        """Token ids and targets, (B, S) int64 each; the ids alone with ``labels_from_inputs``."""
         tokens = batch.batch_size * tokens_per_sequence(model, batch)
-        return [alloc("idx", "input", tokens * 8, "setup"), alloc("targets", "input", tokens * 8, "setup")]
+        ids = [alloc("idx", "input", tokens * 8, "setup")]
+        return ids if model.labels_from_inputs else [*ids, alloc("targets", "input", tokens * 8, "setup")]
 
     def forward_backward_events(self, model: TransformerConfig, batch: TrainingConfig,
                                 shape: StepShape) -> list[Event]:
@@ -544,5 +573,5 @@ class TransformerFamily:
     def end_of_step_events(self, model: TransformerConfig, batch: TrainingConfig,
                            shape: StepShape) -> list[Event]:
         """The loss, held by the caller until the step is over."""
-        loss_bytes = 4 if shape.autocast else shape.activation_bytes
+        loss_bytes = 4 if shape.autocast or model.loss_upcast else shape.activation_bytes
         return [free("loss", "temporary", loss_bytes, "zero_grad")]

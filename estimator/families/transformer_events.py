@@ -376,6 +376,10 @@ class _Sim:
             hidden = self.new(f"{p}.mlp.hidden", f * t, "act")
             self.node(hidden, [silu, up], saves=(silu, up))
             self.dead(silu, up)
+        elif m.mlp == "gelu_new":
+            up = lin("up_proj", x, d, f)
+            hidden = self.gelu_new(f"{p}.mlp", up, f * t)
+            self.dead(up)
         else:
             up = lin("up_proj", x, d, f)
             hidden = self.new(f"{p}.mlp.hidden", f * t, "act")
@@ -387,6 +391,38 @@ class _Sim:
         if gathered:
             self.dead(gathered)
         return out
+
+    def gelu_new(self, prefix: str, x: str, n: int) -> str:
+        """transformers' ``NewGELUActivation`` (transformers/activations.py, 5.24), op by op in Python's order:
+        ``0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))``.
+
+        ``0.5·x`` first (a product by a number saves nothing); ``pow`` saves x and its backward makes x² and 3·x²
+        before the product with the gradient; ``tanh`` saves its output; ``1 + tanh`` saves nothing; the last
+        product saves both factors. Every tensor is the size of x (n elements, the activation dtype).
+        """
+        half = self.new(f"{prefix}.half_x", n, "act")
+        self.node(half, [x])
+        cube = self.new(f"{prefix}.cube", n, "act")
+        self.node(cube, [x], saves=(x,), scratch=2 * n * kind_bytes("act", self.shape))
+        scaled = self.new(f"{prefix}.cube_scaled", n, "act")
+        self.node(scaled, [cube])
+        self.dead(cube)
+        inner = self.new(f"{prefix}.inner", n, "act")
+        self.node(inner, [(x, PASS), (scaled, PASS)])
+        self.dead(scaled)
+        arg = self.new(f"{prefix}.tanh_arg", n, "act")
+        self.node(arg, [inner])
+        self.dead(inner)
+        th = self.new(f"{prefix}.tanh", n, "act")
+        self.node(th, [arg], saves=(th,))
+        self.dead(arg)
+        one = self.new(f"{prefix}.one_plus_tanh", n, "act")
+        self.node(one, [(th, PASS)])
+        self.dead(th)
+        hidden = self.new(f"{prefix}.hidden", n, "act")
+        self.node(hidden, [half, one], saves=(half, one))
+        self.dead(half, one)
+        return hidden
 
     def block(self, i: int, x: str) -> str:
         """Block ``i`` on input ``x``; returns its output (the next block's input)."""
@@ -480,6 +516,27 @@ class _Sim:
         if head_in != hf:  # the head's input hook's gathered tensor, dropped when lm_head returns
             self.dead(head_in)
         self.phase = "loss"
+        if self.hf_loss:
+            loss, logp, tw = self.hf_causal_lm_loss(logits)
+        else:
+            loss, logp, tw = self.cross_entropy(logits)
+        self.after_loss(loss)
+        self.dead(tw, logp, logits, hf)  # forward's locals (x, logits) live until it returns
+        self.mark("post_forward", "root")
+        for cast in self.casts:  # autocast's weight cache is cleared when the forward ends
+            if self.tensors[cast].live:
+                self.dead(cast)
+
+    @property
+    def hf_loss(self) -> bool:
+        """transformers' causal-LM loss (``loss_upcast`` or ``labels_from_inputs``; the MoE config has neither)."""
+        return bool(getattr(self.model, "loss_upcast", False) or getattr(self.model, "labels_from_inputs", False))
+
+    def cross_entropy(self, logits: str) -> tuple[str, str, str]:
+        """``F.cross_entropy(logits, targets)``: log_softmax (saves its output), then nll_loss (saves it and the
+        0-dim total weight); under autocast it runs on an fp32 copy of the logits. Returns (loss, log-probs,
+        total weight)."""
+        m, t = self.model, self.t
         loss_kind: Kind = "fp32" if self.autocast else "act"
         src = logits
         # loss_parallel: the log-softmax and NLL of the vocabulary-sharded logits (their max, sum and
@@ -497,19 +554,55 @@ class _Sim:
         self.node(loss, [logp], saves=(logp, tw))
         if src != logits and self.tp:  # measured under TP: autocast's fp32 copy lives until cross_entropy returns
             self.dead(src)
-        self.after_loss(loss)
-        self.dead(tw, logp, logits, hf)  # forward's locals (x, logits) live until it returns
-        self.mark("post_forward", "root")
-        for cast in self.casts:  # autocast's weight cache is cleared when the forward ends
-            if self.tensors[cast].live:
-                self.dead(cast)
+        return loss, logp, tw
+
+    def hf_causal_lm_loss(self, logits: str) -> tuple[str, str, str]:
+        """transformers' ``ForCausalLMLoss`` (transformers/loss/loss_utils.py, 5.24) as the torch model runs it.
+
+        ``logits = logits.float()`` (``loss_upcast``; a copy unless the logits are fp32 already, alive until
+        the loss function returns); with ``labels_from_inputs`` the labels are the ids: ``F.pad(labels, (0,
+        1), value=-100)`` (a [B, S+1] int64 tensor, alive until the function returns) and ``labels[..., 1:]
+        .contiguous()`` (a [B, S] int64 copy, which nll_loss saves as its target). Then ``cross_entropy``:
+        log_softmax saves its fp32 output, nll_loss saves it, the target and the fp32 total weight.
+        """
+        m, t = self.model, self.t
+        upcast = getattr(m, "loss_upcast", False)
+        src = logits
+        if upcast and self.tensors[logits].nbytes != m.vocab_size * t * 4:
+            src = self.new("logits.fp32", m.vocab_size * t, "fp32")
+            self.node(src, [logits])
+        elif self.autocast:  # labels from the inputs alone: autocast's own fp32 copy, inside cross_entropy
+            src = ""
+        padded = shifted = ""
+        if getattr(m, "labels_from_inputs", False):
+            padded = self.new_bytes("labels.padded", self.training.batch_size * (self.seq + 1) * 8, "temporary")
+            shifted = self.new("loss.shifted_labels", t, "int64")
+        if not src:  # autocast's cast of the 16-bit logits
+            src = self.new("logits.fp32", m.vocab_size * t, "fp32")
+            self.node(src, [logits])
+            inner_cast = True
+        else:
+            inner_cast = False
+        loss_kind: Kind = "fp32" if upcast or self.autocast else "act"
+        logp = self.new("loss.log_probs", m.vocab_size * t, loss_kind)
+        self.node(logp, [src], saves=(logp,))
+        loss = self.new("loss", 1, loss_kind, role="temporary")
+        tw = self.new("loss.total_weight", 1, loss_kind)
+        self.node(loss, [logp], saves=(logp, tw, *([shifted] if shifted else [])))
+        if inner_cast:  # autocast's copy lives until cross_entropy returns (measured, as under TP)
+            self.dead(src)
+        if shifted:
+            self.dead(padded, shifted)
+        if src != logits and not inner_cast:
+            self.dead(src)
+        return loss, logp, tw
 
     def after_loss(self, loss: str) -> None:
         """What the model adds to ``loss`` before its forward returns (the MoE family's load-balancing loss)."""
 
     def backward(self) -> None:
         self.phase = "backward"
-        loss_kind: Kind = "fp32" if self.autocast else "act"
+        loss_kind: Kind = "fp32" if self.autocast or getattr(self.model, "loss_upcast", False) else "act"
         grad_loss = self.new("grad.loss", 1, loss_kind, role="temporary")
         buffers: dict[str, str] = {"loss": grad_loss}
         refs: dict[str, int] = {grad_loss: 2}  # backward() keeps its own reference until the end

@@ -55,6 +55,8 @@ def step_parts(config: Config, device: torch.device) -> StepParts:
 
         def make_tokens() -> tuple[tuple[Tensor, ...], Tensor]:
             idx = torch.randint(0, model.vocab_size, (b, seq), device=device)
+            if model.labels_from_inputs:  # transformers' causal LM: the labels are the ids, shifted in the loss
+                return (idx,), idx
             targets = torch.randint(0, model.vocab_size, (b, seq), device=device)
             return (idx,), targets
 

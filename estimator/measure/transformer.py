@@ -12,7 +12,8 @@ ones ``saved_tensors(cfg, training)`` lists (docs/transformer.md). Choices that 
   saved tensors do not depend on whether the device has a fused kernel;
 * the eager causal mask is an additive 0/-inf matrix (``add`` saves nothing), and GQA in eager
   mode broadcasts k/v with expand+reshape (no saved index tensor);
-* ``cross_entropy`` on the flattened logits returns the mean loss.
+* ``cross_entropy`` on the flattened logits returns the mean loss; with ``loss_upcast`` /
+  ``labels_from_inputs`` the loss is transformers' ``ForCausalLMLoss`` (:func:`causal_lm_loss`).
 """
 
 from __future__ import annotations
@@ -123,6 +124,12 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(b, s, hq * h))
 
 
+def gelu_new(input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (transformers' own argument name)
+    """transformers' ``NewGELUActivation.forward`` (transformers/activations.py, 5.24), the same expression: the
+    tanh approximation of GELU (OpenAI GPT-2's), written in Python so each elementwise op saves its tensors."""
+    return 0.5 * input * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (input + 0.044715 * torch.pow(input, 3.0))))
+
+
 class MLP(nn.Module):
     def __init__(
         self, cfg: TransformerConfig, device: torch.device | str | None, dtype: torch.dtype | None
@@ -130,6 +137,7 @@ class MLP(nn.Module):
         super().__init__()
         kw = {"device": device, "dtype": dtype}
         self.swiglu = cfg.mlp == "swiglu"
+        self.act = gelu_new if cfg.mlp == "gelu_new" else F.gelu
         if self.swiglu:
             self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.linear_bias, **kw)
         self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.linear_bias, **kw)
@@ -138,7 +146,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(F.gelu(self.up_proj(x)))
+        return self.down_proj(self.act(self.up_proj(x)))
 
 
 class Block(nn.Module):
@@ -216,7 +224,31 @@ class Transformer(nn.Module):
             logits = F.linear(x, self.tok_emb.weight)
         if targets is None:
             return logits
+        if self.cfg.loss_upcast or self.cfg.labels_from_inputs:
+            return causal_lm_loss(logits, targets, self.cfg.vocab_size, self.cfg.loss_upcast,
+                                  self.cfg.labels_from_inputs)
         return F.cross_entropy(logits.view(b * s, -1), targets.view(b * s))
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, upcast: bool,
+                   shift: bool) -> torch.Tensor:
+    """transformers' ``ForCausalLMLoss`` (transformers/loss/loss_utils.py, 5.24), statement by statement.
+
+    ``upcast``: ``logits.float()`` first (fp32 log-probabilities and loss in 16-bit precisions). ``shift``:
+    ``labels`` are the input ids; they are padded with -100 at the end and shifted by one
+    (``labels[..., 1:].contiguous()``), so token i predicts token i+1 and the last position is ignored.
+    Without ``shift`` the targets are used as given (already aligned).
+    """
+    if upcast:
+        logits = logits.float()
+    if shift:
+        labels = F.pad(labels, (0, 1), value=-100)
+        shift_labels = labels[..., 1:].contiguous()
+    else:
+        shift_labels = labels
+    logits = logits.view(-1, vocab_size)
+    shift_labels = shift_labels.view(-1)
+    return F.cross_entropy(logits, shift_labels, ignore_index=-100, reduction="mean")
 
 
 def build_transformer(

@@ -1,0 +1,125 @@
+"""The transformer family's transformers-style options against the project's torch model (docs/transformer.md).
+
+Each option (``loss_upcast``, ``labels_from_inputs``, ...) is implemented in ``estimator.measure.transformer`` as
+transformers writes it; the simulated events must equal the live-tensor tracker's measurement of that model (end
+of forward, end of backward, forward and backward peaks), and the saved tensors ``activation_bytes`` lists must
+equal what autograd saves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+
+import pytest
+import torch
+
+from estimator.config import TrainingConfig
+from estimator.families.base import StepShape, get_family
+from estimator.families.transformer import activation_bytes
+from estimator.measure.tracker import LiveTensorTracker
+from estimator.measure.transformer import build_transformer, measure_saved_bytes
+from estimator.timeline import curve, replay
+from tests.transformer.conftest import small
+
+SHAPES = {"fp32": StepShape(4, 4, 4, False), "bf16": StepShape(2, 2, 2, False),
+          "amp-bf16": StepShape(2, 4, 4, True)}
+FAMILY = get_family("transformer")
+B, S = 2, 8
+HF_LOSS = {"loss_upcast": True, "labels_from_inputs": True}
+OPTIONS = {"hf-loss": HF_LOSS, "upcast-only": {"loss_upcast": True}, "labels-only": {"labels_from_inputs": True}}
+
+
+def _track(cfg: object, precision: str, ckpt: str = "none") -> tuple[dict[str, int], dict[str, int]]:
+    """(estimate, measured): end of forward, end of backward, forward and backward peaks, saved bytes."""
+    torch.manual_seed(0)
+    model = build_transformer(cfg, dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
+                              activation_checkpointing=ckpt)
+    idx = torch.randint(0, cfg.vocab_size, (B, S))
+    targets = idx if cfg.labels_from_inputs else torch.randint(0, cfg.vocab_size, (B, S))
+    amp = precision.startswith("amp")
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+    tracker = LiveTensorTracker("cpu")
+    base = tracker.track_existing([*model.parameters(), idx, targets])
+    with tracker:
+        tracker.set_phase("forward")
+        with autocast:
+            loss = model(idx, targets)
+        end_forward = tracker.live_bytes - base
+        tracker.set_phase("backward")
+        loss.backward()
+    _, saved = measure_saved_bytes(model, idx, targets, torch.bfloat16 if amp else None)
+    measured = {"end_forward": end_forward, "end": tracker.live_bytes - base,
+                "peak_forward": tracker.phase_peaks["forward"] - base,
+                "peak_backward": tracker.phase_peaks["backward"] - base,
+                "saved": sum(v[2] for v in saved.values())}
+    training = TrainingConfig(batch_size=B, seq_len=S, activation_checkpointing=ckpt, precision=precision)
+    points = curve(FAMILY.forward_backward_events(cfg, training, SHAPES[precision]))
+    forward = [v for phase, v in points if phase in ("forward", "loss")]
+    backward = [v for phase, v in points if phase == "backward"]
+    estimate = {"end_forward": forward[-1], "end": points[-1][1], "peak_forward": max(forward),
+                "peak_backward": max(backward),
+                "saved": activation_bytes(cfg, training, SHAPES[precision]) if ckpt == "none" else
+                measured["saved"]}
+    return estimate, measured
+
+
+@pytest.mark.parametrize(("name", "option", "precision"),
+                         list(itertools.product(["llama-gqa", "gpt2", "neox"], sorted(OPTIONS), sorted(SHAPES))))
+def test_hf_loss_events_match_tracker(name: str, option: str, precision: str) -> None:
+    estimate, measured = _track(small(name, **OPTIONS[option]), precision)
+    assert estimate == measured
+
+
+@pytest.mark.parametrize("precision", ["bf16", "amp-bf16"])
+def test_hf_loss_with_checkpointing(precision: str) -> None:
+    estimate, measured = _track(small("llama-gqa", **HF_LOSS), precision, "full")
+    if precision == "bf16":
+        assert estimate == measured
+        return
+    # amp-bf16 under checkpointing: the plain model's backward peak is 64 B over already (tests/transformer/
+    # test_events.py allows 128 B for autocast peaks); the option keeps that difference and adds none
+    plain_estimate, plain_measured = _track(small("llama-gqa"), precision, "full")
+    assert plain_estimate["peak_backward"] - plain_measured["peak_backward"] == 64
+    assert {k: estimate[k] - measured[k] for k in estimate} == {
+        "end_forward": 0, "end": 0, "peak_forward": 0, "peak_backward": 64, "saved": 0}
+
+
+@pytest.mark.parametrize(("precision", "ckpt"), list(itertools.product(sorted(SHAPES), ["none", "full"])))
+def test_gelu_new_events_match_tracker(precision: str, ckpt: str) -> None:
+    estimate, measured = _track(small("gpt2", mlp="gelu_new", **HF_LOSS), precision, ckpt)
+    assert estimate == measured
+
+
+def test_hf_loss_by_hand() -> None:
+    """bf16, T = 16 tokens, V = 97: the upcast saves fp32 log-probabilities (V·T·2 bytes more than bf16),
+    the shifted labels (T·8) and a 2-byte-larger total weight; the targets input is gone (T·8)."""
+    training = TrainingConfig(batch_size=B, seq_len=S, precision="bf16")
+    shape = SHAPES["bf16"]
+    plain, hf = small("llama-gqa"), small("llama-gqa", **HF_LOSS)
+    t, v = B * S, 97
+    assert activation_bytes(hf, training, shape) - activation_bytes(plain, training, shape) == v * t * 2 + t * 8 + 2
+    inputs = [sum(e.nbytes for e in FAMILY.input_events(c, training, shape)) for c in (plain, hf)]
+    assert inputs == [2 * t * 8, t * 8]
+    live = replay(FAMILY.input_events(hf, training, shape) + FAMILY.forward_backward_events(hf, training, shape))
+    assert {k for k, e in live.items() if e.role != "gradient"} == {"idx", "loss"} and live["loss"].nbytes == 4
+
+
+def test_gelu_new_saves_five_hidden_tensors() -> None:
+    """gelu_new saves x, 0.5·x, tanh(...), 1 + tanh(...) and the product: 3 [T, F] tensors more than F.gelu."""
+    training = TrainingConfig(batch_size=B, seq_len=S)
+    cfg, new = small("gpt2"), small("gpt2", mlp="gelu_new")
+    t, f, layers = B * S, 4 * 32, 2
+    assert activation_bytes(new, training, SHAPES["fp32"]) - activation_bytes(cfg, training, SHAPES["fp32"]) == (
+        layers * 3 * t * f * 4)
+
+
+def test_options_refused_with_tensor_parallelism() -> None:
+    from estimator.errors import EstimatorError
+    from estimator.families.transformer import check_tensor_parallel
+
+    check_tensor_parallel(small("llama-gqa", **HF_LOSS), 1)
+    with pytest.raises(EstimatorError, match=r"^model.loss_upcast: not modelled with tensor parallelism"):
+        check_tensor_parallel(small("llama-gqa", **HF_LOSS), 2)
+    with pytest.raises(EstimatorError, match=r"^model.mlp: gelu_new is not modelled with tensor parallelism"):
+        check_tensor_parallel(small("gpt2", mlp="gelu_new"), 2)
