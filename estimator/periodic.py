@@ -86,8 +86,18 @@ _DIGITS = re.compile(r"\d+")
 
 def _signature(events: Sequence[Event]) -> list[tuple[str, int, str, str]]:
     """What must repeat: role, size and phase, and the name with its layer numbers blanked out (which keeps
-    two different tensors of equal size apart when the diff looks for the inserted blocks)."""
-    return [_sign(e) for e in events]
+    two different tensors of equal size apart when the diff looks for the inserted blocks). ``_sign`` of
+    each event, in one loop (this runs over every event of every list built)."""
+    signs = _SIGNS
+    get = signs.get
+    out: list[tuple[str, int, str, str]] = []
+    append = out.append
+    for e in events:
+        sig = get(id(e))
+        if sig is None:
+            sig = signs[id(e)] = (e.role, e.nbytes, e.phase, _blank_numbers(e.name))
+        append(sig)
+    return out
 
 
 def _sign(e: Event) -> tuple[str, int, str, str]:
@@ -108,14 +118,17 @@ def _blank_numbers(name: str) -> str:
     return _DIGITS.sub("#", name)
 
 
-def _inserts(a: Sequence[Event], b: Sequence[Event]) -> Iterator[list[tuple[int, int, tuple[Event, ...]]]]:
+def _inserts(a: Sequence[Event], b: Sequence[Event], sa: list[tuple[str, int, str, str]] | None = None,
+             sb: list[tuple[str, int, str, str]] | None = None,
+             ) -> Iterator[list[tuple[int, int, tuple[Event, ...]]]]:
     """Ways ``b`` is ``a`` with runs of events inserted (positions in ``a``), most plausible first.
 
     Walking both lists, at each point where they part, ``b`` must hold one more copy of a block that
     repeats: the m events ``b`` inserts there equal the m events just before (a square), so the
     candidates are those m, smallest first; the total inserted is ``len(b) - len(a)``.
     """
-    sa, sb = _signature(a), _signature(b)
+    sa = _signature(a) if sa is None else sa  # the signatures, when the caller has them already
+    sb = _signature(b) if sb is None else sb
     budget = len(sb) - len(sa)
     if budget <= 0:
         return
@@ -151,7 +164,13 @@ def canonical(events: Sequence[Event]) -> list[Event]:
     some runs come in an order that is not periodic in the layer count (autocast's cache of 16-bit
     copies is released in the order of a hash table), and sorting them makes the step periodic again.
     """
-    out: list[Event] = []
+    return _canonical(events)[0]
+
+
+def _canonical(events: Sequence[Event]) -> tuple[list[Event], list[tuple[str, int, str, str]]]:
+    """:func:`canonical`, with the signature of what it returns (each event signed once)."""
+    signs = _signature(events)
+    order: list[int] = []
     start = 0
     n = len(events)
     while start < n:
@@ -162,9 +181,12 @@ def canonical(events: Sequence[Event]) -> list[Event]:
             while end < n and events[end].phase == first.phase and events[end].nbytes and (
                     events[end].nbytes > 0) == rising:
                 end += 1
-        out += sorted(events[start:end], key=_sign) if end - start > 1 else events[start:end]
+        if end - start > 1:
+            order += sorted(range(start, end), key=signs.__getitem__)  # stable: as sorting the events by _sign
+        else:
+            order.append(start)
         start = end
-    return out
+    return [events[i] for i in order], [signs[i] for i in order]
 
 
 def _agreement(sa: list[tuple[str, int, str, str]], i: int, sb: list[tuple[str, int, str, str]], j: int) -> int:
@@ -189,10 +211,18 @@ def _expand(base: Sequence[Event], inserts: list[tuple[int, tuple[Event, ...]]],
     return tuple(segments)
 
 
-def _expanded_signature(program: Program) -> list[tuple[str, int, str, str]]:
+def _expanded_signature(sa: list[tuple[str, int, str, str]], sb: list[tuple[str, int, str, str]],
+                        places: list[tuple[int, int, int]], copies: int) -> list[tuple[str, int, str, str]]:
+    """The signature of ``_expand(a, blocks, copies)`` from those of ``a`` and ``b`` (``places``: each block
+    ``b[j:j + m]`` inserted before ``a[i]``), without going over the events again."""
     out: list[tuple[str, int, str, str]] = []
-    for segment in program:
-        out += _signature(segment.events) * segment.count
+    start = 0
+    for i, j, m in places:
+        out += sa[start:i]
+        if copies > 0:
+            out += sb[j:j + m] * copies
+        start = i
+    out += sa[start:]
     return out
 
 
@@ -228,27 +258,31 @@ def _periodic(build: Callable[[int], Sequence[Sequence[Event]]], layers: int, ba
     copies = (layers - base) // period
     known = _SHAPES.get(shape_key) if shape_key is not None else None
     try:
-        runs = [[canonical(events) for events in build(base + c * period)]
-                for c in range(2 if known else checks + 2)]
+        signed = [[_canonical(events) for events in build(base + c * period)]
+                  for c in range(2 if known else checks + 2)]
     except ValueError:
         return None
+    runs = [[events for events, _signs in run] for run in signed]
     if known is not None:
         skeletons, places = known
         if [[_skeleton(events) for events in run] for run in runs[:2]] == skeletons:
             return tuple(_expand(runs[0][w], [(i, tuple(runs[1][w][j:j + m])) for i, j, m in places[w]], copies)
                          for w in range(len(places)))
         try:
-            runs += [[canonical(events) for events in build(base + c * period)] for c in range(2, checks + 2)]
+            signed += [[_canonical(events) for events in build(base + c * period)] for c in range(2, checks + 2)]
         except ValueError:
             return None
+        runs = [[events for events, _signs in run] for run in signed]
     programs: list[Program] = []
     found: list[list[tuple[int, int, int]]] = []
     for which in range(len(runs[0])):
         lists = [run[which] for run in runs]
-        wanted = [_signature(lists[c]) for c in range(2, checks + 2)]
-        for inserts in _inserts(lists[0], lists[1]):
+        signs = [run[which][1] for run in signed]
+        wanted = signs[2:checks + 2]
+        for inserts in _inserts(lists[0], lists[1], signs[0], signs[1]):
             blocks = [(i, block) for i, _j, block in inserts]
-            if all(_expanded_signature(_expand(lists[0], blocks, c)) == wanted[c - 2] for c in range(2, checks + 2)):
+            places = [(i, j, len(block)) for i, j, block in inserts]
+            if all(_expanded_signature(signs[0], signs[1], places, c) == wanted[c - 2] for c in range(2, checks + 2)):
                 programs.append(_expand(lists[0], blocks, copies))
                 found.append([(i, j, len(block)) for i, j, block in inserts])
                 break

@@ -166,20 +166,19 @@ class DroppedGradients:
                     shift += 1
         self.total_live, self.total_adjust, self.total_shift = live, adjust, shift
         n = len(events)
-        self.table = [list(range(n))]
+        # entries (h[t], -t): the larger entry is the higher h, then the earlier t (the first maximum on ties),
+        # so each level is one C-level max over pairs of the level below
+        self.table = [list(zip(self.h, range(0, -n, -1), strict=True))]
         k = 1
         while 2 * k <= n:
             prev = self.table[-1]
-            self.table.append([self._better(prev[i], prev[i + k]) for i in range(n - 2 * k + 1)])
+            self.table.append(list(map(max, prev[:n - 2 * k + 1], prev[k:n - k + 1])))
             k *= 2
-
-    def _better(self, i: int, j: int) -> int:
-        return j if self.h[j] > self.h[i] else i
 
     def _argmax(self, lo: int, hi: int) -> int:
         """First index of the maximum of h over [lo, hi]."""
         level = (hi - lo + 1).bit_length() - 1
-        return self._better(self.table[level][lo], self.table[level][hi - (1 << level) + 1])
+        return -max(self.table[level][lo], self.table[level][hi - (1 << level) + 1])[1]
 
     def summary(self, owned: set[str]) -> Summary:
         n = len(self.events)
