@@ -88,13 +88,15 @@ def paired(cmd: list[str], pairs: int, cwd: str | None = None) -> dict[str, floa
 
 
 def clear_caches() -> None:
-    """Forget every simulated step, periodic shape and FSDP2 event list, so each call starts from scratch."""
-    from estimator import periodic, simulate
+    """Forget every simulated step, periodic shape, FSDP2 event list and rank estimate, so each call starts
+    from scratch."""
+    from estimator import parallel, periodic, simulate
     from estimator.parallel import fsdp
 
     simulate._SIMULATED.clear()
     periodic._SHAPES.clear()
     fsdp._MARKED.clear()
+    parallel.clear_caches()
 
 
 def in_process(fn, repeats: int = 3) -> float:  # noqa: ANN001
