@@ -102,7 +102,8 @@ def measure_distributed(
     if config.parallel.offload:
         raise EstimatorError("parallel.offload: estimate only; on the CPU the host and the device are the same "
                              "memory, so a gloo run cannot tell what CPU offload moves (docs/distributed.md)")
-    if config.training.master_weights and (strategy not in ("zero3", "fsdp") or config.model.family != "transformer"):
+    if config.training.master_weights and (strategy not in ("zero3", "fsdp")
+                                           or config.model.family not in ("transformer", "module")):
         raise EstimatorError("training.master_weights: measured as FSDP2's MixedPrecisionPolicy (--parallel zero3 "
                              "or fsdp, transformer family); torch has no engine for fp32 master weights under "
                              f"{strategy} (estimate only)")

@@ -338,8 +338,18 @@ def _module_supported(config: Config) -> None:
         raise EstimatorError(f"training.precision: FSDP2 of a traced module is modelled for fp32, bf16 and fp16, "
                              f"not {config.training.precision} (autocast under FSDP2 is not verified for modules)")
     if master_weights(config):
-        raise EstimatorError("training.master_weights: FSDP2's MixedPrecisionPolicy is modelled for the transformer "
-                             "and moe families, not a traced module (its root casts the inputs: not traced)")
+        model = config.model
+        floating = [f"model.inputs[{i}]" for i, s in enumerate(model.inputs) if s.dtype not in ("int64", "int32",
+                                                                                                 "bool")]
+        if model.loss == "mse" or (model.target is not None and model.target.dtype not in ("int64", "int32")):
+            floating.append("model.target")
+        if floating:
+            raise EstimatorError(f"training.master_weights: FSDP2's MixedPrecisionPolicy of a traced module is "
+                                 f"modelled for integer inputs and targets (token ids, class ids); {floating[0]} is "
+                                 "floating (the policy casts it at the root: not traced)")
+        if _module_trace(config).state_events:
+            raise EstimatorError("training.master_weights: FSDP2's MixedPrecisionPolicy of a traced module is "
+                                 "modelled for modules without buffers (FSDP2 keeps them fp32: not traced)")
     if config.training.grad_accum_steps > 1:
         raise EstimatorError("training.grad_accum_steps: under zero3/fsdp gradient accumulation is modelled for "
                              "the transformer and moe families, not a traced module")
