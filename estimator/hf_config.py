@@ -10,7 +10,7 @@ Supported ``model_type``s and what each maps to (all parameter counts exact):
 * ``gpt_neox``: biased layernorm and linears, GELU MLP, partial RoPE (``rotary_pct``), parallel
   residual (``use_parallel_residual``), untied ``embed_out``.
 
-Every dense type also gets the options that make the project's model run the step transformers runs
+Every type (dense and MoE) also gets the options that make the project's model run the step transformers runs
 (``HF_STEP``; docs/hf.md): the loss upcasts the logits to fp32 and the labels are the input ids.
 
 Settings that change neither the parameter count nor what our torch model computes within
@@ -329,8 +329,7 @@ def analytic_values(p: Path, data: dict[str, Any]) -> dict[str, Any]:
             f"{p}: unsupported model_type {model_type!r} (supported: {', '.join(supported_model_types())})"
         )
     values = reader(_Reader(p, data))
-    if values.get("family", "transformer") == "transformer":
-        values.update(HF_STEP)
+    values.update(HF_STEP)
     return {"family": "transformer", **{k: v for k, v in values.items() if v is not None}}
 
 

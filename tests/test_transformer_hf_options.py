@@ -123,3 +123,28 @@ def test_options_refused_with_tensor_parallelism() -> None:
         check_tensor_parallel(small("llama-gqa", **HF_LOSS), 2)
     with pytest.raises(EstimatorError, match=r"^model.mlp: gelu_new is not modelled with tensor parallelism"):
         check_tensor_parallel(small("gpt2", mlp="gelu_new"), 2)
+
+
+MOE_CASES = [("mixtral", "bf16", "none"), ("mixtral", "bf16", "full"), ("mixtral", "fp32", "none"),
+             ("qwen2-moe", "bf16", "none"), ("olmoe", "bf16", "none"), ("qwen3-moe", "bf16", "none")]
+
+
+@pytest.mark.parametrize(("name", "precision", "ckpt"), MOE_CASES)
+def test_moe_hf_loss_peaks_equal_the_real_step(name: str, precision: str, ckpt: str) -> None:
+    """The MoE family shares the loss (``transformer_events._Sim.hf_causal_lm_loss``): forward peak, backward
+    peak and the bytes left after forward equal the CPU allocator's record of ``estimator.measure.moe``."""
+    from tests.moe.conftest import small as small_moe
+    from tests.moe.test_events import real_step, simulated
+
+    cfg = small_moe(name, **HF_LOSS)
+    real, counts = real_step(cfg, precision, ckpt)
+    assert simulated(cfg, counts, precision, ckpt) == real
+
+
+def test_moe_hf_loss_with_load_balancing_loss() -> None:
+    from tests.moe.conftest import small as small_moe
+    from tests.moe.test_events import real_step, simulated
+
+    cfg = small_moe("mixtral", aux_loss_coef=0.02, **HF_LOSS)
+    real, counts = real_step(cfg, "bf16", "none")
+    assert simulated(cfg, counts, "bf16", "none") == real

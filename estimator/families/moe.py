@@ -112,6 +112,9 @@ class MoEConfig(StrictModel):
     tie_embeddings: bool = Field(False, description="the output head reuses the token embedding matrix")
     attention: Literal["sdpa", "eager"] = Field("sdpa", description="the attention kernel (see the transformer family)")
     norm_eps: float = Field(1e-5, gt=0, description="ε of the RMSNorms")
+    loss_upcast: bool = Field(False, description="transformers' loss: logits.float() first (docs/transformer.md)")
+    labels_from_inputs: bool = Field(False, description="transformers' loss: the labels are the input ids, shifted "
+                                     "in the loss (docs/transformer.md)")
 
     @model_validator(mode="after")
     def _check_shapes(self) -> MoEConfig:
@@ -177,6 +180,7 @@ class MoEConfig(StrictModel):
             d_ff=self.d_ff or self.expert_d_ff, mlp="swiglu", norm="rmsnorm", bias=False, qkv_bias=self.qkv_bias,
             positions="rope", rope_theta=self.rope_theta, max_seq_len=self.max_seq_len,
             tie_embeddings=self.tie_embeddings, attention=self.attention, norm_eps=self.norm_eps,
+            loss_upcast=self.loss_upcast, labels_from_inputs=self.labels_from_inputs,
         )
 
 
@@ -490,9 +494,10 @@ class MoEFamily:
         return details(model, batch)
 
     def input_events(self, model: MoEConfig, batch: TrainingConfig, shape: StepShape) -> list[Event]:
-        """Token ids and targets, (B, S) int64 each."""
+        """Token ids and targets, (B, S) int64 each; the ids alone with ``labels_from_inputs``."""
         tokens = batch.batch_size * tokens_per_sequence(model, batch)
-        return [alloc("idx", "input", tokens * 8, "setup"), alloc("targets", "input", tokens * 8, "setup")]
+        ids = [alloc("idx", "input", tokens * 8, "setup")]
+        return ids if model.labels_from_inputs else [*ids, alloc("targets", "input", tokens * 8, "setup")]
 
     def forward_backward_events(self, model: MoEConfig, batch: TrainingConfig, shape: StepShape) -> list[Event]:
         """Every allocation and release of forward, loss and backward (``moe_events``)."""
@@ -502,7 +507,7 @@ class MoEFamily:
 
     def end_of_step_events(self, model: MoEConfig, batch: TrainingConfig, shape: StepShape) -> list[Event]:
         """The loss, held by the caller until the step is over."""
-        loss_bytes = 4 if shape.autocast else shape.activation_bytes
+        loss_bytes = 4 if shape.autocast or model.loss_upcast else shape.activation_bytes
         return [free("loss", "temporary", loss_bytes, "zero_grad")]
 
 

@@ -312,7 +312,13 @@ class MoETransformer(nn.Module):
         logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight)
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.view(b * s, -1), targets.view(b * s))
+        if self.cfg.loss_upcast or self.cfg.labels_from_inputs:  # transformers' ForCausalLMLoss
+            from estimator.measure.transformer import causal_lm_loss
+
+            loss = causal_lm_loss(logits, targets, self.cfg.vocab_size, self.cfg.loss_upcast,
+                                  self.cfg.labels_from_inputs)
+        else:
+            loss = F.cross_entropy(logits.view(b * s, -1), targets.view(b * s))
         if self.cfg.aux_loss_coef:  # MixtralForCausalLM.forward with output_router_logits=True
             moes = [blk.moe for blk in self.blocks if hasattr(blk, "moe")]
             router_logits = tuple(moe.router_logits for moe in moes)

@@ -50,7 +50,7 @@ def moe_step_parts(config: Config, device: torch.device, dtype: torch.dtype,
         gen = torch.Generator().manual_seed(SEED)
         idx = torch.randint(0, model.vocab_size, (b, seq), generator=gen).to(device)
         targets = torch.randint(0, model.vocab_size, (b, seq), generator=gen).to(device)
-        return (idx,), targets
+        return (idx,), idx if model.labels_from_inputs else targets
 
     return StepParts(_Builder(config, device, dtype), make_tokens, None, autocast)
 
