@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 from estimator.accumulation import LATER, accumulated_body
 from estimator.config import Config
@@ -321,7 +322,7 @@ def step_events(
     if spec.state_init == "constructor":
         setup += state_events(spec, params, config, "setup", step_bytes)
 
-    body = family.forward_backward_events(config.model, config.training, shape)
+    body = _body_events(family, config, shape)
     tail = _zero_grad_events(params, shape) + (master_grad_free_events(trainable) if master else [])
     end = family.end_of_step_events(config.model, config.training, shape)
     steps = config.training.grad_accum_steps
@@ -336,6 +337,25 @@ def step_events(
     if device == "cuda" and rounded:
         setup, first, steady = (round_blocks(e) for e in (setup, first, steady))
     return setup, first, steady
+
+
+def _body_events(family: Any, config: Config, shape: StepShape) -> list[Event]:
+    """The family's forward-backward events, made once per (model, training, shape) in a process.
+
+    They depend on nothing else (not the device, the optimizer or the layout), so the probes and
+    alternatives of a fit that keep the model and training sections (another optimizer, the CPU step a
+    rank context reads) and the small layer counts a periodic search builds again reuse them. A copy
+    of the list is returned (the events themselves are immutable).
+    """
+    key = (config.model.model_dump_json(), config.training.model_dump_json(), shape)
+    if key not in _BODIES:
+        if len(_BODIES) >= 256:
+            _BODIES.pop(next(iter(_BODIES)))
+        _BODIES[key] = tuple(family.forward_backward_events(config.model, config.training, shape))
+    return list(_BODIES[key])
+
+
+_BODIES: dict[tuple[str, str, StepShape], tuple[Event, ...]] = {}
 
 
 def assemble_step(setup: list[Event], first: list[Event], steady: list[Event]) -> SimulatedStep:
