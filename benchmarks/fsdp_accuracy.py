@@ -6,6 +6,10 @@ and optimizer-state bytes and the first- and steady-step peaks with ``per_rank_e
 
     python benchmarks/fsdp_accuracy.py            # the whole matrix (several minutes on 2 cores)
     python benchmarks/fsdp_accuracy.py --quick    # two cases
+
+Traced modules (``model: {module: ...}``) are sharded on the units ``parallel.fsdp_unit_class`` chooses
+(by default the repeated block class), then the root: a stack of blocks (tests/fsdp_module_blocks.py,
+``--layers`` of them) and the LoRA example (frozen base weights).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import json
 import os
 import tempfile
 import time
+from pathlib import Path
 
 from estimator.loader import load_config
 from estimator.measure.distributed import measure_distributed
@@ -29,6 +34,12 @@ MASTER = ["training.master_weights=true"]  # FSDP2's MixedPrecisionPolicy(bf16, 
 TINY_LLAMA_HF = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 88, "num_hidden_layers": 2,
                  "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 96, "max_position_embeddings": 16,
                  "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+
+ROOT = str(Path(__file__).resolve().parent.parent)
+STACK = {"module": "tests.fsdp_module_blocks:make_stack", "inputs": [{"shape": [2, 16], "dtype": "int64", "high": 40}],
+         "loss": "cross_entropy", "search_dir": ROOT}
+LORA = {"module": "estimator.measure.examples:make_lora_mlp", "inputs": [{"shape": [8, 32]}], "loss": "mse",
+        "search_dir": ROOT}
 
 # (label, model, precision, optimizer, ranks, reshard_after_forward, more overrides)
 CASES = [
@@ -45,6 +56,14 @@ CASES = [
     ("gpt2-like", GPT2_LIKE, "bf16 + master, reduce bf16", "adam", 2, True, [*MASTER, "parallel.reduce_dtype=param"]),
     ("hf_config llama (tiny config.json)", "hf", "fp32", "adamw", 2, True, []),
     ("hf_config llama (tiny config.json)", "hf", "bf16 + master, reduce fp32", "adamw", 4, True, MASTER),
+    ("module: stack of Blocks", STACK, "fp32", "adamw", 2, True, []),
+    ("module: stack of Blocks", STACK, "fp32", "adam", 4, False, []),
+    ("module: stack of Blocks", STACK, "bf16", "sgd", 3, True, []),
+    ("module: stack of Blocks", STACK, "bf16 + master, reduce fp32", "adamw", 2, True, MASTER),
+    ("module: stack of Blocks", STACK, "bf16 + master, reduce bf16", "adamw", 4, False,
+     [*MASTER, "parallel.reduce_dtype=param"]),
+    ("module: LoRA MLP (frozen base)", LORA, "fp32", "adamw", 2, True, []),
+    ("module: LoRA MLP (frozen base)", LORA, "fp32", "adagrad", 4, False, []),
 ]
 
 
@@ -52,8 +71,11 @@ def _config(model: dict | str, precision: str, optimizer: str, reshard: bool, mo
             tmp: str):  # noqa: ANN202
     """The case's config; 'hf' is a tiny Llama config.json read through ``model.hf_config``."""
     overrides = [f"optimizer.name={optimizer}", f"training.precision={precision.split()[0]}",
-                 "training.seq_len=16", "training.batch_size=2",
                  f"parallel.reshard_after_forward={str(reshard).lower()}", *more]
+    if isinstance(model, dict) and "module" in model:  # the inputs' shapes are the batch; the stack's depth
+        kwargs = {"layers": layers} if model is STACK else {}
+        return load_config(None, overrides, base={"model": {**model, "kwargs": kwargs}})
+    overrides += ["training.seq_len=16", "training.batch_size=2"]
     if model == "hf":
         path = os.path.join(tmp, "config.json")
         with open(path, "w") as f:
