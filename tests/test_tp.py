@@ -140,8 +140,6 @@ def test_cli_tp_shortcut_and_json() -> None:
 
 def test_refusals_name_the_field() -> None:
     for name, sets, field in (("gpt2", ["parallel.sequence_parallel=true"], "parallel.sequence_parallel"),
-                              ("llama-2-7b", ["training.activation_checkpointing=full"],
-                               "training.activation_checkpointing"),
                               ("llama-2-7b", ["training.seq_len=3", "parallel.sequence_parallel=true"],
                                "training.seq_len")):
         result = runner.invoke(app, ["estimate", "--model", name, "--tp", "2",

@@ -67,9 +67,6 @@ def check_layout(config: Config, t: int) -> None:
     if config.parallel.sequence_parallel and config.training.seq_len is not None and config.training.seq_len % t:
         raise EstimatorError(f"training.seq_len: {config.training.seq_len} is not divisible by the tensor-parallel "
                              f"degree {t} (sequence parallelism shards each sequence)")
-    if config.training.activation_checkpointing != "none":
-        raise EstimatorError("training.activation_checkpointing: not modelled under tensor parallelism "
-                             "(expected none)")
     check_tensor_parallel(config.model, t)
 
 
@@ -142,6 +139,13 @@ def tp_communication(config: Config, t: int, device: str = "cuda") -> CommParts:
     Partial: ``optimizer.step()`` all-reduces one (d elements) at each read of the gradient
     (:data:`GRADIENT_READS`; other optimizers: not counted).
 
+    With activation checkpointing (``training.activation_checkpointing: full``, per block, non-reentrant, as
+    torchtitan's ``checkpoint_wrapper``) each block's forward runs again in its backward and re-runs its
+    collectives up to the last tensor the backward needs: torch stops the recomputation once down_proj has
+    saved its input (``torch.utils.checkpoint``'s early stop, on by default), before its matmul and so before
+    its all-reduce or reduce-scatter. Re-run per block: the attention output's all-reduce (T·d·a); under SP the
+    all-gathers before attention and MLP (T·d/t·s -> T·d·s) and the attention output's reduce-scatter.
+
     The logits: an all-gather (input T·V/t·a, output T·V·a; the recorder writes the functional
     all-gather's input size for both, the tracker sees the T·V·a buffer), or with loss_parallel three
     all-reduces of T elements: the row maxima and the sums of exponentials in fp32, the target logits in the
@@ -168,12 +172,16 @@ def tp_communication(config: Config, t: int, device: str = "cuda") -> CommParts:
         calls += [(one(full * a, "reduce_scatter", True), 2 * layers), (one(full * a // t, "all_gather"), 2 * layers)]
         calls += [(one(full * s // t, "all_gather"), 2 * layers + 1),  # before attention, MLP and head
                   (one(full * s, "reduce_scatter", True), 2 * layers + 1)]
+        if tr.activation_checkpointing == "full":  # the recomputed forward: 2 gathers, o_proj's reduce-scatter
+            calls += [(one(full * s // t, "all_gather"), 2 * layers), (one(full * a, "reduce_scatter", True), layers)]
         norms = [p for p in local_parameters(config, t) if ".norm" in p.name or p.name.startswith("norm_f")]
         reads = GRADIENT_READS.get(config.optimizer.name, 0)
         optimizer += [(one(p.numel * plan.gradient_bytes), reads) for p in norms]
     else:
         cols = 3 + (2 if m.mlp == "swiglu" else 1)
         calls += [(one(full * s), 1), (one(full * a), 2 * layers), (one(full * s), cols * layers + 1)]
+        if tr.activation_checkpointing == "full":  # the recomputed forward: o_proj's all-reduce
+            calls.append((one(full * a), layers))
     if config.parallel.loss_parallel:  # the max and the sum of exponentials in fp32, the target logits as is
         calls += [(one(tokens * 4), 2), (one(tokens * loss_bytes), 1)]
     else:
