@@ -144,6 +144,11 @@ def _llama_like(r: _Reader, qkv_bias: bool = False) -> dict[str, Any]:
     return values
 
 
+def _phi3(r: _Reader) -> dict[str, Any]:
+    """Llama-shaped; its rotary embedding is applied as GPT-NeoX's (a cat with the pass-through dims)."""
+    return {**_llama_like(r), "rope_concat": True}
+
+
 def _qwen2(r: _Reader) -> dict[str, Any]:
     return _llama_like(r, qkv_bias=True)
 
@@ -165,6 +170,7 @@ def _gpt_neox(r: _Reader) -> dict[str, Any]:
         "rotary_pct": r.first(("rotary_pct", "partial_rotary_factor"), 0.25, kind=float),
         "rope_theta": r.rope_theta(10000.0, legacy="rotary_emb_base"),
         "parallel_residual": r.get("use_parallel_residual", True, kind=bool),
+        "rope_concat": True,  # GPTNeoX's apply_rotary_pos_emb: cat of the rotated and the passed dims
         "max_seq_len": r.get("max_position_embeddings"),
         "tie_embeddings": r.get("tie_word_embeddings", False, kind=bool),
         "norm_eps": r.get("layer_norm_eps", 1e-5, kind=float),
@@ -265,7 +271,7 @@ _READERS: dict[str, Callable[[_Reader], dict[str, Any]]] = {
     "llama": _llama_like,
     "mistral": _llama_like,
     "qwen2": _qwen2,
-    "phi3": _llama_like,
+    "phi3": _phi3,
     "gpt_neox": _gpt_neox,
 }
 

@@ -148,3 +148,15 @@ def test_moe_hf_loss_with_load_balancing_loss() -> None:
     cfg = small_moe("mixtral", aux_loss_coef=0.02, **HF_LOSS)
     real, counts = real_step(cfg, "bf16", "none")
     assert simulated(cfg, counts, "bf16", "none") == real
+
+
+ROPE_CASES = [("neox", "sdpa", p, c) for p in sorted(SHAPES) for c in ("none", "full")]
+ROPE_CASES += [("llama-gqa", "sdpa", "fp32", "none"), ("llama-gqa", "sdpa", "bf16", "none"), ("neox", "eager", "fp32",
+                                                                                              "none")]
+
+
+@pytest.mark.parametrize(("name", "attention", "precision", "ckpt"), ROPE_CASES)
+def test_rope_concat_events_match_tracker(name: str, attention: str, precision: str, ckpt: str) -> None:
+    """Partial (neox) and full (llama) rotary dims: the cat, and o_proj's copy of the (B, H, S, h) output."""
+    estimate, measured = _track(small(name, rope_concat=True, attention=attention, **HF_LOSS), precision, ckpt)
+    assert estimate == measured

@@ -70,6 +70,11 @@ class TransformerConfig(StrictModel):
         "saves no S x S scores) | eager (softmax(QKᵀ/√h + mask)·V, saves the probabilities)",
     )
     norm_eps: float = Field(1e-5, gt=0, description="ε of the normalisation layers")
+    rope_concat: bool = Field(
+        False, description="RoPE as transformers writes it for Phi-3 and GPT-NeoX: on the (B, H, S, h) heads, the "
+        "rotated part concatenated with the rest (even when empty): q, k and SDPA's output are laid out (B, H, S, h), "
+        "so the output projection's input is a copy"
+    )
     loss_upcast: bool = Field(
         False, description="the loss takes logits.float() first (transformers' ForCausalLMLoss): fp32 "
         "log-probabilities and loss in 16-bit precisions"
@@ -102,6 +107,8 @@ class TransformerConfig(StrictModel):
                 )
         elif self.rotary_pct != 1.0:
             raise ValueError("rotary_pct applies to positions: rope only")
+        elif self.rope_concat:
+            raise ValueError("rope_concat applies to positions: rope only")
         return self
 
     # Derived sizes (properties, so they never disagree with the fields).
@@ -233,6 +240,8 @@ def check_tensor_parallel(model: TransformerConfig, tp: int) -> None:
 
     transformers' loss (``loss_upcast``, ``labels_from_inputs``) is not modelled with tensor parallelism.
     """
+    if tp > 1 and getattr(model, "rope_concat", False):
+        raise EstimatorError("model.rope_concat: not modelled with tensor parallelism (docs/tp.md); set it to false")
     if tp > 1 and getattr(model, "mlp", "") == "gelu_new":
         raise EstimatorError("model.mlp: gelu_new is not modelled with tensor parallelism (docs/tp.md); use gelu")
     for field in ("loss_upcast", "labels_from_inputs"):
@@ -449,6 +458,8 @@ def _block_saved(model: TransformerConfig, i: int, b: int, seq: int, fp32_step: 
                 SavedTensor(f"{p}.attn.v", hk * h * t, "act", i),
                 SavedTensor(f"{p}.attn.out", hq * h * t, "act", i),
                 SavedTensor(f"{p}.attn.lse", hq * t, "fp32", i)]
+        if model.rope_concat:  # the output is laid out (B, H, S, h): o_proj's input is a (B, S, H·h) copy
+            out.append(SavedTensor(f"{p}.attn.y", hq * h * t, "act", i))
     else:
         # Eager: the two bmms save their inputs (q, k and v broadcast to H heads) and the softmax
         # its output P (B·H·S²), which the P·V bmm saves too (same storage); o_proj saves the

@@ -285,7 +285,7 @@ class _Sim:
         rot = self.new(f"{prefix}.rot", heads * r * t, "act")
         self.node(rot, [(a, PASS), (s, PASS)])
         self.dead(a, s)
-        if r == h:
+        if r == h and not getattr(m, "rope_concat", False):
             return rot
         out = self.new(f"{prefix}.roped", heads * h * t, "act")
         self.node(out, [(rot, PASS), (x, PASS)])
@@ -314,6 +314,10 @@ class _Sim:
             lse = self.new(f"{p}.attn.lse", hq * t, "fp32")
             self.node(y, [q, k, v], saves=(q, k, v, y, lse))
             self.dead(lse)
+            if getattr(m, "rope_concat", False):  # (B, H, S, h) output: transpose + reshape copies it
+                temps.append(y)
+                y = self.new(f"{p}.attn.y", hq * h * t, "act")
+                self.node(y, [(temps[-1], PASS)])
         else:
             if 1 < hk < hq:  # repeat_kv: expand + reshape copies (a view when there is one kv head)
                 k = self.new(f"{p}.attn.k_rep", hq * h * t, "act")

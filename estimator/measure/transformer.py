@@ -82,6 +82,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((rotated, x_pass), dim=-1)
 
 
+def apply_rope_concat(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as transformers' Phi-3 and GPT-NeoX apply it (``apply_rotary_pos_emb`` in
+    transformers/models/phi3/modeling_phi3.py and gpt_neox/modeling_gpt_neox.py, 5.24): on x laid out
+    (B, heads, S, h), the first r dims rotated and ``torch.cat`` with the rest, even when the rest is empty.
+
+    The cat makes a contiguous (B, heads, S, h) tensor, so SDPA's output is laid out that way too and the
+    output projection's ``transpose(1, 2).reshape`` copies it (:func:`apply_rope` keeps (B, S, heads, h)).
+    """
+    r = cos.shape[-1]
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    x1, x2 = x_rot[..., : r // 2], x_rot[..., r // 2 :]
+    rotated = x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin  # cos, sin (S, r) broadcast over B and heads
+    return torch.cat((rotated, x_pass), dim=-1)
+
+
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """(B, K, S, h) -> (B, K·n_rep, S, h), each kv head shared by n_rep query heads (HF's repeat_kv)."""
     if n_rep == 1:
@@ -103,6 +118,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(hq * h, d, bias=cfg.linear_bias, **kw)
         self.num_heads, self.kv_heads, self.head_size = hq, hk, h
         self.eager = cfg.attention == "eager"
+        self.rope_concat = cfg.rope_concat
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
         b, s, _ = x.shape
@@ -110,9 +126,12 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, s, hq, h)
         k = self.k_proj(x).view(b, s, hk, h)
         v = self.v_proj(x).view(b, s, hk, h).transpose(1, 2)
-        if cos is not None and sin is not None:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, heads, S, h) views
+        if self.rope_concat and cos is not None and sin is not None:  # transformers' Phi-3 / GPT-NeoX order
+            q, k = apply_rope_concat(q.transpose(1, 2), cos, sin), apply_rope_concat(k.transpose(1, 2), cos, sin)
+        else:
+            if cos is not None and sin is not None:
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, heads, S, h) views
         if self.eager:
             k, v = repeat_kv(k, hq // hk), repeat_kv(v, hq // hk)
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(h))
