@@ -9,7 +9,7 @@ puts them in order. Pure Python.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
@@ -69,6 +69,10 @@ class SimulatedStep:
         """The three event lists as one-segment programs (the form per-rank estimates compose)."""
         return (Segment(tuple(self.setup)),), (Segment(tuple(self.first_step)),), (Segment(tuple(self.steady_step)),)
 
+    def body_events(self) -> list[Event]:
+        """The steady step's events outside ``optimizer.step()`` and ``zero_grad``, in order."""
+        return [e for e in self.steady_step if e.phase not in OUTSIDE_BODY]
+
     def first_curve(self) -> list[tuple[str, int]]:
         return curve(self.first_step, self.live_before_first)
 
@@ -96,6 +100,14 @@ class CompressedStep:
     build_events: Callable[[], tuple[list[Event], list[Event], list[Event]]] = field(repr=False, compare=False)
     # the same programs before CUDA's 512-byte rounding (None when nothing was rounded)
     exact_programs: tuple[Program, Program, Program] | None = field(default=None, repr=False, compare=False)
+    # the steady step's events outside the optimizer and zero_grad, built alone (None: filter the steady step)
+    build_body: Callable[[], list[Event]] | None = field(default=None, repr=False, compare=False)
+
+    def body_events(self) -> list[Event]:
+        """The steady step's events outside ``optimizer.step()`` and ``zero_grad``, in order (flat, named)."""
+        if self.build_body is not None and "_events" not in self.__dict__:
+            return self.build_body()
+        return [e for e in self.steady_step if e.phase not in OUTSIDE_BODY]
 
     def rounding_at(self, index: int) -> dict[str, int]:
         """Per role, the bytes CUDA's rounding adds to what is live after steady-step event ``index``
@@ -148,10 +160,12 @@ def with_layers(config: Config, layers: int) -> Config:
 
 def layered_step(config: Config, build: Callable[[Config], tuple[list[Event], list[Event], list[Event]]],
                  finish: Callable[[list[Event]], list[Event]] | None = None,
-                 shape_key: Hashable | None = None) -> SimulatedStep | CompressedStep:
+                 shape_key: Hashable | None = None,
+                 body: Callable[[Config], list[Event]] | None = None) -> SimulatedStep | CompressedStep:
     """``build(config)``'s step (each list passed through ``finish``, e.g. CUDA's block rounding),
     compressed when the model's layers repeat and there are many of them. ``shape_key``: see
-    ``periodic_programs`` (what ``build`` depends on besides sizes)."""
+    ``periodic_programs`` (what ``build`` depends on besides sizes). ``body(config)``: the steady step's
+    events outside the optimizer and zero_grad without the rest (a compressed step's ``body_events``)."""
     done = finish or (lambda events: events)
 
     def events() -> tuple[list[Event], list[Event], list[Event]]:
@@ -160,8 +174,9 @@ def layered_step(config: Config, build: Callable[[Config], tuple[list[Event], li
 
     programs = _periodic_lists(config, lambda c: list(build(c)), shape_key)
     if programs is not None:
-        return compressed_step(tuple(map_events(p, done) for p in programs), events,
+        step = compressed_step(tuple(map_events(p, done) for p in programs), events,
                                programs if finish is not None else None)
+        return step if body is None else replace(step, build_body=lambda: done(body(config)))
     return assemble_step(*events())
 
 
@@ -287,7 +302,8 @@ def simulate(config: Config, device: str = "cpu") -> SimulatedStep | CompressedS
         if len(_SIMULATED) >= 64:
             _SIMULATED.pop(next(iter(_SIMULATED)))
         _SIMULATED[key] = layered_step(config, lambda c: step_events(c, device, rounded=False),
-                                       round_blocks if device == "cuda" else None, _shape_key(config, device))
+                                       round_blocks if device == "cuda" else None, _shape_key(config, device),
+                                       step_body_events)
     return _SIMULATED[key]
 
 
@@ -322,14 +338,7 @@ def step_events(
     if spec.state_init == "constructor":
         setup += state_events(spec, params, config, "setup", step_bytes)
 
-    body = _body_events(family, config, shape)
-    tail = _zero_grad_events(params, shape) + (master_grad_free_events(trainable) if master else [])
-    end = family.end_of_step_events(config.model, config.training, shape)
-    steps = config.training.grad_accum_steps
-    if steps > 1:  # each micro-batch drops its output and loss after its backward (accumulation.py)
-        body = accumulated_body(body, end, steps)
-    else:
-        tail += end
+    body, tail = _body_and_tail(config, family, params, shape, master)
     to_master = master_grad_events(trainable) if master else []
     first = body + to_master + optimizer_step_events(spec, trainable, config, impl, step_bytes, first=True) + tail
     steady = body + to_master + optimizer_step_events(spec, trainable, config, impl, step_bytes, first=False) + tail
@@ -337,6 +346,37 @@ def step_events(
     if device == "cuda" and rounded:
         setup, first, steady = (round_blocks(e) for e in (setup, first, steady))
     return setup, first, steady
+
+
+def _body_and_tail(config: Config, family: Any, params: list[ParamTensor], shape: StepShape,
+                   master: bool) -> tuple[list[Event], list[Event]]:
+    """A step's events before ``optimizer.step()`` (forward, loss, backward, every micro-batch) and after
+    it (``zero_grad``, the fp32 master gradients freed, what the training loop drops at the end)."""
+    body = _body_events(family, config, shape)
+    tail = _zero_grad_events(params, shape) + (
+        master_grad_free_events([p for p in params if p.trainable]) if master else [])
+    end = family.end_of_step_events(config.model, config.training, shape)
+    steps = config.training.grad_accum_steps
+    if steps > 1:  # each micro-batch drops its output and loss after its backward (accumulation.py)
+        body = accumulated_body(body, end, steps)
+    else:
+        tail += end
+    return body, tail
+
+
+OUTSIDE_BODY = ("optimizer_step", "zero_grad")
+
+
+def step_body_events(config: Config) -> list[Event]:
+    """A steady step's events outside ``optimizer.step()`` and ``zero_grad`` (phases :data:`OUTSIDE_BODY`),
+    in order, unrounded, without building the optimizer's events: what a rank edits by name (ZeRO-2
+    drops the gradients it does not own). Equal to filtering ``step_events(config)[2]``: everything
+    ``optimizer.step()`` adds, and the fp32 master gradients made before it, are in the optimizer_step
+    phase (``tests/test_speed_simulate.py``)."""
+    family = get_family(config.model.family)
+    body, tail = _body_and_tail(config, family, family.parameters(config.model), step_shape(config),
+                                separate_master_copy(config))
+    return [e for e in body + tail if e.phase not in OUTSIDE_BODY]
 
 
 def _body_events(family: Any, config: Config, shape: StepShape) -> list[Event]:

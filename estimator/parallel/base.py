@@ -186,8 +186,9 @@ class RankContext:
         return self.rounded(body), self.rounded(tail)
 
     def flat_body(self) -> list[Event]:
-        """The forward/backward events as one flat list (materialised: for strategies that edit them by name)."""
-        return self.round([e for e in self.base.steady_step if e.phase not in ("optimizer_step", "zero_grad")])
+        """The forward/backward events as one flat list (materialised: for strategies that edit them by name;
+        a compressed step builds them without the optimizer's events, ``simulate.step_body_events``)."""
+        return self.round(self.base.body_events())
 
     def flat_tail(self, first: bool) -> list[Event]:
         """The zero_grad events as one flat list (materialised, named)."""
