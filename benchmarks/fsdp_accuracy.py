@@ -64,6 +64,9 @@ CASES = [
      [*MASTER, "parallel.reduce_dtype=param"]),
     ("module: LoRA MLP (frozen base)", LORA, "fp32", "adamw", 2, True, []),
     ("module: LoRA MLP (frozen base)", LORA, "fp32", "adagrad", 4, False, []),
+    ("module: stack of Blocks", STACK, "amp-bf16", "adamw", 2, True, []),
+    ("module: stack of Blocks, 2 micro-batches, one sync", STACK, "fp32", "adamw", 2, True,
+     ["training.grad_accum_steps=2", "parallel.sync_every_micro_batch=false"]),
 ]
 
 

@@ -90,7 +90,18 @@ def test_peaks_equal_the_measured_ranks() -> None:
     cases = [(STACK, "zero3", [], 45_056, 60_472), (STACK, "fsdp", ["parallel.reshard_after_forward=false"],
                                                     51_424, 66_840), (LORA, "zero3", [], 34_136, 36_840),
              (STACK, "zero3", master, 34_882, 44_468),
-             (STACK, "zero3", [*master, "parallel.reduce_dtype=param"], 34_882, 42_644)]
+             (STACK, "zero3", [*master, "parallel.reduce_dtype=param"], 34_882, 42_644),
+             # autocast: its weight casts are traced with the hooks (cached per unsharded leaf parameter)
+             (STACK, "zero3", ["training.precision=amp-bf16"], 41_488, 56_904),
+             (LORA, "fsdp", ["training.precision=amp-bf16", "parallel.reshard_after_forward=false"], 37_720, 40_424),
+             # micro-batches: a reduce-scatter after each, or the unsharded gradients kept until the last
+             (STACK, "zero3", ["training.grad_accum_steps=3"], 52_720, 68_136),
+             (STACK, "zero3", ["training.grad_accum_steps=3", "parallel.sync_every_micro_batch=false"], 58_496,
+              73_912),
+             (LORA, "fsdp", ["training.grad_accum_steps=2", "parallel.sync_every_micro_batch=false"], 36_824,
+              39_528),
+             (STACK, "fsdp", [*master, "training.grad_accum_steps=2", "parallel.sync_every_micro_batch=false",
+                              "parallel.reshard_after_forward=false"], 45_004, 60_420)]
     for model, strategy, extra, first, steady in cases:
         e = per_rank_estimate(_config(model, *extra), strategy, 2, "cpu")
         assert (e.first_step_peak_bytes, e.peak_bytes) == (first, steady)
@@ -127,14 +138,20 @@ def test_bad_unit_class_is_one_line(tmp_path) -> None:  # noqa: ANN001
         in result.stderr
 
 
-def test_what_is_not_modelled_is_refused(tmp_path) -> None:  # noqa: ANN001
-    for extra, field in [(["training.precision=amp-bf16"], "training.precision"),
-                         (["training.grad_accum_steps=2"], "training.grad_accum_steps"),
-                         # the policy would cast the float input at the root, which the trace does not see
-                         (["training.precision=bf16", "training.master_weights=true"],
-                          r"training.master_weights: .*model.inputs\[0\] is floating")]:
-        with pytest.raises(Exception, match=field):
-            per_rank_estimate(_config(LORA, *extra), "zero3", 2, "cpu")
+def test_what_is_not_modelled_is_refused() -> None:
+    """The MixedPrecisionPolicy would cast the float input at the root, which the trace does not see."""
+    with pytest.raises(Exception, match=r"training.master_weights: .*model.inputs\[0\] is floating"):
+        per_rank_estimate(_config(LORA, "training.precision=bf16", "training.master_weights=true"), "zero3", 2, "cpu")
+
+
+def test_cpu_offload_moves_the_model_states_to_the_host() -> None:
+    """CPUOffloadPolicy (estimate only, as for the transformer family): the shards, their gradients and the
+    optimizer state are host bytes; the device keeps none of them."""
+    plain = per_rank_estimate(_config(STACK), "zero3", 2, "cpu")
+    off = per_rank_estimate(_config(STACK, "parallel.offload=true"), "zero3", 2, "cpu")
+    assert (off.parameters, off.gradients, off.optimizer_state) == (0, 0, 0)
+    assert (off.host["parameters"], off.host["gradients"], off.host["optimizer_state"]) == (7_664, 7_664, 15_328)
+    assert off.peak_bytes < plain.peak_bytes
 
 
 @pytest.mark.slow

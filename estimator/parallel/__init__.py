@@ -54,7 +54,7 @@ def rank_groups(config: Config, strategy: str, world_size: int, device: str = "c
     check_world_size(world_size)
     key = (config.model_dump_json(), strategy, world_size, device)
     if key not in _GROUPS:
-        ctx = RankContext(config, world_size, device)
+        ctx = _context(config, key)
         groups = merge_equal([(ranges, _rank_estimate(chosen, ctx, key, rep)) for ranges, rep in chosen.groups(ctx)])
         _remember(_GROUPS, key, groups)
     return list(_GROUPS[key])
@@ -69,7 +69,15 @@ def per_rank_estimate(
     key = (config.model_dump_json(), strategy, world_size, device)
     if (*key, rank) in _RANKS:
         return _RANKS[(*key, rank)]
-    return _rank_estimate(chosen, RankContext(config, world_size, device), key, rank)
+    return _rank_estimate(chosen, _context(config, key), key, rank)
+
+
+def _context(config: Config, key: tuple[str, str, int, str]) -> RankContext:
+    """One context per layout in a process: what its ranks share (``RankContext.shared``) is made once, whether
+    the ranks are asked for one by one (the fit asks rank 0 first) or all together."""
+    if key not in _CONTEXTS:
+        _remember(_CONTEXTS, key, RankContext(config, key[2], key[3]), size=16)
+    return _CONTEXTS[key]
 
 
 def _rank_estimate(chosen: Any, ctx: RankContext, key: tuple[str, str, int, str], rank: int) -> RankEstimate:
@@ -81,6 +89,7 @@ def _rank_estimate(chosen: Any, ctx: RankContext, key: tuple[str, str, int, str]
 
 _GROUPS: dict[tuple[str, str, int, str], list[RankGroup]] = {}
 _RANKS: dict[tuple[str, str, int, str, int], RankEstimate] = {}
+_CONTEXTS: dict[tuple[str, str, int, str], RankContext] = {}
 
 
 def _remember(cache: dict[Any, Any], key: Any, value: Any, size: int = 64) -> None:
@@ -93,6 +102,7 @@ def clear_caches() -> None:
     """Forget every layout estimated in this process (benchmarks time a cold estimate with it)."""
     _GROUPS.clear()
     _RANKS.clear()
+    _CONTEXTS.clear()
 
 
 def per_rank_estimates(config: Config, strategy: str, world_size: int, device: str = "cuda") -> list[RankEstimate]:

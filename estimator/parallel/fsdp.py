@@ -333,10 +333,8 @@ def _module_trace(config: Config) -> Any:
 
 
 def _module_supported(config: Config) -> None:
-    """Refuse, in one line, what the traced module's FSDP2 timeline does not model (yet)."""
-    if config.training.precision.startswith("amp"):
-        raise EstimatorError(f"training.precision: FSDP2 of a traced module is modelled for fp32, bf16 and fp16, "
-                             f"not {config.training.precision} (autocast under FSDP2 is not verified for modules)")
+    """Refuse, in one line, what the traced module's FSDP2 timeline does not model: the MixedPrecisionPolicy's
+    casts of floating inputs and its fp32 buffers (neither is in the trace)."""
     if master_weights(config):
         model = config.model
         floating = [f"model.inputs[{i}]" for i, s in enumerate(model.inputs) if s.dtype not in ("int64", "int32",
@@ -350,12 +348,6 @@ def _module_supported(config: Config) -> None:
         if _module_trace(config).state_events:
             raise EstimatorError("training.master_weights: FSDP2's MixedPrecisionPolicy of a traced module is "
                                  "modelled for modules without buffers (FSDP2 keeps them fp32: not traced)")
-    if config.training.grad_accum_steps > 1:
-        raise EstimatorError("training.grad_accum_steps: under zero3/fsdp gradient accumulation is modelled for "
-                             "the transformer and moe families, not a traced module")
-    if config.parallel.offload:
-        raise EstimatorError("parallel.offload: FSDP2's CPU offload is modelled for the transformer and moe "
-                             "families, not a traced module")
 
 
 def _module_marks(config: Config) -> tuple[list[Event], list[tuple[int, str, str]]]:
