@@ -86,31 +86,10 @@ _DIGITS = re.compile(r"\d+")
 
 def _signature(events: Sequence[Event]) -> list[tuple[str, int, str, str]]:
     """What must repeat: role, size and phase, and the name with its layer numbers blanked out (which keeps
-    two different tensors of equal size apart when the diff looks for the inserted blocks). ``_sign`` of
-    each event, in one loop (this runs over every event of every list built)."""
-    signs = _SIGNS
-    get = signs.get
-    out: list[tuple[str, int, str, str]] = []
-    append = out.append
-    for e in events:
-        sig = get(id(e))
-        if sig is None:
-            sig = signs[id(e)] = (e.role, e.nbytes, e.phase, _blank_numbers(e.name))
-        append(sig)
-    return out
-
-
-def _sign(e: Event) -> tuple[str, int, str, str]:
-    """An event's signature, made once per event while :func:`periodic_programs` runs (the same events are
-    sorted, diffed and checked several times)."""
-    key = id(e)
-    sig = _SIGNS.get(key)
-    if sig is None:
-        sig = _SIGNS[key] = (e.role, e.nbytes, e.phase, _blank_numbers(e.name))
-    return sig
-
-
-_SIGNS: dict[int, tuple[str, int, str, str]] = {}  # by id(): valid while the events it was made for are alive
+    two different tensors of equal size apart when the diff looks for the inserted blocks). Made once per
+    list built (:func:`_canonical` returns it with the sorted events), so nothing is cached per event."""
+    blank = _blank_numbers
+    return [(e.role, e.nbytes, e.phase, blank(e.name)) for e in events]
 
 
 @lru_cache(maxsize=65536)
@@ -182,7 +161,7 @@ def _canonical(events: Sequence[Event]) -> tuple[list[Event], list[tuple[str, in
                     events[end].nbytes > 0) == rising:
                 end += 1
         if end - start > 1:
-            order += sorted(range(start, end), key=signs.__getitem__)  # stable: as sorting the events by _sign
+            order += sorted(range(start, end), key=signs.__getitem__)  # stable: as sorting the events by signature
         else:
             order.append(start)
         start = end
@@ -242,11 +221,7 @@ def periodic_programs(
     two small layer counts, checks that every event's name, role and phase are where they were, and
     takes the blocks from the same places, skipping the search and the further checks.
     """
-    _SIGNS.clear()
-    try:
-        return _periodic(build, layers, base, checks, shape_key, period)
-    finally:
-        _SIGNS.clear()
+    return _periodic(build, layers, base, checks, shape_key, period)
 
 
 def _periodic(build: Callable[[int], Sequence[Sequence[Event]]], layers: int, base: int, checks: int,
