@@ -336,12 +336,17 @@ def analytic_values(p: Path, data: dict[str, Any]) -> dict[str, Any]:
         )
     values = reader(_Reader(p, data))
     values.update(HF_STEP)
+    if values.get("positions") == "rope" and values.get("family", "transformer") == "transformer":
+        values.update(HF_ATTENTION)
     return {"family": "transformer", **{k: v for k, v in values.items() if v is not None}}
 
 
 #: What transformers' model does beyond the architecture, as transformer-family options (docs/hf.md): its
 #: causal-LM loss upcasts the logits and takes the input ids as labels (``ForCausalLMLoss``).
 HF_STEP: dict[str, Any] = {"loss_upcast": True, "labels_from_inputs": True}
+#: ... and its attention (dense types): the rotary embedding in the stream's dtype, made with autocast off, and the
+#: DynamicCache a training forward fills (``use_cache`` is on by default)
+HF_ATTENTION: dict[str, Any] = {"rope_stream_dtype": True, "kv_cache": True}
 
 
 # --------------------------------------------------------------------------- hf_config / hub sections

@@ -160,3 +160,17 @@ def test_rope_concat_events_match_tracker(name: str, attention: str, precision: 
     """Partial (neox) and full (llama) rotary dims: the cat, and o_proj's copy of the (B, H, S, h) output."""
     estimate, measured = _track(small(name, rope_concat=True, attention=attention, **HF_LOSS), precision, ckpt)
     assert estimate == measured
+
+
+HF_ATTN = {"rope_stream_dtype": True, "kv_cache": True}
+ATTN_CASES = [(n, p, c) for n in ("llama-gqa", "qwen2", "neox") for p in sorted(SHAPES) for c in ("none", "full")]
+
+
+@pytest.mark.parametrize(("name", "precision", "ckpt"), ATTN_CASES)
+def test_rope_stream_dtype_and_kv_cache_match_tracker(name: str, precision: str, ckpt: str) -> None:
+    """transformers' rotary embedding (fp32 cos/sin under autocast) and its training-time DynamicCache."""
+    extra = {"rope_concat": True} if name == "neox" else {}
+    estimate, measured = _track(small(name, **HF_ATTN, **HF_LOSS, **extra), precision, ckpt)
+    off = {k: estimate[k] - measured[k] for k in estimate if estimate[k] != measured[k]}
+    # llama-gqa, amp-bf16, checkpointed: the plain model's backward peak is 64 B over (test_hf_loss_with_checkpointing)
+    assert off == ({"peak_backward": 64} if (name, precision, ckpt) == ("llama-gqa", "amp-bf16", "full") else {})

@@ -75,6 +75,14 @@ class TransformerConfig(StrictModel):
         "rotated part concatenated with the rest (even when empty): q, k and SDPA's output are laid out (B, H, S, h), "
         "so the output projection's input is a copy"
     )
+    rope_stream_dtype: bool = Field(
+        False, description="cos and sin in the residual stream's dtype, made with autocast off (transformers' "
+        "rotary embedding): under autocast RoPE's products are fp32 and SDPA casts q and k back to 16 bits"
+    )
+    kv_cache: bool = Field(
+        False, description="the training forward fills transformers' DynamicCache (use_cache, on by default): k and v "
+        "copied by torch.cat and kept until the forward returns; off under checkpointing, as transformers turns it off"
+    )
     loss_upcast: bool = Field(
         False, description="the loss takes logits.float() first (transformers' ForCausalLMLoss): fp32 "
         "log-probabilities and loss in 16-bit precisions"
@@ -107,8 +115,10 @@ class TransformerConfig(StrictModel):
                 )
         elif self.rotary_pct != 1.0:
             raise ValueError("rotary_pct applies to positions: rope only")
-        elif self.rope_concat:
-            raise ValueError("rope_concat applies to positions: rope only")
+        elif self.rope_concat or self.rope_stream_dtype:
+            raise ValueError("rope_concat and rope_stream_dtype apply to positions: rope only")
+        if self.attention == "eager" and (self.rope_stream_dtype or self.kv_cache):
+            raise ValueError("rope_stream_dtype and kv_cache are modelled with attention: sdpa only")
         return self
 
     # Derived sizes (properties, so they never disagree with the fields).
@@ -240,8 +250,9 @@ def check_tensor_parallel(model: TransformerConfig, tp: int) -> None:
 
     transformers' loss (``loss_upcast``, ``labels_from_inputs``) is not modelled with tensor parallelism.
     """
-    if tp > 1 and getattr(model, "rope_concat", False):
-        raise EstimatorError("model.rope_concat: not modelled with tensor parallelism (docs/tp.md); set it to false")
+    for field in ("rope_concat", "rope_stream_dtype", "kv_cache"):
+        if tp > 1 and getattr(model, field, False):
+            raise EstimatorError(f"model.{field}: not modelled with tensor parallelism (docs/tp.md); set it to false")
     if tp > 1 and getattr(model, "mlp", "") == "gelu_new":
         raise EstimatorError("model.mlp: gelu_new is not modelled with tensor parallelism (docs/tp.md); use gelu")
     for field in ("loss_upcast", "labels_from_inputs"):
@@ -414,8 +425,9 @@ def saved_tensors(model: TransformerConfig, training: TrainingConfig) -> list[Sa
     out: list[SavedTensor] = []
     if model.positions == "rope":
         # cos and sin (S x r), built once per forward and saved by the RoPE multiplications.
-        out += [SavedTensor("rope.cos", seq * model.rotary_dim, "act", -1),
-                SavedTensor("rope.sin", seq * model.rotary_dim, "act", -1)]
+        rope_kind: Kind = "stream" if model.rope_stream_dtype else "act"
+        out += [SavedTensor("rope.cos", seq * model.rotary_dim, rope_kind, -1),
+                SavedTensor("rope.sin", seq * model.rotary_dim, rope_kind, -1)]
     if training.activation_checkpointing == "full":
         # Only each block's input, saved by the checkpoint (its _NoopSaveInputs node).
         out += [SavedTensor(f"blocks.{i}.x_in", d * t, "stream", i) for i in range(layers)]

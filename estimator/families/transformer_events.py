@@ -101,6 +101,7 @@ class _Sim:
         self.marks: list[tuple[int, str, str]] = []
         self.unit_outputs: dict[str, str] = {}  # the tensor a block returns -> the block ("blocks.i")
         self.first_block_input = ""
+        self.cache: list[str] = []  # transformers' DynamicCache: the k and v copies (kv_cache)
 
     def mark(self, hook: str, unit: str) -> None:
         self.marks.append((len(self.records), hook, unit))
@@ -272,25 +273,39 @@ class _Sim:
     def rope(self, prefix: str, x: str, heads: int) -> str:
         m, t = self.model, self.t
         r, h = m.rotary_dim, m.head_size
-        a = self.new(f"{prefix}.xcos", heads * r * t, "act")
-        self.node(a, [x], saves=("rope.cos",))
+        # rope_stream_dtype: cos and sin in the stream's dtype; under autocast x (16-bit) times them is promoted to
+        # fp32, and the product's backward makes an fp32 gradient that the engine casts to x's dtype (scratch)
+        kind: Kind = self.rope_kind
+        promoted = kind_bytes(kind, self.shape) != kind_bytes("act", self.shape)
+        a = self.new(f"{prefix}.xcos", heads * r * t, kind)
+        self.node(a, [x], saves=("rope.cos",), scratch=self.tensors[a].nbytes if promoted else 0)
         n = self.new(f"{prefix}.neg", heads * (r // 2) * t, "act")
         self.node(n, [(x, PASS)])
         c = self.new(f"{prefix}.cat", heads * r * t, "act")
         self.node(c, [(n, PASS), (x, PASS)])
         self.dead(n)
-        s = self.new(f"{prefix}.xsin", heads * r * t, "act")
-        self.node(s, [c], saves=("rope.sin",))
+        s = self.new(f"{prefix}.xsin", heads * r * t, kind)
+        self.node(s, [c], saves=("rope.sin",), scratch=self.tensors[s].nbytes if promoted else 0)
         self.dead(c)
-        rot = self.new(f"{prefix}.rot", heads * r * t, "act")
+        rot = self.new(f"{prefix}.rot", heads * r * t, kind)
         self.node(rot, [(a, PASS), (s, PASS)])
         self.dead(a, s)
         if r == h and not getattr(m, "rope_concat", False):
             return rot
-        out = self.new(f"{prefix}.roped", heads * h * t, "act")
+        out = self.new(f"{prefix}.roped", heads * h * t, kind)
         self.node(out, [(rot, PASS), (x, PASS)])
         self.dead(rot)
         return out
+
+    @property
+    def rope_kind(self) -> Kind:
+        """The dtype class of cos, sin and RoPE's products: the stream's with ``rope_stream_dtype``."""
+        return "stream" if getattr(self.model, "rope_stream_dtype", False) else "act"
+
+    @property
+    def kv_cached(self) -> bool:
+        """transformers' DynamicCache in the training forward (``kv_cache``; off under checkpointing)."""
+        return getattr(self.model, "kv_cache", False) and self.training.activation_checkpointing != "full"
 
     def attention(self, p: str, x: str) -> str:
         m, t, seq = self.model, self.t, self.seq
@@ -309,11 +324,26 @@ class _Sim:
             k_lin, k = k, self.rope(f"{p}.attn.k", k, hk)
             self.dead(k_lin)
         temps = [q, k, v]
+        if self.kv_cached:  # DynamicLayer.update: torch.cat([empty, k]) and the same for v, kept by the cache
+            for name in ("k", "v"):
+                src = k if name == "k" else v
+                copy = self.new(f"{p}.attn.{name}_cache", hk * h * t, self.tensors[src].kind)  # type: ignore[arg-type]
+                self.node(copy, [(src, PASS)])
+                self.dead(src)
+                self.cache.append(copy)
+                k, v = (copy, v) if name == "k" else (k, copy)
+            temps = [q]
         if m.attention == "sdpa":
+            ins = [q, k, v]
+            if self.autocast:  # autocast casts SDPA's fp32 inputs (RoPE's products under rope_stream_dtype)
+                for j, name in enumerate(ins):
+                    if self.tensors[name].kind != "act":
+                        ins[j] = self.new(f"{name}.16bit", self.tensors[name].nbytes // 4, "act")
+                        self.node(ins[j], [name])
             y = self.new(f"{p}.attn.sdpa", hq * h * t, "act")
             lse = self.new(f"{p}.attn.lse", hq * t, "fp32")
-            self.node(y, [q, k, v], saves=(q, k, v, y, lse))
-            self.dead(lse)
+            self.node(y, ins, saves=(*ins, y, lse))
+            self.dead(lse, *[c for c, o in zip(ins, (q, k, v), strict=True) if c != o])
             if getattr(m, "rope_concat", False):  # (B, H, S, h) output: transpose + reshape copies it
                 temps.append(y)
                 y = self.new(f"{p}.attn.y", hq * h * t, "act")
@@ -485,8 +515,8 @@ class _Sim:
             self.node(x, [(emb, PASS), "param:pos_emb.weight"])
             self.dead(emb)
         if m.positions == "rope":
-            self.new("rope.cos", seq * m.rotary_dim, "act")
-            self.new("rope.sin", seq * m.rotary_dim, "act")
+            self.new("rope.cos", seq * m.rotary_dim, self.rope_kind)
+            self.new("rope.sin", seq * m.rotary_dim, self.rope_kind)
         ckpt = self.training.activation_checkpointing == "full"
         self.first_block_input = x
         for i in range(m.num_layers):
@@ -526,6 +556,7 @@ class _Sim:
             loss, logp, tw = self.cross_entropy(logits)
         self.after_loss(loss)
         self.dead(tw, logp, logits, hf)  # forward's locals (x, logits) live until it returns
+        self.dead(*self.cache)  # transformers' cache, in the output object that is dropped before backward
         self.mark("post_forward", "root")
         for cast in self.casts:  # autocast's weight cache is cleared when the forward ends
             if self.tensors[cast].live:

@@ -119,6 +119,7 @@ class Attention(nn.Module):
         self.num_heads, self.kv_heads, self.head_size = hq, hk, h
         self.eager = cfg.attention == "eager"
         self.rope_concat = cfg.rope_concat
+        self.cache: list[torch.Tensor] | None = None  # transformers' DynamicCache of this forward (kv_cache)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
         b, s, _ = x.shape
@@ -132,6 +133,10 @@ class Attention(nn.Module):
             if cos is not None and sin is not None:
                 q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, heads, S, h) views
+        if self.cache is not None:  # DynamicLayer.update (transformers/cache_utils.py): cat onto an empty tensor
+            k = torch.cat([torch.tensor([], dtype=k.dtype, device=k.device), k], dim=-2)
+            v = torch.cat([torch.tensor([], dtype=v.dtype, device=v.device), v], dim=-2)
+            self.cache += [k, v]
         if self.eager:
             k, v = repeat_kv(k, hq // hk), repeat_kv(v, hq // hk)
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(h))
@@ -227,10 +232,15 @@ class Transformer(nn.Module):
         if self.cfg.positions == "rope":
             dtype = (
                 torch.get_autocast_dtype(x.device.type)
-                if torch.is_autocast_enabled(x.device.type)
+                if torch.is_autocast_enabled(x.device.type) and not self.cfg.rope_stream_dtype
                 else x.dtype
             )
-            cos, sin = rope_tables(self.cfg, s, x.device, dtype)
+            plain = self.cfg.rope_stream_dtype  # transformers' rotary embedding runs with autocast disabled
+            with torch.autocast(x.device.type, enabled=False) if plain else contextlib.nullcontext():
+                cos, sin = rope_tables(self.cfg, s, x.device, dtype)
+        cache: list[torch.Tensor] | None = [] if self.cfg.kv_cache and not self.checkpointing else None
+        for block in self.blocks:
+            block.attn.cache = cache
         for block in self.blocks:
             if self.checkpointing:
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
@@ -241,6 +251,8 @@ class Transformer(nn.Module):
             logits = self.lm_head(x)
         else:
             logits = F.linear(x, self.tok_emb.weight)
+        for block in self.blocks:  # the cache lives in `cache` until this forward returns (transformers' output)
+            block.attn.cache = None
         if targets is None:
             return logits
         if self.cfg.loss_upcast or self.cfg.labels_from_inputs:
