@@ -346,7 +346,7 @@ def analytic_values(p: Path, data: dict[str, Any]) -> dict[str, Any]:
 HF_STEP: dict[str, Any] = {"loss_upcast": True, "labels_from_inputs": True}
 #: ... and its attention (dense types): the rotary embedding in the stream's dtype, made with autocast off, and the
 #: DynamicCache a training forward fills (``use_cache`` is on by default)
-HF_ATTENTION: dict[str, Any] = {"rope_stream_dtype": True, "kv_cache": True}
+HF_ATTENTION: dict[str, Any] = {"rope_stream_dtype": True, "kv_cache": True, "rope_buffers": True}
 
 
 # --------------------------------------------------------------------------- hf_config / hub sections

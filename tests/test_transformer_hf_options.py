@@ -174,3 +174,14 @@ def test_rope_stream_dtype_and_kv_cache_match_tracker(name: str, precision: str,
     off = {k: estimate[k] - measured[k] for k in estimate if estimate[k] != measured[k]}
     # llama-gqa, amp-bf16, checkpointed: the plain model's backward peak is 64 B over (test_hf_loss_with_checkpointing)
     assert off == ({"peak_backward": 64} if (name, precision, ckpt) == ("llama-gqa", "amp-bf16", "full") else {})
+
+
+@pytest.mark.parametrize(("name", "precision"), [("llama-gqa", "fp32"), ("neox", "bf16"), ("qwen2", "amp-bf16")])
+def test_rope_buffers_equal_the_models_buffers(name: str, precision: str) -> None:
+    """inv_freq and original_inv_freq: r/2 elements each in the parameter dtype, as setup events of role parameter."""
+    cfg = small(name, rope_buffers=True)
+    model = build_transformer(cfg, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+    training = TrainingConfig(batch_size=B, seq_len=S, precision=precision)
+    state = sum(e.nbytes for e in FAMILY.input_events(cfg, training, SHAPES[precision]) if e.role == "parameter")
+    assert state == sum(b.untyped_storage().nbytes() for b in model.buffers()) == 2 * cfg.rotary_dim // 2 * (
+        2 if precision == "bf16" else 4)

@@ -79,6 +79,10 @@ class TransformerConfig(StrictModel):
         False, description="cos and sin in the residual stream's dtype, made with autocast off (transformers' "
         "rotary embedding): under autocast RoPE's products are fp32 and SDPA casts q and k back to 16 bits"
     )
+    rope_buffers: bool = Field(
+        False, description="the rotary embedding keeps inv_freq and original_inv_freq as buffers (transformers' "
+        "rotary embedding classes): r/2 elements each, in the parameter dtype"
+    )
     kv_cache: bool = Field(
         False, description="the training forward fills transformers' DynamicCache (use_cache, on by default): k and v "
         "copied by torch.cat and kept until the forward returns; off under checkpointing, as transformers turns it off"
@@ -115,8 +119,8 @@ class TransformerConfig(StrictModel):
                 )
         elif self.rotary_pct != 1.0:
             raise ValueError("rotary_pct applies to positions: rope only")
-        elif self.rope_concat or self.rope_stream_dtype:
-            raise ValueError("rope_concat and rope_stream_dtype apply to positions: rope only")
+        elif self.rope_concat or self.rope_stream_dtype or self.rope_buffers:
+            raise ValueError("rope_concat, rope_stream_dtype and rope_buffers apply to positions: rope only")
         if self.attention == "eager" and (self.rope_stream_dtype or self.kv_cache):
             raise ValueError("rope_stream_dtype and kv_cache are modelled with attention: sdpa only")
         return self
@@ -584,6 +588,10 @@ class TransformerFamily:
         """Token ids and targets, (B, S) int64 each; the ids alone with ``labels_from_inputs``."""
         tokens = batch.batch_size * tokens_per_sequence(model, batch)
         ids = [alloc("idx", "input", tokens * 8, "setup")]
+        if model.rope_buffers:  # the model's buffers are state, like its parameters (the module family's role)
+            nbytes = model.rotary_dim // 2 * shape.parameter_bytes
+            ids = [alloc("rope.inv_freq", "parameter", nbytes, "setup"),
+                   alloc("rope.original_inv_freq", "parameter", nbytes, "setup"), *ids]
         return ids if model.labels_from_inputs else [*ids, alloc("targets", "input", tokens * 8, "setup")]
 
     def forward_backward_events(self, model: TransformerConfig, batch: TrainingConfig,

@@ -215,6 +215,11 @@ class Transformer(nn.Module):
         self.pos_emb = (
             nn.Embedding(cfg.max_seq_len, cfg.d_model, **kw) if cfg.positions == "learned" else None
         )
+        if cfg.rope_buffers:  # transformers' rotary embedding: inv_freq and its copy original_inv_freq
+            r = cfg.rotary_dim
+            inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, r, 2, dtype=torch.float32) / r))
+            self.register_buffer("inv_freq", inv_freq.to(device=device, dtype=dtype), persistent=False)
+            self.register_buffer("original_inv_freq", self.inv_freq.clone(), persistent=False)
         self.blocks = nn.ModuleList([Block(cfg, device, dtype) for _ in range(cfg.num_layers)])
         self.norm_f = make_norm(cfg, device, dtype)
         self.lm_head = (

@@ -45,15 +45,16 @@ def _rotary_buffers(rotary_dims: int, nbytes: int = 4) -> int:
     return 2 * (rotary_dims // 2) * nbytes
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
-def test_llama_like_fp32_every_byte(tmp_path: Path, model_type: str) -> None:
-    a, h = _pair(tmp_path, model_type, "fp32")
+@pytest.mark.parametrize(("model_type", "precision"), [("llama", "fp32"), ("mistral", "fp32"), ("qwen2", "fp32"),
+                                                       ("llama", "bf16"), ("llama", "amp-bf16")])
+def test_llama_like_exact(tmp_path: Path, model_type: str, precision: str) -> None:
+    """transformers' loss, labels, rotary buffers, rotary dtype and training-time cache modelled: equal to the byte."""
+    a, h = _pair(tmp_path, model_type, precision)
     assert (a.parameters, a.flops.matmul) == (h.parameters, h.flops.matmul)
     d = _diffs(a, h)
-    # the peak is in optimizer_step: the two rotary buffers more; the labels and the loss as transformers'
-    assert d["input"] == 0 and d["parameter"] == _rotary_buffers(HEAD)
-    assert d["peak"] == d["first"] == _rotary_buffers(HEAD) == 64, d
-    assert d["saved"] == 0
+    assert d["peak"] == d["first"] == d["input"] == d["parameter"] == 0, d
+    if precision != "amp-bf16":  # under autocast the trace counts the weights' 16-bit copies as saved
+        assert d["saved"] == 0, d
 
 
 def test_gpt_neox_fp32_every_byte(tmp_path: Path) -> None:
@@ -61,9 +62,9 @@ def test_gpt_neox_fp32_every_byte(tmp_path: Path) -> None:
     assert (a.parameters, a.flops.matmul) == (h.parameters, h.flops.matmul)
     d = _diffs(a, h)
     step_scalars = -2 * 4 * 4  # fused query_key_value: 2 tensors for 6 per block, one fp32 'step' each (AdamW)
-    assert d["optimizer_state"] == step_scalars and d["parameter"] == _rotary_buffers(HEAD // 4)  # rotary_pct 0.25
-    assert d["peak"] == _rotary_buffers(HEAD // 4) + step_scalars == -16, d
-    assert d["saved"] == 0  # rope_concat: o_proj's input copy of the (B, H, S, h) attention output, as transformers
+    assert d["optimizer_state"] == step_scalars and d["parameter"] == 0
+    assert d["peak"] == step_scalars == -32, d
+    assert d["saved"] == 0  # rope_concat: o_proj's input copy of the (B, H, S, h) attention output, as transformers'
 
 
 def test_phi3_fp32_every_byte(tmp_path: Path) -> None:
@@ -74,7 +75,7 @@ def test_phi3_fp32_every_byte(tmp_path: Path) -> None:
     largest = (2 * 96 * 64, 96 * 64)  # gate_up_proj (2F x d) against the largest unfused tensor (F x d)
     temporaries = 3 * (largest[0] - largest[1]) * 4  # the for-loop AdamW's 3 fp32 temporaries of the largest tensor
     assert d["optimizer_state"] == step_scalars and d["temporary"] == temporaries
-    assert d["peak"] == _rotary_buffers(HEAD) + step_scalars + temporaries == 73_768, d
+    assert d["peak"] == step_scalars + temporaries == 73_704, d
     assert d["saved"] == 0
 
 
@@ -92,7 +93,8 @@ def test_moe_bf16(tmp_path: Path, model_type: str) -> None:
     a, h = _pair(tmp_path, model_type, "bf16")
     assert (a.parameters, a.flops.matmul) == (h.parameters, h.flops.matmul)
     d = _diffs(a, h)
-    # the loss and labels as transformers' (loss_upcast, labels_from_inputs); the two rotary buffers in bf16
+    # the loss and labels as transformers' (loss_upcast, labels_from_inputs); the two rotary buffers in bf16 (the
+    # MoE torch model has no rope_buffers option yet)
     assert d["input"] == 0 and d["parameter"] == _rotary_buffers(HEAD, 2)
     assert d["peak"] == _rotary_buffers(HEAD, 2) == 32, d
     router = 256 if model_type == "mixtral" else 0  # pinned: mixtral saves 256 B more (docs/hf.md)
