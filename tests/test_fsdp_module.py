@@ -107,6 +107,26 @@ def test_peaks_equal_the_measured_ranks() -> None:
         assert (e.first_step_peak_bytes, e.peak_bytes) == (first, steady)
 
 
+def test_transformers_model_shards_its_decoder_layers() -> None:
+    """The hf family is a traced module too: a tiny Llama (transformers' classes) is sharded on its
+    LlamaDecoderLayers. Under the MixedPrecisionPolicy its rotary buffers stay fp32 (FSDP2 casts only the
+    parameters): 2 x 8 fp32 elements, as measured. The peaks are the real gloo ranks' (2 ranks, every
+    figure equal; benchmarks/fsdp_accuracy.py)."""
+    pytest.importorskip("transformers")
+    from estimator.parallel.fsdp import module_units_json
+
+    llama = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 128, "hidden_size": 64,
+             "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 256,
+             "num_key_value_heads": 2, "intermediate_size": 96}
+    cfg = load_config(None, ["training.seq_len=16", "training.batch_size=2", "optimizer.name=adamw",
+                             "training.precision=bf16", "training.master_weights=true"],
+                      base={"model": {"family": "hf", "config": llama}})
+    assert module_units_json(cfg, "zero3")["units"] == ["model.model.layers.0", "model.model.layers.1"]
+    e = per_rank_estimate(cfg, "zero3", 2, "cpu")
+    assert (e.parameters, e.gradients, e.optimizer_state) == (156_288, 156_288, 312_576)
+    assert (e.first_step_peak_bytes, e.peak_bytes) == (662_432, 964_516)
+
+
 def test_output_names_the_units(tmp_path) -> None:  # noqa: ANN001
     """The estimate says which units fully_shard wraps and why (text and --json)."""
     import json

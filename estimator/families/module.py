@@ -198,19 +198,32 @@ def _trace_cached(model_json: str, precision: str) -> ModuleTrace:
 _PARAMETERS: dict[str, tuple[ParamTensor, ...]] = {}  # parameters do not depend on the precision
 
 
-def trace_module_fsdp(model: ModuleConfig, precision: str, unit_classes: tuple[str, ...] | None) -> ModuleTrace:
-    """The traced step of ``model`` with FSDP2's hooks on the units and the root, where they ran (cached)."""
-    return _fsdp_trace_cached(model.model_dump_json(), precision, unit_classes)
+def trace_input_events(t: ModuleTrace) -> list[Event]:
+    """A trace's setup besides the parameters: the module's buffers (role parameter), each input, the target."""
+    events = list(t.state_events)
+    events += [alloc(f"inputs.{i}", "input", s.nbytes, "setup") for i, s in enumerate(t.inputs)]
+    if t.target is not None and t.target.nbytes:
+        events.append(alloc("target", "input", t.target.nbytes, "setup"))
+    return events
+
+
+def trace_module_fsdp(model: ModuleConfig, precision: str, unit_classes: tuple[str, ...] | None,
+                      policy: bool = False) -> ModuleTrace:
+    """The traced step of ``model`` with FSDP2's hooks on the units and the root, where they ran (cached);
+    ``policy``: under FSDP2's MixedPrecisionPolicy (buffers stay fp32)."""
+    return _fsdp_trace_cached(model.model_dump_json(), precision, unit_classes, policy)
 
 
 @functools.lru_cache(maxsize=16)
-def _fsdp_trace_cached(model_json: str, precision: str, unit_classes: tuple[str, ...] | None) -> ModuleTrace:
+def _fsdp_trace_cached(model_json: str, precision: str, unit_classes: tuple[str, ...] | None,
+                       policy: bool = False) -> ModuleTrace:
     try:
         from estimator.measure.module_trace import run_trace
     except ImportError as exc:
         raise EstimatorError(f"model.module: tracing a module needs torch ({exc}); "
                              "pip install 'estimator[torch]'") from None
-    return run_trace(ModuleConfig.model_validate_json(model_json), precision, fsdp=True, unit_classes=unit_classes)
+    return run_trace(ModuleConfig.model_validate_json(model_json), precision, fsdp=True, unit_classes=unit_classes,
+                     policy=policy)
 
 
 def _check_training(batch: TrainingConfig) -> None:
@@ -282,12 +295,7 @@ class ModuleFamily:
 
     def input_events(self, model: ModuleConfig, batch: TrainingConfig, shape: StepShape) -> list[Event]:
         """The module's buffers (role parameter), then each input and the target."""
-        t = self.trace(model, batch)
-        events = list(t.state_events)
-        events += [alloc(f"inputs.{i}", "input", s.nbytes, "setup") for i, s in enumerate(t.inputs)]
-        if t.target is not None and t.target.nbytes:
-            events.append(alloc("target", "input", t.target.nbytes, "setup"))
-        return events
+        return trace_input_events(self.trace(model, batch))
 
     def forward_backward_events(self, model: ModuleConfig, batch: TrainingConfig, shape: StepShape) -> list[Event]:
         """Every allocation and release the traced forward, loss and backward made, in order."""

@@ -96,14 +96,14 @@ def measure_distributed(
         raise EstimatorError(f"--parallel {strategy}: torch has no implementation to measure; estimate only "
                              f"(measured: {', '.join(MEASURED_STRATEGIES)})")
     if config.model.family not in ("mlp", "transformer") and not (
-            config.model.family == "module" and strategy in ("zero3", "fsdp")):
+            config.model.family in ("module", "hf") and strategy in ("zero3", "fsdp")):
         raise EstimatorError(f"--parallel: measures the mlp and transformer families (and a traced module under "
                              f"zero3/fsdp), not {config.model.family!r}")
     if config.parallel.offload:
         raise EstimatorError("parallel.offload: estimate only; on the CPU the host and the device are the same "
                              "memory, so a gloo run cannot tell what CPU offload moves (docs/distributed.md)")
     if config.training.master_weights and (strategy not in ("zero3", "fsdp")
-                                           or config.model.family not in ("transformer", "module")):
+                                           or config.model.family not in ("transformer", "module", "hf")):
         raise EstimatorError("training.master_weights: measured as FSDP2's MixedPrecisionPolicy (--parallel zero3 "
                              "or fsdp, transformer family); torch has no engine for fp32 master weights under "
                              f"{strategy} (estimate only)")
@@ -251,7 +251,7 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
 
 def _module_units(config: Config, model: nn.Module) -> list[nn.Module] | None:
     """A traced module's FSDP2 units, chosen as the estimate chose them (module_trace.fsdp_unit_modules)."""
-    if config.model.family != "module":
+    if config.model.family not in ("module", "hf"):
         return None
     from estimator.measure.module_trace import fsdp_unit_modules
     from estimator.parallel.fsdp import unit_classes

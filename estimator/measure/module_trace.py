@@ -191,16 +191,17 @@ def _takes_device(factory: Callable[..., Any]) -> bool:
     return "device" in params
 
 
-def convert_floating(module: nn.Module, dtype: torch.dtype) -> None:
+def convert_floating(module: nn.Module, dtype: torch.dtype, buffers: bool = True) -> None:
     """``module.to(dtype)`` for fake tensors: ``_apply`` swaps fake parameters, which fails, so set ``.data``.
 
     Same semantics: floating parameters and buffers only; a tied parameter stays one Parameter.
+    ``buffers`` False: parameters only (FSDP2's MixedPrecisionPolicy casts parameters, never buffers).
     """
     with torch.no_grad():
         for p in module.parameters():
             if p.is_floating_point() and p.dtype != dtype:
                 p.data = p.data.to(dtype)
-        for sub in module.modules():
+        for sub in module.modules() if buffers else ():
             for key, buf in sub._buffers.items():
                 if buf is not None and buf.is_floating_point() and buf.dtype != dtype:
                     sub._buffers[key] = buf.to(dtype)
@@ -685,7 +686,7 @@ def _quiet_fake_tensor_log() -> Iterator[None]:
 
 
 def run_trace(model: ModuleConfig, precision: str, fsdp: bool = False,
-              unit_classes: tuple[str, ...] | None = None) -> ModuleTrace:
+              unit_classes: tuple[str, ...] | None = None, policy: bool = False) -> ModuleTrace:
     """Build the module on fake tensors and trace forward, loss and backward of one step.
 
     Everything alive before the trace (torch's and the user's imports: hundreds of thousands of objects)
@@ -695,16 +696,18 @@ def run_trace(model: ModuleConfig, precision: str, fsdp: bool = False,
 
     ``fsdp``: trace with FSDP2's hooks on the units ``fully_shard`` would wrap (``unit_classes``, or the
     default of :func:`fsdp_unit_modules`) and the root, and return where they ran (``ModuleTrace.fsdp_marks``).
+    ``policy``: as under FSDP2's MixedPrecisionPolicy, the parameters in ``precision``'s dtype and the
+    buffers left in fp32.
     """
     gc.freeze()
     try:
-        return _run_trace(model, precision, fsdp, unit_classes)
+        return _run_trace(model, precision, fsdp, unit_classes, policy)
     finally:
         gc.unfreeze()
 
 
 def _run_trace(model: ModuleConfig, precision: str, fsdp: bool = False,
-               unit_classes: tuple[str, ...] | None = None) -> ModuleTrace:
+               unit_classes: tuple[str, ...] | None = None, policy: bool = False) -> ModuleTrace:
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
     from estimator.measure.flop_formulas import register_sdpa_flops
@@ -719,7 +722,7 @@ def _run_trace(model: ModuleConfig, precision: str, fsdp: bool = False,
     with _quiet_fake_tensor_log(), fp32_grouped_mm_meta(), fake, tracker:
         module, built = _construct(factory, model, fake, tracker)
         with _stage("model.module", f"building {model.module}"):
-            convert_floating(module, data_dtype)
+            convert_floating(module, data_dtype, buffers=not policy)
         named = dict(module.named_parameters())
         real = [name for name, p in named.items() if not isinstance(p, FakeTensor)]
         if real:

@@ -128,7 +128,7 @@ class Zero3:
         if config.model.family == "mlp" and not self.reshards(config):
             raise EstimatorError("parallel.reshard_after_forward: false is modelled for the transformer and moe "
                                  "families; the mlp family's FSDP2 timeline reshards after forward (zero3)")
-        if config.model.family == "module":
+        if config.model.family in TRACED_FAMILIES:
             _module_supported(config)
         elif config.parallel.fsdp_unit_class is not None:
             raise EstimatorError(f"parallel.fsdp_unit_class: chooses the units of a model.module; the "
@@ -325,11 +325,21 @@ def unit_classes(config: Config) -> tuple[str, ...] | None:
     return None if given is None else ((given,) if isinstance(given, str) else tuple(given))
 
 
+#: families whose step is a traced nn.Module: their FSDP2 units are chosen on the module (module_trace.py)
+TRACED_FAMILIES = ("module", "hf")
+
+
 def _module_trace(config: Config) -> Any:
-    """A traced module's step with FSDP2's hooks (families/module.py), at the precision it runs in."""
+    """A traced module's step with FSDP2's hooks (families/module.py), at the precision it runs in; a
+    transformers model (the hf family) is traced as the module it builds (families/hf.py)."""
     from estimator.families.module import trace_module_fsdp
 
-    return trace_module_fsdp(config.model, config.training.precision, unit_classes(config))
+    model = config.model
+    if model.family == "hf":
+        from estimator.families.hf import module_config
+
+        model = module_config(model, config.training)
+    return trace_module_fsdp(model, config.training.precision, unit_classes(config), master_weights(config))
 
 
 def _module_supported(config: Config) -> None:
@@ -337,6 +347,10 @@ def _module_supported(config: Config) -> None:
     casts of floating inputs and its fp32 buffers (neither is in the trace)."""
     if master_weights(config):
         model = config.model
+        if model.family == "hf":
+            from estimator.families.hf import module_config
+
+            model = module_config(model, config.training)
         floating = [f"model.inputs[{i}]" for i, s in enumerate(model.inputs) if s.dtype not in ("int64", "int32",
                                                                                                  "bool")]
         if model.loss == "mse" or (model.target is not None and model.target.dtype not in ("int64", "int32")):
@@ -345,9 +359,6 @@ def _module_supported(config: Config) -> None:
             raise EstimatorError(f"training.master_weights: FSDP2's MixedPrecisionPolicy of a traced module is "
                                  f"modelled for integer inputs and targets (token ids, class ids); {floating[0]} is "
                                  "floating (the policy casts it at the root: not traced)")
-        if _module_trace(config).state_events:
-            raise EstimatorError("training.master_weights: FSDP2's MixedPrecisionPolicy of a traced module is "
-                                 "modelled for modules without buffers (FSDP2 keeps them fp32: not traced)")
 
 
 def _module_marks(config: Config) -> tuple[list[Event], list[tuple[int, str, str]]]:
@@ -362,7 +373,8 @@ def _end_events(config: Config) -> list[Event]:
 
 
 #: families whose event simulation says where FSDP2's hooks run (pre/post forward and backward of each block)
-MARKED_FAMILIES: dict[str, Any] = {"transformer": _transformer_marks, "moe": _moe_marks, "module": _module_marks}
+MARKED_FAMILIES: dict[str, Any] = {"transformer": _transformer_marks, "moe": _moe_marks, "module": _module_marks,
+                                   "hf": _module_marks}
 UNIT_PREFIX = "blocks."
 
 
@@ -375,7 +387,7 @@ def unit_of(name: str) -> str:
 
 def module_units_json(config: Config, strategy: str | None) -> dict[str, Any] | None:
     """A traced module's FSDP2 units as chosen (the class names, how, the submodule paths in order)."""
-    if config.model.family != "module" or strategy not in ("zero3", "fsdp"):
+    if config.model.family not in TRACED_FAMILIES or strategy not in ("zero3", "fsdp"):
         return None
     trace = _module_trace(config)
     units = list(dict.fromkeys(u for _, u in trace.fsdp_units if u != "root"))
@@ -401,7 +413,7 @@ def module_units_line(config: Config, strategy: str | None) -> str | None:
 def units_of(config: Config, params: list[ParamTensor]) -> dict[str, str]:
     """Each parameter's ``fully_shard`` unit: ``blocks.i`` / ``root``, or for a traced module the path of the
     chosen submodule that holds it (``parallel.fsdp_unit_class``, module_trace.fsdp_unit_modules)."""
-    if config.model.family == "module":
+    if config.model.family in TRACED_FAMILIES:
         return dict(_module_trace(config).fsdp_units)
     return {p.name: unit_of(p.name) for p in params}
 
@@ -440,7 +452,7 @@ def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True,
     local = {u: sum(shards[p.name].padded.numel for p in ps if p.trainable) for u, ps in units.items()}
     held = {u: sum(shards[p.name].padded.numel for p in ps) for u, ps in units.items()}
     # forward order of the blocks (FSDP2 prefetches in the order post-forward ran: a traced module's marks)
-    order = [u for u in units if u != "root"] if config.model.family != "module" else \
+    order = [u for u in units if u != "root"] if config.model.family not in TRACED_FAMILIES else \
         [u for _, kind, u in marks if kind == "post_forward" and u in units and u != "root"]
     gloo_copy = ctx.device == "cpu"  # ProcessGroupGloo's reduce_scatter copies its input; NCCL does not
 
@@ -569,7 +581,7 @@ def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True,
                 out.append(free(result.name, result.role, result.nbytes, phase))
             state["rs_live"] = u
 
-    end = _end_events(config) if config.model.family == "module" else \
+    end = _end_events(config) if config.model.family in TRACED_FAMILIES else \
         family.end_of_step_events(config.model, config.training, shape)
     steps = config.training.grad_accum_steps
     accumulate = steps > 1
@@ -605,7 +617,12 @@ def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True,
              if not offload]
     if ctx.device == "cpu":  # DeviceMesh keeps torch.arange(N, dtype=int32) as its rank map, always on the CPU
         setup.append(alloc("device_mesh.rank_map", "temporary", 4 * n, "setup"))
-    setup += family.input_events(config.model, config.training, shape)
+    if config.model.family in TRACED_FAMILIES:  # the hooked trace's buffers (fp32 under the policy) and inputs
+        from estimator.families.module import trace_input_events
+
+        setup += trace_input_events(_module_trace(config))
+    else:
+        setup += family.input_events(config.model, config.training, shape)
     if offload:  # the optimizer steps the host's shards on the CPU: nothing of it on the device
         return setup, out + tail, out + tail
     if ctx.spec.state_init == "constructor":
@@ -643,7 +660,7 @@ def fsdp_units(config: Config, params: list[ParamTensor]) -> dict[str, list[Para
     """The ``fully_shard`` units in forward order, the root last: ``layers.i`` (mlp) or ``blocks.i``."""
     prefix = "layers." if config.model.family == "mlp" else UNIT_PREFIX
     units: dict[str, list[ParamTensor]] = {}
-    named = units_of(config, params) if config.model.family == "module" else {}
+    named = units_of(config, params) if config.model.family in TRACED_FAMILIES else {}
     for p in params:
         unit = named[p.name] if named else \
             ".".join(p.name.split(".")[:2]) if p.name.startswith(prefix) else "root"
