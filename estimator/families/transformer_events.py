@@ -102,6 +102,7 @@ class _Sim:
         self.unit_outputs: dict[str, str] = {}  # the tensor a block returns -> the block ("blocks.i")
         self.first_block_input = ""
         self.cache: list[str] = []  # transformers' DynamicCache: the k and v copies (kv_cache)
+        self.base_of: dict[str, str] = {}  # slices of a fused projection's output -> that output
 
     def mark(self, hook: str, unit: str) -> None:
         self.marks.append((len(self.records), hook, unit))
@@ -147,6 +148,7 @@ class _Sim:
     def node(self, out: str, inputs: list[str | tuple[str, str]], saves: tuple[str, ...] = (),
              scratch: int = 0, opaque: bool = False) -> None:
         ins = [(i, False) if isinstance(i, str) else (i[0], True) for i in inputs]
+        saves = tuple(self.base_of.get(s, s) for s in saves)  # a saved view keeps its base's storage
         if self.ckpt_block < 0 or self.recomputing:
             for s in saves:
                 self.tensors[s].saved_by += 1
@@ -155,6 +157,23 @@ class _Sim:
             self.nodes.append(_Node(out, ins, list(saves), self.ckpt_block, scratch, opaque))
 
     # --- layers --------------------------------------------------------------------------
+    def slices(self, prefix: str, base: str, widths: list[int]) -> list[str]:
+        """``base[..., a:b]`` for consecutive widths (a fused projection's output, transformers' Phi-3 order).
+
+        A slice allocates nothing; its backward (``SliceBackward0``) makes a zero gradient of the base's full size
+        and copies the slice's gradient into it, so the base receives one full-size gradient per slice, summed.
+        """
+        out = []
+        for j, width in enumerate(widths):
+            name = f"{prefix}.slice{j}"
+            tensor = _T(name, 0, kind=self.tensors[base].kind, live=False)
+            tensor.grad_nbytes = width * self.t * kind_bytes(self.tensors[base].kind, self.shape)  # type: ignore[arg-type]
+            self.tensors[name] = tensor
+            self.base_of[name] = base
+            self.node(name, [base])
+            out.append(name)
+        return out
+
     def linear(self, prefix: str, x: str, n_in: int, n_out: int, weight: str, bias: str | None,
                stop: bool = False, split: str = "") -> str:
         """``F.linear``; under autocast it casts its input (and, once per forward, the weight).
@@ -315,9 +334,15 @@ class _Sim:
         qb = f"{p}.attn.q_proj.bias" if m.qkv_has_bias else None
         kb = f"{p}.attn.k_proj.bias" if m.qkv_has_bias else None
         vb = f"{p}.attn.v_proj.bias" if m.qkv_has_bias else None
-        q = self.linear(f"{p}.attn.q_proj", x, d, hq * h, f"{p}.attn.q_proj.weight", qb, split="col")
-        k = self.linear(f"{p}.attn.k_proj", x, d, hk * h, f"{p}.attn.k_proj.weight", kb, split="col")
-        v = self.linear(f"{p}.attn.v_proj", x, d, hk * h, f"{p}.attn.v_proj.weight", vb, split="col")
+        fused = ""
+        if getattr(m, "fused_qkv", False):  # one projection, q/k/v its slices (transformers' Phi-3)
+            fb = f"{p}.attn.qkv_proj.bias" if m.qkv_has_bias else None
+            fused = self.linear(f"{p}.attn.qkv_proj", x, d, (hq + 2 * hk) * h, f"{p}.attn.qkv_proj.weight", fb)
+            q, k, v = self.slices(f"{p}.attn.qkv", fused, [hq * h, hk * h, hk * h])
+        else:
+            q = self.linear(f"{p}.attn.q_proj", x, d, hq * h, f"{p}.attn.q_proj.weight", qb, split="col")
+            k = self.linear(f"{p}.attn.k_proj", x, d, hk * h, f"{p}.attn.k_proj.weight", kb, split="col")
+            v = self.linear(f"{p}.attn.v_proj", x, d, hk * h, f"{p}.attn.v_proj.weight", vb, split="col")
         if m.positions == "rope":
             q_lin, q = q, self.rope(f"{p}.attn.q", q, hq)
             self.dead(q_lin)
@@ -387,6 +412,8 @@ class _Sim:
         ob = f"{p}.attn.o_proj.bias" if m.linear_bias else None
         out = self.linear(f"{p}.attn.o_proj", y, hq * h, d, f"{p}.attn.o_proj.weight", ob, split="row")
         self.dead(y, *temps)
+        if fused:  # the local `qkv` lives until the attention returns
+            self.dead(fused)
         if gathered:  # the module's input, dropped when it returns
             self.dead(gathered)
         return out
@@ -401,7 +428,15 @@ class _Sim:
 
         gathered = self.gather(f"{p}.mlp", x) if self.sp else ""
         x = gathered or x
-        if m.mlp == "swiglu":
+        if m.mlp == "swiglu" and getattr(m, "fused_gate_up", False):  # transformers' Phi-3: one gate_up_proj
+            fused = lin("gate_up_proj", x, d, 2 * f)
+            gate, up = self.slices(f"{p}.mlp.gate_up", fused, [f, f])
+            silu = self.new(f"{p}.mlp.silu", f * t, "act")
+            self.node(silu, [gate], saves=(gate,))
+            hidden = self.new(f"{p}.mlp.hidden", f * t, "act")
+            self.node(hidden, [up, silu], saves=(up, silu))
+            self.dead(silu, fused)
+        elif m.mlp == "swiglu":
             gate = lin("gate_proj", x, d, f)
             silu = self.new(f"{p}.mlp.silu", f * t, "act")
             self.node(silu, [gate], saves=(gate,))
@@ -673,7 +708,10 @@ class _Sim:
                     kind, _, pname = name.partition(":")
                     self._param_grad(pname, kind == "param16", later, lookup=kind == "paramlookup")
                     continue
-                if passthrough and incoming is not None:
+                # the engine casts a gradient to its input's dtype (``validate_outputs``, autograd/engine.cpp):
+                # under autocast a 16-bit branch of an fp32 add (TP's row-parallel output) gets its own copy
+                if passthrough and incoming is not None and (
+                        not self.autocast or self.tensors[incoming].nbytes == self.grad_size(name)):
                     key = incoming
                     refs[key] += 1
                     if node.opaque:  # a DTensor's local gradient: referenced by its wrapper too
