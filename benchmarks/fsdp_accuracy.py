@@ -41,6 +41,12 @@ STACK = {"module": "tests.fsdp_module_blocks:make_stack", "inputs": [{"shape": [
 LORA = {"module": "estimator.measure.examples:make_lora_mlp", "inputs": [{"shape": [8, 32]}], "loss": "mse",
         "search_dir": ROOT}
 
+# the hf family: transformers' own classes, traced as a module and sharded on their decoder layers
+HF_LLAMA = {"family": "hf", "config": {**TINY_LLAMA_HF, "architectures": ["LlamaForCausalLM"]}}
+HF_GPT2 = {"family": "hf", "config": {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": 96,
+                                      "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 16,
+                                      "activation_function": "gelu_new"}}
+
 # (label, model, precision, optimizer, ranks, reshard_after_forward, more overrides)
 CASES = [
     ("gpt2-like", GPT2_LIKE, "fp32", "adam", 2, True, []),
@@ -67,6 +73,9 @@ CASES = [
     ("module: stack of Blocks", STACK, "amp-bf16", "adamw", 2, True, []),
     ("module: stack of Blocks, 2 micro-batches, one sync", STACK, "fp32", "adamw", 2, True,
      ["training.grad_accum_steps=2", "parallel.sync_every_micro_batch=false"]),
+    ("hf family: transformers LlamaForCausalLM", HF_LLAMA, "fp32", "adamw", 2, True, []),
+    ("hf family: transformers LlamaForCausalLM", HF_LLAMA, "bf16 + master, reduce fp32", "adamw", 4, False, MASTER),
+    ("hf family: transformers GPT2LMHeadModel", HF_GPT2, "fp32", "adam", 2, False, []),
 ]
 
 
@@ -79,6 +88,9 @@ def _config(model: dict | str, precision: str, optimizer: str, reshard: bool, mo
         kwargs = {"layers": layers} if model is STACK else {}
         return load_config(None, overrides, base={"model": {**model, "kwargs": kwargs}})
     overrides += ["training.seq_len=16", "training.batch_size=2"]
+    if isinstance(model, dict) and model.get("family") == "hf":  # the layer count in the config.json's key
+        key = "n_layer" if "n_layer" in model["config"] else "num_hidden_layers"
+        return load_config(None, overrides, base={"model": {**model, "config": {**model["config"], key: layers}}})
     if model == "hf":
         path = os.path.join(tmp, "config.json")
         with open(path, "w") as f:

@@ -130,7 +130,8 @@ class ParallelConfig(StrictModel):
         "fp32 or the 16-bit param dtype (gradients reduce-scattered in it)"
     )
     fsdp_unit_class: str | list[str] | None = Field(
-        None, description="zero3/fsdp of a model.module: the submodule class(es) fully_shard wraps before the root "
+        None, description="zero3/fsdp of a model.module (or hf model): the submodule class(es) fully_shard wraps "
+        "before the root "
         "(class names); null = the most repeated class of submodules holding parameters (docs/module.md)"
     )
 
