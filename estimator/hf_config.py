@@ -146,7 +146,7 @@ def _llama_like(r: _Reader, qkv_bias: bool = False) -> dict[str, Any]:
 
 def _phi3(r: _Reader) -> dict[str, Any]:
     """Llama-shaped; its rotary embedding is applied as GPT-NeoX's (a cat with the pass-through dims)."""
-    return {**_llama_like(r), "rope_concat": True}
+    return {**_llama_like(r), "rope_concat": True, "fused_qkv": True, "fused_gate_up": True}
 
 
 def _qwen2(r: _Reader) -> dict[str, Any]:
@@ -171,6 +171,7 @@ def _gpt_neox(r: _Reader) -> dict[str, Any]:
         "rope_theta": r.rope_theta(10000.0, legacy="rotary_emb_base"),
         "parallel_residual": r.get("use_parallel_residual", True, kind=bool),
         "rope_concat": True,  # GPTNeoX's apply_rotary_pos_emb: cat of the rotated and the passed dims
+        "fused_qkv": True,  # query_key_value: one projection (its output chunked per head; here sliced)
         "max_seq_len": r.get("max_position_embeddings"),
         "tie_embeddings": r.get("tie_word_embeddings", False, kind=bool),
         "norm_eps": r.get("layer_norm_eps", 1e-5, kind=float),

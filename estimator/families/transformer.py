@@ -79,6 +79,14 @@ class TransformerConfig(StrictModel):
         False, description="cos and sin in the residual stream's dtype, made with autocast off (transformers' "
         "rotary embedding): under autocast RoPE's products are fp32 and SDPA casts q and k back to 16 bits"
     )
+    fused_qkv: bool = Field(
+        False, description="one q/k/v projection (attn.qkv_proj), q, k and v slices of its output (transformers' "
+        "Phi-3 qkv_proj, GPT-NeoX query_key_value)"
+    )
+    fused_gate_up: bool = Field(
+        False, description="swiglu: one gate/up projection (mlp.gate_up_proj), gate and up slices of its output "
+        "(transformers' Phi-3 gate_up_proj)"
+    )
     rope_buffers: bool = Field(
         False, description="the rotary embedding keeps inv_freq and original_inv_freq as buffers (transformers' "
         "rotary embedding classes): r/2 elements each, in the parameter dtype"
@@ -121,8 +129,10 @@ class TransformerConfig(StrictModel):
             raise ValueError("rotary_pct applies to positions: rope only")
         elif self.rope_concat or self.rope_stream_dtype or self.rope_buffers:
             raise ValueError("rope_concat, rope_stream_dtype and rope_buffers apply to positions: rope only")
-        if self.attention == "eager" and (self.rope_stream_dtype or self.kv_cache):
-            raise ValueError("rope_stream_dtype and kv_cache are modelled with attention: sdpa only")
+        if self.attention == "eager" and (self.rope_stream_dtype or self.kv_cache or self.fused_qkv):
+            raise ValueError("rope_stream_dtype, kv_cache and fused_qkv are modelled with attention: sdpa only")
+        if self.fused_gate_up and self.mlp != "swiglu":
+            raise ValueError("fused_gate_up applies to mlp: swiglu only")
         return self
 
     # Derived sizes (properties, so they never disagree with the fields).
@@ -202,14 +212,20 @@ def parameter_tensors(model: TransformerConfig) -> list[ParamTensor]:
     for i in range(model.num_layers):
         p = f"blocks.{i}"
         out += norm(f"{p}.norm1")
-        out += linear(f"{p}.attn.q_proj", d, hq * h, model.qkv_has_bias)
-        out += linear(f"{p}.attn.k_proj", d, hk * h, model.qkv_has_bias)
-        out += linear(f"{p}.attn.v_proj", d, hk * h, model.qkv_has_bias)
+        if model.fused_qkv:
+            out += linear(f"{p}.attn.qkv_proj", d, (hq + 2 * hk) * h, model.qkv_has_bias)
+        else:
+            out += linear(f"{p}.attn.q_proj", d, hq * h, model.qkv_has_bias)
+            out += linear(f"{p}.attn.k_proj", d, hk * h, model.qkv_has_bias)
+            out += linear(f"{p}.attn.v_proj", d, hk * h, model.qkv_has_bias)
         out += linear(f"{p}.attn.o_proj", hq * h, d, model.linear_bias)
         out += norm(f"{p}.norm2")
-        if model.mlp == "swiglu":
-            out += linear(f"{p}.mlp.gate_proj", d, f, model.linear_bias)
-        out += linear(f"{p}.mlp.up_proj", d, f, model.linear_bias)
+        if model.mlp == "swiglu" and model.fused_gate_up:
+            out += linear(f"{p}.mlp.gate_up_proj", d, 2 * f, model.linear_bias)
+        else:
+            if model.mlp == "swiglu":
+                out += linear(f"{p}.mlp.gate_proj", d, f, model.linear_bias)
+            out += linear(f"{p}.mlp.up_proj", d, f, model.linear_bias)
         out += linear(f"{p}.mlp.down_proj", f, d, model.linear_bias)
     out += norm("norm_f")
     if not model.tie_embeddings:
@@ -254,7 +270,7 @@ def check_tensor_parallel(model: TransformerConfig, tp: int) -> None:
 
     transformers' loss (``loss_upcast``, ``labels_from_inputs``) is not modelled with tensor parallelism.
     """
-    for field in ("rope_concat", "rope_stream_dtype", "kv_cache"):
+    for field in ("rope_concat", "rope_stream_dtype", "kv_cache", "fused_qkv", "fused_gate_up"):
         if tp > 1 and getattr(model, field, False):
             raise EstimatorError(f"model.{field}: not modelled with tensor parallelism (docs/tp.md); set it to false")
     if tp > 1 and getattr(model, "mlp", "") == "gelu_new":
@@ -463,15 +479,19 @@ def _block_saved(model: TransformerConfig, i: int, b: int, seq: int, fp32_step: 
     p = f"blocks.{i}"
     out = _norm_saved(model, f"{p}.norm1", f"{p}.x_in", t, i, False, fp32_step)
     out.append(SavedTensor(f"{p}.attn.x_in", d * t, "act", i))  # q/k/v projections' input
-    if autocast:
+    if autocast and not model.fused_qkv:  # each projection casts its input itself; a fused one once
         out += [SavedTensor(f"{p}.attn.x_in.k", d * t, "act", i),
                 SavedTensor(f"{p}.attn.x_in.v", d * t, "act", i)]
     if model.attention == "sdpa":
         # SDPA (flash kernel, GQA native): q, k, v, output and logsumexp. The output is laid out
         # (B, S, H, h), so o_proj's input is a view of it: no separate copy.
+        # fused_qkv: a saved slice keeps the whole projection output (v when RoPE made q and k anew and no
+        # cache copied v; without RoPE q, k and v are the three slices of one storage, the same total)
+        v_numel = (hq + 2 * hk) * h * t if model.fused_qkv and model.positions == "rope" and not model.kv_cache \
+            else hk * h * t
         out += [SavedTensor(f"{p}.attn.q", hq * h * t, "act", i),
                 SavedTensor(f"{p}.attn.k", hk * h * t, "act", i),
-                SavedTensor(f"{p}.attn.v", hk * h * t, "act", i),
+                SavedTensor(f"{p}.attn.v", v_numel, "act", i),
                 SavedTensor(f"{p}.attn.out", hq * h * t, "act", i),
                 SavedTensor(f"{p}.attn.lse", hq * t, "fp32", i)]
         if model.rope_concat:  # the output is laid out (B, H, S, h): o_proj's input is a (B, S, H·h) copy
@@ -488,7 +508,7 @@ def _block_saved(model: TransformerConfig, i: int, b: int, seq: int, fp32_step: 
     x2 = f"{p}.x_in" if model.parallel_residual else f"{p}.x_mid"
     out += _norm_saved(model, f"{p}.norm2", x2, t, i, model.parallel_residual, fp32_step)
     out.append(SavedTensor(f"{p}.mlp.x_in", d * t, "act", i))
-    if autocast and model.mlp == "swiglu":
+    if autocast and model.mlp == "swiglu" and not model.fused_gate_up:
         out.append(SavedTensor(f"{p}.mlp.x_in.up", d * t, "act", i))
     if model.mlp == "swiglu":
         out += [SavedTensor(f"{p}.mlp.gate", f * t, "act", i),

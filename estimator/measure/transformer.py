@@ -112,9 +112,13 @@ class Attention(nn.Module):
         super().__init__()
         d, h, hq, hk = cfg.d_model, cfg.head_size, cfg.num_heads, cfg.kv_heads
         kw = {"device": device, "dtype": dtype}
-        self.q_proj = nn.Linear(d, hq * h, bias=cfg.qkv_has_bias, **kw)
-        self.k_proj = nn.Linear(d, hk * h, bias=cfg.qkv_has_bias, **kw)
-        self.v_proj = nn.Linear(d, hk * h, bias=cfg.qkv_has_bias, **kw)
+        if cfg.fused_qkv:  # transformers' Phi-3 qkv_proj (GPT-NeoX's query_key_value holds the same)
+            self.qkv_proj = nn.Linear(d, (hq + 2 * hk) * h, bias=cfg.qkv_has_bias, **kw)
+        else:
+            self.q_proj = nn.Linear(d, hq * h, bias=cfg.qkv_has_bias, **kw)
+            self.k_proj = nn.Linear(d, hk * h, bias=cfg.qkv_has_bias, **kw)
+            self.v_proj = nn.Linear(d, hk * h, bias=cfg.qkv_has_bias, **kw)
+        self.fused = cfg.fused_qkv
         self.o_proj = nn.Linear(hq * h, d, bias=cfg.linear_bias, **kw)
         self.num_heads, self.kv_heads, self.head_size = hq, hk, h
         self.eager = cfg.attention == "eager"
@@ -124,9 +128,15 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
         b, s, _ = x.shape
         hq, hk, h = self.num_heads, self.kv_heads, self.head_size
-        q = self.q_proj(x).view(b, s, hq, h)
-        k = self.k_proj(x).view(b, s, hk, h)
-        v = self.v_proj(x).view(b, s, hk, h).transpose(1, 2)
+        if self.fused:  # Phi3Attention.forward: slices of one projection's output
+            qkv = self.qkv_proj(x)
+            q = qkv[..., : hq * h].view(b, s, hq, h)
+            k = qkv[..., hq * h : (hq + hk) * h].view(b, s, hk, h)
+            v = qkv[..., (hq + hk) * h :].view(b, s, hk, h).transpose(1, 2)
+        else:
+            q = self.q_proj(x).view(b, s, hq, h)
+            k = self.k_proj(x).view(b, s, hk, h)
+            v = self.v_proj(x).view(b, s, hk, h).transpose(1, 2)
         if self.rope_concat and cos is not None and sin is not None:  # transformers' Phi-3 / GPT-NeoX order
             q, k = apply_rope_concat(q.transpose(1, 2), cos, sin), apply_rope_concat(k.transpose(1, 2), cos, sin)
         else:
@@ -162,12 +172,21 @@ class MLP(nn.Module):
         kw = {"device": device, "dtype": dtype}
         self.swiglu = cfg.mlp == "swiglu"
         self.act = gelu_new if cfg.mlp == "gelu_new" else F.gelu
-        if self.swiglu:
-            self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.linear_bias, **kw)
-        self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.linear_bias, **kw)
+        self.fused = cfg.fused_gate_up
+        if self.fused:  # transformers' Phi-3 gate_up_proj
+            self.gate_up_proj = nn.Linear(cfg.d_model, 2 * cfg.ffn_dim, bias=cfg.linear_bias, **kw)
+        else:
+            if self.swiglu:
+                self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.linear_bias, **kw)
+            self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.linear_bias, **kw)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=cfg.linear_bias, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:  # Phi3MLP.forward, with slices for its chunk(2)
+            gate_up = self.gate_up_proj(x)
+            f = gate_up.shape[-1] // 2
+            gate, up = gate_up[..., :f], gate_up[..., f:]
+            return self.down_proj(up * F.silu(gate))
         if self.swiglu:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(self.act(self.up_proj(x)))

@@ -57,26 +57,26 @@ def test_llama_like_exact(tmp_path: Path, model_type: str, precision: str) -> No
         assert d["saved"] == 0, d
 
 
-def test_gpt_neox_fp32_every_byte(tmp_path: Path) -> None:
-    a, h = _pair(tmp_path, "gpt_neox", "fp32")
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "amp-bf16"])
+def test_gpt_neox_exact(tmp_path: Path, precision: str) -> None:
+    """fused_qkv, rope_concat and the rest of transformers' step modelled: equal to the byte."""
+    a, h = _pair(tmp_path, "gpt_neox", precision)
     assert (a.parameters, a.flops.matmul) == (h.parameters, h.flops.matmul)
     d = _diffs(a, h)
-    step_scalars = -2 * 4 * 4  # fused query_key_value: 2 tensors for 6 per block, one fp32 'step' each (AdamW)
-    assert d["optimizer_state"] == step_scalars and d["parameter"] == 0
-    assert d["peak"] == step_scalars == -32, d
-    assert d["saved"] == 0  # rope_concat: o_proj's input copy of the (B, H, S, h) attention output, as transformers'
+    assert d["peak"] == d["first"] == d["input"] == d["parameter"] == d["optimizer_state"] == 0, d
+    if precision != "amp-bf16":
+        assert d["saved"] == 0, d
 
 
 def test_phi3_fp32_every_byte(tmp_path: Path) -> None:
     a, h = _pair(tmp_path, "phi3", "fp32")
     assert (a.parameters, a.flops.matmul) == (h.parameters, h.flops.matmul)
     d = _diffs(a, h)
-    step_scalars = -2 * 3 * 4  # fused qkv_proj and gate_up_proj: 2 tensors for 5 per block
-    largest = (2 * 96 * 64, 96 * 64)  # gate_up_proj (2F x d) against the largest unfused tensor (F x d)
-    temporaries = 3 * (largest[0] - largest[1]) * 4  # the for-loop AdamW's 3 fp32 temporaries of the largest tensor
-    assert d["optimizer_state"] == step_scalars and d["temporary"] == temporaries
-    assert d["peak"] == step_scalars + temporaries == 73_704, d
-    assert d["saved"] == 0
+    # fused qkv_proj and gate_up_proj modelled: state and saved bytes equal. Pinned, measured, not attributed: at
+    # the optimizer-step peak transformers' step holds three fp32 temporaries of gate_up_proj's size (+4 B), the
+    # estimate two (+260 B)
+    assert d["optimizer_state"] == d["saved"] == d["parameter"] == 0, d
+    assert d["peak"] == d["temporary"] == 3 * 2 * 96 * 64 * 4 + 4 - (2 * 2 * 96 * 64 * 4 + 260) == 48_896, d
 
 
 def test_gpt2_fp32_gelu_new_and_dropout(tmp_path: Path) -> None:
