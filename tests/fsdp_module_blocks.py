@@ -43,3 +43,19 @@ def make_stack(vocab: int = 40, dim: int = 16, hidden: int = 24, layers: int = 3
                device: torch.device | str | None = None) -> Stack:
     """The stack; the default sizes make rows that 2, 3 and 4 ranks split unevenly in places."""
     return Stack(vocab, dim, hidden, layers, device=device)
+
+
+class Shared(nn.Module):
+    """One block applied twice (weights shared across depth, as ALBERT does): its FSDP2 unit runs twice."""
+
+    def __init__(self, dim: int, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(dim, 2 * dim, device=device) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks[1](self.blocks[0](self.blocks[0](x)))
+
+
+def make_shared(dim: int = 8, device: torch.device | str | None = None) -> Shared:
+    """:class:`Shared`, for the refusal of a unit whose forward runs more than once."""
+    return Shared(dim, device=device)

@@ -164,6 +164,13 @@ def test_what_is_not_modelled_is_refused() -> None:
         per_rank_estimate(_config(LORA, "training.precision=bf16", "training.master_weights=true"), "zero3", 2, "cpu")
 
 
+def test_a_unit_that_runs_twice_is_refused() -> None:
+    """FSDP2 reshards and re-gathers a unit each time its forward runs; the timeline models one forward per unit."""
+    shared = {"module": "tests.fsdp_module_blocks:make_shared", "inputs": [{"shape": [2, 8]}], "search_dir": str(ROOT)}
+    with pytest.raises(Exception, match="parallel.fsdp_unit_class: unit 'blocks.0' runs its forward more than once"):
+        per_rank_estimate(_config(shared), "zero3", 2, "cpu")
+
+
 def test_cpu_offload_moves_the_model_states_to_the_host() -> None:
     """CPUOffloadPolicy (estimate only, as for the transformer family): the shards, their gradients and the
     optimizer state are host bytes; the device keeps none of them."""
