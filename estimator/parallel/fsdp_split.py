@@ -23,7 +23,7 @@ from collections.abc import Callable
 from estimator.config import Config
 from estimator.events import Event
 from estimator.parallel.base import RankContext, RankStep, chain
-from estimator.periodic import Program, summary_of
+from estimator.periodic import summary_of
 from estimator.simulate import _shape_key, layered_programs, optimizer_step_events, state_events
 from estimator.timeline import Summary, peak_of
 
@@ -102,7 +102,8 @@ def split_rank_step(ctx: RankContext, rank: int, reshards: bool) -> RankStep:
     def own(cfg: Config) -> tuple[list[Event], list[Event], list[Event]]:
         return _optimizer_lists(RankContext(cfg, ctx.world_size, ctx.device), rank)
 
-    own_setup, own_first, own_steady = (summary_of(p) for p in _programs(ctx, own, finish, (key, "fsdp-own")))
+    own_setup, own_first, own_steady = (summary_of(p) for p in layered_programs(ctx.config, own, finish,
+                                                                                 (key, "fsdp-own")))
     live = dict(setup_roles)
     for role, n in own_setup.roles:
         live[role] = live.get(role, 0) + n
@@ -113,11 +114,6 @@ def split_rank_step(ctx: RankContext, rank: int, reshards: bool) -> RankStep:
         live_steady[role] = live_steady.get(role, 0) + n
     saved = ctx.shared("saved_activation_bytes", lambda: _saved_bytes(ctx))  # the key Zero3.estimate reads
     return RankStep(peak_of(first, live), peak_of(steady, live_steady), saved)
-
-
-def _programs(ctx: RankContext, build: Callable[[Config], tuple[list[Event], list[Event], list[Event]]],
-              finish: Callable[[list[Event]], list[Event]] | None, key: tuple[str, str]) -> tuple[Program, ...]:
-    return layered_programs(ctx.config, build, finish, key)
 
 
 def _saved_bytes(ctx: RankContext) -> int:
