@@ -103,6 +103,8 @@ def _gpt2(r: _Reader) -> dict[str, Any]:
         "num_heads": r.get("n_head"),
         "d_ff": r.get("n_inner", None),
         "mlp": _gelu(r, "activation_function", "gelu_new"),
+        "fused_qkv": True,  # c_attn: one projection, split into q, k and v
+        "kv_cache": r.get("use_cache", True, kind=bool),  # GPT2Model fills a DynamicCache when use_cache
         "norm": "layernorm",
         "bias": True,
         "positions": "learned",

@@ -202,3 +202,12 @@ def test_fused_projections_match_tracker(name: str, options: dict, precision: st
     # amp-bf16 with checkpointing and fused_gate_up: the backward peak is one [T, d] bf16 tensor (1,024 B) low;
     # measured and pinned, not attributed (fused_qkv alone keeps the plain model's +64 B)
     assert off == ({"peak_backward": -1024} if (name, precision, ckpt) == ("llama-gqa", "amp-bf16", "full") else {})
+
+
+@pytest.mark.parametrize(("precision", "kv_cache"), [("fp32", True), ("bf16", True), ("amp-bf16", True),
+                                                     ("fp32", False)])
+def test_gpt2_style_fused_attention_match_tracker(precision: str, kv_cache: bool) -> None:
+    """GPT-2's c_attn: q, k, v slices of one output (no RoPE), the cache copying k and v."""
+    cfg = small("gpt2", fused_qkv=True, kv_cache=kv_cache, mlp="gelu_new", **HF_LOSS)
+    estimate, measured = _track(cfg, precision)
+    assert estimate == measured

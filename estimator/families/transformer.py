@@ -487,11 +487,16 @@ def _block_saved(model: TransformerConfig, i: int, b: int, seq: int, fp32_step: 
         # (B, S, H, h), so o_proj's input is a view of it: no separate copy.
         # fused_qkv: a saved slice keeps the whole projection output (v when RoPE made q and k anew and no
         # cache copied v; without RoPE q, k and v are the three slices of one storage, the same total)
-        v_numel = (hq + 2 * hk) * h * t if model.fused_qkv and model.positions == "rope" and not model.kv_cache \
-            else hk * h * t
-        out += [SavedTensor(f"{p}.attn.q", hq * h * t, "act", i),
-                SavedTensor(f"{p}.attn.k", hk * h * t, "act", i),
-                SavedTensor(f"{p}.attn.v", v_numel, "act", i),
+        q_n, k_n, v_n = hq * h * t, hk * h * t, hk * h * t
+        if model.fused_qkv:  # kv_cache: k and v are copies; RoPE: q and k are new tensors
+            whole, copied = (hq + 2 * hk) * h * t, model.kv_cache
+            if model.positions == "rope":
+                v_n = v_n if copied else whole
+            else:
+                q_n, k_n, v_n = whole, k_n if copied else 0, v_n if copied else 0
+        out += [SavedTensor(f"{p}.attn.q", q_n, "act", i),
+                SavedTensor(f"{p}.attn.k", k_n, "act", i),
+                SavedTensor(f"{p}.attn.v", v_n, "act", i),
                 SavedTensor(f"{p}.attn.out", hq * h * t, "act", i),
                 SavedTensor(f"{p}.attn.lse", hq * t, "fp32", i)]
         if model.rope_concat:  # the output is laid out (B, H, S, h): o_proj's input is a (B, S, H·h) copy
