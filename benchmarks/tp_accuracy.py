@@ -17,8 +17,10 @@ import argparse
 import time
 
 from estimator.loader import load_config
+from estimator.measure.comm_record import measured_communication
 from estimator.measure.distributed import measure_distributed
 from estimator.parallel import per_rank_estimates
+from estimator.parallel.comm import CommVolume, MeshVolume
 
 GPT2_LIKE = {"family": "transformer", "d_model": 32, "num_heads": 4, "vocab_size": 96, "max_seq_len": 16}
 LLAMA_LIKE = {"family": "transformer", "d_model": 32, "num_heads": 4, "num_kv_heads": 2, "vocab_size": 96,
@@ -27,6 +29,7 @@ LLAMA_LIKE = {"family": "transformer", "d_model": 32, "num_heads": 4, "num_kv_he
 NEOX_LIKE = {"family": "transformer", "d_model": 32, "num_heads": 4, "vocab_size": 96, "max_seq_len": 16,
              "positions": "rope", "rotary_pct": 0.5, "parallel_residual": True, "tie_embeddings": False}
 
+CKPT = "training.activation_checkpointing=full"
 # (label, model, precision, optimizer, t, extra --set)
 CASES = [
     ("gpt2-like (tied, biases)", GPT2_LIKE, "fp32", "adam", 2, ()),
@@ -51,6 +54,18 @@ CASES = [
      ("parallel.tp_size=2", "parallel.sequence_parallel=true")),
     ("2-D fsdp (no reshard) x tp + SP: llama-like GQA", LLAMA_LIKE, "amp-bf16", "adamw", 4,
      ("parallel.tp_size=2", "parallel.sequence_parallel=true", "parallel.reshard_after_forward=false")),
+    # activation checkpointing per block (training.activation_checkpointing: full) on the TP-parallelized model
+    ("ckpt: llama-like GQA", LLAMA_LIKE, "fp32", "adam", 2, (CKPT,)),
+    ("ckpt: llama-like GQA, SP", LLAMA_LIKE, "fp32", "adam", 2, (CKPT, "parallel.sequence_parallel=true")),
+    ("ckpt: llama-like GQA", LLAMA_LIKE, "bf16", "adam", 2, (CKPT,)),
+    ("ckpt: llama-like GQA, SP", LLAMA_LIKE, "amp-bf16", "adamw", 2, (CKPT, "parallel.sequence_parallel=true")),
+    ("ckpt: gpt2-like (tied, biases)", GPT2_LIKE, "bf16", "adam", 2, (CKPT,)),
+    ("ckpt: gpt2-like (tied, biases)", GPT2_LIKE, "amp-bf16", "adam", 2, (CKPT,)),
+    ("ckpt: llama-like GQA, loss parallel", LLAMA_LIKE, "fp32", "adam", 2, (CKPT, "parallel.loss_parallel=true")),
+    ("ckpt: neox-like, SP", NEOX_LIKE, "bf16", "adamw", 2, (CKPT, "parallel.sequence_parallel=true")),
+    ("ckpt, 2-D zero3 x tp + SP: llama-like GQA", LLAMA_LIKE, "fp32", "adam", 4,
+     (CKPT, "parallel.tp_size=2", "parallel.sequence_parallel=true")),
+    ("ckpt, 2-D zero3 x tp: gpt2-like (tied, biases)", GPT2_LIKE, "amp-bf16", "adam", 4, (CKPT, "parallel.tp_size=2")),
 ]
 
 
@@ -66,8 +81,9 @@ def main() -> None:
         return
     chosen = [CASES[int(i)] for i in args.cases.split(",")] if args.cases else CASES[:2] if args.quick else CASES
     print("| model | precision | optimizer | ranks | rank | params est/meas | grads est/meas | state est/meas "
-          "| 1st peak est | 1st peak meas | steady est | steady meas | all-reduce calls, B est/meas | diff |")
-    print("|---|---|---|---:|---:|---|---|---|---:|---:|---:|---:|---|---:|")
+          "| 1st peak est | 1st peak meas | steady est | steady meas | all-reduce calls, B est/meas | "
+          "every collective equal, steps 1-3 | diff |")
+    print("|---|---|---|---:|---:|---|---|---|---:|---:|---:|---:|---|---|---:|")
     worst = 0.0
     for label, model, precision, optimizer, t, extra in chosen:
         config = load_config(None, [f"model.num_layers={args.layers}", "training.seq_len=16", "training.batch_size=2",
@@ -83,13 +99,18 @@ def main() -> None:
                        abs(e.peak_bytes - m.steady_step.peak_bytes) / m.steady_step.peak_bytes)
             worst = max(worst, diff)
             same = lambda a, b: f"{a:,} {'=' if a == b else '≠'} {b:,}"  # noqa: E731
-            est_ar = _all_reduce(e.communication_volume.steady_step.logical() if e.communication_volume else {})
-            meas_ar = _recorded_all_reduce(m.communication.get("third_step", []))
+            got = measured_communication(m)
+            est_ar = _all_reduce(e.communication_volume.steady_step if e.communication_volume else None)
+            meas_ar = _all_reduce(got.steady_step if got else None)
+            every = e.communication_volume is not None and got is not None and all(
+                getattr(got, k).logical() == getattr(e.communication_volume, k).logical()
+                for k in ("first_step", "second_step", "steady_step"))
             print(f"| {label} | {precision} | {optimizer} | {t} | {e.rank} | "
                   f"{same(e.parameters, m.parameters)} | {same(e.gradients, m.gradients)} | "
                   f"{same(e.optimizer_state, m.optimizer_state)} | "
                   f"{e.first_step_peak_bytes:,} | {m.first_step.peak_bytes:,} | {e.peak_bytes:,} | "
                   f"{m.steady_step.peak_bytes:,} | {est_ar} {'=' if est_ar == meas_ar else '≠'} {meas_ar} | "
+                  f"{'yes' if every else 'NO'} | "
                   f"{diff:.3%} |", flush=True)
         print(f"<!-- {label} {precision} t={t}: {time.perf_counter() - start:.0f} s -->", flush=True)
     print(f"\nworst per-rank peak difference: {worst:.3%}")
@@ -118,16 +139,23 @@ def korthikanti(s: int = 2048, b: int = 1, h: int = 2048, a: int = 16) -> None:
                 ours.append((saved[1] - saved[0]) / sbh)
             theirs = 34 / t + 5 * a * s / (h * t) if sp else 10 + 24 / t + 5 * a * s / (h * t)
             print(f"| TP{' + SP' if sp else ''} | {t} | {theirs:g} | {ours[0]:.4f} | {ours[1]:.4f} |")
+    for sp in (False, True):  # full recomputation per block: the block's input is all a layer keeps
+        for t in (2, 4, 8):
+            saved = []
+            for layers in (1, 2):
+                cfg = load_config(None, [f"model.num_layers={layers}", f"training.seq_len={s}",
+                                         f"training.batch_size={b}", "training.precision=bf16", "optimizer.name=sgd",
+                                         "model.attention=sdpa", "training.activation_checkpointing=full",
+                                         f"parallel.sequence_parallel={str(sp).lower()}"], base={"model": dict(model)})
+                saved.append(per_rank_estimates(cfg, "tp", t, "cpu")[0].activations)
+            ours_full = (saved[1] - saved[0]) / sbh
+            print(f"| TP{' + SP' if sp else ''} + full recompute | {t} | 2 | {ours_full:.4f} | {ours_full:.4f} |")
 
 
-def _all_reduce(logical: dict) -> str:
-    calls, size, _ = logical.get("all_reduce", (0, 0, 0))
-    return f"{calls} x, {size:,}"
-
-
-def _recorded_all_reduce(calls: list) -> str:
-    ar = [c for c in calls if c[0] == "all_reduce"]
-    return f"{len(ar)} x, {sum(c[1] for c in ar):,}"
+def _all_reduce(step: CommVolume | MeshVolume | None) -> str:
+    """The step's all-reduces (over every group of a 2-D mesh): calls and bytes."""
+    v = step.get("all_reduce") if step is not None else None
+    return f"{v.calls} x, {v.size_bytes:,}" if v else "0 x, 0"
 
 
 if __name__ == "__main__":
