@@ -595,10 +595,13 @@ class _FSDPMarks:
     (post-forward; ``register_hook`` on the outputs that need one: pre-backward), and the root's final
     callback queued by the first pre-backward, which runs the post-backward of every unit whose inputs
     needed no gradient, in ``named_modules()`` order (the root first). The hooks allocate nothing; the
-    identity Function adds a node, as in the real step."""
+    identity Function adds a node, as in the real step. ``cast``: the MixedPrecisionPolicy's param dtype,
+    to which every pre-forward first casts the floating inputs (``_cast_forward_inputs``), as FSDP2 does."""
 
-    def __init__(self, tracker: _StepTracker, root: nn.Module, units: dict[str, nn.Module]) -> None:
+    def __init__(self, tracker: _StepTracker, root: nn.Module, units: dict[str, nn.Module],
+                 cast: torch.dtype | None = None) -> None:
         self.tracker = tracker
+        self.cast = cast
         self.modules = {"root": root, **units}
         self.marks: list[tuple[int, str, str]] = []
         self.forwards: dict[str, int] = {}
@@ -626,16 +629,19 @@ class _FSDPMarks:
         if self.forwards[unit] > 1:
             raise EstimatorError(f"parallel.fsdp_unit_class: unit {unit!r} runs its forward more than once in a "
                                  "step; the FSDP2 timeline is modelled for units that run once (choose another class)")
-        self.mark("pre_forward", unit)
         flat, spec = tree_flatten(args)
+        if self.cast is not None:  # _cast_fp_tensor: floating tensors of another dtype, before the unshard
+            flat = [t.to(self.cast) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != self.cast
+                    else t for t in flat]
+        self.mark("pre_forward", unit)
         needs = [i for i, t in enumerate(flat) if isinstance(t, Tensor) and t.requires_grad]
+        from torch.utils._pytree import tree_unflatten
+
         if not needs or not torch.is_grad_enabled():
-            return args
+            return tuple(tree_unflatten(flat, spec)) if self.cast is not None else args
         outs = _PostBackward.apply(self, unit, *(flat[i] for i in needs))
         for i, t in zip(needs, outs, strict=True):
             flat[i] = t
-        from torch.utils._pytree import tree_unflatten
-
         return tuple(tree_unflatten(flat, spec))
 
     def _post_forward(self, unit: str, _module: nn.Module, _args: Any, output: Any) -> Any:  # noqa: ANN401
@@ -728,7 +734,8 @@ def _run_trace(model: ModuleConfig, precision: str, fsdp: bool = False,
         if real:
             raise EstimatorError(f"model.module: {model.module} returned a module whose parameters exist already "
                                  f"({real[0]}, ...); the factory must create the module when called")
-        inputs_spec = tuple(resolve_spec(s, precision) for s in model.inputs)
+        # under FSDP2's MixedPrecisionPolicy the batch is made in fp32, like the fp32 model; the root casts it
+        inputs_spec = tuple(resolve_spec(s, "fp32" if policy else precision) for s in model.inputs)
         inputs = [make_tensor(s, "cpu") for s in inputs_spec]
         target_spec = resolve_spec(model.target, precision) if model.target is not None else None
         target = make_tensor(target_spec, "cpu") if target_spec is not None else None
@@ -743,7 +750,7 @@ def _run_trace(model: ModuleConfig, precision: str, fsdp: bool = False,
         state_events = _state_events(tracker, module, skip)
         skip |= {sid for sid, _ in tracker_live(tracker)}
         units, classes = fsdp_unit_modules(module, unit_classes) if fsdp else ({}, ())
-        hooks = _FSDPMarks(tracker, module, units) if fsdp else None
+        hooks = _FSDPMarks(tracker, module, units, data_dtype if policy else None) if fsdp else None
         unit_map = unit_of_parameters(module, units) if fsdp else {}
 
         saved: dict[int, str] = {}  # sid -> phase in which autograd saved it
