@@ -672,7 +672,7 @@ def render_ranks(estimates: list[Any], measured: list[Any] | None, console: Cons
     print_fitting(console, table)
     console.print("bytes; the comm. row: persistent communication buffers, DDP's gradient buckets (estimated only); "
                   "coll. B: bytes handed to collectives per step (S of each call; recorded by torch's flight "
-                  "recorder), coll. calls: collectives in step 3; "
+                  "recorder), coll. calls: collectives in step 3 (dp, tp: per process group of a 2-D mesh); "
                   "optim.: optimizer_step. "
                   "docs/distributed.md: what torch allocates per strategy (buckets, FSDP2 all-gathers and "
                   "reduce-scatters) and the sources.")
