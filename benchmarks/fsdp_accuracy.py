@@ -38,6 +38,8 @@ TINY_LLAMA_HF = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 
 ROOT = str(Path(__file__).resolve().parent.parent)
 STACK = {"module": "tests.fsdp_module_blocks:make_stack", "inputs": [{"shape": [2, 16], "dtype": "int64", "high": 40}],
          "loss": "cross_entropy", "search_dir": ROOT}
+MLP_CE = {"module": "estimator.measure.examples:make_mlp", "inputs": [{"shape": [8, 16]}], "loss": "cross_entropy",
+          "search_dir": ROOT}  # float inputs: the MixedPrecisionPolicy casts them at the root
 LORA = {"module": "estimator.measure.examples:make_lora_mlp", "inputs": [{"shape": [8, 32]}], "loss": "mse",
         "search_dir": ROOT}
 
@@ -76,6 +78,7 @@ CASES = [
     ("hf family: transformers LlamaForCausalLM", HF_LLAMA, "fp32", "adamw", 2, True, []),
     ("hf family: transformers LlamaForCausalLM", HF_LLAMA, "bf16 + master, reduce fp32", "adamw", 4, False, MASTER),
     ("hf family: transformers GPT2LMHeadModel", HF_GPT2, "fp32", "adam", 2, False, []),
+    ("module: make_mlp, float inputs", MLP_CE, "bf16 + master, reduce fp32", "adamw", 2, True, MASTER),
 ]
 
 
