@@ -1,10 +1,9 @@
 """The analytic families against the real transformers model, per covered model_type (docs/hf.md, the matrix).
 
-B=2, S=16, AdamW (for-loop), exact CPU bytes; the tiny configs of tests/hf/tiny_configs.py. Parameters and
-FlopCounterMode's matmuls are equal for every type; each byte of the peaks' difference is accounted for below
-(or, where only measured, pinned and described in docs/hf.md). The dense types in fp32; the MoE types in bf16:
-under fake tensors transformers' default grouped_mm experts trace in 16-bit only (the meta kernel of
-torch._grouped_mm refuses fp32 on the CPU, where the real kernel accepts it).
+B=2, S=16, AdamW (for-loop), exact CPU bytes; the tiny configs of tests/hf/tiny_configs.py. The analytic side
+runs with the transformers-style options hf_config sets (docs/transformer.md). Parameters are equal for every
+type; each byte of the peaks' difference is accounted for below (or, where only measured, pinned and described
+in docs/hf.md).
 """
 
 from __future__ import annotations
