@@ -57,6 +57,7 @@ from estimator.families.base import ParamTensor
 from estimator.families.module import (
     AUTOCAST_DTYPES,
     DATA_DTYPES,
+    FLOAT_DTYPES,
     INTEGER_DTYPES,
     ModuleConfig,
     ModuleTrace,
@@ -737,7 +738,8 @@ def _run_trace(model: ModuleConfig, precision: str, fsdp: bool = False,
         # under FSDP2's MixedPrecisionPolicy the batch is made in fp32, like the fp32 model; the root casts it
         inputs_spec = tuple(resolve_spec(s, "fp32" if policy else precision) for s in model.inputs)
         inputs = [make_tensor(s, "cpu") for s in inputs_spec]
-        target_spec = resolve_spec(model.target, precision) if model.target is not None else None
+        target_spec = resolve_spec(model.target, "fp32" if policy else precision) if model.target is not None \
+            else None
         target = make_tensor(target_spec, "cpu") if target_spec is not None else None
         gc.collect()
 
@@ -775,6 +777,8 @@ def _run_trace(model: ModuleConfig, precision: str, fsdp: bool = False,
                 out = first_output(pred)
                 if target is None:
                     target_spec = default_target(model, out, precision)
+                    if policy and target_spec is not None and target_spec.dtype in FLOAT_DTYPES:
+                        target_spec = TensorSpec(target_spec.shape, "float32")  # the fp32 model's target
                     if target_spec is not None:
                         target = make_tensor(target_spec, "cpu")
                         skip.add(tracker.sid_of(target))

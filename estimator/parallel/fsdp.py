@@ -128,9 +128,7 @@ class Zero3:
         if config.model.family == "mlp" and not self.reshards(config):
             raise EstimatorError("parallel.reshard_after_forward: false is modelled for the transformer and moe "
                                  "families; the mlp family's FSDP2 timeline reshards after forward (zero3)")
-        if config.model.family in TRACED_FAMILIES:
-            _module_supported(config)
-        elif config.parallel.fsdp_unit_class is not None:
+        if config.model.family not in TRACED_FAMILIES and config.parallel.fsdp_unit_class is not None:
             raise EstimatorError(f"parallel.fsdp_unit_class: chooses the units of a model.module; the "
                                  f"{config.model.family} family's units are fixed (docs/distributed.md)")
         if config.model.family not in ("mlp", *MARKED_FAMILIES):
@@ -340,21 +338,6 @@ def _module_trace(config: Config) -> Any:
 
         model = module_config(model, config.training)
     return trace_module_fsdp(model, config.training.precision, unit_classes(config), master_weights(config))
-
-
-def _module_supported(config: Config) -> None:
-    """Refuse, in one line, what the traced module's FSDP2 timeline does not model: a floating target under
-    the MixedPrecisionPolicy (the 16-bit output meets the fp32 target in the loss)."""
-    if master_weights(config):
-        model = config.model
-        if model.family == "hf":
-            from estimator.families.hf import module_config
-
-            model = module_config(model, config.training)
-        if model.loss == "mse" or (model.target is not None and model.target.dtype not in ("int64", "int32")):
-            raise EstimatorError("training.master_weights: FSDP2's MixedPrecisionPolicy of a traced module is "
-                                 "modelled for integer targets (class ids, token ids) or loss 'sum'; model.target is "
-                                 "floating (a 16-bit output against an fp32 target: not traced)")
 
 
 def _module_marks(config: Config) -> tuple[list[Event], list[tuple[int, str, str]]]:
