@@ -119,9 +119,10 @@ def test_options_refused_with_tensor_parallelism() -> None:
     from estimator.families.transformer import check_tensor_parallel
 
     check_tensor_parallel(small("llama-gqa", **HF_LOSS), 1)
-    with pytest.raises(EstimatorError, match=r"^model.loss_upcast: not modelled with tensor parallelism"):
+    with pytest.raises(EstimatorError, match=r"^model.loss_upcast: the transformers-style options loss_upcast, "
+                       r"labels_from_inputs \(set by hf_config\) are not modelled with tensor parallelism"):
         check_tensor_parallel(small("llama-gqa", **HF_LOSS), 2)
-    with pytest.raises(EstimatorError, match=r"^model.mlp: gelu_new is not modelled with tensor parallelism"):
+    with pytest.raises(EstimatorError, match=r"^model.mlp: the transformers-style options mlp: gelu_new "):
         check_tensor_parallel(small("gpt2", mlp="gelu_new"), 2)
 
 

@@ -265,20 +265,25 @@ def sharded_parameter_tensors(model: TransformerConfig, tp: int) -> list[ParamTe
     return out
 
 
+#: the boolean options that make the step transformers' (docs/transformer.md), in the order they are listed
+HF_STYLE_OPTIONS = ("loss_upcast", "labels_from_inputs", "fused_qkv", "fused_gate_up", "rope_concat",
+                    "rope_stream_dtype", "rope_buffers", "kv_cache")
+
+
 def check_tensor_parallel(model: TransformerConfig, tp: int) -> None:
     """Every sharded dimension divides by the TP degree, else one line naming the field.
 
-    transformers' loss (``loss_upcast``, ``labels_from_inputs``) is not modelled with tensor parallelism.
+    The transformers-style options (docs/transformer.md; an ``hf_config`` sets them) are not modelled with
+    tensor parallelism: one line naming every one that is set.
     """
-    for field in ("rope_concat", "rope_stream_dtype", "kv_cache", "fused_qkv", "fused_gate_up"):
-        if tp > 1 and getattr(model, field, False):
-            raise EstimatorError(f"model.{field}: not modelled with tensor parallelism (docs/tp.md); set it to false")
-    if tp > 1 and getattr(model, "mlp", "") == "gelu_new":
-        raise EstimatorError("model.mlp: gelu_new is not modelled with tensor parallelism (docs/tp.md); use gelu")
-    for field in ("loss_upcast", "labels_from_inputs"):
-        if tp > 1 and getattr(model, field, False):
-            raise EstimatorError(f"model.{field}: not modelled with tensor parallelism (docs/tp.md); set it to "
-                                 "false, or use model.engine: transformers without parallel.tensor_parallel")
+    if tp > 1:
+        hf_style = [f for f in HF_STYLE_OPTIONS if getattr(model, f, False)]
+        if getattr(model, "mlp", "") == "gelu_new":
+            hf_style.append("mlp: gelu_new")
+        if hf_style:
+            raise EstimatorError(f"model.{hf_style[0].split(':')[0]}: the transformers-style options "
+                                 f"{', '.join(hf_style)} (set by hf_config) are not modelled with tensor parallelism "
+                                 "(docs/tp.md); set them to false (gelu for gelu_new), or drop parallel.tp_size")
     for field, value in (("model.num_heads", model.num_heads), ("model.num_kv_heads", model.kv_heads),
                          ("model.d_ff", model.ffn_dim), ("model.vocab_size", model.vocab_size)):
         if value % tp:
