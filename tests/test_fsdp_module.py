@@ -52,6 +52,21 @@ def test_default_units_are_the_repeated_blocks() -> None:
                      "head"]
 
 
+def test_a_parameter_shared_by_two_units_is_refused() -> None:
+    """fully_shard refuses a parameter managed by two groups; so does the estimate, in one line."""
+    from estimator.errors import EstimatorError
+    from estimator.measure.module_trace import fsdp_unit_modules, unit_of_parameters
+    from tests.fsdp_module_blocks import make_stack
+
+    model = make_stack(device="cpu")
+    units, _ = fsdp_unit_modules(model, None)
+    assert unit_of_parameters(model, units)["blocks.2.down.bias"] == "blocks.2"
+    model.blocks[1].up.weight = model.blocks[0].up.weight
+    with pytest.raises(EstimatorError, match="parameter 'blocks.0.up.weight' is shared by units 'blocks.0' and "
+                                             "'blocks.1'"):
+        unit_of_parameters(model, units)
+
+
 def test_hooks_run_where_fsdp2_runs_them() -> None:
     """Marks read off the hooked trace: the root's pre-forward first, each block's pre/post-forward, the root's
     post-forward; backward in reverse with the root's pre-backward first (its output's gradient arrives

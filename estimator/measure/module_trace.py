@@ -566,11 +566,21 @@ def _most_repeated(modules: list[nn.Module]) -> tuple[str, ...]:
 
 
 def unit_of_parameters(module: nn.Module, units: dict[str, nn.Module]) -> dict[str, str]:
-    """{parameter name: its unit's path, or "root"}: the innermost chosen module that holds it."""
-    out = {}
-    for name, _ in module.named_parameters():
+    """{parameter name: its unit's path, or "root"}: the innermost chosen module that holds it.
+
+    A parameter shared by two units is refused, as ``fully_shard`` refuses it (``_validate_no_duplicate_params``).
+    """
+    out: dict[str, str] = {}
+    seen: dict[int, tuple[str, str]] = {}  # id(parameter) -> (first name, its unit)
+    for name, p in module.named_parameters(remove_duplicate=False):
         owner = [u for u in units if name.startswith(u + ".")]
-        out[name] = max(owner, key=len) if owner else "root"
+        unit = max(owner, key=len) if owner else "root"
+        first = seen.setdefault(id(p), (name, unit))
+        if first[1] != unit and "root" not in (first[1], unit):
+            raise EstimatorError(f"parallel.fsdp_unit_class: parameter {first[0]!r} is shared by units {first[1]!r} "
+                                 f"and {unit!r}; fully_shard needs a shared parameter in one unit (choose another "
+                                 "class)")
+        out.setdefault(first[0], first[1])
     return out
 
 
