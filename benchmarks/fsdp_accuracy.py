@@ -79,6 +79,8 @@ CASES = [
     ("hf family: transformers LlamaForCausalLM", HF_LLAMA, "bf16 + master, reduce fp32", "adamw", 4, False, MASTER),
     ("hf family: transformers GPT2LMHeadModel", HF_GPT2, "fp32", "adam", 2, False, []),
     ("module: make_mlp, float inputs", MLP_CE, "bf16 + master, reduce fp32", "adamw", 2, True, MASTER),
+    ("module: LoRA MLP, mse (fp32 target)", LORA, "bf16 + master, reduce bf16", "adamw", 4, False,
+     [*MASTER, "parallel.reduce_dtype=param"]),
 ]
 
 
