@@ -64,8 +64,11 @@ def _track(cfg: object, precision: str, ckpt: str = "none") -> tuple[dict[str, i
     return estimate, measured
 
 
-@pytest.mark.parametrize(("name", "option", "precision"),
-                         list(itertools.product(["llama-gqa", "gpt2", "neox"], sorted(OPTIONS), sorted(SHAPES))))
+LOSS_CASES = list(itertools.product(["llama-gqa", "gpt2", "neox"], ["hf-loss"], sorted(SHAPES)))
+LOSS_CASES += list(itertools.product(["llama-gqa"], ["upcast-only", "labels-only"], sorted(SHAPES)))
+
+
+@pytest.mark.parametrize(("name", "option", "precision"), LOSS_CASES)
 def test_hf_loss_events_match_tracker(name: str, option: str, precision: str) -> None:
     estimate, measured = _track(small(name, **OPTIONS[option]), precision)
     assert estimate == measured
