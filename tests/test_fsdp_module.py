@@ -150,7 +150,7 @@ def test_output_names_the_units(tmp_path) -> None:  # noqa: ANN001
     path.write_text(json.dumps({"model": STACK}))
     result = runner.invoke(app, ["estimate", str(path), "--parallel", "zero3", "-n", "2"])
     assert result.exit_code == 0
-    assert "FSDP2 units: fully_shard on 3 x Block (blocks.0 ... blocks.2), then the root" in " ".join(
+    assert "FSDP2 units: fully_shard on 3 x Block (blocks.0, blocks.1, blocks.2), then the root" in " ".join(
         result.stdout.split())
     result = runner.invoke(app, ["estimate", str(path), "--parallel", "fsdp", "-n", "2", "--json", "--set",
                                  "parallel.fsdp_unit_class=[Block,Embedding]"])

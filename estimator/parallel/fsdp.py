@@ -383,7 +383,7 @@ def module_units_line(config: Config, strategy: str | None) -> str | None:
         return ("FSDP2 units: fully_shard on the root only (no submodule class holding parameters repeats; "
                 "parallel.fsdp_unit_class names one)")
     units, how = found["units"], found["chosen_by"]
-    span = units[0] if len(units) == 1 else f"{units[0]} ... {units[-1]}"
+    span = ", ".join(units) if len(units) <= 3 else f"{units[0]}, {units[1]}, ..., {units[-1]}"
     why = "parallel.fsdp_unit_class" if how != "default" else "the most repeated class; parallel.fsdp_unit_class " \
         "chooses another"
     return f"FSDP2 units: fully_shard on {len(units)} x {', '.join(found['classes'])} ({span}), then the root ({why})"
