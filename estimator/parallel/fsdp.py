@@ -397,7 +397,7 @@ def units_of(config: Config, params: list[ParamTensor]) -> dict[str, str]:
     return {p.name: unit_of(p.name) for p in params}
 
 
-def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True, late_gradients: bool = False,
+def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True,
                 marked: tuple[list[Event], list[tuple[int, str, str]]] | None = None,
                 ) -> tuple[list[Event], list[Event], list[Event]]:
     """One rank's step under FSDP2, from the family's events and where its hooks run.
@@ -533,10 +533,6 @@ def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True,
             # foreach_reduce clears its list of gradients after the copy-in; its loop variable keeps
             # the last one until it returns
             *early, last_grad = held_grads
-            if late_gradients:  # the other order seen on gloo: every gradient lives through the reduce-scatter
-                early, last_frees = [], early
-            else:
-                last_frees = []
             out.extend(free(name, "gradient", nbytes, phase) for name, nbytes in early)
             # a later micro-batch adds its reduced shard into the existing .grad (foreach_reduce's
             # ``to_accumulate_grad``): the output, or its cast to the shards' dtype, is a temporary
@@ -555,7 +551,7 @@ def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True,
                 result = alloc(f"{u}.grad_shards", "gradient", local[u] * dt.shard, phase) if not accumulating \
                     else alloc(f"{u}.reduce_output_cast", "temporary", local[u] * dt.shard, phase)
                 out.extend([result, free(reduced.name, reduced.role, reduced.nbytes, phase)])
-            out.extend(free(name, "gradient", nbytes, phase) for name, nbytes in [*last_frees, last_grad])
+            out.extend(free(name, "gradient", nbytes, phase) for name, nbytes in [last_grad])
             if accumulating:  # added into .grad in place (or copied to the host's .grad): dropped on return
                 out.append(free(result.name, result.role, result.nbytes, phase))
             state["rs_live"] = u
