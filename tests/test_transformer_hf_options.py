@@ -215,3 +215,16 @@ def test_gpt2_style_fused_attention_match_tracker(precision: str, kv_cache: bool
     cfg = small("gpt2", fused_qkv=True, kv_cache=kv_cache, mlp="gelu_new", **HF_LOSS)
     estimate, measured = _track(cfg, precision)
     assert estimate == measured
+
+
+@pytest.mark.parametrize(("name", "precision", "ckpt"), [("mixtral", "amp-bf16", "none"), ("mixtral", "bf16", "none"),
+                                                          ("qwen2-moe", "amp-bf16", "none"),
+                                                          ("mixtral", "amp-bf16", "full")])
+def test_moe_rope_stream_dtype_and_kv_cache(name: str, precision: str, ckpt: str) -> None:
+    """The MoE family's plain attention takes transformers' rotary dtype and cache too (allocator-exact)."""
+    from tests.moe.conftest import small as small_moe
+    from tests.moe.test_events import real_step, simulated
+
+    cfg = small_moe(name, rope_stream_dtype=True, kv_cache=True, rope_buffers=True, **HF_LOSS)
+    real, counts = real_step(cfg, precision, ckpt)
+    assert simulated(cfg, counts, precision, ckpt) == real

@@ -28,7 +28,7 @@ from pydantic import Field, model_validator
 
 from estimator.config import StrictModel, TrainingConfig
 from estimator.errors import EstimatorError
-from estimator.events import Event, alloc, free
+from estimator.events import Event, free
 from estimator.families.base import BatchInForce, FlopCount, ParamTensor, StepShape, register_family
 from estimator.families.transformer import TransformerConfig
 
@@ -115,9 +115,17 @@ class MoEConfig(StrictModel):
     loss_upcast: bool = Field(False, description="transformers' loss: logits.float() first (docs/transformer.md)")
     labels_from_inputs: bool = Field(False, description="transformers' loss: the labels are the input ids, shifted "
                                      "in the loss (docs/transformer.md)")
+    rope_buffers: bool = Field(False, description="transformers' rotary inv_freq buffers (docs/transformer.md)")
+    rope_stream_dtype: bool = Field(False, description="transformers' rotary cos/sin dtype; plain attention only "
+                                    "(docs/transformer.md)")
+    kv_cache: bool = Field(False, description="transformers' training-time DynamicCache; plain attention only "
+                           "(docs/transformer.md)")
 
     @model_validator(mode="after")
     def _check_shapes(self) -> MoEConfig:
+        if (self.rope_stream_dtype or self.kv_cache) and (self.attention_type == "mla" or self.qk_norm != "none"):
+            raise ValueError("rope_stream_dtype and kv_cache are modelled for plain attention only "
+                             "(no qk_norm, no mla)")
         if self.attention_type == "gqa" and self.head_dim is None and self.d_model % self.num_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads}), "
                              "or give head_dim")
@@ -180,7 +188,8 @@ class MoEConfig(StrictModel):
             d_ff=self.d_ff or self.expert_d_ff, mlp="swiglu", norm="rmsnorm", bias=False, qkv_bias=self.qkv_bias,
             positions="rope", rope_theta=self.rope_theta, max_seq_len=self.max_seq_len,
             tie_embeddings=self.tie_embeddings, attention=self.attention, norm_eps=self.norm_eps,
-            loss_upcast=self.loss_upcast, labels_from_inputs=self.labels_from_inputs,
+            loss_upcast=self.loss_upcast, labels_from_inputs=self.labels_from_inputs, rope_buffers=self.rope_buffers,
+            rope_stream_dtype=self.rope_stream_dtype, kv_cache=self.kv_cache,
         )
 
 
@@ -495,9 +504,9 @@ class MoEFamily:
 
     def input_events(self, model: MoEConfig, batch: TrainingConfig, shape: StepShape) -> list[Event]:
         """Token ids and targets, (B, S) int64 each; the ids alone with ``labels_from_inputs``."""
-        tokens = batch.batch_size * tokens_per_sequence(model, batch)
-        ids = [alloc("idx", "input", tokens * 8, "setup")]
-        return ids if model.labels_from_inputs else [*ids, alloc("targets", "input", tokens * 8, "setup")]
+        from estimator.families.transformer import TransformerFamily
+
+        return TransformerFamily().input_events(model.dense_view(), batch, shape)  # ids (targets), rotary buffers
 
     def forward_backward_events(self, model: MoEConfig, batch: TrainingConfig, shape: StepShape) -> list[Event]:
         """Every allocation and release of forward, loss and backward (``moe_events``)."""

@@ -13,6 +13,8 @@ each expert received in ``tokens_per_expert`` (one list per MoE layer), which ``
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -290,6 +292,11 @@ class MoETransformer(nn.Module):
         self.blocks = nn.ModuleList([MoEBlock(cfg, i, device, dtype) for i in range(cfg.num_layers)])
         self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps, device, dtype)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False, **kw)
+        if cfg.rope_buffers:  # transformers' rotary embedding: inv_freq and original_inv_freq (docs/transformer.md)
+            r = cfg.dense_view().rotary_dim
+            inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, r, 2, dtype=torch.float32) / r))
+            self.register_buffer("inv_freq", inv_freq.to(device=device, dtype=dtype), persistent=False)
+            self.register_buffer("original_inv_freq", self.inv_freq.clone(), persistent=False)
 
     @property
     def tokens_per_expert(self) -> list[list[int]]:
@@ -304,10 +311,17 @@ class MoETransformer(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         b, s = idx.shape
         x = self.tok_emb(idx)
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        cos, sin = rope_tables(self.cfg.dense_view(), s, x.device, dtype)
+        amp = torch.is_autocast_enabled(x.device.type) and not self.cfg.rope_stream_dtype
+        dtype = torch.get_autocast_dtype(x.device.type) if amp else x.dtype
+        with torch.autocast(x.device.type, enabled=False) if self.cfg.rope_stream_dtype else contextlib.nullcontext():
+            cos, sin = rope_tables(self.cfg.dense_view(), s, x.device, dtype)
+        cache: list[torch.Tensor] | None = [] if self.cfg.kv_cache and not self.checkpointing else None
+        for block in self.blocks:  # transformers' DynamicCache (kv_cache), held by `cache` until forward returns
+            block.attn.cache = cache
         for block in self.blocks:
             x = checkpoint(block, x, cos, sin, use_reentrant=False) if self.checkpointing else block(x, cos, sin)
+        for block in self.blocks:
+            block.attn.cache = None
         x = self.norm_f(x)
         logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight)
         if targets is None:

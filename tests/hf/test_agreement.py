@@ -39,11 +39,6 @@ def _diffs(a: object, h: object) -> dict:
                for role in sorted(roles)}}
 
 
-def _rotary_buffers(rotary_dims: int, nbytes: int = 4) -> int:
-    """inv_freq and original_inv_freq (transformers' rotary embedding keeps both): rotary_dims/2 each."""
-    return 2 * (rotary_dims // 2) * nbytes
-
-
 @pytest.mark.parametrize(("model_type", "precision"), [("llama", "fp32"), ("mistral", "fp32"), ("qwen2", "fp32"),
                                                        ("llama", "bf16"), ("llama", "amp-bf16")])
 def test_llama_like_exact(tmp_path: Path, model_type: str, precision: str) -> None:
@@ -102,10 +97,10 @@ def test_moe_bf16(tmp_path: Path, model_type: str) -> None:
     a, h = _pair(tmp_path, model_type, "bf16")
     assert (a.parameters, a.flops.matmul) == (h.parameters, h.flops.matmul)
     d = _diffs(a, h)
-    # the loss and labels as transformers' (loss_upcast, labels_from_inputs); the two rotary buffers in bf16 (the
-    # MoE torch model has no rope_buffers option yet)
-    assert d["input"] == 0 and d["parameter"] == _rotary_buffers(HEAD, 2)
-    assert d["peak"] == _rotary_buffers(HEAD, 2) == 32, d
+    # transformers' loss, labels and rotary buffers modelled (and for mixtral, qwen2_moe its rotary dtype and cache)
+    assert d["input"] == d["parameter"] == d["peak"] == 0, d
+    # qwen3_moe's first-step peak (in backward) is 480 B higher in the estimate: measured, not attributed
+    assert d["first"] == (-480 if model_type == "qwen3_moe" else 0), d
     router = 256 if model_type == "mixtral" else 0  # pinned: mixtral saves 256 B more (docs/hf.md)
     assert d["saved"] == router, d
 
@@ -115,5 +110,5 @@ def test_deepseek_v3_bf16_pinned(tmp_path: Path) -> None:
     assert a.parameters == h.parameters
     d = _diffs(a, h)
     # pinned, measured (docs/hf.md): transformers' MLA on the CPU saves and computes more; not attributed yet
-    assert (d["peak"], d["saved"], d["input"]) == (48_664, 33_664, 0), d
+    assert (d["peak"], d["saved"], d["input"]) == (48_648, 33_664, 0), d
     assert (a.flops.matmul, h.flops.matmul) == (14_991_360, 14_598_144)
