@@ -341,9 +341,8 @@ def analytic_values(p: Path, data: dict[str, Any]) -> dict[str, Any]:
     values.update(HF_STEP)
     if values.get("positions") == "rope" and values.get("family", "transformer") == "transformer":
         values.update(HF_ATTENTION)
-    elif values.get("family") == "moe":  # the MoE torch model has them for plain attention (no q/k norms, no MLA)
-        plain = values.get("qk_norm", "none") == "none" and values.get("attention_type", "gqa") != "mla"
-        values.update(HF_ATTENTION if plain else {"rope_buffers": True})
+    elif values.get("family") == "moe":  # the MoE torch model has them for every attention but MLA
+        values.update(HF_ATTENTION if values.get("attention_type", "gqa") != "mla" else {"rope_buffers": True})
     return {"family": "transformer", **{k: v for k, v in values.items() if v is not None}}
 
 

@@ -219,7 +219,10 @@ def test_gpt2_style_fused_attention_match_tracker(precision: str, kv_cache: bool
 
 @pytest.mark.parametrize(("name", "precision", "ckpt"), [("mixtral", "amp-bf16", "none"), ("mixtral", "bf16", "none"),
                                                           ("qwen2-moe", "amp-bf16", "none"),
-                                                          ("mixtral", "amp-bf16", "full")])
+                                                          ("mixtral", "amp-bf16", "full"),
+                                                          ("qwen3-moe", "amp-bf16", "none"),
+                                                          ("olmoe", "amp-bf16", "none"), ("qwen3-moe", "bf16", "none"),
+                                                          ("olmoe", "fp32", "full")])
 def test_moe_rope_stream_dtype_and_kv_cache(name: str, precision: str, ckpt: str) -> None:
     """The MoE family's plain attention takes transformers' rotary dtype and cache too (allocator-exact)."""
     from tests.moe.conftest import small as small_moe

@@ -116,16 +116,15 @@ class MoEConfig(StrictModel):
     labels_from_inputs: bool = Field(False, description="transformers' loss: the labels are the input ids, shifted "
                                      "in the loss (docs/transformer.md)")
     rope_buffers: bool = Field(False, description="transformers' rotary inv_freq buffers (docs/transformer.md)")
-    rope_stream_dtype: bool = Field(False, description="transformers' rotary cos/sin dtype; plain attention only "
+    rope_stream_dtype: bool = Field(False, description="transformers' rotary cos/sin dtype; not with mla "
                                     "(docs/transformer.md)")
-    kv_cache: bool = Field(False, description="transformers' training-time DynamicCache; plain attention only "
+    kv_cache: bool = Field(False, description="transformers' training-time DynamicCache; not with mla "
                            "(docs/transformer.md)")
 
     @model_validator(mode="after")
     def _check_shapes(self) -> MoEConfig:
-        if (self.rope_stream_dtype or self.kv_cache) and (self.attention_type == "mla" or self.qk_norm != "none"):
-            raise ValueError("rope_stream_dtype and kv_cache are modelled for plain attention only "
-                             "(no qk_norm, no mla)")
+        if (self.rope_stream_dtype or self.kv_cache) and self.attention_type == "mla":
+            raise ValueError("rope_stream_dtype and kv_cache are not modelled for attention_type: mla")
         if self.attention_type == "gqa" and self.head_dim is None and self.d_model % self.num_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads}), "
                              "or give head_dim")

@@ -143,12 +143,12 @@ class _MoESim(_Sim):
         self.dead(qn)
         k = self.rope(f"{p}.attn.k", kn, hk)
         self.dead(kn)
-        y = self.new(f"{p}.attn.sdpa", hq * h * t, "act")
-        lse = self.new(f"{p}.attn.lse", hq * t, "fp32")
-        self.node(y, [q, k, v], saves=(q, k, v, y, lse))
-        self.dead(lse)
+        cached = self.kv_cached
+        if cached:  # transformers' DynamicCache (kv_cache)
+            k, v = self.kv_copies(p, k, v, hk * h)
+        y = self.sdpa(p, q, k, v, hq * h)
         out = self.linear(f"{p}.attn.o_proj", y, hq * h, d, f"{p}.attn.o_proj.weight", None)
-        self.dead(y, q, k, v)
+        self.dead(y, q, *([] if cached else [k, v]))
         return out
 
     def _mla(self, p: str, x: str) -> str:

@@ -326,6 +326,33 @@ class _Sim:
         """transformers' DynamicCache in the training forward (``kv_cache``; off under checkpointing)."""
         return getattr(self.model, "kv_cache", False) and self.training.activation_checkpointing != "full"
 
+    def kv_copies(self, p: str, k: str, v: str, width: int) -> tuple[str, str]:
+        """``DynamicLayer.update`` (transformers/cache_utils.py): ``torch.cat([empty, k])`` and the same for v; the
+        copies are kept by the cache until the forward returns (``self.cache``), the originals dropped."""
+        out = []
+        for name, src in (("k", k), ("v", v)):
+            copy = self.new(f"{p}.attn.{name}_cache", width * self.t, self.tensors[src].kind)  # type: ignore[arg-type]
+            self.node(copy, [(src, PASS)])
+            self.dead(src)
+            self.cache.append(copy)
+            out.append(copy)
+        return out[0], out[1]
+
+    def sdpa(self, p: str, q: str, k: str, v: str, width: int) -> str:
+        """SDPA (flash kernel): saves q, k, v, its output and the fp32 logsumexp. Under autocast it casts its fp32
+        inputs (RoPE's products under ``rope_stream_dtype``) to 16 bits, and saves the casts."""
+        ins = [q, k, v]
+        if self.autocast:
+            for j, name in enumerate(ins):
+                if self.tensors[name].kind != "act":
+                    ins[j] = self.new(f"{name}.16bit", self.tensors[name].nbytes // 4, "act")
+                    self.node(ins[j], [name])
+        y = self.new(f"{p}.attn.sdpa", width * self.t, "act")
+        lse = self.new(f"{p}.attn.lse", width // self.model.head_size * self.t, "fp32")
+        self.node(y, ins, saves=(*ins, y, lse))
+        self.dead(lse, *[c for c, o in zip(ins, (q, k, v), strict=True) if c != o])
+        return y
+
     def attention(self, p: str, x: str) -> str:
         m, t, seq = self.model, self.t, self.seq
         d, h, hq, hk = m.d_model, m.head_size, m.num_heads // self.tp_size, m.kv_heads // self.tp_size
@@ -349,26 +376,11 @@ class _Sim:
             k_lin, k = k, self.rope(f"{p}.attn.k", k, hk)
             self.dead(k_lin)
         temps = [q, k, v]
-        if self.kv_cached:  # DynamicLayer.update: torch.cat([empty, k]) and the same for v, kept by the cache
-            for name in ("k", "v"):
-                src = k if name == "k" else v
-                copy = self.new(f"{p}.attn.{name}_cache", hk * h * t, self.tensors[src].kind)  # type: ignore[arg-type]
-                self.node(copy, [(src, PASS)])
-                self.dead(src)
-                self.cache.append(copy)
-                k, v = (copy, v) if name == "k" else (k, copy)
+        if self.kv_cached:
+            k, v = self.kv_copies(p, k, v, hk * h)
             temps = [q]
         if m.attention == "sdpa":
-            ins = [q, k, v]
-            if self.autocast:  # autocast casts SDPA's fp32 inputs (RoPE's products under rope_stream_dtype)
-                for j, name in enumerate(ins):
-                    if self.tensors[name].kind != "act":
-                        ins[j] = self.new(f"{name}.16bit", self.tensors[name].nbytes // 4, "act")
-                        self.node(ins[j], [name])
-            y = self.new(f"{p}.attn.sdpa", hq * h * t, "act")
-            lse = self.new(f"{p}.attn.lse", hq * t, "fp32")
-            self.node(y, ins, saves=(*ins, y, lse))
-            self.dead(lse, *[c for c, o in zip(ins, (q, k, v), strict=True) if c != o])
+            y = self.sdpa(p, q, k, v, hq * h)
             if getattr(m, "rope_concat", False):  # (B, H, S, h) output: transpose + reshape copies it
                 temps.append(y)
                 y = self.new(f"{p}.attn.y", hq * h * t, "act")

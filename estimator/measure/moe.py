@@ -47,6 +47,10 @@ class QKNormAttention(Attention):
             k = self.k_norm(self.k_proj(x)).view(b, s, hk, h)
         v = self.v_proj(x).view(b, s, hk, h).transpose(1, 2)
         q, k = apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2)
+        if self.cache is not None:  # transformers' DynamicCache (kv_cache; Attention.forward has the same)
+            k = torch.cat([torch.tensor([], dtype=k.dtype, device=k.device), k], dim=-2)
+            v = torch.cat([torch.tensor([], dtype=v.dtype, device=v.device), v], dim=-2)
+            self.cache += [k, v]
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=hk != hq)
         return self.o_proj(y.transpose(1, 2).reshape(b, s, hq * h))
 
