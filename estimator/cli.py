@@ -402,6 +402,8 @@ def estimate(
         extra = {"gpu": fit.to_json()} if fit else {}
         if cfg.checkpoint is not None:  # an hf_config/hub model with safetensors beside its config.json
             extra["checkpoint"] = {**cfg.checkpoint.to_json(), "config_parameters": result.parameters}
+        if cfg.analytic_omissions:
+            extra["analytic_omissions"] = list(cfg.analytic_omissions)
         if ranks:
             extra["distributed"] = {"strategy": parallel, "world_size": world_size,
                                     "ranks": [r.to_json() for r in ranks]}
@@ -419,6 +421,8 @@ def estimate(
         from estimator.safetensors_header import summary_line
 
         out.print(summary_line(cfg.checkpoint, result.parameters), markup=False)
+    for omission in cfg.analytic_omissions:
+        out.print(f"Not in this estimate: {omission}.", markup=False)
     if fit is not None:
         render_fit(fit, result, out)
         render_alternatives(fit, out)

@@ -328,6 +328,8 @@ class Config(StrictModel):
     _training_defaults: tuple[str, ...] = PrivateAttr(default=())
     # an hf_config/hub model's checkpoint beside its config.json (safetensors_header.CheckpointCount), or None
     _checkpoint: Any = PrivateAttr(default=None)
+    # what the analytic family leaves out of an hf_config model's real step (hf_config.analytic_omissions)
+    _omissions: tuple[str, ...] = PrivateAttr(default=())
 
     @model_validator(mode="after")
     def _options_that_apply(self) -> Config:
@@ -352,6 +354,11 @@ class Config(StrictModel):
     def checkpoint(self) -> Any:
         """The safetensors count of the checkpoint beside an hf_config/hub config.json (None without one)."""
         return self._checkpoint
+
+    @property
+    def analytic_omissions(self) -> tuple[str, ...]:
+        """What the analytic family leaves out of an hf_config model's real step (empty for every other model)."""
+        return self._omissions
 
     @property
     def training_defaults(self) -> tuple[str, ...]:

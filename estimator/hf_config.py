@@ -329,6 +329,41 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
     return analytic_values(p, data)
 
 
+#: config.json's dropout probabilities per covered type, with transformers' defaults when a key is absent
+#: (``configuration_gpt2.py``: 0.1 each; the others 0.0). The analytic families model no dropout.
+_DROPOUT_DEFAULTS: dict[str, dict[str, float]] = {
+    "gpt2": {"resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1},
+    "phi3": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attention_dropout": 0.0},
+    "gpt_neox": {"attention_dropout": 0.0, "hidden_dropout": 0.0},
+}
+
+
+def analytic_omissions(section: dict[str, Any], source_dir: Path) -> tuple[str, ...]:
+    """What the analytic family leaves out of the step transformers runs for this ``hf_config``/``hub``
+    section: one sentence each, empty when it models it all (or the engine is transformers). Measured on
+    the tiny configs of ``benchmarks/hf_agreement.py`` at S=256 (docs/hf.md)."""
+    key = next((k for k in HF_SOURCE_KEYS if k in section), None)
+    if key is None:
+        return ()
+    _, data = load_config_json(config_json_path(key, section[key], source_dir))
+    model_type = data.get("model_type")
+    if (section.get("engine") or default_engine(model_type)) != "analytic":
+        return ()
+    defaults = _DROPOUT_DEFAULTS.get(model_type, {"attention_dropout": 0.0})
+    dropout = {k: data.get(k, d) for k, d in defaults.items()}
+    active = [f"{k}={v}" for k, v in dropout.items() if isinstance(v, (int, float)) and v > 0]
+    found = []
+    if active:
+        found.append(f"dropout ({', '.join(active)}) is not modelled: in training transformers keeps each dropout's "
+                     "mask, and with attention dropout the attention probabilities, for backward (a tiny GPT-2 at "
+                     "S=256 peaks 54 % higher); --set model.engine=transformers traces the real model")
+    if model_type == "deepseek_v3":
+        found.append("DeepSeek's multi-head latent attention as transformers writes it keeps more for backward than "
+                     "the analytic family models (a tiny config at S=256 in bf16 peaks 56 % higher, not attributed "
+                     "yet); --set model.engine=transformers traces the real model")
+    return tuple(found)
+
+
 def analytic_values(p: Path, data: dict[str, Any]) -> dict[str, Any]:
     """The analytic family's field values for the config.json ``data`` read from ``p``."""
     model_type = data.get("model_type")

@@ -280,7 +280,7 @@ def load_config(
 def validate_config(data: dict[str, Any], source_dir: Path | None = None) -> Config:
     """Validate a mapping into a :class:`Config`, every problem one line naming its field path."""
     from estimator.config import expand_model_section
-    from estimator.hf_config import HF_SOURCE_KEYS, checkpoint_of
+    from estimator.hf_config import HF_SOURCE_KEYS, analytic_omissions, checkpoint_of
     from estimator.presets import apply_training_defaults
 
     data = dict(data)
@@ -295,6 +295,7 @@ def validate_config(data: dict[str, Any], source_dir: Path | None = None) -> Con
     config._training_defaults = defaults
     if isinstance(raw_model, dict) and any(key in raw_model for key in HF_SOURCE_KEYS):
         config._checkpoint = checkpoint_of(raw_model, source_dir or Path.cwd())  # safetensors headers beside it
+        config._omissions = analytic_omissions(raw_model, source_dir or Path.cwd())
     return config
 
 

@@ -1,0 +1,66 @@
+"""What the analytic family leaves out of an hf_config's real step is said, not silently dropped (docs/hf.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from estimator import load_config
+from estimator.cli import app
+
+runner = CliRunner()
+GPT2 = {"model_type": "gpt2", "n_embd": 32, "n_head": 4, "n_layer": 2, "n_positions": 16, "vocab_size": 96}
+LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 88, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 96, "max_position_embeddings": 16}
+
+
+def _omissions(tmp_path: Path, data: dict, **section: str) -> tuple[str, ...]:
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    return load_config(None, ["training.seq_len=16"], base={"model": {"hf_config": str(tmp_path), **section}}
+                       ).analytic_omissions
+
+
+def test_gpt2_dropout_defaults_to_transformers_0_1(tmp_path: Path) -> None:
+    """configuration_gpt2.py defaults resid/embd/attn_pdrop to 0.1: a config.json without them has dropout."""
+    (note,) = _omissions(tmp_path, GPT2)
+    assert note.startswith("dropout (resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1) is not modelled")
+    assert _omissions(tmp_path, {**GPT2, "resid_pdrop": 0.0, "embd_pdrop": 0, "attn_pdrop": 0.0}) == ()
+    assert "attn_pdrop=0.2" in _omissions(tmp_path, {**GPT2, "resid_pdrop": 0, "embd_pdrop": 0, "attn_pdrop": 0.2})[0]
+
+
+def test_other_types_default_to_no_dropout(tmp_path: Path) -> None:
+    assert _omissions(tmp_path, LLAMA) == ()
+    (note,) = _omissions(tmp_path, {**LLAMA, "attention_dropout": 0.1})
+    assert note.startswith("dropout (attention_dropout=0.1)")
+
+
+def test_deepseek_mla_is_named_and_the_transformers_engine_has_nothing_left_out(tmp_path: Path) -> None:
+    deepseek = json.loads((Path(__file__).parent.parent / "configs/hf/deepseek-v3-moe.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(deepseek))
+    cfg = load_config(None, ["training.seq_len=16"], base={"model": {"hf_config": str(tmp_path)}})
+    assert [n.split(" as ")[0] for n in cfg.analytic_omissions] == ["DeepSeek's multi-head latent attention"]
+    from estimator.hf_config import analytic_omissions
+
+    assert analytic_omissions({"hf_config": str(tmp_path), "engine": "transformers"}, tmp_path) == ()
+    assert analytic_omissions({"family": "transformer"}, tmp_path) == ()
+
+
+def test_shown_in_the_table_and_the_json(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(GPT2))
+    args = ["estimate", "--set", f"model.hf_config={tmp_path}", "--set", "training.seq_len=16"]
+    text = runner.invoke(app, args)
+    assert text.exit_code == 0 and "Not in this estimate: dropout (resid_pdrop=0.1" in " ".join(text.stdout.split())
+    data = json.loads(runner.invoke(app, [*args, "--json"]).stdout)
+    assert data["analytic_omissions"][0].startswith("dropout (resid_pdrop=0.1")
+    plain = json.loads(runner.invoke(app, ["estimate", "--json"]).stdout)
+    assert "analytic_omissions" not in plain
+
+
+@pytest.mark.parametrize("name", ["gpt2.json", "pythia-160m.json", "qwen2-0.5b.json", "tinyllama-1.1b.json"])
+def test_shipped_configs(name: str, tmp_path: Path) -> None:
+    data = json.loads((Path(__file__).parent.parent / "configs/hf" / name).read_text())
+    found = _omissions(tmp_path, data)
+    assert bool(found) == (name == "gpt2.json")  # GPT-2 ships with dropout 0.1; the others with none
