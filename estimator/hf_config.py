@@ -14,9 +14,10 @@ Every type (dense and MoE) also gets the options that make the project's model r
 (``HF_STEP``; docs/hf.md): the loss upcasts the logits to fp32 and the labels are the input ids.
 
 Settings that change neither the parameter count nor what our torch model computes within
-``max_seq_len`` are ignored: dropout, ``rope_scaling``, ``sliding_window`` (Mistral/Qwen2
-attend to a window only beyond it), initialisers, token ids. Model types whose blocks differ
-(q/k norms as in qwen3, Gemma's scaled embeddings) are refused rather than approximated.
+``max_seq_len`` are ignored: dropout (but said: :func:`analytic_omissions`), ``rope_scaling``,
+``sliding_window`` (Mistral/Qwen2 attend to a window only beyond it), initialisers, token ids. Model
+types whose blocks differ (q/k norms as in qwen3, Gemma's scaled embeddings) are refused rather than
+approximated.
 
 Mixture-of-experts types map to the ``moe`` family (``estimator.families.moe``, docs/moe.md):
 ``mixtral``, ``qwen2_moe`` (gated shared expert, q/k/v biases), ``qwen3_moe`` (per-head q/k norms),
