@@ -266,7 +266,9 @@ def layout_in_force(cfg: Any, parallel: Optional[str], world_size: Optional[int]
         world_size = cfg.parallel.world_size
     n = world_size_in_force(strategy, world_size, most, why)
     section = cfg.parallel.model_copy(update={"strategy": strategy, "world_size": n})
-    return cfg.model_copy(update={"parallel": section}), strategy, n
+    from estimator.parallel.tp import plain_blocks
+
+    return plain_blocks(cfg.model_copy(update={"parallel": section}), strategy), strategy, n
 
 
 def world_size_in_force(parallel: Optional[str], world_size: Optional[int], most: int = MAX_WORLD_SIZE,
@@ -594,6 +596,9 @@ def _verify_parallel(cfg: Any, parallel: str, world_size: int, device: str, tole
         raise EstimatorError(f"--parallel: runs on the CPU with the gloo backend; got --device {device}")
     if world_size < 2:
         raise EstimatorError(f"--world-size: --parallel needs at least 2 ranks, got {world_size}")
+    from estimator.parallel.tp import plain_blocks
+
+    cfg = plain_blocks(cfg, parallel)
     from estimator.measure.distributed import RANK_PROCESS_BYTES
     from estimator.measure.verify import refuse_if_too_large
 

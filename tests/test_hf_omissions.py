@@ -64,3 +64,23 @@ def test_shipped_configs(name: str, tmp_path: Path) -> None:
     data = json.loads((Path(__file__).parent.parent / "configs/hf" / name).read_text())
     found = _omissions(tmp_path, data)
     assert bool(found) == (name == "gpt2.json")  # GPT-2 ships with dropout 0.1; the others with none
+
+
+def test_tensor_parallel_shards_the_plain_blocks_and_says_so(tmp_path: Path) -> None:
+    """The transformers-style options an hf_config sets are not modelled with TP: the estimate switches them
+    off (the per-rank figures of the same architecture as a plain transformer config) and names them."""
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA))
+    common = ["--set", "training.seq_len=16", "--set", "training.batch_size=2", "--parallel", "tp", "-n", "2", "--json"]
+    hf = json.loads(runner.invoke(app, ["estimate", "--set", f"model.hf_config={tmp_path}", *common]).stdout)
+    (note,) = hf["analytic_omissions"]
+    assert note.startswith("under tensor parallelism") and "loss_upcast, labels_from_inputs" in note
+    plain = {"family": "transformer", "d_model": 32, "num_heads": 4, "num_kv_heads": 2, "d_ff": 88, "vocab_size": 96,
+             "max_seq_len": 16, "num_layers": 2, "positions": "rope", "norm": "rmsnorm", "mlp": "swiglu",
+             "bias": False, "tie_embeddings": False}
+    sets = [x for k, v in plain.items() for x in ("--set", f"model.{k}={v}")]
+    same = json.loads(runner.invoke(app, ["estimate", "--set", "model.family=transformer", *sets,
+                                          *common, "-o", "adamw", "-p", "amp-bf16"]).stdout)
+    def figures(data: dict) -> list:
+        return [(r["memory"], r["peak_bytes"], r["first_step_peak_bytes"]) for r in data["distributed"]["ranks"]]
+
+    assert figures(hf) == figures(same) and hf["distributed"]["ranks"][0]["memory"]["parameters"] == 59_008

@@ -54,6 +54,34 @@ def mesh_strategy(config: Config, strategy: str) -> MeshStrategy | None:
     return MeshStrategy(strategy)
 
 
+def plain_blocks(config: Config, strategy: str | None) -> Config:
+    """Under tensor parallelism, the config without the transformers-style options an ``hf_config`` sets.
+
+    The modelled plan (torchtitan's, above) shards the project's blocks: q/k/v and gate/up as separate
+    column-parallel projections, its loss and rotary embedding. The options that make the step
+    transformers' (docs/transformer.md) are not modelled with it, so they are switched off for the
+    estimate, and the estimate says so (``analytic_omissions``) instead of refusing the model.
+    """
+    from estimator.families.transformer import HF_STYLE_OPTIONS
+
+    model = config.model
+    if model.family != "transformer" or not (strategy == "tp" or config.parallel.tp_size > 1):
+        return config
+    names = [f for f in HF_STYLE_OPTIONS if getattr(model, f, False)]
+    update: dict[str, object] = dict.fromkeys(names, False)
+    if model.mlp == "gelu_new":
+        names.append("mlp: gelu_new")
+        update["mlp"] = "gelu"
+    if not names:
+        return config
+    plain = config.model_copy(update={"model": model.model_copy(update=update)})
+    plain._omissions = (*config.analytic_omissions,
+                        f"under tensor parallelism the estimate shards the project's blocks (torchtitan's plan, "
+                        f"docs/tp.md) without the transformers-style options {', '.join(names)} "
+                        f"(an hf_config sets them; they are modelled on one device)")
+    return plain
+
+
 def check_layout(config: Config, t: int) -> None:
     """What the modelled plan supports: the transformer family, sharded sizes divisible by t."""
     from estimator.families.transformer import check_tensor_parallel
