@@ -28,7 +28,7 @@ SHAPES = {
 ISSUE_EXAMPLES = {"issue example (B=4096, D=4096, L=8)": ["model.dim=4096", "model.num_layers=8",
                                                           "training.batch_size=4096"]}
 OPTIMIZERS = ["sgd", "momentum", "adagrad", "rmsprop", "adam", "adamw", "adafactor"]
-PRECISIONS = ["fp32", "bf16"]
+PRECISIONS = ["fp32", "bf16", "amp-bf16"]
 
 
 def within(estimated: int, measured: int, tiny: bool) -> bool:

@@ -41,9 +41,15 @@ def test_seed_example_matches_byte_for_byte() -> None:
     }
 
 
-@pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "amp-bf16"])
-@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adagrad", "rmsprop", "adam", "adamw"])
+OPTIMIZERS = ["sgd", "momentum", "adagrad", "rmsprop", "adam", "adamw"]
+PRECISIONS = ["fp32", "bf16", "amp-bf16"]
+# every optimizer x precision pair once, the shapes rotating through them (each shape meets every optimizer and
+# every precision); every optimizer x precision x shape, on larger shapes, is benchmarks/accuracy.py's matrix
+MATRIX = [(o, p, list(SHAPES)[(i + j) % len(SHAPES)])
+          for i, o in enumerate(OPTIMIZERS) for j, p in enumerate(PRECISIONS)]
+
+
+@pytest.mark.parametrize(("optimizer", "precision", "shape"), MATRIX)
 def test_every_figure_exact_on_cpu(shape: str, precision: str, optimizer: str) -> None:
     cfg = load_config(overrides=[*SHAPES[shape], f"optimizer.name={optimizer}", f"training.precision={precision}"])
     result = run_verify(cfg, "cpu")
