@@ -31,7 +31,7 @@ from estimator.config import Config
 from estimator.errors import EstimatorError, Interrupted
 from estimator.measure.comm_record import RECORDER_ENV, CollectiveLog, calls_to_json
 from estimator.measure.models import step_parts, torch_optimizer_class, torch_optimizer_kwargs
-from estimator.measure.step import StepMeasurement, StepProbe, TrackerSource, gc_paused
+from estimator.measure.step import StepMeasurement, StepProbe, TrackerSource, gc_frozen, gc_paused
 from estimator.measure.tracker import LiveTensorTracker
 
 MEASURED_STRATEGIES: tuple[str, ...] = ("ddp", "zero1", "zero3", "fsdp", "tp")
@@ -188,7 +188,8 @@ def _worker(rank: int, world_size: int, strategy: str, config: Config, env: dict
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        result = _measure_rank(config, strategy, rank, world_size)
+        with gc_frozen():  # torch's objects out of the step's collections (step.gc_frozen)
+            result = _measure_rank(config, strategy, rank, world_size)
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
             json.dump(result.to_json(), f)
         dist.barrier()

@@ -72,7 +72,7 @@ from estimator.measure.kernel_corrections import (
 )
 from estimator.measure.known_values import KnownValues, transformers_sees_values
 from estimator.measure.module_build import build_for_real, described, module_tensors, to_fake, user_location
-from estimator.measure.step import gc_paused
+from estimator.measure.step import gc_frozen, gc_paused
 from estimator.measure.tracker import ALLOC, EXISTING, FREE, RESIZE, LiveTensorTracker, MemoryEvent
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -716,11 +716,8 @@ def run_trace(model: ModuleConfig, precision: str, fsdp: bool = False,
     ``policy``: as under FSDP2's MixedPrecisionPolicy, the parameters in ``precision``'s dtype and the
     buffers left in fp32.
     """
-    gc.freeze()
-    try:
+    with gc_frozen():
         return _run_trace(model, precision, fsdp, unit_classes, policy)
-    finally:
-        gc.unfreeze()
 
 
 def _run_trace(model: ModuleConfig, precision: str, fsdp: bool = False,
