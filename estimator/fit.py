@@ -235,21 +235,64 @@ def alternatives(config: Config, gpu: GPU, parallel: str | None, world_size: int
 
 
 def _smallest_world(config: Config, budget: int) -> tuple[int, int, str] | None:
-    """The smallest power-of-two world size whose zero3 worst rank fits (None: not even 8,192 ranks)."""
+    """The smallest power-of-two world size whose zero3 worst rank fits (None: none up to 8,192 ranks fits).
+
+    The zero3 peak is not monotone in the world size: Shard(0) pads every tensor to a multiple of N rows,
+    so once N passes a tensor's rows its all-gather buffers grow with N while the shards stop shrinking
+    (docs/benchmarks.md). So the world sizes are scanned upwards and the first that fits is the answer;
+    a world size whose lower bound (``_zero3_lower_bound``) exceeds the budget is passed over without
+    computing its step, and one whose rank 0 does not fit costs that rank alone (``_zero3_fits``).
+    """
     try:
-        if not _zero3_fits(config, WORLD_SIZES[-1], budget):
+        floor = _activation_floor(config)
+        if floor > budget:  # every world size holds at least these bytes: none fits
             return None
+        for n in WORLD_SIZES:
+            if _zero3_lower_bound(config, n, floor) > budget:
+                continue
+            if _zero3_fits(config, n, budget):
+                peak, ranks = step_peak(config, "zero3", n)
+                return n, peak, ranks
     except Exception:  # noqa: BLE001 - a family zero3 does not model
         return None
-    lo, hi = -1, len(WORLD_SIZES) - 1  # the peak falls as ranks grow: bisect on the index
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if _zero3_fits(config, WORLD_SIZES[mid], budget):
-            hi = mid
-        else:
-            lo = mid
-    peak, ranks = step_peak(config, "zero3", WORLD_SIZES[hi])
-    return WORLD_SIZES[hi], peak, ranks
+    return None
+
+
+def _activation_floor(config: Config) -> int:
+    """The activation and input bytes live at the single-device CUDA step's first and steady peaks.
+
+    Every zero3 rank runs the same forward and backward on its own batch of ``training.batch_size`` (the
+    activation and input events are the single device's, rounded alike), so at the matching moment of its
+    steady step it holds the same activation and input bytes: a lower bound on its peak whatever N.
+    """
+    from estimator.simulate import simulate
+
+    step = simulate(config, "cuda")
+    return max(peak.by_role.get("activation", 0) + peak.by_role.get("input", 0)
+               for peak in (step.first_peak, step.steady_peak))
+
+
+def _zero3_lower_bound(config: Config, world_size: int, floor: int) -> int:
+    """A lower bound on rank 0's zero3 peak on ``world_size`` ranks, without simulating its step.
+
+    Rank 0 holds the most rows of every tensor (``fsdp.shard``); its sharded parameters and optimizer state
+    are live through the whole steady step, so at the moment of ``floor`` (``_activation_floor``) too, and
+    its sharded gradients with them at ``optimizer.step()``: the peak is at least the larger of
+    floor + parameters + state and parameters + gradients + state (+ the 'step' scalars). Under CPU offload
+    the model states are in host memory and only the floor is left; a 2-D mesh (``parallel.tp_size`` > 1)
+    shards differently and gets no bound (0: the world size is simulated).
+    """
+    if config.parallel.tp_size != 1:
+        return 0
+    if config.parallel.offload:
+        return floor
+    from estimator.parallel.base import RankContext
+    from estimator.parallel.fsdp import shard, sharded_model_states
+
+    ctx = RankContext(config, world_size, "cuda")
+    parameters, gradients, state, step_tensors = sharded_model_states(
+        ctx, [shard(p, world_size, 0) for p in ctx.params])
+    return max(floor + parameters + state, parameters + gradients + state + step_tensors)
 
 
 def _zero3_fits(config: Config, world_size: int, budget: int) -> bool:

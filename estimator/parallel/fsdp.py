@@ -147,12 +147,8 @@ class Zero3:
         key = (_shape_key(config, ctx.device), "fsdp", reshards)
         step = _split_step(ctx, rank, reshards) or layered_step(config, build, ctx.round if ctx.device == "cuda"
                                                                 else None, key)
-        local_state = [s.local for s, p in zip(shards, params, strict=True) if p.trainable]
-        dtypes = ShardDtypes.of(ctx)
-        parameters = sum(s.padded.numel for s in shards) * dtypes.shard
-        gradients = dtypes.shard * sum(s.padded.numel for s, p in zip(shards, params, strict=True) if p.trainable)
+        parameters, gradients, state, step_tensors = sharded_model_states(ctx, shards)
         saved = ctx.shared("saved_activation_bytes", lambda: ctx.base.saved_activation_bytes)
-        state, step_tensors = local_model_states(ctx, local_state, master_copy=False)
         if config.parallel.offload:  # CPUOffloadPolicy: the model states live in (pinned) host memory
             host = {"parameters": parameters, "gradients": gradients, "optimizer_state": state,
                     "optimizer_step_tensors": step_tensors}
@@ -160,6 +156,22 @@ class Zero3:
                                 RankStep(step.first_peak, step.steady_peak, saved), host=host)
         return RankEstimate(self.name, world_size, rank, parameters, gradients, state, step_tensors, saved, 0,
                             RankStep(step.first_peak, step.steady_peak, saved))
+
+
+def sharded_model_states(ctx: RankContext, shards: list[Shard]) -> tuple[int, int, int, int]:
+    """A rank's sharded parameters, sharded gradients, optimizer state and 'step' scalars, in bytes.
+
+    FSDP2 (Zhao et al. 2023, section 3.2; torch's ``fully_shard``): the padded Shard(0) storage of every
+    parameter and of every trainable parameter's gradient, and optimizer state for the rows the rank
+    owns (``zeros_like`` of the unpadded local tensor); no simulation needed (the fit bounds peaks with it).
+    """
+    params = ctx.params
+    dtypes = ShardDtypes.of(ctx)
+    local_state = [s.local for s, p in zip(shards, params, strict=True) if p.trainable]
+    parameters = sum(s.padded.numel for s in shards) * dtypes.shard
+    gradients = dtypes.shard * sum(s.padded.numel for s, p in zip(shards, params, strict=True) if p.trainable)
+    state, step_tensors = local_model_states(ctx, local_state, master_copy=False)
+    return parameters, gradients, state, step_tensors
 
 
 def _split_step(ctx: RankContext, rank: int, reshards: bool) -> RankStep | None:
