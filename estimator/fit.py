@@ -205,7 +205,9 @@ def alternatives(config: Config, gpu: GPU, parallel: str | None, world_size: int
             # the 16-bit layout with fp32 master weights (FSDP2's MixedPrecisionPolicy under zero3/fsdp)
             trial("-p bf16 --set training.master_weights=true",
                   updated("training", precision="bf16", master_weights=True), parallel, world_size)
-    if parallel in ("zero3", "fsdp") and not config.parallel.offload and family in ("transformer", "moe"):
+    if parallel in ("zero3", "fsdp") and not config.parallel.offload:
+        # every family FSDP2 models offload for (transformer, moe, a traced module or hf model); the mlp
+        # family's FSDP2 timeline refuses it, and ``attempt`` leaves a refused alternative out
         trial("--set parallel.offload=true (model states in host memory)", updated("parallel", offload=True),
               parallel, world_size)
     batch = config.training.batch_size
