@@ -23,6 +23,7 @@ from estimator.api import Estimate, estimate
 from estimator.config import Config
 from estimator.hardware import CONTEXT_RESERVE, GPU
 from estimator.nogc import without_gc
+from estimator.timeline import Peak
 
 MAX_BATCH_SEARCH = 1 << 24
 
@@ -241,37 +242,50 @@ def _smallest_world(config: Config, budget: int) -> tuple[int, int, str] | None:
 
     The zero3 peak is not monotone in the world size: Shard(0) pads every tensor to a multiple of N rows,
     so once N passes a tensor's rows its all-gather buffers grow with N while the shards stop shrinking
-    (docs/benchmarks.md). So the world sizes are scanned upwards and the first that fits is the answer;
-    a world size whose lower bound (``_zero3_lower_bound``) exceeds the budget is passed over without
-    computing its step, and one whose rank 0 does not fit costs that rank alone (``_zero3_fits``).
+    (docs/benchmarks.md). So the world sizes are scanned upwards and the first that fits is the answer.
+    A world size whose lower bound (``_zero3_lower_bound``) exceeds the budget is passed over without
+    computing its step; one whose rank 0 does not fit costs that rank alone (the worst rank's peak is at
+    least rank 0's), and rank 0's step raises the activation floor the bound uses, so a model whose
+    activations alone exceed the budget stops the scan at the first world size computed.
     """
+    from estimator.parallel import per_rank_estimate
+
     try:
         floor = _activation_floor(config)
-        if floor > budget:  # every world size holds at least these bytes: none fits
-            return None
         for n in WORLD_SIZES:
+            if floor > budget:  # every rank of every world size holds at least these bytes: none fits
+                return None
             if _zero3_lower_bound(config, n, floor) > budget:
                 continue
-            if _zero3_fits(config, n, budget):
-                peak, ranks = step_peak(config, "zero3", n)
+            first = per_rank_estimate(config, "zero3", n, "cuda", 0)
+            floor = max(floor, *(_held(peak) for peak in (first.step.first_peak, first.step.steady_peak)))
+            if max(first.peak_bytes, first.first_step_peak_bytes) > budget:
+                continue
+            peak, ranks = step_peak(config, "zero3", n)  # every distinct rank (kept for the answer)
+            if peak <= budget:
                 return n, peak, ranks
     except Exception:  # noqa: BLE001 - a family zero3 does not model
         return None
     return None
 
 
+def _held(peak: Peak) -> int:
+    """The activation and input bytes live at a peak."""
+    return peak.by_role.get("activation", 0) + peak.by_role.get("input", 0)
+
+
 def _activation_floor(config: Config) -> int:
     """The activation and input bytes live at the single-device CUDA step's first and steady peaks.
 
     Every zero3 rank runs the same forward and backward on its own batch of ``training.batch_size`` (the
-    activation and input events are the single device's, rounded alike), so at the matching moment of its
-    steady step it holds the same activation and input bytes: a lower bound on its peak whatever N.
+    activation and input events are the single device's, rounded alike, whatever the world size), so at
+    the matching moment of its steady step it holds the same activation and input bytes: a lower bound
+    on its peak whatever N. The same holds of the activation and input bytes at any zero3 rank's peak.
     """
     from estimator.simulate import simulate
 
     step = simulate(config, "cuda")
-    return max(peak.by_role.get("activation", 0) + peak.by_role.get("input", 0)
-               for peak in (step.first_peak, step.steady_peak))
+    return max(_held(step.first_peak), _held(step.steady_peak))
 
 
 def _zero3_lower_bound(config: Config, world_size: int, floor: int) -> int:
@@ -295,21 +309,6 @@ def _zero3_lower_bound(config: Config, world_size: int, floor: int) -> int:
     parameters, gradients, state, step_tensors = sharded_model_states(
         ctx, [shard(p, world_size, 0) for p in ctx.params])
     return max(floor + parameters + state, parameters + gradients + state + step_tensors)
-
-
-def _zero3_fits(config: Config, world_size: int, budget: int) -> bool:
-    """Whether every zero3 rank of ``world_size`` fits in ``budget``, rank 0 first.
-
-    Rank 0 alone answers "no": the worst rank's peak is at least rank 0's. Only when rank 0 fits are
-    the other distinct ranks computed (``rank_groups``, kept for the answer), so a world size that does
-    not fit costs one rank, not every distinct one.
-    """
-    from estimator.parallel import per_rank_estimate
-
-    first = per_rank_estimate(config, "zero3", world_size, "cuda", 0)
-    if max(first.peak_bytes, first.first_step_peak_bytes) > budget:
-        return False
-    return step_peak(config, "zero3", world_size)[0] <= budget
 
 
 @without_gc

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from estimator import load_config
-from estimator.fit import WORLD_SIZES, _activation_floor, _smallest_world, _zero3_lower_bound, step_peak
+from estimator.fit import WORLD_SIZES, _activation_floor, _held, _smallest_world, _zero3_lower_bound, step_peak
 from estimator.parallel import clear_caches, per_rank_estimate, rank_groups
 
 TINY = {"family": "transformer", "d_model": 64, "num_heads": 4, "vocab_size": 512, "max_seq_len": 64}
@@ -88,11 +88,16 @@ def test_zero3_lower_bound_is_below_rank_zero(family: str, extra: list[str]) -> 
     shape = [] if family == "mlp" else ["training.seq_len=16"]
     cfg = load_config(None, [*shape, "training.batch_size=2", "optimizer.name=adamw", *extra],
                       base={"model": model})
-    floor = _activation_floor(cfg)
-    assert floor > 0
-    for n in (2, 8, 64, 1024):
-        rank0 = per_rank_estimate(cfg, "zero3", n, "cuda", 0)
-        assert _zero3_lower_bound(cfg, n, floor) <= max(rank0.peak_bytes, rank0.first_step_peak_bytes), n
+    sizes = (2, 8, 64, 1024)
+    rank0 = {n: per_rank_estimate(cfg, "zero3", n, "cuda", 0) for n in sizes}
+    # the floors the scan uses: the single device's, and the activations at any world size's rank-0 peaks
+    floors = [_activation_floor(cfg), *(_held(p) for r in rank0.values() for p in (r.step.first_peak,
+                                                                                 r.step.steady_peak))]
+    assert min(floors) > 0
+    for n in sizes:
+        for floor in floors:
+            bound = _zero3_lower_bound(cfg, n, floor)
+            assert bound <= max(rank0[n].peak_bytes, rank0[n].first_step_peak_bytes), (n, floor)
 
 
 def test_cached_rank_estimates_equal_fresh_ones() -> None:
