@@ -379,6 +379,42 @@ def step_body_events(config: Config) -> list[Event]:
     return [e for e in body + tail if e.phase not in OUTSIDE_BODY]
 
 
+def step_tail_events(config: Config) -> list[Event]:
+    """A step's ``zero_grad`` events (phase ``zero_grad``), in order, unrounded, without building the
+    optimizer's events: the same in the first and a steady step, and on every device. Equal to filtering
+    ``step_events(config)[1]`` or ``[2]`` by phase (``tests/test_speed_simulate.py``)."""
+    family = get_family(config.model.family)
+    body, tail = _body_and_tail(config, family, family.parameters(config.model), step_shape(config),
+                                separate_master_copy(config))
+    return [e for e in body + tail if e.phase == "zero_grad"]
+
+
+def unrounded_step(config: Config) -> SimulatedStep | CompressedStep:
+    """The single-device step before CUDA's 512-byte rounding, for what a CUDA rank context composes.
+
+    A compressed CUDA step keeps its unrounded programs (``exact_programs``): they are that step, made by
+    the estimate already, so no second periodic search on the CPU is needed. They differ from the CPU
+    step only in ``optimizer.step()``'s events (CUDA's foreach kernels, its 'step' scalars on the device),
+    which a rank context replaces with its own (``parallel/base.py``). Otherwise (a flat step) the CPU
+    step is simulated, as before.
+    """
+    cuda = simulate(config, "cuda")
+    if not isinstance(cuda, CompressedStep) or cuda.exact_programs is None:
+        return simulate(config, "cpu")
+    key = ("cuda-exact", config.model_dump_json())
+    if key not in _SIMULATED:
+        _remember_step(key, replace(compressed_step(cuda.exact_programs,
+                                                    lambda: step_events(config, "cuda", rounded=False)),
+                                    build_body=lambda: step_body_events(config)))
+    return _SIMULATED[key]
+
+
+def _remember_step(key: tuple[str, str], step: SimulatedStep | CompressedStep) -> None:
+    if len(_SIMULATED) >= 64:
+        _SIMULATED.pop(next(iter(_SIMULATED)))
+    _SIMULATED[key] = step
+
+
 def _body_events(family: Any, config: Config, shape: StepShape) -> list[Event]:
     """The family's forward-backward events, made once per (model, training, shape) in a process.
 

@@ -6,7 +6,15 @@ from __future__ import annotations
 import pytest
 
 from estimator import load_config
-from estimator.simulate import OUTSIDE_BODY, CompressedStep, simulate, step_body_events, step_events
+from estimator.simulate import (
+    OUTSIDE_BODY,
+    CompressedStep,
+    simulate,
+    step_body_events,
+    step_events,
+    step_tail_events,
+    unrounded_step,
+)
 
 TINY = {"family": "transformer", "d_model": 16, "num_heads": 2, "vocab_size": 32, "max_seq_len": 8}
 
@@ -34,8 +42,40 @@ def test_body_alone_equals_the_filtered_steady_step(model: dict | str | None, ex
     for device in ("cpu", "cuda"):
         steady = step_events(cfg, device, rounded=False)[2]
         assert step_body_events(cfg) == [e for e in steady if e.phase not in OUTSIDE_BODY], device
+        # zero_grad's events alone: the same in the first and a steady step
+        for flat in step_events(cfg, device, rounded=False)[1:]:
+            assert step_tail_events(cfg) == [e for e in flat if e.phase == "zero_grad"], device
         step = simulate(cfg, device)
         want = [e for e in step_events(cfg, device)[2] if e.phase not in OUTSIDE_BODY]
         assert step.body_events() == want, device
         if isinstance(step, CompressedStep):  # after the flat lists are built, the same again
             assert step.steady_step and step.body_events() == want, device
+
+
+@pytest.mark.parametrize("extra", [
+    ["optimizer.name=adamw", "training.precision=amp-bf16"],
+    ["optimizer.name=adam", "training.precision=bf16", "training.master_weights=true", "training.grad_accum_steps=2"],
+    ["optimizer.name=adagrad", "optimizer.implementation=for-loop"],
+])
+def test_unrounded_cuda_step_equals_the_cpu_step_outside_the_optimizer(extra: list[str]) -> None:
+    """What a CUDA rank context reads off the estimate's unrounded programs (setup less the optimizer's
+    state, forward/backward, zero_grad, the saved bytes) is the CPU step's, which it used to simulate."""
+    from estimator.parallel.base import RankContext
+    from estimator.timeline import summarize
+
+    cfg = load_config(None, ["training.seq_len=8", "model.num_layers=18", *extra], base={"model": TINY})
+    view, cpu = unrounded_step(cfg), simulate(cfg, "cpu")
+    assert isinstance(view, CompressedStep) and view is not cpu
+    ctx = RankContext(cfg, 2, "cuda")
+    assert ctx.base is view
+    assert view.saved_activation_bytes == cpu.saved_activation_bytes
+    assert view.body_events() == cpu.body_events()
+
+    def flat(program, keep=lambda e: True):  # noqa: ANN001, ANN202
+        return [e for segment in program for _ in range(segment.count) for e in segment.events if keep(e)]
+
+    not_state = lambda e: e.role != "optimizer_state"  # noqa: E731
+    assert summarize(flat(view.programs[0], not_state)) == summarize(flat(cpu.programs[0], not_state))
+    for which in (1, 2):
+        for part in (lambda e: e.phase not in OUTSIDE_BODY, lambda e: e.phase == "zero_grad"):
+            assert summarize(flat(view.programs[which], part)) == summarize(flat(cpu.programs[which], part))

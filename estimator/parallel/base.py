@@ -29,6 +29,8 @@ from estimator.simulate import (
     resolve_implementation,
     round_blocks,
     simulate,
+    step_tail_events,
+    unrounded_step,
 )
 from estimator.timeline import Peak, Summary, peak_of
 
@@ -144,8 +146,9 @@ class RankContext:
 
     @cached_property
     def base(self) -> SimulatedStep | CompressedStep:
-        """The single-device step, unrounded (CUDA's blocks are applied to what is composed from it)."""
-        return simulate(self.config, "cpu")
+        """The single-device step, unrounded (CUDA's blocks are applied to what is composed from it): on
+        CUDA the estimate's own unrounded programs (``simulate.unrounded_step``), else the CPU step."""
+        return unrounded_step(self.config) if self.device == "cuda" else simulate(self.config, "cpu")
 
     @cached_property
     def setup(self) -> Program:
@@ -191,9 +194,9 @@ class RankContext:
         return self.round(self.base.body_events())
 
     def flat_tail(self, first: bool) -> list[Event]:
-        """The zero_grad events as one flat list (materialised, named)."""
-        return self.round([e for e in (self.base.first_step if first else self.base.steady_step)
-                           if _shared_tail_event(e)])
+        """The zero_grad events as one flat list (materialised, named), built without the rest of the step
+        (``simulate.step_tail_events``: the same in the first and a steady step)."""
+        return self.round([e for e in step_tail_events(self.config) if _shared_tail_event(e)])
 
 
 def _shared_tail_event(e: Event) -> bool:
