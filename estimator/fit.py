@@ -221,7 +221,10 @@ def alternatives(config: Config, gpu: GPU, parallel: str | None, world_size: int
         # tensor parallelism (docs/tp.md): the smallest degree of 2, 4, 8 that fits, else 8
         for t in (2, 4, 8):
             tp = config.parallel.model_copy(update={"strategy": "tp", "world_size": t, "tp_size": t})
-            option = attempt(f"--parallel tp -n {t}", config.model_copy(update={"parallel": tp}), "tp", t)
+            with_tp = config.model_copy(update={"parallel": tp})
+            if t < 8 and _tp_lower_bound(with_tp, t) > budget:
+                continue  # its model states alone do not fit: the step would not either
+            option = attempt(f"--parallel tp -n {t}", with_tp, "tp", t)
             if option is not None and (option.fits or t == 8):
                 found.append(option)
                 break
@@ -235,6 +238,23 @@ def alternatives(config: Config, gpu: GPU, parallel: str | None, world_size: int
         found.append(Alternative(f"--parallel zero3 -n {smallest[0]:,}", smallest[1] + CONTEXT_RESERVE, True,
                                  smallest[2]))
     return found
+
+
+def _tp_lower_bound(config: Config, t: int) -> int:
+    """A lower bound on a TP rank's peak (0 where the layout is refused: the estimate says why).
+
+    At ``optimizer.step()`` of the steady step the rank holds its parameters, their gradients and the
+    optimizer state together (``tp.tp_model_states``), so its peak is at least their sum.
+    """
+    from estimator.errors import EstimatorError
+    from estimator.parallel.base import RankContext
+    from estimator.parallel.tp import check_layout, tp_model_states
+
+    try:
+        check_layout(config, t)
+        return sum(tp_model_states(RankContext(config, t, "cuda"), t))
+    except EstimatorError:
+        return 0
 
 
 def _smallest_world(config: Config, budget: int) -> tuple[int, int, str] | None:

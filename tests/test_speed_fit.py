@@ -118,3 +118,22 @@ def test_cached_rank_estimates_equal_fresh_ones() -> None:
             alone = per_rank_estimate(cfg, strategy, n, "cuda", rank)
             assert (alone.step, alone.optimizer_state, alone.parameters) == (
                 group.estimate.step, group.estimate.optimizer_state, group.estimate.parameters), (strategy, rank)
+
+
+@pytest.mark.parametrize("extra", [
+    ["optimizer.name=adamw", "training.precision=amp-bf16"],
+    ["optimizer.name=adam", "training.precision=bf16", "training.master_weights=true"],
+    ["optimizer.name=sgd", "training.activation_checkpointing=full", "training.grad_accum_steps=2"],
+])
+def test_tp_lower_bound_is_below_the_rank_peak(extra: list[str]) -> None:
+    """The fit passes over a tensor-parallel degree whose model states alone exceed the budget: they never
+    exceed the rank's peak."""
+    from estimator.fit import _tp_lower_bound
+
+    for t in (2, 4):
+        cfg = load_config(None, ["training.seq_len=16", "training.batch_size=2", f"parallel.tp_size={t}",
+                                 "parallel.strategy=tp", f"parallel.world_size={t}", *extra],
+                          base={"model": {**TINY, "num_layers": 3}})
+        bound = _tp_lower_bound(cfg, t)
+        rank = per_rank_estimate(cfg, "tp", t, "cuda", 0)
+        assert 0 < bound <= max(rank.peak_bytes, rank.first_step_peak_bytes), t

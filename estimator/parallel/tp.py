@@ -245,21 +245,28 @@ class TensorParallelStrategy:
         check_layout(config, t)
         if t == 1:
             raise EstimatorError("--world-size: tensor parallelism needs at least 2 ranks, got 1")
-        plan = ctx.plan
-        params = local_parameters(config, t)
-        trainable = [p for p in params if p.trainable]
 
         def build(cfg: Config) -> tuple[list[Event], list[Event], list[Event]]:
             return tp_events(cfg, t, device, ctx.impl, ctx.step_bytes)
 
         key = (_shape_key(config, device), "tp", t)
         step = layered_step(config, build, ctx.round if device == "cuda" else None, key)
-        parameters = sum(p.numel for p in params) * plan.parameter_bytes
-        gradients = sum(gradient_numel(config, p) for p in trainable) * plan.gradient_bytes
-        state, step_tensors = local_model_states(ctx, trainable)
+        parameters, gradients, state, step_tensors = tp_model_states(ctx, t)
         saved = step.saved_activation_bytes
         return RankEstimate(self.name, ctx.world_size, rank, parameters, gradients, state, step_tensors, saved, 0,
                             RankStep(step.first_peak, step.steady_peak, saved))
+
+
+def tp_model_states(ctx: RankContext, t: int) -> tuple[int, int, int, int]:
+    """A TP rank's parameters, gradients, optimizer state and 'step' scalars, in bytes, without its step:
+    the rank's local tensors (``local_parameters``: column- and row-parallel weights split t ways, the
+    rest replicated; Megatron-LM, Shoeybi et al. 2019, section 3), each with its gradient and its state."""
+    params = local_parameters(ctx.config, t)
+    trainable = [p for p in params if p.trainable]
+    parameters = sum(p.numel for p in params) * ctx.plan.parameter_bytes
+    gradients = sum(gradient_numel(ctx.config, p) for p in trainable) * ctx.plan.gradient_bytes
+    state, step_tensors = local_model_states(ctx, trainable)
+    return parameters, gradients, state, step_tensors
 
 
 class MeshStrategy:
