@@ -134,11 +134,11 @@ def _start_parallel(tmp_path: Path) -> tuple[subprocess.Popen[bytes], str]:
     proc = subprocess.Popen([*CLI, "verify", "--parallel", "ddp", "-n", "2"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=env, cwd=ROOT, start_new_session=True)
     deadline = time.monotonic() + 60
-    while len(_processes_with(mark, b"spawn_main")) < 2:  # both ranks exist (then they import torch for seconds)
+    # the fork server and both ranks forked from it (once it has imported torch) share its command line
+    while len(_processes_with(mark, b"multiprocessing.forkserver")) < 3:
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.02)
+        time.sleep(0.01)
     assert list(tmp_path.glob("estimator-dist-*"))
-    time.sleep(0.2)  # past the spawn, during which the parent ignores SIGINT (see _ranks_ignore_sigint)
     return proc, mark
 
 
