@@ -423,6 +423,8 @@ def _body_events(family: Any, config: Config, shape: StepShape) -> list[Event]:
     rank context reads) and the small layer counts a periodic search builds again reuse them. A copy
     of the list is returned (the events themselves are immutable).
     """
+    if config.model.family in MARKED_FAMILIES:
+        return marked_body(config)[0]
     key = (config.model.model_dump_json(), config.training.model_dump_json(), shape)
     if key not in _BODIES:
         if len(_BODIES) >= 256:
@@ -432,6 +434,43 @@ def _body_events(family: Any, config: Config, shape: StepShape) -> list[Event]:
 
 
 _BODIES: dict[tuple[str, str, StepShape], tuple[Event, ...]] = {}
+
+#: families whose forward-backward events come from a simulator that also records FSDP2's hook marks
+MARKED_FAMILIES = ("transformer", "moe")
+
+
+def marked_body(config: Config) -> tuple[list[Event], list[tuple[int, str, str]]]:
+    """The forward-backward events of a transformer or MoE config and where FSDP2's per-block hooks run
+    among them, made once per (model, training, shape) in a process.
+
+    The family's ``forward_backward_events`` is the same simulator's events (``transformer_events`` and
+    ``moe_events``: ``step_events`` runs forward and backward and returns its events; the marks are
+    what it records on the way), so the single-device step and every FSDP2 rank of the same model share
+    one simulation per layer count instead of two (``tests/test_speed_simulate.py`` checks they are
+    equal). Fresh lists are returned (the events themselves are immutable).
+    """
+    shape = step_shape(config)
+    key = (config.model.model_dump_json(), config.training.model_dump_json(), shape)
+    if key not in _MARKED:
+        if config.model.family == "transformer":
+            from estimator.families.transformer_events import step_events_with_marks
+
+            events, marks = step_events_with_marks(config.model, config.training, shape)
+        else:
+            from estimator.families.moe_events import _MoESim
+
+            sim = _MoESim(config.model, config.training, shape)
+            sim.forward()
+            sim.backward()
+            events, marks = sim.events(), sim.marks
+        if len(_MARKED) >= 256:
+            _MARKED.pop(next(iter(_MARKED)))
+        _MARKED[key] = (tuple(events), tuple(marks))
+    events, marks = _MARKED[key]
+    return list(events), list(marks)
+
+
+_MARKED: dict[tuple[str, str, StepShape], tuple[tuple[Event, ...], tuple[tuple[int, str, str], ...]]] = {}
 
 
 def assemble_step(setup: list[Event], first: list[Event], steady: list[Event]) -> SimulatedStep:

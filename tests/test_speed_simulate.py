@@ -79,3 +79,28 @@ def test_unrounded_cuda_step_equals_the_cpu_step_outside_the_optimizer(extra: li
     for which in (1, 2):
         for part in (lambda e: e.phase not in OUTSIDE_BODY, lambda e: e.phase == "zero_grad"):
             assert summarize(flat(view.programs[which], part)) == summarize(flat(cpu.programs[which], part))
+
+
+@pytest.mark.parametrize(("model", "extra"), [
+    (TINY, ["training.precision=amp-bf16", "training.activation_checkpointing=full"]),
+    (TINY, ["training.precision=bf16", "training.grad_accum_steps=2"]),
+    ("moe", ["training.precision=amp-bf16"]),
+    ("gpt2", ["training.precision=fp32"]),
+])
+def test_marked_body_is_the_familys_forward_backward(model: dict | str, extra: list[str]) -> None:
+    """The events the single-device step and FSDP2's ranks share (``marked_body``) are the family's own."""
+    from estimator.families.base import get_family
+    from estimator.simulate import marked_body, step_shape
+
+    if model == "gpt2":
+        cfg = load_config(None, ["model.preset=gpt2", "model.num_layers=2", "training.seq_len=16", *extra])
+    else:
+        cfg = load_config(None, ["training.seq_len=8", "model.num_layers=3", *extra],
+                          base={"model": _moe() if model == "moe" else model})
+    from estimator.periodic import _signature
+
+    events, marks = marked_body(cfg)
+    family = get_family(cfg.model.family)
+    # equal up to the numbers in names (a scratch buffer may be named after an object's id)
+    assert _signature(events) == _signature(family.forward_backward_events(cfg.model, cfg.training, step_shape(cfg)))
+    assert marks and all(0 <= at <= len(events) for at, _kind, _unit in marks)

@@ -33,7 +33,14 @@ from estimator.parallel.base import (
 )
 from estimator.parallel.comm import CommParts, CommVolume, KindVolume, collective_dtypes, empty
 from estimator.precision import precision_plan
-from estimator.simulate import _shape_key, layered_step, optimizer_step_events, state_events, step_shape
+from estimator.simulate import (
+    _shape_key,
+    layered_step,
+    marked_body,
+    optimizer_step_events,
+    state_events,
+    step_shape,
+)
 
 
 @dataclass(frozen=True)
@@ -299,9 +306,8 @@ class FSDP(Zero3):
 
 # --------------------------------------------------------------------------- any family that marks its hooks
 def _transformer_marks(config: Config) -> tuple[list[Event], list[tuple[int, str, str]]]:
-    from estimator.families.transformer_events import step_events_with_marks
-
-    return _memo(config, lambda: step_events_with_marks(config.model, config.training, step_shape(config)))
+    """The family's events and hook marks, shared with the single-device step (``simulate.marked_body``)."""
+    return marked_body(config)
 
 
 _MARKED: dict[str, Any] = {}
@@ -318,15 +324,8 @@ def _memo(config: Config, make: Any) -> Any:
 
 
 def _moe_marks(config: Config) -> tuple[list[Event], list[tuple[int, str, str]]]:
-    from estimator.families.moe_events import _MoESim
-
-    def make() -> tuple[list[Event], list[tuple[int, str, str]]]:
-        sim = _MoESim(config.model, config.training, step_shape(config))
-        sim.forward()
-        sim.backward()
-        return sim.events(), sim.marks
-
-    return _memo(config, make)
+    """The family's events and hook marks, shared with the single-device step (``simulate.marked_body``)."""
+    return marked_body(config)
 
 
 def unit_classes(config: Config) -> tuple[str, ...] | None:
