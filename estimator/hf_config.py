@@ -112,6 +112,11 @@ def _gpt2(r: _Reader) -> dict[str, Any]:
         "max_seq_len": r.get("n_positions"),
         "tie_embeddings": r.get("tie_word_embeddings", True, kind=bool),
         "norm_eps": r.get("layer_norm_epsilon", 1e-5, kind=float),
+        # GPT2Model.drop, GPT2Attention.resid_dropout / GPT2MLP.dropout, attn_pdrop as SDPA's dropout_p
+        # (configuration_gpt2.py: 0.1 each by default)
+        "embd_dropout": r.get("embd_pdrop", 0.1, kind=float),
+        "resid_dropout": r.get("resid_pdrop", 0.1, kind=float),
+        "attn_dropout": r.get("attn_pdrop", 0.1, kind=float),
     }
 
 
@@ -148,8 +153,10 @@ def _llama_like(r: _Reader, qkv_bias: bool = False) -> dict[str, Any]:
 
 
 def _phi3(r: _Reader) -> dict[str, Any]:
-    """Llama-shaped; its rotary embedding is applied as GPT-NeoX's (a cat with the pass-through dims)."""
-    return {**_llama_like(r), "rope_concat": True, "fused_qkv": True, "fused_gate_up": True}
+    """Llama-shaped; its rotary embedding is applied as GPT-NeoX's (a cat with the pass-through dims). resid_pdrop:
+    Phi3DecoderLayer's resid_attn_dropout and resid_mlp_dropout (its embd_pdrop is applied nowhere in 5.24)."""
+    return {**_llama_like(r), "rope_concat": True, "fused_qkv": True, "fused_gate_up": True,
+            "resid_dropout": r.get("resid_pdrop", 0.0, kind=float)}
 
 
 def _qwen2(r: _Reader) -> dict[str, Any]:
@@ -178,6 +185,9 @@ def _gpt_neox(r: _Reader) -> dict[str, Any]:
         "max_seq_len": r.get("max_position_embeddings"),
         "tie_embeddings": r.get("tie_word_embeddings", False, kind=bool),
         "norm_eps": r.get("layer_norm_eps", 1e-5, kind=float),
+        # hidden_dropout: GPTNeoXModel.emb_dropout, GPTNeoXLayer.post_attention_dropout and post_mlp_dropout
+        "embd_dropout": r.get("hidden_dropout", 0.0, kind=float),
+        "resid_dropout": r.get("hidden_dropout", 0.0, kind=float),
     }
 
 
@@ -330,13 +340,12 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
     return analytic_values(p, data)
 
 
-#: config.json's dropout probabilities per covered type, with transformers' defaults when a key is absent
-#: (``configuration_gpt2.py``: 0.1 each; the others 0.0). The analytic families model no dropout.
-_DROPOUT_DEFAULTS: dict[str, dict[str, float]] = {
-    "gpt2": {"resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1},
-    "phi3": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attention_dropout": 0.0},
-    "gpt_neox": {"attention_dropout": 0.0, "hidden_dropout": 0.0},
-}
+#: config.json's dropout probabilities the analytic families do not model, per covered type, with transformers'
+#: defaults when a key is absent (0.0): attention dropout with rotary or grouped-query attention and in the MoE
+#: types (torch's math attention is modelled for GPT-2's heads only). Modelled (TransformerConfig embd_dropout,
+#: resid_dropout, attn_dropout): GPT-2's three (``configuration_gpt2.py``: 0.1 each by default), Phi-3's
+#: resid_pdrop, GPT-NeoX's hidden_dropout; Phi-3's embd_pdrop is applied nowhere in transformers 5.24.
+_DROPOUT_DEFAULTS: dict[str, dict[str, float]] = {"gpt2": {}}
 
 
 def analytic_omissions(section: dict[str, Any], source_dir: Path) -> tuple[str, ...]:
@@ -355,9 +364,11 @@ def analytic_omissions(section: dict[str, Any], source_dir: Path) -> tuple[str, 
     active = [f"{k}={v}" for k, v in dropout.items() if isinstance(v, (int, float)) and v > 0]
     found = []
     if active:
-        found.append(f"dropout ({', '.join(active)}) is not modelled: in training transformers keeps each dropout's "
-                     "mask, and with attention dropout the attention probabilities, for backward (a tiny GPT-2 at "
-                     "S=256 peaks 54 % higher); --set model.engine=transformers traces the real model")
+        found.append(f"dropout ({', '.join(active)}) is not modelled: attention dropout with rotary or grouped-query "
+                     "attention makes the CPU take torch's math attention, which keeps the attention probabilities, "
+                     "the dropout's noise and the dropped probabilities for backward (a tiny GPT-2 as published "
+                     "peaked 54 % higher at S=256 before its dropout was modelled); --set model.engine=transformers "
+                     "traces the real model")
     if model_type == "deepseek_v3":
         found.append("DeepSeek's multi-head latent attention as transformers writes it keeps more for backward than "
                      "the analytic family models (a tiny config at S=256 in bf16 peaks 56 % higher, not attributed "

@@ -23,18 +23,19 @@ def _omissions(tmp_path: Path, data: dict, **section: str) -> tuple[str, ...]:
                        ).analytic_omissions
 
 
-def test_gpt2_dropout_defaults_to_transformers_0_1(tmp_path: Path) -> None:
-    """configuration_gpt2.py defaults resid/embd/attn_pdrop to 0.1: a config.json without them has dropout."""
-    (note,) = _omissions(tmp_path, GPT2)
-    assert note.startswith("dropout (resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1) is not modelled")
-    assert _omissions(tmp_path, {**GPT2, "resid_pdrop": 0.0, "embd_pdrop": 0, "attn_pdrop": 0.0}) == ()
-    assert "attn_pdrop=0.2" in _omissions(tmp_path, {**GPT2, "resid_pdrop": 0, "embd_pdrop": 0, "attn_pdrop": 0.2})[0]
+def test_gpt2_dropout_defaults_to_transformers_0_1_and_is_modelled(tmp_path: Path) -> None:
+    """configuration_gpt2.py defaults resid/embd/attn_pdrop to 0.1: a config.json without them has dropout, which
+    the transformer family models (embd_dropout, resid_dropout, attn_dropout): nothing left out."""
+    assert _omissions(tmp_path, GPT2) == ()
+    (tmp_path / "config.json").write_text(json.dumps({**GPT2, "attn_pdrop": 0.2}))
+    model = load_config(None, ["training.seq_len=16"], base={"model": {"hf_config": str(tmp_path)}}).model
+    assert (model.embd_dropout, model.resid_dropout, model.attn_dropout) == (0.1, 0.1, 0.2)
 
 
 def test_other_types_default_to_no_dropout(tmp_path: Path) -> None:
     assert _omissions(tmp_path, LLAMA) == ()
     (note,) = _omissions(tmp_path, {**LLAMA, "attention_dropout": 0.1})
-    assert note.startswith("dropout (attention_dropout=0.1)")
+    assert note.startswith("dropout (attention_dropout=0.1) is not modelled")
 
 
 def test_deepseek_mla_is_named_and_the_transformers_engine_has_nothing_left_out(tmp_path: Path) -> None:
@@ -49,12 +50,13 @@ def test_deepseek_mla_is_named_and_the_transformers_engine_has_nothing_left_out(
 
 
 def test_shown_in_the_table_and_the_json(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps(GPT2))
+    (tmp_path / "config.json").write_text(json.dumps({**LLAMA, "attention_dropout": 0.1}))
     args = ["estimate", "--set", f"model.hf_config={tmp_path}", "--set", "training.seq_len=16"]
     text = runner.invoke(app, args)
-    assert text.exit_code == 0 and "Not in this estimate: dropout (resid_pdrop=0.1" in " ".join(text.stdout.split())
+    said = " ".join(text.stdout.split())
+    assert text.exit_code == 0 and "Not in this estimate: dropout (attention_dropout=0.1" in said
     data = json.loads(runner.invoke(app, [*args, "--json"]).stdout)
-    assert data["analytic_omissions"][0].startswith("dropout (resid_pdrop=0.1")
+    assert data["analytic_omissions"][0].startswith("dropout (attention_dropout=0.1")
     plain = json.loads(runner.invoke(app, ["estimate", "--json"]).stdout)
     assert "analytic_omissions" not in plain
 
@@ -62,8 +64,7 @@ def test_shown_in_the_table_and_the_json(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["gpt2.json", "pythia-160m.json", "qwen2-0.5b.json", "tinyllama-1.1b.json"])
 def test_shipped_configs(name: str, tmp_path: Path) -> None:
     data = json.loads((Path(__file__).parent.parent / "configs/hf" / name).read_text())
-    found = _omissions(tmp_path, data)
-    assert bool(found) == (name == "gpt2.json")  # GPT-2 ships with dropout 0.1; the others with none
+    assert _omissions(tmp_path, data) == ()  # GPT-2 ships with dropout 0.1 (modelled); the others with none
 
 
 def test_tensor_parallel_shards_the_plain_blocks_and_says_so(tmp_path: Path) -> None:

@@ -95,6 +95,19 @@ class TransformerConfig(StrictModel):
         False, description="the training forward fills transformers' DynamicCache (use_cache, on by default): k and v "
         "copied by torch.cat and kept until the forward returns; off under checkpointing, as transformers turns it off"
     )
+    embd_dropout: float = Field(
+        0.0, ge=0, lt=1, description="dropout probability on the embeddings' sum (GPT-2's embd_pdrop, transformers' "
+        "GPT2Model.drop); training mode: a noise tensor of the stream's size kept for backward"
+    )
+    resid_dropout: float = Field(
+        0.0, ge=0, lt=1, description="dropout probability after the attention's and the MLP's output projections "
+        "(GPT-2's resid_pdrop: GPT2Attention.resid_dropout, GPT2MLP.dropout)"
+    )
+    attn_dropout: float = Field(
+        0.0, ge=0, lt=1, description="dropout probability on the attention probabilities (GPT-2's attn_pdrop): "
+        "sdpa gets it as dropout_p, which on the CPU runs torch's math attention (the B·H·S·S probabilities kept); "
+        "eager drops the softmax output"
+    )
     loss_upcast: bool = Field(
         False, description="the loss takes logits.float() first (transformers' ForCausalLMLoss): fp32 "
         "log-probabilities and loss in 16-bit precisions"
@@ -133,6 +146,10 @@ class TransformerConfig(StrictModel):
             raise ValueError("rope_stream_dtype, kv_cache and fused_qkv are modelled with attention: sdpa only")
         if self.fused_gate_up and self.mlp != "swiglu":
             raise ValueError("fused_gate_up applies to mlp: swiglu only")
+        gpt2_heads = self.positions == "learned" and self.kv_heads == self.num_heads
+        if self.attn_dropout and self.attention == "sdpa" and not gpt2_heads:
+            raise ValueError("attn_dropout with attention: sdpa (torch's math attention) is modelled for learned "
+                             "positions and multi-head attention (GPT-2) only")
         return self
 
     # Derived sizes (properties, so they never disagree with the fields).
@@ -268,6 +285,8 @@ def sharded_parameter_tensors(model: TransformerConfig, tp: int) -> list[ParamTe
 #: the boolean options that make the step transformers' (docs/transformer.md), in the order they are listed
 HF_STYLE_OPTIONS = ("loss_upcast", "labels_from_inputs", "fused_qkv", "fused_gate_up", "rope_concat",
                     "rope_stream_dtype", "rope_buffers", "kv_cache")
+#: the dropout probabilities (an hf_config sets them from config.json; docs/transformer.md)
+DROPOUT_OPTIONS = ("embd_dropout", "resid_dropout", "attn_dropout")
 
 
 def check_tensor_parallel(model: TransformerConfig, tp: int) -> None:
@@ -277,13 +296,14 @@ def check_tensor_parallel(model: TransformerConfig, tp: int) -> None:
     tensor parallelism: one line naming every one that is set.
     """
     if tp > 1:
-        hf_style = [f for f in HF_STYLE_OPTIONS if getattr(model, f, False)]
+        hf_style = [f for f in HF_STYLE_OPTIONS + DROPOUT_OPTIONS if getattr(model, f, False)]
         if getattr(model, "mlp", "") == "gelu_new":
             hf_style.append("mlp: gelu_new")
         if hf_style:
             raise EstimatorError(f"model.{hf_style[0].split(':')[0]}: the transformers-style options "
                                  f"{', '.join(hf_style)} (set by hf_config) are not modelled with tensor parallelism "
-                                 "(docs/tp.md); set them to false (gelu for gelu_new), or drop parallel.tp_size")
+                                 "(docs/tp.md); set them to false (gelu for gelu_new, 0 for a dropout), or drop "
+                                 "parallel.tp_size")
     for field, value in (("model.num_heads", model.num_heads), ("model.num_kv_heads", model.kv_heads),
                          ("model.d_ff", model.ffn_dim), ("model.vocab_size", model.vocab_size)):
         if value % tp:
@@ -350,26 +370,30 @@ def matmul_flops(model: TransformerConfig, training: TrainingConfig) -> MatmulFl
     (QKᵀ and P·V, causal mask not discounted: torch's ``sdpa_flop`` and a dense bmm both count the
     full S x S). Attention backward: eager 8·B·H·S²·h (two bmms per forward bmm); sdpa 10·B·H·S²·h,
     torch's ``sdpa_backward_flop`` formula (it includes recomputing QKᵀ), which
-    ``estimator.measure.flop_formulas`` registers for the CPU kernel. Head: 2·T·d·V forward,
+    ``estimator.measure.flop_formulas`` registers for the CPU kernel; with ``attn_dropout`` the CPU runs torch's
+    math attention, two bmms forward and four backward, 8·B·H·S²·h as eager. Head: 2·T·d·V forward,
     4·T·d·V backward. The embedding, norms, softmax, RoPE and the loss do no matmul.
 
     Checkpointing (``full``) reruns each block's forward in backward, except the block's last
     linear (``down_proj``): torch's non-reentrant checkpoint stops the rerun as soon as the last
     saved tensor is repacked, which happens when ``down_proj``'s inputs are saved, before its
-    matmul runs (``torch.utils.checkpoint`` early stop, on by default).
+    matmul runs (``torch.utils.checkpoint`` early stop, on by default). With ``resid_dropout`` the last saved tensor
+    is the MLP dropout's noise, so ``down_proj`` is rerun too.
     """
     seq = tokens_per_sequence(model, training)
     t = training.batch_size * seq
     w = _block_linear_weights(model)
     attn_fwd = 4 * model.num_heads * model.head_size * seq * t
-    attn_bwd = (10 if model.attention == "sdpa" else 8) * model.num_heads * model.head_size * seq * t
+    attn_bwd = (10 if model.attention == "sdpa" and not model.attn_dropout else 8) * model.num_heads * \
+        model.head_size * seq * t
     head = model.vocab_size * model.d_model
     layers = model.num_layers
     forward = layers * (2 * t * w + attn_fwd) + 2 * t * head
     backward = layers * (4 * t * w + attn_bwd) + 4 * t * head
     recompute = 0
-    if training.activation_checkpointing == "full":
-        recompute = layers * (2 * t * w + attn_fwd - 2 * t * model.ffn_dim * model.d_model)
+    if training.activation_checkpointing == "full":  # with resid_dropout the rerun stops after down_proj's dropout
+        down = 0 if model.resid_dropout else 2 * t * model.ffn_dim * model.d_model
+        recompute = layers * (2 * t * w + attn_fwd - down)
     return MatmulFlops(forward, backward, recompute)
 
 
@@ -453,6 +477,8 @@ def saved_tensors(model: TransformerConfig, training: TrainingConfig) -> list[Sa
         rope_kind: Kind = "stream" if model.rope_stream_dtype else "act"
         out += [SavedTensor("rope.cos", seq * model.rotary_dim, rope_kind, -1),
                 SavedTensor("rope.sin", seq * model.rotary_dim, rope_kind, -1)]
+    if model.embd_dropout:  # the dropout's noise, in the embeddings' dtype (the stream's)
+        out.append(SavedTensor("emb.noise", d * t, "stream", -1))
     if training.activation_checkpointing == "full":
         # Only each block's input, saved by the checkpoint (its _NoopSaveInputs node).
         out += [SavedTensor(f"blocks.{i}.x_in", d * t, "stream", i) for i in range(layers)]
@@ -487,7 +513,19 @@ def _block_saved(model: TransformerConfig, i: int, b: int, seq: int, fp32_step: 
     if autocast and not model.fused_qkv:  # each projection casts its input itself; a fused one once
         out += [SavedTensor(f"{p}.attn.x_in.k", d * t, "act", i),
                 SavedTensor(f"{p}.attn.x_in.v", d * t, "act", i)]
-    if model.attention == "sdpa":
+    if model.attention == "sdpa" and model.attn_dropout:
+        # torch's math attention (CPU, dropout_p > 0), in fp32 whatever the dtype: the batched q·√s and kᵀ·√s
+        # (the scaled k itself when it is the cache's contiguous copy), v (a batched copy, or the cache's copy in
+        # fp32 in 16-bit), the softmax output, the dropout's noise and the dropped probabilities; the (B, H, S, h)
+        # output is copied for o_proj (its input, saved)
+        out += [SavedTensor(f"{p}.attn.q_batched", hq * h * t, "fp32", i),
+                SavedTensor(f"{p}.attn.k_batched", hq * h * t, "fp32", i),
+                SavedTensor(f"{p}.attn.v_batched", hq * h * t, "fp32", i),
+                SavedTensor(f"{p}.attn.probs", hq * seq * t, "fp32", i),
+                SavedTensor(f"{p}.attn.probs.noise", hq * seq * t, "fp32", i),
+                SavedTensor(f"{p}.attn.probs.dropped", hq * seq * t, "fp32", i),
+                SavedTensor(f"{p}.attn.y", hq * h * t, "act", i)]
+    elif model.attention == "sdpa":
         # SDPA (flash kernel, GQA native): q, k, v, output and logsumexp. The output is laid out
         # (B, S, H, h), so o_proj's input is a view of it: no separate copy.
         # fused_qkv: a saved slice keeps the whole projection output (v when RoPE made q and k anew and no
@@ -515,6 +553,11 @@ def _block_saved(model: TransformerConfig, i: int, b: int, seq: int, fp32_step: 
                 SavedTensor(f"{p}.attn.probs", hq * seq * t, "act", i),
                 SavedTensor(f"{p}.attn.v", hq * h * t, "act", i),
                 SavedTensor(f"{p}.attn.y", hq * h * t, "act", i)]
+        if model.attn_dropout:  # the dropout's noise, and the dropped probabilities P·V saves instead of P
+            out += [SavedTensor(f"{p}.attn.probs.noise", hq * seq * t, "act", i),
+                    SavedTensor(f"{p}.attn.probs.dropped", hq * seq * t, "act", i)]
+    if model.resid_dropout:  # the noise of the dropout after o_proj
+        out.append(SavedTensor(f"{p}.attn.o_proj.noise", d * t, "act", i))
     x2 = f"{p}.x_in" if model.parallel_residual else f"{p}.x_mid"
     out += _norm_saved(model, f"{p}.norm2", x2, t, i, model.parallel_residual, fp32_step)
     out.append(SavedTensor(f"{p}.mlp.x_in", d * t, "act", i))
@@ -534,6 +577,8 @@ def _block_saved(model: TransformerConfig, i: int, b: int, seq: int, fp32_step: 
     else:
         out += [SavedTensor(f"{p}.mlp.up", f * t, "act", i),
                 SavedTensor(f"{p}.mlp.hidden", f * t, "act", i)]
+    if model.resid_dropout:  # the noise of the dropout after down_proj
+        out.append(SavedTensor(f"{p}.mlp.down_proj.noise", d * t, "act", i))
     return out
 
 

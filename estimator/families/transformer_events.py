@@ -66,6 +66,7 @@ class _Node:
     block: int  # checkpointed block index, or -1
     scratch: int = 0  # bytes the node's backward allocates and frees while computing its gradients
     opaque: bool = False  # its input gradients are collective outputs: never summed into in place
+    then: str = ""  # autocast's cast of its input: that cast's backward runs before the weights' casts back
 
 
 class _Sim:
@@ -103,6 +104,7 @@ class _Sim:
         self.first_block_input = ""
         self.cache: list[str] = []  # transformers' DynamicCache: the k and v copies (kv_cache)
         self.base_of: dict[str, str] = {}  # slices of a fused projection's output -> that output
+        self.view_of: dict[str, str] = {}  # a head view (no storage; its own backward node) -> the tensor it views
 
     def mark(self, hook: str, unit: str) -> None:
         self.marks.append((len(self.records), hook, unit))
@@ -138,8 +140,10 @@ class _Sim:
         return tensor.nbytes if tensor.grad_nbytes is None else tensor.grad_nbytes
 
     def dead(self, *names: str) -> None:
-        """Python dropped its last reference; free now unless a node saves the tensor."""
+        """Python dropped its last reference; free now unless a node saves the tensor (a head view: its base)."""
         for name in names:
+            if name in self.view_of:
+                self.dead(self.view_of[name])
             tensor = self.tensors[name]
             tensor.dead = True
             if tensor.saved_by == 0:
@@ -157,11 +161,12 @@ class _Sim:
             self.nodes.append(_Node(out, ins, list(saves), self.ckpt_block, scratch, opaque))
 
     # --- layers --------------------------------------------------------------------------
-    def slices(self, prefix: str, base: str, widths: list[int]) -> list[str]:
+    def slices(self, prefix: str, base: str, widths: list[int], heads: bool = False) -> list[str]:
         """``base[..., a:b]`` for consecutive widths (a fused projection's output, transformers' Phi-3 order).
 
         A slice allocates nothing; its backward (``SliceBackward0``) makes a zero gradient of the base's full size
         and copies the slice's gradient into it, so the base receives one full-size gradient per slice, summed.
+        ``heads``: each slice is followed by its head view (:meth:`head_view`), as the math attention needs.
         """
         out = []
         for j, width in enumerate(widths):
@@ -171,7 +176,36 @@ class _Sim:
             self.tensors[name] = tensor
             self.base_of[name] = base
             self.node(name, [base])
-            out.append(name)
+            out.append(self.head_view(name) if heads else name)
+        return out
+
+    def head_view(self, x: str) -> str:
+        """``x.view(B, S, heads, h).transpose(1, 2)`` when torch's math attention uses the heads: its backward gets
+        a (B, H, S, h)-contiguous gradient, which ``ViewBackward0`` reshapes to (B, S, H·h), a copy (measured with
+        the tracker). The view has no storage; :meth:`dead` on it drops ``x``."""
+        name = self.alias(f"{x}.heads", x)
+        self.view_of[name] = x
+        self.node(name, [x])
+        return name
+
+    def dropout(self, prefix: str, x: str, stop: bool = False) -> str:
+        """``F.dropout(x, p)`` in training on the CPU: torch's ``_dropout_impl`` (aten/src/ATen/native/Dropout.cpp,
+        taken because ``is_fused_kernel_acceptable`` is false off CUDA): ``noise = empty_like(x).bernoulli_(1 - p)
+        .div_(1 - p)`` in x's dtype, then ``x * noise``; the product saves the noise (x needs a gradient, the noise
+        does not), its backward makes ``grad * noise``. The bytes do not depend on the mask's values.
+
+        ``stop``: checkpoint recomputation ends as the product saves the noise (before its output exists).
+        """
+        kind: Kind = self.tensors[x].kind  # type: ignore[assignment]
+        numel = self.tensors[x].nbytes // kind_bytes(kind, self.shape)
+        noise = self.new(f"{prefix}.noise", numel, kind)
+        if stop:
+            self.tensors[noise].saved_by += 1
+            self.dead(noise)
+            return ""
+        out = self.new(f"{prefix}.dropped", numel, kind)
+        self.node(out, [x], saves=(noise,))
+        self.dead(noise)
         return out
 
     def linear(self, prefix: str, x: str, n_in: int, n_out: int, weight: str, bias: str | None,
@@ -215,6 +249,8 @@ class _Sim:
         tag = "param16" if self.autocast else "param"
         params = [f"{tag}:{weight}"] + ([f"{tag}:{bias}"] if bias else [])
         self.node(out, [*params, x], saves=(x_saved, *saves))  # mm backward: weight grad, then input grad
+        if cast and not self.recomputing:  # the input's cast was made after the weight's: its backward goes first
+            self.nodes[-1].then = x_saved
         if cast:
             self.dead(x_saved)
         if self.tp and split == "row" and self.sp:  # Partial -> Shard(1): a reduce-scatter
@@ -353,6 +389,80 @@ class _Sim:
         self.dead(lse, *[c for c, o in zip(ins, (q, k, v), strict=True) if c != o])
         return y
 
+    @property
+    def math_attention(self) -> bool:
+        """Attention dropout with ``attention: sdpa``: on the CPU ``scaled_dot_product_attention`` with ``dropout_p``
+        runs torch's composite ``_scaled_dot_product_attention_math`` (transformers' GPT-2 passes attn_pdrop)."""
+        return getattr(self.model, "attn_dropout", 0.0) > 0 and self.model.attention == "sdpa"
+
+    def sdpa_math(self, p: str, q: str, k: str, v: str, width: int) -> str:
+        """torch's ``_scaled_dot_product_attention_math`` with dropout, op by op as the tracker sees it (CPU).
+
+        16-bit q, k, v are copied to fp32 first (the math kernel upcasts; its outputs are cast back). ``q·√s`` and
+        ``kᵀ·√s`` (s = 1/√h) are new tensors; ``matmul`` copies an operand that is not laid out (B·H, ...) (q
+        always here, k and v unless they are the cache's contiguous copies) and saves what it multiplies; the
+        causal mask is a (S, S) ``where`` of a bool ``tril`` (alive until the function returns, like ``q·√s``);
+        the scores plus the mask, ``_safe_softmax`` (saves its output), dropout (a noise tensor saved by its
+        product), then ``probs @ v``. In 16-bit the (B, H, S, S) weights are also cast back (returned, dropped).
+        Saved: three (B, H, S, h) and three (B, H, S, S) fp32 tensors. The output is laid out (B, H, S, h).
+        """
+        m, t, seq = self.model, self.t, self.seq
+        heads = width // m.head_size
+        up = kind_bytes("act", self.shape) != 4
+        contiguous = self.kv_cached  # the cache's copies are (B, H, S, h)-contiguous; head views are not
+        qf, kf, vf = q, k, v
+        if up:  # _to_copy to fp32, one per input
+            qf, kf, vf = (self.new(f"{p}.attn.{n}_fp32", width * t, "fp32") for n in "qkv")
+            for copy, src in ((qf, q), (kf, k), (vf, v)):
+                self.node(copy, [src])
+        qs = self.new(f"{p}.attn.q_scaled", width * t, "fp32")
+        self.node(qs, [qf])
+        for name, nbytes in (("ones", seq * seq), ("tril", seq * seq)):
+            self.new_bytes(f"{p}.attn.mask_{name}", nbytes, "temporary")
+        self._free(self.tensors[f"{p}.attn.mask_ones"])
+        scalars = [self.new_bytes(f"{p}.attn.mask_scalar{j}", 4, "temporary") for j in range(2)]
+        mask = self.new(f"{p}.attn.mask", seq * seq, "fp32")
+        for name in reversed(scalars):
+            self._free(self.tensors[name])
+        self._free(self.tensors[f"{p}.attn.mask_tril"])
+        ks = self.new(f"{p}.attn.k_scaled", width * t, "fp32")
+        self.node(ks, [kf])
+        qc = self.new(f"{p}.attn.q_batched", width * t, "fp32")
+        self.node(qc, [(qs, PASS)])
+        kc = ks
+        if not contiguous:
+            kc = self.new(f"{p}.attn.k_batched", width * t, "fp32")
+            self.node(kc, [(ks, PASS)])
+        scores = self.new(f"{p}.attn.scores", heads * seq * t, "fp32")
+        self.node(scores, [qc, kc], saves=(qc, kc))
+        self.dead(qc, kc, ks)
+        masked = self.new(f"{p}.attn.masked", heads * seq * t, "fp32")
+        self.node(masked, [(scores, PASS)])
+        self.dead(scores)
+        probs = self.new(f"{p}.attn.probs", heads * seq * t, "fp32")
+        self.node(probs, [masked], saves=(probs,))
+        self.dead(masked)
+        dropped = self.dropout(f"{p}.attn.probs", probs)
+        self.dead(probs)
+        weights16 = self.new_bytes(f"{p}.attn.weights16", heads * seq * t * 2, "temporary") if up else ""
+        vc = vf
+        if not contiguous:
+            vc = self.new(f"{p}.attn.v_batched", width * t, "fp32")
+            self.node(vc, [(vf, PASS)])
+        out = self.new(f"{p}.attn.pv", width * t, "fp32")
+        self.node(out, [dropped, vc], saves=(dropped, vc))
+        self.dead(dropped, *([vc] if vc != v else []))  # v itself: the cache's copy
+        if up:
+            out16 = self.new(f"{p}.attn.pv16", width * t, "act")
+            self.node(out16, [out])
+            self.dead(out)
+            out = out16
+        self.dead(qs, mask)
+        if up:
+            self.dead(vf, kf, qf)
+            self._free(self.tensors[weights16])
+        return out
+
     def attention(self, p: str, x: str) -> str:
         m, t, seq = self.model, self.t, self.seq
         d, h, hq, hk = m.d_model, m.head_size, m.num_heads // self.tp_size, m.kv_heads // self.tp_size
@@ -365,11 +475,14 @@ class _Sim:
         if getattr(m, "fused_qkv", False):  # one projection, q/k/v its slices (transformers' Phi-3)
             fb = f"{p}.attn.qkv_proj.bias" if m.qkv_has_bias else None
             fused = self.linear(f"{p}.attn.qkv_proj", x, d, (hq + 2 * hk) * h, f"{p}.attn.qkv_proj.weight", fb)
-            q, k, v = self.slices(f"{p}.attn.qkv", fused, [hq * h, hk * h, hk * h])
+            q, k, v = self.slices(f"{p}.attn.qkv", fused, [hq * h, hk * h, hk * h], heads=self.math_attention)
         else:
             q = self.linear(f"{p}.attn.q_proj", x, d, hq * h, f"{p}.attn.q_proj.weight", qb, split="col")
+            q = self.head_view(q) if self.math_attention else q
             k = self.linear(f"{p}.attn.k_proj", x, d, hk * h, f"{p}.attn.k_proj.weight", kb, split="col")
+            k = self.head_view(k) if self.math_attention else k
             v = self.linear(f"{p}.attn.v_proj", x, d, hk * h, f"{p}.attn.v_proj.weight", vb, split="col")
+            v = self.head_view(v) if self.math_attention else v
         if m.positions == "rope":
             q_lin, q = q, self.rope(f"{p}.attn.q", q, hq)
             self.dead(q_lin)
@@ -379,7 +492,11 @@ class _Sim:
         if self.kv_cached:
             k, v = self.kv_copies(p, k, v, hk * h)
             temps = [q]
-        if m.attention == "sdpa":
+        if self.math_attention:  # attention dropout: torch's math kernel; its (B, H, S, h) output copied for o_proj
+            temps.append(self.sdpa_math(p, q, k, v, hq * h))
+            y = self.new(f"{p}.attn.y", hq * h * t, "act")
+            self.node(y, [temps[-1]])
+        elif m.attention == "sdpa":
             y = self.sdpa(p, q, k, v, hq * h)
             if getattr(m, "rope_concat", False):  # (B, H, S, h) output: transpose + reshape copies it
                 temps.append(y)
@@ -412,6 +529,10 @@ class _Sim:
             probs = self.new(f"{p}.attn.probs", hq * seq * t, "act")
             self.node(probs, [masked], saves=(probs,))
             self.dead(masked, scaled)  # `att` is rebound only once softmax has returned
+            if getattr(m, "attn_dropout", 0.0) > 0:  # transformers' eager_attention_forward drops the weights
+                dropped = self.dropout(f"{p}.attn.probs", probs)
+                self.dead(probs)
+                probs = dropped
             vc = self.new(f"{p}.attn.vc", hq * h * t, "act")
             self.node(vc, [(v, PASS)])
             pv = self.new(f"{p}.attn.pv", hq * h * t, "act")
@@ -423,6 +544,11 @@ class _Sim:
             temps += [mask, probs, pv] + ([k, v] if 1 < hk < hq else [])
         ob = f"{p}.attn.o_proj.bias" if m.linear_bias else None
         out = self.linear(f"{p}.attn.o_proj", y, hq * h, d, f"{p}.attn.o_proj.weight", ob, split="row")
+        if getattr(m, "resid_dropout", 0.0) > 0:  # GPT2Attention.resid_dropout
+            if y == f"{p}.attn.y" and m.attention == "sdpa":  # o_proj's copied input: a temporary of that call
+                self.dead(y)
+            temps.append(out)
+            out = self.dropout(f"{p}.attn.o_proj", out)
         self.dead(y, *temps)
         if fused:  # the local `qkv` lives until the attention returns
             self.dead(fused)
@@ -466,8 +592,13 @@ class _Sim:
             hidden = self.new(f"{p}.mlp.hidden", f * t, "act")
             self.node(hidden, [up], saves=(up,))
             self.dead(up)
-        # Under checkpoint recomputation torch stops once down_proj's inputs are saved (early stop).
-        out = lin("down_proj", hidden, f, d, stop=self.recomputing)
+        # Under checkpoint recomputation torch stops once down_proj's inputs are saved (early stop), or with
+        # dropout after it once its noise is saved (the last tensor the block saves).
+        drop = getattr(m, "resid_dropout", 0.0) > 0
+        out = lin("down_proj", hidden, f, d, stop=self.recomputing and not drop)
+        if drop and out:  # GPT2MLP.dropout
+            c_proj, out = out, self.dropout(f"{p}.mlp.down_proj", out, stop=self.recomputing)
+            self.dead(c_proj)
         self.dead(hidden)
         if gathered:
             self.dead(gathered)
@@ -557,10 +688,14 @@ class _Sim:
             self.dead(emb)
             emb = reduced
         x = emb
+        embd_dropout = getattr(m, "embd_dropout", 0.0) > 0
         if m.positions == "learned":
-            x = self.new("blocks.0.x_in", d * t, "stream")
+            x = self.new("emb.sum" if embd_dropout else "blocks.0.x_in", d * t, "stream")
             self.node(x, [(emb, PASS), "param:pos_emb.weight"])
             self.dead(emb)
+        if embd_dropout:  # GPT2Model.drop
+            x, summed = self.dropout("emb", x), x
+            self.dead(summed)
         if m.positions == "rope":
             self.new("rope.cos", seq * m.rotary_dim, self.rope_kind)
             self.new("rope.sin", seq * m.rotary_dim, self.rope_kind)
@@ -698,6 +833,7 @@ class _Sim:
                 self._free(self.tensors[storage])
 
         recomputed: set[int] = set()
+        deferred: dict[str, list[Callable[[], None]]] = {}  # an input cast -> the weights' casts back after it
         for node in reversed(self.nodes):
             if node.out in self.unit_outputs:  # the node that made a block's output: its hooks first
                 for unit in pending_post:
@@ -714,11 +850,12 @@ class _Sim:
                 self._recompute(node.block)
             incoming = buffers.pop(node.out, None)
             later: list[Callable[[], None]] = []
+            casts_back: list[Callable[[], None]] = deferred.setdefault(node.then, []) if node.then else later
             scratch = self.new_bytes(f"scratch#{id(node)}", node.scratch, "temporary") if node.scratch else ""
             for name, passthrough in node.inputs:
                 if name.startswith("param"):
                     kind, _, pname = name.partition(":")
-                    self._param_grad(pname, kind == "param16", later, lookup=kind == "paramlookup")
+                    self._param_grad(pname, kind == "param16", casts_back, lookup=kind == "paramlookup")
                     continue
                 # the engine casts a gradient to its input's dtype (``validate_outputs``, autograd/engine.cpp):
                 # under autocast a 16-bit branch of an fp32 add (TP's row-parallel output) gets its own copy
@@ -764,7 +901,7 @@ class _Sim:
                 tensor.saved_by -= 1
                 if tensor.saved_by == 0 and tensor.dead:
                     self._free(tensor)
-            for step in later:
+            for step in later + deferred.pop(node.out, []):
                 step()
         for unit in pending_post:
             self.mark("post_backward", unit)

@@ -123,6 +123,7 @@ class Attention(nn.Module):
         self.num_heads, self.kv_heads, self.head_size = hq, hk, h
         self.eager = cfg.attention == "eager"
         self.rope_concat = cfg.rope_concat
+        self.attn_dropout, self.resid_dropout = cfg.attn_dropout, cfg.resid_dropout
         self.cache: list[torch.Tensor] | None = None  # transformers' DynamicCache of this forward (kv_cache)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
@@ -152,10 +153,26 @@ class Attention(nn.Module):
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(h))
             mask = torch.full((s, s), float("-inf"), device=x.device, dtype=att.dtype).triu(1)
             att = F.softmax(att + mask, dim=-1)
+            att = dropout(att, self.attn_dropout, self.training)  # transformers' eager_attention_forward
             y = att @ v
+        elif self.attn_dropout and self.training:  # transformers' sdpa_attention_forward: dropout_p (CPU: math)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_dropout, is_causal=True,
+                                               scale=1.0 / math.sqrt(h), enable_gqa=hk != hq)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=hk != hq)
-        return self.o_proj(y.transpose(1, 2).reshape(b, s, hq * h))
+        out = self.o_proj(y.transpose(1, 2).reshape(b, s, hq * h))
+        return dropout(out, self.resid_dropout, self.training)  # GPT2Attention.resid_dropout
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """``nn.Dropout(p)`` as transformers' GPT-2 applies it; no op at all when ``p`` is 0 (the model without dropout).
+
+    In training ``aten::dropout`` on the CPU runs ``_dropout_impl`` (torch aten/src/ATen/native/Dropout.cpp): a
+    noise tensor ``empty_like(x).bernoulli_(1 - p).div_(1 - p)`` in x's dtype, then ``x * noise``, which saves the
+    noise for backward; on CUDA ``is_fused_kernel_acceptable`` picks the fused ``native_dropout`` (output and a
+    bool mask). The bytes do not depend on the mask's values.
+    """
+    return F.dropout(x, p, training) if p else x
 
 
 def gelu_new(input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (transformers' own argument name)
@@ -180,8 +197,12 @@ class MLP(nn.Module):
                 self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.linear_bias, **kw)
             self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.linear_bias, **kw)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=cfg.linear_bias, **kw)
+        self.resid_dropout = cfg.resid_dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(self._forward(x), self.resid_dropout, self.training)  # GPT2MLP.dropout
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:  # Phi3MLP.forward, with slices for its chunk(2)
             gate_up = self.gate_up_proj(x)
             f = gate_up.shape[-1] // 2
@@ -252,6 +273,7 @@ class Transformer(nn.Module):
         x = self.tok_emb(idx)
         if self.pos_emb is not None:
             x = x + self.pos_emb.weight[:s]  # a view of the parameter: the add saves nothing
+        x = dropout(x, self.cfg.embd_dropout, self.training)  # GPT2Model.drop
         cos = sin = None
         if self.cfg.positions == "rope":
             dtype = (

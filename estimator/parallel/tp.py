@@ -62,13 +62,16 @@ def plain_blocks(config: Config, strategy: str | None) -> Config:
     transformers' (docs/transformer.md) are not modelled with it, so they are switched off for the
     estimate, and the estimate says so (``analytic_omissions``) instead of refusing the model.
     """
-    from estimator.families.transformer import HF_STYLE_OPTIONS
+    from estimator.families.transformer import DROPOUT_OPTIONS, HF_STYLE_OPTIONS
 
     model = config.model
     if model.family != "transformer" or not (strategy == "tp" or config.parallel.tp_size > 1):
         return config
     names = [f for f in HF_STYLE_OPTIONS if getattr(model, f, False)]
     update: dict[str, object] = dict.fromkeys(names, False)
+    dropouts = [f for f in DROPOUT_OPTIONS if getattr(model, f, 0.0)]  # the dropouts too: not modelled with TP
+    update.update(dict.fromkeys(dropouts, 0.0))
+    names += dropouts
     if model.mlp == "gelu_new":
         names.append("mlp: gelu_new")
         update["mlp"] = "gelu"
