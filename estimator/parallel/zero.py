@@ -144,11 +144,13 @@ class DroppedGradients:
         self.h: list[int] = []
         self.adjust: list[int] = []  # gradient bytes h leaves out at t: allocations before t, frees up to t
         self.shift: list[int] = []  # events inserted (a dropped gradient's free) or removed before t, all dropped
-        self.prefix_roles: list[dict[str, int]] = []
+        self.checkpoints: list[dict[str, int]] = []  # live bytes per role before event k * ROLE_STRIDE
         self.owned_events: dict[str, list[int]] = {}
         live = adjust = shift = 0
         roles: dict[str, int] = {}
         for t, e in enumerate(events):
+            if not t % ROLE_STRIDE:
+                self.checkpoints.append(dict(roles))
             grad = _is_grad_event(e)
             if grad and e.nbytes < 0:
                 adjust += e.nbytes  # a dropped gradient was already released: its free changes nothing
@@ -158,13 +160,13 @@ class DroppedGradients:
             roles[e.role] = roles.get(e.role, 0) + e.nbytes
             self.h.append(live - adjust)
             self.adjust.append(adjust)
-            self.prefix_roles.append(dict(roles))
             if grad:
                 self.owned_events.setdefault(e.name[:-5], []).append(t)
                 if e.nbytes > 0:
                     adjust += e.nbytes  # dropped right after it appears
                     shift += 1
         self.total_live, self.total_adjust, self.total_shift = live, adjust, shift
+        self.total_roles = roles
         n = len(events)
         # entries (h[t], -t): the larger entry is the higher h, then the earlier t (the first maximum on ties),
         # so each level is one C-level max over pairs of the level below
@@ -174,6 +176,14 @@ class DroppedGradients:
             prev = self.table[-1]
             self.table.append(list(map(max, prev[:n - 2 * k + 1], prev[k:n - k + 1])))
             k *= 2
+
+    def _roles_through(self, t: int) -> dict[str, int]:
+        """Live bytes per role after event ``t`` (every gradient kept): the checkpoint before it plus at most
+        ``ROLE_STRIDE`` events, instead of a copy of the totals kept for every event."""
+        roles = dict(self.checkpoints[t // ROLE_STRIDE])
+        for e in self.events[t - t % ROLE_STRIDE:t + 1]:
+            roles[e.role] = roles.get(e.role, 0) + e.nbytes
+        return roles
 
     def _argmax(self, lo: int, hi: int) -> int:
         """First index of the maximum of h over [lo, hi]."""
@@ -202,18 +212,22 @@ class DroppedGradients:
             lo = max(lo, at)
         own_allocs = sum(1 for _at, nb, _f in changes if nb > 0)
         own_frees = len(changes) - own_allocs
-        roles = dict(self.prefix_roles[-1])
+        roles = dict(self.total_roles)
         roles["gradient"] = roles.get("gradient", 0) - self.total_adjust + kept
         length = n + self.total_shift - own_allocs + own_frees
         delta = self.total_live - self.total_adjust + kept
         if best_t < 0:
             return Summary(length, delta, tuple(roles.items()), 0, -1, "", (), self.events[0].phase)
-        at_roles = dict(self.prefix_roles[best_t])
+        at_roles = self._roles_through(best_t)
         at_roles["gradient"] = at_roles.get("gradient", 0) - self.adjust[best_t] + best_k
         own_seen = sum(1 for at, _nb, _f in changes if at <= best_t)
         index = best_t + self.shift[best_t] - own_seen
         return Summary(length, delta, tuple(roles.items()), best, index, self.events[best_t].phase,
                        tuple(at_roles.items()), self.events[0].phase)
+
+
+#: events between two kept role totals of :class:`DroppedGradients` (a summary adds up at most this many)
+ROLE_STRIDE = 64
 
 
 def _is_grad_event(e: Event) -> bool:
