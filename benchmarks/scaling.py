@@ -12,8 +12,10 @@ Three tables, all measured in one run on this machine:
    on fake tensors, see docs/benchmarks.md), then every preset plain, with ``--gpu``, with
    ``--parallel zero2 -n 8`` and with ``--parallel fsdp -n 1024``.
 
-The child processes run without ``PYTHONDONTWRITEBYTECODE`` (the warm-up writes the package's ``.pyc``
-files, as any install has them; torch's come with its wheel), so that neither side compiles source.
+The child processes run without ``PYTHONDONTWRITEBYTECODE`` (the warm-up compiles every module of the
+package, ``python -m compileall``, as any install has them: not only those a plain ``estimate`` imports,
+or the first ``--gpu`` or ``--parallel`` run would compile the modules only it imports; torch's come with
+its wheel), so that neither side compiles source.
 
     python benchmarks/scaling.py                 # everything (about 25 minutes on 2 cores)
     python benchmarks/scaling.py --pairs 2 --presets gpt2,llama-2-70b --skip-layers --skip-world
@@ -72,8 +74,10 @@ _WARM: list[bool] = []
 def paired(cmd: list[str], pairs: int, cwd: str | None = None) -> dict[str, float]:
     """``cmd`` and ``import torch`` alternated (after one warm-up of each, once per run: page cache and
     the package's ``.pyc`` files): medians and the pairwise ratio."""
-    if not _WARM:
-        _WARM.append(run(TORCH)[2] == 0 and run([*ESTIMATOR, "estimate"])[2] == 0)
+    if not _WARM:  # every module of the package compiled, not only those a plain estimate imports
+        compiled = run([sys.executable, "-m", "compileall", "-q", str(Path(__file__).resolve().parent.parent /
+                                                                      "estimator")])[2] == 0
+        _WARM.append(compiled and run(TORCH)[2] == 0 and run([*ESTIMATOR, "estimate"])[2] == 0)
     a, b, rss = [], [], []
     for _ in range(pairs):
         wall, kib, code = run(cmd, cwd)
@@ -94,6 +98,8 @@ def clear_caches() -> None:
     from estimator.parallel import fsdp
 
     simulate._SIMULATED.clear()
+    simulate._BODIES.clear()
+    simulate._MARKED.clear()
     periodic._SHAPES.clear()
     fsdp._MARKED.clear()
     parallel.clear_caches()
@@ -205,13 +211,15 @@ def main() -> None:
     parser.add_argument("--skip-commands", action="store_true")
     parser.add_argument("--presets-only", action="store_true", help="in the command table, only the presets' rows")
     args = parser.parse_args()
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}\n")
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, "
+          f"load average {os.getloadavg()[0]:.1f}\n")
     if not args.skip_layers:
         layers_table()
     if not args.skip_world:
         world_table("llama-2-7b")
     if not args.skip_commands:
         commands_table([p for p in args.presets.split(",") if p], args.pairs, args.gpu, not args.presets_only)
+    print(f"finished {time.strftime('%H:%M:%S %Z')}, load average {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
