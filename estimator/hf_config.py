@@ -271,6 +271,7 @@ def _deepseek_v3(r: _Reader) -> dict[str, Any]:
         router="sigmoid", router_fp32=True, norm_topk_prob=r.get("norm_topk_prob", True, kind=bool),
         routed_scaling_factor=r.get("routed_scaling_factor", 1.0, kind=float),
         n_group=r.get("n_group", 1), topk_group=r.get("topk_group", 1),
+        deepseek_transformers=True, rope_interleave=r.get("rope_interleave", True, kind=bool),
     )
     return values
 
@@ -369,10 +370,6 @@ def analytic_omissions(section: dict[str, Any], source_dir: Path) -> tuple[str, 
                      "the dropout's noise and the dropped probabilities for backward (a tiny GPT-2 as published "
                      "peaked 54 % higher at S=256 before its dropout was modelled); --set model.engine=transformers "
                      "traces the real model")
-    if model_type == "deepseek_v3":
-        found.append("DeepSeek's multi-head latent attention as transformers writes it keeps more for backward than "
-                     "the analytic family models (a tiny config at S=256 in bf16 peaks 56 % higher, not attributed "
-                     "yet); --set model.engine=transformers traces the real model")
     return tuple(found)
 
 
@@ -388,8 +385,8 @@ def analytic_values(p: Path, data: dict[str, Any]) -> dict[str, Any]:
     values.update(HF_STEP)
     if values.get("positions") == "rope" and values.get("family", "transformer") == "transformer":
         values.update(HF_ATTENTION)
-    elif values.get("family") == "moe":  # the MoE torch model has them for every attention but MLA
-        values.update(HF_ATTENTION if values.get("attention_type", "gqa") != "mla" else {"rope_buffers": True})
+    elif values.get("family") == "moe":  # the MoE torch model has them for every attention (MLA: transformers' form)
+        values.update(HF_ATTENTION)
     return {"family": "transformer", **{k: v for k, v in values.items() if v is not None}}
 
 

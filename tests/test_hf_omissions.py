@@ -38,11 +38,12 @@ def test_other_types_default_to_no_dropout(tmp_path: Path) -> None:
     assert note.startswith("dropout (attention_dropout=0.1) is not modelled")
 
 
-def test_deepseek_mla_is_named_and_the_transformers_engine_has_nothing_left_out(tmp_path: Path) -> None:
+def test_deepseek_mla_is_modelled_and_the_transformers_engine_has_nothing_left_out(tmp_path: Path) -> None:
     deepseek = json.loads((Path(__file__).parent.parent / "configs/hf/deepseek-v3-moe.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(deepseek))
     cfg = load_config(None, ["training.seq_len=16"], base={"model": {"hf_config": str(tmp_path)}})
-    assert [n.split(" as ")[0] for n in cfg.analytic_omissions] == ["DeepSeek's multi-head latent attention"]
+    assert cfg.analytic_omissions == ()  # transformers' MLA and router are modelled (deepseek_transformers)
+    assert cfg.model.deepseek_transformers
     from estimator.hf_config import analytic_omissions
 
     assert analytic_omissions({"hf_config": str(tmp_path), "engine": "transformers"}, tmp_path) == ()

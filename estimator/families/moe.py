@@ -28,7 +28,7 @@ from pydantic import Field, model_validator
 
 from estimator.config import StrictModel, TrainingConfig
 from estimator.errors import EstimatorError
-from estimator.events import Event, free
+from estimator.events import Event, alloc, free
 from estimator.families.base import BatchInForce, FlopCount, ParamTensor, StepShape, register_family
 from estimator.families.transformer import TransformerConfig
 
@@ -118,13 +118,23 @@ class MoEConfig(StrictModel):
     rope_buffers: bool = Field(False, description="transformers' rotary inv_freq buffers (docs/transformer.md)")
     rope_stream_dtype: bool = Field(False, description="transformers' rotary cos/sin dtype; not with mla "
                                     "(docs/transformer.md)")
-    kv_cache: bool = Field(False, description="transformers' training-time DynamicCache; not with mla "
-                           "(docs/transformer.md)")
+    kv_cache: bool = Field(False, description="transformers' training-time DynamicCache (with mla only with "
+                           "deepseek_transformers: the compressed latents are cached) (docs/transformer.md)")
+    deepseek_transformers: bool = Field(
+        False, description="MLA and the sigmoid router as transformers 5.24 writes them (DeepseekV3Attention: "
+        "v not padded, so the CPU runs SDPA's math kernel; DeepseekV3TopkRouter); an hf_config of deepseek_v3 "
+        "sets it (docs/moe.md)")
+    rope_interleave: bool = Field(True, description="deepseek_transformers: RoPE on interleaved pairs "
+                                  "(transformers' apply_rotary_pos_emb_interleave) rather than rotate-half")
 
     @model_validator(mode="after")
     def _check_shapes(self) -> MoEConfig:
-        if (self.rope_stream_dtype or self.kv_cache) and self.attention_type == "mla":
-            raise ValueError("rope_stream_dtype and kv_cache are not modelled for attention_type: mla")
+        mla_padded = self.attention_type == "mla" and not self.deepseek_transformers
+        if (self.rope_stream_dtype or self.kv_cache) and mla_padded:
+            raise ValueError("rope_stream_dtype and kv_cache are modelled for attention_type: mla only with "
+                             "deepseek_transformers")
+        if self.deepseek_transformers and (self.attention_type != "mla" or self.router != "sigmoid"):
+            raise ValueError("deepseek_transformers needs attention_type: mla and router: sigmoid")
         if self.attention_type == "gqa" and self.head_dim is None and self.d_model % self.num_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads}), "
                              "or give head_dim")
@@ -304,9 +314,10 @@ def moe_tensors(model: MoEConfig, p: str) -> list[ParamTensor]:
     """One MoE block's router, routed experts (3-D, as transformers >= 5 stores them) and shared expert."""
     d, e, f = model.d_model, model.num_experts, model.expert_d_ff
     m = f"{p}.moe"
-    out = [ParamTensor(f"{m}.router.weight", (e, d)),
-           ParamTensor(f"{m}.experts.gate_up_proj", (e, 2 * f, d)),
-           ParamTensor(f"{m}.experts.down_proj", (e, d, f))]
+    experts = [ParamTensor(f"{m}.experts.gate_up_proj", (e, 2 * f, d)),
+               ParamTensor(f"{m}.experts.down_proj", (e, d, f))]
+    router = [ParamTensor(f"{m}.router.weight", (e, d))]
+    out = experts + router if model.deepseek_transformers else router + experts  # DeepseekV3MoE: experts first
     if model.shared_expert_d_ff:
         out += _swiglu(f"{m}.mlp", d, model.shared_expert_d_ff)
         if model.shared_expert_gate:
@@ -320,13 +331,12 @@ def parameter_tensors(model: MoEConfig) -> list[ParamTensor]:
     out = [ParamTensor("tok_emb.weight", (v, d))]
     for i in range(model.num_layers):
         p = f"blocks.{i}"
-        out.append(ParamTensor(f"{p}.norm1.weight", (d,)))
-        out += attention_tensors(model, p)
-        out.append(ParamTensor(f"{p}.norm2.weight", (d,)))
-        if model.is_moe_layer(i):
-            out += moe_tensors(model, p)
+        norms = [ParamTensor(f"{p}.norm1.weight", (d,)), ParamTensor(f"{p}.norm2.weight", (d,))]
+        ff = moe_tensors(model, p) if model.is_moe_layer(i) else _swiglu(f"{p}.mlp", d, model.d_ff or 0)
+        if model.deepseek_transformers:  # DeepseekV3DecoderLayer: attention, MLP, then the two norms
+            out += attention_tensors(model, p) + ff + norms
         else:
-            out += _swiglu(f"{p}.mlp", d, model.d_ff or 0)
+            out += [norms[0], *attention_tensors(model, p), norms[1], *ff]
     out.append(ParamTensor("norm_f.weight", (d,)))
     if not model.tie_embeddings:
         out.append(ParamTensor("lm_head.weight", (v, d)))
@@ -407,11 +417,14 @@ def matmul_flops(model: MoEConfig, training: TrainingConfig) -> MoEMatmuls:
     t = b * seq
     d, hq = model.d_model, model.num_heads
     hqk, hv = _score_dims(model)
-    if model.attention_type == "mla":  # v is zero-padded to the q/k head size before SDPA (what runs)
+    if model.attention_type == "mla" and not model.deepseek_transformers:  # v zero-padded to the q/k head size
         hv = hqk
     att_w = _attention_weights(model)
     scores_f = 2 * b * hq * seq * seq * (hqk + hv)
-    scores_b = (2 * b * hq * seq * seq * (3 * hqk + 2 * hv) if model.attention == "sdpa" else 2 * scores_f)
+    # SDPA's backward recomputes QKᵀ (torch's sdpa_backward_flop); transformers' MLA runs the math kernel, whose
+    # four backward bmms are twice its two forward ones
+    fused = model.attention == "sdpa" and not model.deepseek_transformers
+    scores_b = 2 * b * hq * seq * seq * (3 * hqk + 2 * hv) if fused else 2 * scores_f
     routes = iter(expert_tokens(model, training))
     forward = backward = recompute = 0
     for i in range(model.num_layers):
@@ -502,10 +515,16 @@ class MoEFamily:
         return details(model, batch)
 
     def input_events(self, model: MoEConfig, batch: TrainingConfig, shape: StepShape) -> list[Event]:
-        """Token ids and targets, (B, S) int64 each; the ids alone with ``labels_from_inputs``."""
+        """Token ids and targets, (B, S) int64 each; the ids alone with ``labels_from_inputs``; the buffers
+        (rotary ``inv_freq``; with ``deepseek_transformers`` each router's ``e_score_correction_bias``, E elements
+        in the parameters' dtype) as state, like the parameters."""
         from estimator.families.transformer import TransformerFamily
 
-        return TransformerFamily().input_events(model.dense_view(), batch, shape)  # ids (targets), rotary buffers
+        events = TransformerFamily().input_events(model.dense_view(), batch, shape)  # ids (targets), rotary buffers
+        if model.deepseek_transformers:
+            events = [alloc(f"blocks.{i}.moe.e_score_correction_bias", "parameter",
+                            model.num_experts * shape.parameter_bytes, "setup") for i in model.moe_layers] + events
+        return events
 
     def forward_backward_events(self, model: MoEConfig, batch: TrainingConfig, shape: StepShape) -> list[Event]:
         """Every allocation and release of forward, loss and backward (``moe_events``)."""

@@ -38,8 +38,8 @@ from estimator.errors import EstimatorError
 from estimator.events import Event
 from estimator.families.base import StepShape
 from estimator.families.moe import MoEConfig, expert_tokens, parameter_tensors
-from estimator.families.transformer import kind_bytes
-from estimator.families.transformer_events import _T, PASS, _Sim
+from estimator.families.transformer import Kind, kind_bytes
+from estimator.families.transformer_events import _T, PASS, _Node, _Sim
 
 I64, BOOL = 8, 1  # bytes of torch.int64 and torch.bool
 
@@ -58,6 +58,7 @@ class _MoESim(_Sim):
         self.view_base: dict[str, str] = {}
         self.no_stop = False
         self.aux_logits: list[tuple[str, str]] = []  # (MoE block prefix, its router logits), for the aux loss
+        self.split_nodes: dict[str, _Node] = {}  # a split's pseudo-tensor -> its node (scratch: see _split)
 
     def sums_after_node(self, name: str) -> bool:
         """Fan-in gradients of an MoE block's tensors are summed out of place after the node (torch's engine)."""
@@ -86,11 +87,6 @@ class _MoESim(_Sim):
                stop: bool = False, **kwargs: str) -> str:
         return super().linear(prefix, x, n_in, n_out, weight, bias, stop=stop and not self.no_stop, **kwargs)
 
-    def node(self, out: str, inputs: list[str | tuple[str, str]], saves: tuple[str, ...] = (),
-             scratch: int = 0) -> None:
-        """A node; saving a view (``view_base``) keeps the view's base storage alive."""
-        super().node(out, inputs, tuple(self.view_base.get(s, s) for s in saves), scratch)
-
     @contextmanager
     def _width(self, d: int, rows: int) -> Iterator[None]:
         """Run a transformer primitive (RMSNorm) on a (rows, d) tensor instead of (T, d_model).
@@ -112,13 +108,43 @@ class _MoESim(_Sim):
         with self._width(d, rows):
             return self.norm(prefix, x)
 
+    def norm16(self, prefix: str, x: str, d: int, rows: int) -> str:
+        """transformers' RMSNorm of a 16-bit tensor under autocast (fp32 weights): ``x.to(float32)``, the fp32
+        statistics, ``.to(input_dtype)`` of the normalised tensor, then ``weight *`` it, which promotes to fp32
+        (saving the 16-bit tensor). (``norm`` assumes the fp32 stream under autocast.)"""
+        if not (self.autocast and self._bytes(x) == 2):
+            return self.norm_of(prefix, x, d, rows)
+        n = d * rows
+        x32 = self.new(f"{prefix}.x_fp32", n, "fp32")
+        self.node(x32, [x])
+        sq = self.new(f"{prefix}.sq", n, "fp32")
+        self.node(sq, [x32], saves=(x32,), scratch=2 * n * 4)
+        ms = self.new(f"{prefix}.ms", rows, "fp32")
+        self.node(ms, [sq])
+        self.dead(sq)
+        mse = self.new(f"{prefix}.ms_eps", rows, "fp32")
+        self.node(mse, [(ms, PASS)])
+        self.dead(ms)
+        rstd = self.new(f"{prefix}.rstd", rows, "fp32")
+        self.node(rstd, [mse], saves=(rstd,))
+        self.dead(mse)
+        n32 = self.new(f"{prefix}.n32", n, "fp32")
+        self.node(n32, [x32, rstd], saves=(x32, rstd), scratch=n * 4)
+        normed = self.new(f"{prefix}.normed", n, "act")
+        self.node(normed, [n32])
+        self.dead(n32)
+        out = self.new(f"{prefix}.out", n, "stream")
+        self.node(out, [f"param:{prefix}.weight", normed], saves=(normed,), scratch=n * 4)
+        self.dead(normed, rstd, x32)
+        return out
+
     def _kind(self, name: str) -> str:
         return self.tensors[name].kind
 
     # --- attention -----------------------------------------------------------------------
     def attention(self, p: str, x: str) -> str:
         if self.moe.attention_type == "mla":
-            return self._mla(p, x)
+            return self._mla_hf(p, x) if self.moe.deepseek_transformers else self._mla(p, x)
         if self.moe.qk_norm == "none":
             return super().attention(p, x)
         return self._qk_norm_attention(p, x)
@@ -149,6 +175,216 @@ class _MoESim(_Sim):
         y = self.sdpa(p, q, k, v, hq * h)
         out = self.linear(f"{p}.attn.o_proj", y, hq * h, d, f"{p}.attn.o_proj.weight", None)
         self.dead(y, q, *([] if cached else [k, v]))
+        return out
+
+    def _split(self, name: str, base: str, parts: list[tuple[str, int]]) -> tuple[list[str], str]:
+        """``torch.split`` of ``base`` into views (their byte sizes): the views and a pseudo-tensor for the split node.
+
+        ``SplitWithSizesBackward`` runs once every part's gradient has arrived and concatenates them into one
+        gradient of the base's size. Simulated: each part passes its gradient to the split's node (the engine
+        sums them in place, so the last part's is released early), whose backward allocates the base's gradient
+        with the released part's bytes as scratch (they are alive in the real step while the cat allocates).
+        Returns the part views; the caller creates each part's node with :meth:`_part` where it is consumed
+        (the parts' nodes run in reverse order of creation).
+        """
+        split = self._view(name, self.tensors[base].nbytes, base)
+        if not self.recomputing:
+            self.split_nodes[split] = self.nodes[-1]
+        return [self._view(f"{name}.{part}", nbytes) for part, nbytes in parts], split
+
+    def _part(self, view: str, split: str) -> str:
+        """The node of one part of a split (created where the part is first used). The part created first runs
+        last in backward: its gradient is the one released early, the split node's scratch."""
+        self.node(view, [(split, PASS)])
+        node = self.split_nodes.get(split)
+        if node is not None and not node.scratch:
+            node.scratch = self.tensors[view].nbytes
+        return view
+
+    def node(self, out: str, inputs: list[str | tuple[str, str]], saves: tuple[str, ...] = (),
+             scratch: int = 0) -> None:
+        """A node; saving a view (``view_base``) keeps the view's base storage alive."""
+        super().node(out, inputs, tuple(self.view_base.get(s, s) for s in saves), scratch)
+
+    def _rope_interleave(self, prefix: str, xs: list[tuple[str, int]]) -> list[str]:
+        """transformers' ``apply_rotary_pos_emb_interleave``: for each (tensor, heads), the even and odd slices
+        (views; their backward makes a zero gradient of the whole tensor each), x1·cos − x2·sin and
+        x2·cos + x1·sin (the products in RoPE's dtype, each saving the table it multiplies by), and their ``cat``.
+        All slices are taken first (q's and k's), then q's products, then k's (the order of the function)."""
+        r = self.moe.qk_rope_head_dim
+        kind: Kind = self.rope_kind
+        slices = []
+        for x, heads in xs:
+            half = heads * (r // 2) * self.t * self._bytes(x)
+            slices.append((self._view(f"{x}.even", half, x), self._view(f"{x}.odd", half, x), heads))
+        out = []
+        for (x1, x2, heads), (x, _) in zip(slices, xs, strict=True):
+            n = heads * (r // 2) * self.t
+            promoted = kind_bytes(kind, self.shape) != self._bytes(x)
+            grad_cast = n * kind_bytes(kind, self.shape) if promoted else 0
+
+            def prod(name: str, src: str, table: str, x: str = x, n: int = n, grad_cast: int = grad_cast) -> str:
+                t = self.new(f"{x}.{name}", n, kind)
+                self.node(t, [src], saves=(table,), scratch=grad_cast)
+                return t
+
+            a, b = prod("x1cos", x1, "rope.cos"), prod("x2sin", x2, "rope.sin")
+            c = self.new(f"{x}.rot1", n, kind)
+            self.node(c, [(a, PASS), b])
+            self.dead(a, b)
+            d, e = prod("x2cos", x2, "rope.cos"), prod("x1sin", x1, "rope.sin")
+            f = self.new(f"{x}.rot2", n, kind)
+            self.node(f, [(d, PASS), (e, PASS)])
+            self.dead(d, e)
+            g = self.new(f"{x}.roped", 2 * n, kind)
+            self.node(g, [(c, PASS), (f, PASS)])
+            self.dead(c, f)
+            out.append(g)
+        return out
+
+    def _math_sdpa(self, a: str, q: str, k: str, v: str) -> str:
+        """``F.scaled_dot_product_attention`` with unequal q/k and v head sizes on the CPU: no fused kernel takes
+        them, so ``_scaled_dot_product_attention_math`` runs, decomposed (what a dispatch mode sees, measured op by
+        op): under autocast the fp32 inputs cast to 16 bits first; 16-bit inputs copied to fp32 (the CPU computes
+        it in fp32; the copies live until it returns); q·√scale (saved); the causal mask (``ones`` (S, S) bool,
+        ``tril``, ``where``: an fp32 (S, S) tensor, alive until it returns); kᵀ·√scale (saved); the (B, H, S, S)
+        scores by ``bmm``; ``+ mask`` out of place; ``_safe_softmax`` (saved); in 16 bits the attention weights
+        cast back (returned, dropped); v reshaped for ``bmm`` (fp32: a copy, v being a strided view of
+        ``kv_b_proj``'s output; in 16 bits its fp32 copy; saved); ``bmm`` (then, in 16 bits, cast back)."""
+        m, t, seq = self.moe, self.t, self.seq
+        hq, qk, vd = m.num_heads, m.head_size, m.v_head_dim
+        casts, wide = [], []
+        ins = []
+        for name in (q, k, v):
+            src = name
+            if self.autocast and self._bytes(name) == 4:  # autocast's cast to 16 bits
+                src = self.new(f"{name}.16bit", self.tensors[name].nbytes // 4, "act")
+                self.node(src, [name])
+                casts.append(src)
+            ins.append(src)
+        low = self._bytes(ins[0]) == 2
+        if low:  # query_acc = query.to(float) ...: copies the CPU computes on
+            for j, name in enumerate(ins):
+                up = self.new(f"{name}.fp32", self.tensors[name].nbytes // 2, "fp32")
+                self.node(up, [name])
+                wide.append(up)
+                ins[j] = up
+        q32, k32, v32 = ins
+        kind = self.tensors[q32].kind
+        qs = self.new(f"{a}.q_scaled", hq * qk * t, kind)
+        self.node(qs, [q32])
+        ones = self.new_bytes(f"{a}.mask_ones", seq * seq * BOOL)
+        tril = self.new_bytes(f"{a}.mask_tril", seq * seq * BOOL)
+        self.dead(ones)
+        scalars = [self._tmp(f"{a}.mask_scalar", 4), self._tmp(f"{a}.mask_scalar", 4)]
+        mask = self.new(f"{a}.mask", seq * seq, kind)
+        self.dead(*scalars, tril)
+        ks = self.new(f"{a}.k_scaled", hq * qk * t, kind)
+        self.node(ks, [k32])
+        scores = self.new(f"{a}.scores", hq * seq * t, kind)
+        self.node(scores, [ks, qs], saves=(qs, ks))
+        self.dead(ks)  # a temporary of the expression (q·√scale is a local: it lives until the return)
+        added = self.new(f"{a}.scores_masked", hq * seq * t, kind)
+        self.node(added, [(scores, PASS)])
+        self.dead(scores)
+        probs = self.new(f"{a}.probs", hq * seq * t, kind)
+        self.node(probs, [added], saves=(probs,))
+        self.dead(added)
+        returned = self.new(f"{a}.probs16", hq * seq * t, "act") if low else ""  # attn weights in the input dtype
+        vc = self.new(f"{a}.v_bmm", hq * vd * t, kind)  # (the fp32 copy keeps v's strides: copied again)
+        self.node(vc, [(v32, PASS)])
+        y = self.new(f"{a}.sdpa32" if low else f"{a}.sdpa", hq * vd * t, kind)
+        self.node(y, [vc, probs], saves=(probs, vc))
+        self.dead(vc)  # matmul's own copy
+        if low:
+            y16 = self.new(f"{a}.sdpa", hq * vd * t, "act")
+            self.node(y16, [y])
+            self.dead(y)
+            y = y16
+        self.dead(probs, mask, qs, *wide, *([returned] if returned else []), *casts)
+        return y
+
+    def _mla_hf(self, p: str, x: str) -> str:
+        """DeepSeek's latent attention as transformers 5.24's ``DeepseekV3Attention`` runs it
+        (``estimator.measure.moe.MLAttention.hf_forward``, op by op)."""
+        m, t = self.moe, self.t
+        d, hq, qk, nope, r, vd = m.d_model, m.num_heads, m.head_size, m.qk_nope_head_dim, m.qk_rope_head_dim, \
+            m.v_head_dim
+        a = f"{p}.attn"
+
+        def lin(name: str, src: str, n_in: int, n_out: int) -> str:
+            return self.linear(f"{a}.{name}", src, n_in, n_out, f"{a}.{name}.weight", None)
+
+        if m.q_lora_rank:
+            qa = lin("q_a_proj", x, d, m.q_lora_rank)
+            qn = self.norm16(f"{a}.q_a_norm", qa, m.q_lora_rank, t)
+            self.dead(qa)
+            q = lin("q_b_proj", qn, m.q_lora_rank, hq * qk)
+            self.dead(qn)
+        else:
+            q = lin("q_proj", x, d, hq * qk)
+        ab = self._bytes(q)
+        # view(b, s, H, qk).transpose(1, 2): ViewBackward reshapes the (B, H, S, qk) gradient, a copy
+        q_heads = self._view(f"{a}.q_heads", self.tensors[q].nbytes, q)
+        (q_pass, q_rot), q_split = self._split(f"{a}.q_split", q_heads, [("pass", hq * nope * t * ab),
+                                                                         ("rot", hq * r * t * ab)])
+        ckv = lin("kv_a_proj", x, d, m.kv_lora_rank + r)
+        cb = self._bytes(ckv)
+        (c, k_rot), kv_split = self._split(f"{a}.kv_a_split", ckv, [("nope", m.kv_lora_rank * t * cb),
+                                                                   ("rot", r * t * cb)])
+        self.tensors[c].kind = self.tensors[k_rot].kind = self._kind(ckv)
+        self.view_base[c] = ckv  # the norm saves its input, a view: the projection's storage stays
+        cn = self.norm16(f"{a}.kv_a_norm", self._part(c, kv_split), m.kv_lora_rank, t)
+        self.tensors[q_rot].kind = self._kind(q)
+        q_r, k_r = self._rope_interleave(a, [(self._part(q_rot, q_split), hq), (self._part(k_rot, kv_split), 1)]) \
+            if m.rope_interleave else [self.rope(f"{a}.q", self._part(q_rot, q_split), hq),
+                                       self.rope(f"{a}.k", self._part(k_rot, kv_split), 1)]
+        if self.kv_cached:  # DynamicLayer.update: torch.cat([empty, x]) of the compressed latents, kept by the cache
+            copies = []
+            for name, src in (("kv_cache", cn), ("k_rot_cache", k_r)):
+                copy = self.new_bytes(f"{a}.{name}", self.tensors[src].nbytes)
+                self.tensors[copy].kind = self._kind(src)
+                self.node(copy, [(src, PASS)])
+                self.dead(src)
+                self.cache.append(copy)
+                copies.append(copy)
+            cn, k_r = copies
+        q_pass = self._part(q_pass, q_split)
+        promoted = ""
+        if self._bytes(q_r) > ab:  # cat promotes the 16-bit part to RoPE's fp32 first (a copy, freed after it)
+            promoted = self.new(f"{a}.q_pass_fp32", hq * nope * t, self._kind(q_r))
+            self.node(promoted, [q_pass])
+        query = self.new(f"{a}.query", hq * qk * t, self._kind(q_r) if self._bytes(q_r) > ab else self._kind(q))
+        self.node(query, [(promoted or q_pass, PASS), (q_r, PASS)])
+        if promoted:
+            self.dead(promoted)
+        # expand_kv: kv_b_proj, view(b, s, H, n + v).transpose(1, 2) (its backward a reshape copy), split
+        kv = lin("kv_b_proj", cn, m.kv_lora_rank, hq * (nope + vd))
+        if not self.kv_cached:
+            self.dead(cn)
+        kb = self._bytes(kv)
+        kv_heads = self._view(f"{a}.kv_heads", self.tensors[kv].nbytes, kv)
+        (k_nope, v), kv_b_split = self._split(f"{a}.kv_b_split", kv_heads, [("k_nope", hq * nope * t * kb),
+                                                                          ("v", hq * vd * t * kb)])
+        k_exp = self._view(f"{a}.k_rot_expanded", hq * r * t * self._bytes(k_r))
+        self.node(k_exp, [k_r])  # expand: its backward sums the (B, H, S, r) gradient back to one head
+        # key_states = new_empty(...); two copy_ into its slices (CopySlices): each backward clones the whole
+        # incoming gradient (the second's clone is the first's incoming; the first's is dropped: new_empty has
+        # no gradient) and the slice's gradient for the source; the second also zeros its slice of the clone
+        key = self.new(f"{a}.key", hq * qk * t, self._kind(kv))
+        key1 = self._view(f"{a}.key_nope_copied", self.tensors[key].nbytes)
+        self.node(key1, [self._part(k_nope, kv_b_split)], scratch=self.tensors[key].nbytes)
+        self.node(key, [key1, k_exp], scratch=hq * r * t * kb)
+        if not self.kv_cached:
+            self.dead(k_r)
+        y = self._math_sdpa(a, query, key, self._part(v, kv_b_split))
+        # sdpa_attention_forward: reshape, transpose(1, 2).contiguous() (a copy), then reshape(b, s, -1)
+        yc = self.new(f"{a}.y", hq * vd * t, self._kind(y))
+        self.node(yc, [y])  # the bmm output's view backward reshapes the transposed gradient: a copy
+        self.dead(y)
+        out = lin("o_proj", yc, hq * vd, d)
+        # the locals, dropped at return (compressed_kv too: in 16 bits the norm saved an fp32 copy, not its view)
+        self.dead(yc, q, q_r, ckv, query, key, kv)
         return out
 
     def _mla(self, p: str, x: str) -> str:
@@ -210,9 +446,79 @@ class _MoESim(_Sim):
             return super().mlp(p, x)
         return self._moe(p, i, x)
 
+    def _route_hf(self, m: str, h: str) -> tuple[str, str, str, list[str]]:
+        """transformers 5.24's ``DeepseekV3TopkRouter.forward`` (``estimator.measure.moe.MoE.hf_route``), op by op.
+
+        ``F.linear(h.float(), weight.float())`` (in 16 bits both fp32 copies, saved by the product; under autocast
+        an autocast linear, 16-bit logits); the sigmoid (saves its output); the choice, which no gradient
+        reaches: + ``e_score_correction_bias`` (fp32), each group's top two (values dropped, indices kept by the
+        top-k node while ``group_scores`` lives), their sum, the groups' top-k, ``zeros_like`` + ``scatter_``, the
+        (T, E) mask by ``expand(...).reshape`` (a copy), ``bool``, ``~`` (saved by ``masked_fill``), the masked
+        scores, the experts' top-k (values dropped); then ``gather`` (saves the ids), the sum + 1e-20, the in-place
+        ``/=`` (autograd saves a clone of the weights and the denominator) and the scaling. The choice's tensors
+        die when the function returns."""
+        c, t = self.moe, self.t
+        e, k, d, g = c.num_experts, c.experts_per_token, c.d_model, c.n_group
+        if self.autocast or self._bytes(h) == 4:
+            logits = self.linear(f"{m}.router", h, d, e, f"{m}.router.weight", None)
+        else:  # both operands copied to fp32; the product saves both copies
+            x32 = self.new(f"{m}.router.x_fp32", d * t, "fp32")
+            self.node(x32, [h])
+            w32 = self.new(f"{m}.router.weight_fp32", e * d, "fp32")
+            self.node(w32, [f"param:{m}.router.weight"])
+            logits = self.new(f"{m}.router.out", e * t, "fp32")
+            self.node(logits, [w32, x32], saves=(x32, w32))
+            self.dead(x32, w32)
+        lk = self._kind(logits)
+        scores = self.new(f"{m}.router.scores", e * t, lk)
+        self.node(scores, [logits], saves=(scores,))
+        choice = self.new(f"{m}.router.choice", e * t, "fp32")
+        g_vals = self.new(f"{m}.router.group_top2", g * 2 * t, "fp32")
+        g_idx = self.new_bytes(f"{m}.router.group_top2_ids", g * 2 * t * I64)
+        g_scores = self.new(f"{m}.router.group_scores", g * t, "fp32")
+        self.dead(g_vals)
+        gi_vals = self.new(f"{m}.router.group_topk", c.topk_group * t, "fp32")
+        group_idx = self.new_bytes(f"{m}.router.group_idx", c.topk_group * t * I64)
+        self.dead(gi_vals)
+        group_mask = self.new(f"{m}.router.group_mask", g * t, "fp32")
+        score_mask = self.new(f"{m}.router.score_mask", e * t, "fp32")
+        as_bool = self.new_bytes(f"{m}.router.mask_bool", e * t * BOOL)
+        inverted = self.new_bytes(f"{m}.router.mask_not", e * t * BOOL)
+        self.dead(as_bool)
+        masked = self.new(f"{m}.router.choice_masked", e * t, "fp32")
+        self.dead(choice)
+        top_v = self.new(f"{m}.router.top_v", k * t, "fp32")
+        top_i = self.new_bytes(f"{m}.router.top_i", k * t * I64)
+        self.tensors[top_i].kind = "i64"
+        self.dead(top_v)
+        w = self.new(f"{m}.router.top_w", k * t, lk)
+        self.node(w, [scores], saves=(top_i,))  # gather backward: zeros(T, E).scatter_add_
+        if c.norm_topk_prob:
+            s = self.new(f"{m}.router.sum", t, lk)
+            self.node(s, [(w, PASS)])
+            den = self.new(f"{m}.router.den", t, lk)
+            self.node(den, [(s, PASS)])
+            self.dead(s)
+            clone = self.new(f"{m}.router.top_w_clone", k * t, lk)  # in-place div_ saves the original
+            wn = self._view(f"{m}.router.top_w_norm", k * t * kind_bytes(lk, self.shape))
+            self.node(wn, [w, den], saves=(clone, den), scratch=3 * k * t * kind_bytes(lk, self.shape))
+            self.dead(clone, den)
+            w_in = wn
+        else:
+            w_in = w
+        ws = self.new(f"{m}.router.top_w_scaled", k * t, lk)
+        self.node(ws, [w_in])
+        if self.ckpt_block < 0 or self.recomputing:  # saved by the choice's nodes (masked_fill, the two top-k),
+            for kept in (inverted, g_idx, group_idx):  # which no gradient reaches: they die with the locals
+                self.tensors[kept].ever_saved = True
+        self.dead(w, inverted, masked, g_idx, g_scores, group_idx, group_mask, score_mask)
+        return ws, top_i, lk, [logits, scores, ws, top_i]
+
     def _route(self, m: str, h: str) -> tuple[str, str, str, list[str]]:
         """Router forward: returns (top-k weights, top-k ids, weights' dtype class, locals dropped at return)."""
         c, t = self.moe, self.t
+        if c.deepseek_transformers:
+            return self._route_hf(m, h)
         e, k, d = c.num_experts, c.experts_per_token, c.d_model
         fp32_in = c.router_fp32 or c.router == "sigmoid"
         src = h
@@ -434,7 +740,12 @@ class _MoESim(_Sim):
         weighted = self.new(f"{m}.weighted", d * s, prod_kind)
         grad_sw = d * s * self._bytes(weighted)  # grad·down, summed to (T·k, 1) once the node has returned
         if self.ckpt_block < 0:
-            self.node(weighted, [down, sw], saves=(down, sw), scratch=grad_sw)
+            scratch = grad_sw
+            if prod_kind != "stream":  # fp32 weights, 16-bit experts (DeepSeek's router in bf16): grad·w is made in
+                # fp32 and cast to down's dtype (the engine) while grad·down lives; the fp32 one is freed before
+                # the (T·k, 1) sum is allocated (measured)
+                scratch = 2 * grad_sw - s * self._bytes(sw)
+            self.node(weighted, [down, sw], saves=(down, sw), scratch=scratch)
         else:  # recomputed saved tensors die with the node's locals, before that sum
             wide = self._view(f"{m}.pair_weight_wide", grad_sw, sw)
             self.node(weighted, [down, wide], saves=(down, sw))

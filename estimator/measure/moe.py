@@ -80,8 +80,12 @@ class MLAttention(nn.Module):
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, hq * (self.nope + self.vdim), **kw)
         self.o_proj = nn.Linear(hq * self.vdim, d, **kw)
         self.lora = bool(cfg.q_lora_rank)
+        self.hf, self.interleave = cfg.deepseek_transformers, cfg.rope_interleave
+        self.cache: list[torch.Tensor] | None = None  # transformers' DynamicCache (kv_cache), set by the model
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.hf:
+            return self.hf_forward(x, cos, sin)
         b, s, _ = x.shape
         hq = self.num_heads
         q = self.q_b_proj(self.q_a_norm(self.q_a_proj(x))) if self.lora else self.q_proj(x)
@@ -98,6 +102,69 @@ class MLAttention(nn.Module):
         v = F.pad(v, [0, self.qk - self.vdim]).transpose(1, 2)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)[..., : self.vdim]
         return self.o_proj(y.transpose(1, 2).reshape(b, s, hq * self.vdim))
+
+    def hf_forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """transformers 5.24's ``DeepseekV3Attention.forward`` (and its ``expand_kv``), statement by statement.
+
+        q is viewed as heads and split into its nope and rope parts; the latent ``kv_a_proj`` output is split,
+        normed and viewed as one head; RoPE (interleaved pairs, ``apply_rotary_pos_emb_interleave``, or
+        rotate-half); the latents go through the DynamicCache (``kv_cache``); the query is a ``cat``; the keys
+        a ``new_empty`` filled by two ``copy_``; v is a split view of ``kv_b_proj``'s output, not padded, so
+        SDPA's head sizes differ and the CPU runs its math kernel (``sdpa_attention_forward``: the output
+        transposed and made contiguous, then reshaped).
+        """
+        b, s, _ = x.shape
+        nope, rope, vdim = self.nope, self.rope, self.vdim
+        q_states = self.q_b_proj(self.q_a_norm(self.q_a_proj(x))) if self.lora else self.q_proj(x)
+        q_states = q_states.view(b, s, -1, self.qk).transpose(1, 2)
+        q_pass, q_rot = torch.split(q_states, [nope, rope], dim=-1)
+        compressed_kv = self.kv_a_proj(x)
+        kv_nope, k_rot = torch.split(compressed_kv, [self.kv_lora, rope], dim=-1)
+        kv_nope = self.kv_a_norm(kv_nope)
+        kv_nope = kv_nope.view(b, 1, s, self.kv_lora)
+        k_rot = k_rot.view(b, 1, s, rope)
+        q_rot, k_rot = (rope_interleave(q_rot, k_rot, cos, sin) if self.interleave
+                        else (rope_half(q_rot, cos, sin), rope_half(k_rot, cos, sin)))
+        if self.cache is not None:  # DynamicLayer.update: the compressed latents are cached
+            kv_nope = torch.cat([torch.tensor([], dtype=kv_nope.dtype, device=kv_nope.device), kv_nope], dim=-2)
+            k_rot = torch.cat([torch.tensor([], dtype=k_rot.dtype, device=k_rot.device), k_rot], dim=-2)
+            self.cache += [kv_nope, k_rot]
+        query_states = torch.cat((q_pass, q_rot), dim=-1)
+        key_states, value_states = self._expand_kv(kv_nope, k_rot)
+        y = F.scaled_dot_product_attention(query_states, key_states, value_states, is_causal=True,
+                                           scale=self.qk ** -0.5)
+        y = y.reshape(y.shape[0], -1, s, vdim).transpose(1, 2).contiguous()
+        return self.o_proj(y.reshape(b, s, -1).contiguous())
+
+    def _expand_kv(self, kv_nope: torch.Tensor, k_rot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``DeepseekV3Attention.expand_kv``: keys and values of every head from the latents."""
+        b, _, s, _ = kv_nope.shape
+        kv = self.kv_b_proj(kv_nope).view(b, s, -1, self.nope + self.vdim).transpose(1, 2)
+        k_nope, value_states = torch.split(kv, [self.nope, self.vdim], dim=-1)
+        k_rot = k_rot.expand(-1, k_nope.shape[1], -1, -1)
+        key_states = kv.new_empty(*kv.shape[:-1], self.nope + self.rope)
+        key_states[..., : self.nope].copy_(k_nope)
+        key_states[..., self.nope:].copy_(k_rot)
+        return key_states, value_states
+
+
+def rope_interleave(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' ``apply_rotary_pos_emb_interleave`` (models/deepseek_v3): the pairs (x0, x1), (x2, x3), ...
+    rotated on even/odd slices; cos, sin (S, r) in the rotate-half layout, whose first half is the angles."""
+    cos = cos[..., : cos.shape[-1] // 2]
+    sin = sin[..., : sin.shape[-1] // 2]
+    q1, q2 = q[..., 0::2], q[..., 1::2]
+    k1, k2 = k[..., 0::2], k[..., 1::2]
+    q_embed = torch.cat([q1 * cos - q2 * sin, q2 * cos + q1 * sin], dim=-1)
+    k_embed = torch.cat([k1 * cos - k2 * sin, k2 * cos + k1 * sin], dim=-1)
+    return q_embed, k_embed
+
+
+def rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' ``apply_rotary_pos_emb`` on one (B, heads, S, r) tensor: ``x·cos + rotate_half(x)·sin``."""
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return (x * cos) + (torch.cat((-x2, x1), dim=-1) * sin)
 
 
 class Experts(nn.Module):
@@ -178,8 +245,13 @@ class MoE(nn.Module):
     def __init__(self, cfg: MoEConfig, device: Device, dtype: torch.dtype | None) -> None:
         super().__init__()
         self.cfg = cfg
+        if cfg.deepseek_transformers:  # DeepseekV3MoE's order: experts, then the router (the optimizer's order)
+            self.experts = Experts(cfg, device, dtype)
         self.router = nn.Linear(cfg.d_model, cfg.num_experts, bias=False, device=device, dtype=dtype)
-        self.experts = Experts(cfg, device, dtype)
+        if not cfg.deepseek_transformers:
+            self.experts = Experts(cfg, device, dtype)
+        if cfg.deepseek_transformers:  # DeepseekV3TopkRouter's buffer (zeros: the scores' correction)
+            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.num_experts, device=device, dtype=dtype))
         if cfg.shared_expert_d_ff:
             shared = cfg.dense_view().model_copy(update={"d_ff": cfg.shared_expert_d_ff})
             self.mlp = MLP(shared, device, dtype)  # named like a dense block's MLP: blocks.i.moe.mlp.*
@@ -192,6 +264,8 @@ class MoE(nn.Module):
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(router logits, top-k weights, top-k expert ids) of the tokens ``h`` (T, d)."""
         cfg = self.cfg
+        if cfg.deepseek_transformers:
+            return self.hf_route(h)
         if cfg.router == "sigmoid":  # DeepSeek-V3: fp32 logits, sigmoid, group-limited top-k
             logits = F.linear(h.float(), self.router.weight.float())
             scores = logits.sigmoid()
@@ -213,6 +287,29 @@ class MoE(nn.Module):
         if cfg.norm_topk_prob:
             top_w /= top_w.sum(dim=-1, keepdim=True)
         return logits, top_w.to(logits.dtype), top_i
+
+    def hf_route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """transformers 5.24's ``DeepseekV3TopkRouter.forward``, statement by statement (``e_score_correction_bias``
+        a buffer added to the scores for the choice only, group scores from each group's top two, in-place
+        renormalisation)."""
+        cfg = self.cfg
+        e, g = cfg.num_experts, cfg.n_group
+        router_logits = F.linear(h.type(torch.float32), self.router.weight.type(torch.float32))
+        scores = router_logits.sigmoid()
+        scores_for_choice = scores + self.e_score_correction_bias
+        group_scores = scores_for_choice.view(-1, g, e // g).topk(2, dim=-1)[0].sum(dim=-1)
+        group_idx = torch.topk(group_scores, k=cfg.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores)
+        group_mask.scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(-1, g, e // g).reshape(-1, e)
+        scores_for_choice = scores_for_choice.masked_fill(~score_mask.bool(), float("-inf"))
+        topk_indices = torch.topk(scores_for_choice, k=cfg.experts_per_token, dim=-1, sorted=False)[1]
+        topk_weights = scores.gather(1, topk_indices)
+        if cfg.norm_topk_prob:
+            denominator = topk_weights.sum(dim=-1, keepdim=True) + 1e-20
+            topk_weights /= denominator
+        topk_weights = topk_weights * cfg.routed_scaling_factor
+        return router_logits, topk_weights, topk_indices
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, d = x.shape
@@ -264,18 +361,25 @@ class MoEBlock(nn.Module):
     def __init__(self, cfg: MoEConfig, i: int, device: Device, dtype: torch.dtype | None) -> None:
         super().__init__()
         dense = cfg.dense_view()
-        self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps, device, dtype)
+        # DeepseekV3DecoderLayer registers its norms last: the parameters' order (the optimizer's) follows it
+        norms_last = cfg.deepseek_transformers
+        if not norms_last:
+            self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps, device, dtype)
         if cfg.attention_type == "mla":
             self.attn: nn.Module = MLAttention(cfg, device, dtype)
         elif cfg.qk_norm != "none":
             self.attn = QKNormAttention(cfg, device, dtype)
         else:
             self.attn = Attention(dense, device, dtype)
-        self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps, device, dtype)
+        if not norms_last:
+            self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps, device, dtype)
         if cfg.is_moe_layer(i):
             self.moe = MoE(cfg, device, dtype)
         else:
             self.mlp = MLP(dense, device, dtype)
+        if norms_last:
+            self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps, device, dtype)
+            self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps, device, dtype)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), cos, sin)

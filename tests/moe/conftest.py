@@ -27,3 +27,6 @@ SMALL: dict[str, dict] = {
 
 def small(name: str, **overrides: object) -> MoEConfig:
     return MoEConfig(**{**SMALL[name], **overrides})
+
+#: What an hf_config of deepseek_v3 sets: transformers' MLA and router (and its rotary dtype and training-time cache).
+DEEPSEEK_HF = {"deepseek_transformers": True, "kv_cache": True, "rope_stream_dtype": True}
