@@ -13,7 +13,10 @@ ones ``saved_tensors(cfg, training)`` lists (docs/transformer.md). Choices that 
 * the eager causal mask is an additive 0/-inf matrix (``add`` saves nothing), and GQA in eager
   mode broadcasts k/v with expand+reshape (no saved index tensor);
 * ``cross_entropy`` on the flattened logits returns the mean loss; with ``loss_upcast`` /
-  ``labels_from_inputs`` the loss is transformers' ``ForCausalLMLoss`` (:func:`causal_lm_loss`).
+  ``labels_from_inputs`` the loss is transformers' ``ForCausalLMLoss`` (:func:`causal_lm_loss`);
+* dropout (``embd_dropout``, ``resid_dropout``, ``attn_dropout``; 0 by default, then no call at all) where
+  transformers' GPT-2 applies it: ``F.dropout`` after the embeddings and after both output projections, and
+  ``dropout_p`` (with ``scale``) to SDPA, which on the CPU runs torch's math attention (docs/transformer.md).
 """
 
 from __future__ import annotations
