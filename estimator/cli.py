@@ -370,6 +370,7 @@ def estimate(
 ) -> None:
     """Estimate memory, the peak and FLOPs of one training step (no torch needed)."""
     from estimator.api import estimate as run_estimate
+    from estimator.device_caveats import cpu_forms
 
     set_, parallel, world_size = tp_shortcuts(set_, parallel, world_size, tp, sp)
 
@@ -406,6 +407,8 @@ def estimate(
             extra["checkpoint"] = {**cfg.checkpoint.to_json(), "config_parameters": result.parameters}
         if cfg.analytic_omissions:
             extra["analytic_omissions"] = list(cfg.analytic_omissions)
+        if cpu_forms(cfg.model, result.device):
+            extra["device_caveats"] = list(cpu_forms(cfg.model, result.device))
         if ranks:
             extra["distributed"] = {"strategy": parallel, "world_size": world_size,
                                     "ranks": [r.to_json() for r in ranks]}
@@ -425,6 +428,8 @@ def estimate(
         out.print(summary_line(cfg.checkpoint, result.parameters), markup=False)
     for omission in cfg.analytic_omissions:
         out.print(f"Not in this estimate: {omission}.", markup=False)
+    for caveat in cpu_forms(cfg.model, result.device):
+        out.print(f"On CUDA: {caveat}.", markup=False)
     if fit is not None:
         render_fit(fit, result, out)
         render_alternatives(fit, out)
