@@ -360,8 +360,6 @@ class _MoESim(_Sim):
             self.dead(promoted)
         # expand_kv: kv_b_proj, view(b, s, H, n + v).transpose(1, 2) (its backward a reshape copy), split
         kv = lin("kv_b_proj", cn, m.kv_lora_rank, hq * (nope + vd))
-        if not self.kv_cached:
-            self.dead(cn)
         kb = self._bytes(kv)
         kv_heads = self._view(f"{a}.kv_heads", self.tensors[kv].nbytes, kv)
         (k_nope, v), kv_b_split = self._split(f"{a}.kv_b_split", kv_heads, [("k_nope", hq * nope * t * kb),
@@ -375,8 +373,6 @@ class _MoESim(_Sim):
         key1 = self._view(f"{a}.key_nope_copied", self.tensors[key].nbytes)
         self.node(key1, [self._part(k_nope, kv_b_split)], scratch=self.tensors[key].nbytes)
         self.node(key, [key1, k_exp], scratch=hq * r * t * kb)
-        if not self.kv_cached:
-            self.dead(k_r)
         y = self._math_sdpa(a, query, key, self._part(v, kv_b_split))
         # sdpa_attention_forward: reshape, transpose(1, 2).contiguous() (a copy), then reshape(b, s, -1)
         yc = self.new(f"{a}.y", hq * vd * t, self._kind(y))
@@ -384,7 +380,8 @@ class _MoESim(_Sim):
         self.dead(y)
         out = lin("o_proj", yc, hq * vd, d)
         # the locals, dropped at return (compressed_kv too: in 16 bits the norm saved an fp32 copy, not its view)
-        self.dead(yc, q, q_r, ckv, query, key, kv)
+        latents = [] if self.kv_cached else [cn, k_r]  # (the cache holds its copies until forward returns)
+        self.dead(yc, q, q_r, ckv, *latents, query, key, kv)
         return out
 
     def _mla(self, p: str, x: str) -> str:
@@ -472,9 +469,13 @@ class _MoESim(_Sim):
         lk = self._kind(logits)
         scores = self.new(f"{m}.router.scores", e * t, lk)
         self.node(scores, [logits], saves=(scores,))
+        # the choice's top-k and masked_fill nodes keep their indices and mask only while autograd records
+        saving = self.ckpt_block < 0 or self.recomputing
         choice = self.new(f"{m}.router.choice", e * t, "fp32")
         g_vals = self.new(f"{m}.router.group_top2", g * 2 * t, "fp32")
         g_idx = self.new_bytes(f"{m}.router.group_top2_ids", g * 2 * t * I64)
+        if not saving:
+            self.dead(g_idx)
         g_scores = self.new(f"{m}.router.group_scores", g * t, "fp32")
         self.dead(g_vals)
         gi_vals = self.new(f"{m}.router.group_topk", c.topk_group * t, "fp32")
@@ -486,6 +487,8 @@ class _MoESim(_Sim):
         inverted = self.new_bytes(f"{m}.router.mask_not", e * t * BOOL)
         self.dead(as_bool)
         masked = self.new(f"{m}.router.choice_masked", e * t, "fp32")
+        if not saving:
+            self.dead(inverted)
         self.dead(choice)
         top_v = self.new(f"{m}.router.top_v", k * t, "fp32")
         top_i = self.new_bytes(f"{m}.router.top_i", k * t * I64)
@@ -502,17 +505,19 @@ class _MoESim(_Sim):
             clone = self.new(f"{m}.router.top_w_clone", k * t, lk)  # in-place div_ saves the original
             wn = self._view(f"{m}.router.top_w_norm", k * t * kind_bytes(lk, self.shape))
             self.node(wn, [w, den], saves=(clone, den), scratch=3 * k * t * kind_bytes(lk, self.shape))
-            self.dead(clone, den)
-            w_in = wn
+            self.dead(clone)
+            w_in, locals_ = wn, [den]
         else:
-            w_in = w
+            w_in, locals_ = w, []
         ws = self.new(f"{m}.router.top_w_scaled", k * t, lk)
         self.node(ws, [w_in])
-        if self.ckpt_block < 0 or self.recomputing:  # saved by the choice's nodes (masked_fill, the two top-k),
-            for kept in (inverted, g_idx, group_idx):  # which no gradient reaches: they die with the locals
+        self.dead(w)
+        if saving:  # saved by the choice's nodes (masked_fill, the two top-k), which no gradient reaches: they
+            for kept in (inverted, g_idx, group_idx):  # die with the locals
                 self.tensors[kept].ever_saved = True
-        self.dead(w, inverted, masked, g_idx, g_scores, group_idx, group_mask, score_mask)
-        return ws, top_i, lk, [logits, scores, ws, top_i]
+        choice_locals = [inverted, masked, g_idx] if saving else [masked]
+        self.dead(scores, *choice_locals, g_scores, group_idx, group_mask, score_mask, *locals_)
+        return ws, top_i, lk, [logits, ws, top_i]
 
     def _route(self, m: str, h: str) -> tuple[str, str, str, list[str]]:
         """Router forward: returns (top-k weights, top-k ids, weights' dtype class, locals dropped at return)."""
@@ -748,7 +753,9 @@ class _MoESim(_Sim):
             self.node(weighted, [down, sw], saves=(down, sw), scratch=scratch)
         else:  # recomputed saved tensors die with the node's locals, before that sum
             wide = self._view(f"{m}.pair_weight_wide", grad_sw, sw)
-            self.node(weighted, [down, wide], saves=(down, sw))
+            # fp32 weights, 16-bit experts: grad·w is made in fp32 before its cast (measured)
+            cast = d * s * (self._bytes(weighted) - self._bytes(down)) if prod_kind != "stream" else 0
+            self.node(weighted, [down, wide], saves=(down, sw), scratch=cast)
         inv = self.new_bytes(f"{m}.inv_perm", s * I64)
         self.dead(self._tmp(f"{m}.arange", s * I64))
         if self.recomputing and not c.shared_expert_d_ff:

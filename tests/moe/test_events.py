@@ -133,8 +133,8 @@ def test_deepseek_as_transformers_writes_it_equals_the_real_step(precision: str)
 
 def test_deepseek_as_transformers_writes_it_checkpointed() -> None:
     """Backward and the bytes left after forward exact. The forward peak is inside SDPA's math kernel, whose
-    decomposed temporaries (what ``verify``'s dispatch-mode tracker sees, and the estimate models) the allocator
-    books as one op's internal blocks, which ``real_step`` leaves out (measured: 9,504 B against 9,248 B)."""
+    decomposed temporaries (what ``verify``'s dispatch-mode tracker sees, and the estimate models: 9,472 B, equal
+    to the tracker's) the allocator books as one op's internal blocks, which ``real_step`` leaves out (9,248 B)."""
     cfg = small("deepseek-v3", **DEEPSEEK_HF)
     real, counts = real_step(cfg, "fp32", "full")
     sim = simulated(cfg, counts, "fp32", "full")
