@@ -116,8 +116,8 @@ class MoEConfig(StrictModel):
     labels_from_inputs: bool = Field(False, description="transformers' loss: the labels are the input ids, shifted "
                                      "in the loss (docs/transformer.md)")
     rope_buffers: bool = Field(False, description="transformers' rotary inv_freq buffers (docs/transformer.md)")
-    rope_stream_dtype: bool = Field(False, description="transformers' rotary cos/sin dtype; not with mla "
-                                    "(docs/transformer.md)")
+    rope_stream_dtype: bool = Field(False, description="transformers' rotary cos/sin dtype; with mla only with "
+                                    "deepseek_transformers (docs/transformer.md)")
     kv_cache: bool = Field(False, description="transformers' training-time DynamicCache (with mla only with "
                            "deepseek_transformers: the compressed latents are cached) (docs/transformer.md)")
     deepseek_transformers: bool = Field(
