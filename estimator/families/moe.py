@@ -5,7 +5,10 @@ head, reused through :meth:`MoEConfig.dense_view`) whose MLP is, in its MoE laye
 ``num_experts`` SwiGLU experts of which each token uses ``experts_per_token``, plus optional shared
 experts (DeepSeek, Qwen2-MoE) and, before the first MoE layer, ``first_dense_layers`` dense blocks
 (DeepSeek's ``first_k_dense_replace``). Attention is grouped-query (optionally with q/k RMSNorms,
-Qwen3/OLMoE) or DeepSeek's multi-head latent attention (MLA, DeepSeek-V2 paper section 2.1).
+Qwen3/OLMoE) or DeepSeek's multi-head latent attention (MLA, DeepSeek-V2 paper section 2.1): v padded to
+the q/k head size (the presets), or, with ``deepseek_transformers`` (an hf_config of deepseek_v3), as
+transformers 5.24's ``DeepseekV3Attention`` runs it (v not padded: SDPA's math kernel on the CPU) with its
+``DeepseekV3TopkRouter`` (docs/moe.md).
 
 Routing is data-dependent, so it is an explicit, stated input (:class:`RoutingConfig`): balanced
 (B·S·k/E tokens per expert), a capacity factor (Switch Transformer, Fedus et al. 2021 section 2.2),

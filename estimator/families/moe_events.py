@@ -26,6 +26,10 @@ sees it (``tests/moe/test_events.py``):
 
 MLA and q/k norms are built from the same primitives (linear, RMSNorm, RoPE, SDPA); their slices
 and concatenations are modelled as views whose gradients materialise at the size of their base.
+With ``deepseek_transformers`` the MLA and router are transformers 5.24's (``_mla_hf``, ``_route_hf``):
+``torch.split`` as one node per split (``_split``), interleaved RoPE, the cached latents, the keys'
+``new_empty`` + ``copy_``, and SDPA's math kernel decomposed (``_math_sdpa``), as measured op by op
+against our module, whose step equals ``DeepseekV3ForCausalLM``'s (docs/moe.md).
 """
 
 from __future__ import annotations

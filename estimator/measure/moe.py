@@ -9,6 +9,8 @@ expert's slice of the weights, scales by the routing weight and ``index_add_``s 
 router is Qwen2-MoE/OLMoE's (softmax in fp32, top-k, optional renormalisation, cast back) or
 DeepSeek-V3's (fp32 logits, sigmoid, group-limited top-k, scaling). ``forward`` records the tokens
 each expert received in ``tokens_per_expert`` (one list per MoE layer), which ``verify`` reports.
+With ``cfg.deepseek_transformers`` the MLA, the router and the parameters' order are transformers 5.24's
+``DeepseekV3Attention``, ``DeepseekV3TopkRouter`` and ``DeepseekV3DecoderLayer``'s, statement by statement.
 """
 
 from __future__ import annotations
