@@ -85,6 +85,7 @@ def test_unrounded_cuda_step_equals_the_cpu_step_outside_the_optimizer(extra: li
     (TINY, ["training.precision=amp-bf16", "training.activation_checkpointing=full"]),
     (TINY, ["training.precision=bf16", "training.grad_accum_steps=2"]),
     ("moe", ["training.precision=amp-bf16"]),
+    ("deepseek", ["training.precision=bf16", "model.deepseek_transformers=true"]),
     ("gpt2", ["training.precision=fp32"]),
 ])
 def test_marked_body_is_the_familys_forward_backward(model: dict | str, extra: list[str]) -> None:
@@ -94,6 +95,11 @@ def test_marked_body_is_the_familys_forward_backward(model: dict | str, extra: l
 
     if model == "gpt2":
         cfg = load_config(None, ["model.preset=gpt2", "model.num_layers=2", "training.seq_len=16", *extra])
+    elif model == "deepseek":
+        from tests.moe.conftest import SMALL
+
+        cfg = load_config(None, ["training.seq_len=8", *extra],
+                          base={"model": {"family": "moe", **SMALL["deepseek-v3"]}})
     else:
         cfg = load_config(None, ["training.seq_len=8", "model.num_layers=3", *extra],
                           base={"model": _moe() if model == "moe" else model})
