@@ -189,3 +189,58 @@ def test_hf_load_balancing_loss_bytes(model_type: str, tmp_path: Path) -> None:
         peak = max(peak, live)
     assert (peak, live) == (rise, kept)
     assert kept == cfg.num_layers * B * S * E * 4 + E * 4 + 4  # each layer's softmax, f and the loss
+
+
+DEEPSEEK = {**COMMON, "n_routed_experts": E, "moe_intermediate_size": 16, "intermediate_size": 20,
+            "n_shared_experts": 1, "first_k_dense_replace": 1, "q_lora_rank": 8, "kv_lora_rank": 8,
+            "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 6, "n_group": 2, "topk_group": 1,
+            "routed_scaling_factor": 2.5}
+
+
+def _peaks(run: object) -> tuple[int, int, int]:
+    """(forward peak, backward peak, end of forward) of ``run(marks)``: the allocator's ATen-op blocks."""
+    from estimator.measure.allocator import profile_allocations
+
+    trace = profile_allocations(run)
+    base = trace.live_before("forward").tensors
+    return (max(s.tensors for s in trace.within("forward")) - base,
+            max(s.tensors for s in trace.within("backward")) - base, trace.live_before("backward").tensors - base)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_deepseek_v3_step_equals_ours(tmp_path: Path, dtype: str) -> None:
+    """DeepseekV3ForCausalLM's real step (MLA with v unpadded, the sigmoid router, the DynamicCache, its loss) and
+    our module built from the same config.json (``deepseek_transformers``): equal to the byte."""
+    from estimator.measure.moe import build_moe
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "deepseek_v3", **DEEPSEEK}))
+    values = read_hf_config(tmp_path)
+    values.pop("family")
+    cfg = MoEConfig(**values)
+    assert cfg.deepseek_transformers and cfg.kv_cache
+    dt = getattr(torch, dtype)
+    idx = torch.randint(0, COMMON["vocab_size"], (B, S))
+
+    def hf(marks) -> None:  # noqa: ANN001
+        marks("build")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = transformers.AutoModelForCausalLM.from_config(
+                transformers.AutoConfig.for_model("deepseek_v3", **DEEPSEEK), attn_implementation="sdpa").to(dt)
+        model.train()
+        marks("forward")
+        loss = model(input_ids=idx, labels=idx).loss
+        marks("backward")
+        loss.backward()
+        marks("end")
+
+    def ours(marks) -> None:  # noqa: ANN001
+        marks("build")
+        model = build_moe(cfg, dtype=dt)
+        marks("forward")
+        loss = model(idx, idx)
+        marks("backward")
+        loss.backward()
+        marks("end")
+
+    assert _peaks(ours) == _peaks(hf)
