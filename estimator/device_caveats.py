@@ -36,6 +36,6 @@ def cpu_forms(model: Any, device: str) -> tuple[str, ...]:
                      "(B, H, S, S) tensor, so the figures above are high by that difference")
     if getattr(model, "deepseek_transformers", False):
         found.append("DeepSeek-V3's attention (v heads narrower than q/k) is estimated as the CPU runs it, through "
-                     "torch's math attention with its (B, H, S, S) scores and probabilities kept; CUDA's "
+                     "torch's math attention, which keeps its (B, H, S, S) probabilities for backward; CUDA's "
                      "memory-efficient kernel keeps none, so the figures above are high by those")
     return tuple(found)

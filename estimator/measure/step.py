@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -355,12 +356,20 @@ def _state_tensors(optimizer: torch.optim.Optimizer, step: bool) -> Iterator[Ten
 
 
 class _SavedTensorCounter:
-    """A pass-through pack hook that adds up the storages forward saves for backward."""
+    """A pass-through pack hook that adds up the storages forward saves for backward.
+
+    A storage is one entry however often it is saved. Its address alone does not say which storage it
+    is: a saved tensor can die during forward (DeepSeek's router saves some) and a later one take its
+    address, which then dropped one of them from the count now and then. Each entry keeps a weak
+    reference to its storage (torch preserves a storage's Python object while the storage lives), so a
+    new storage at an old address is a new entry; the reference changes no lifetime.
+    """
 
     def __init__(self, device: torch.device, exclude: Iterable[Tensor]) -> None:
         self.device = device
         self.excluded = {t.untyped_storage().data_ptr() for t in exclude if _on_device(t, device)}
-        self.saved: dict[int, int] = {}
+        self.saved: dict[tuple[int, int], int] = {}  # (address or id, generation) -> bytes
+        self._current: dict[int, tuple[int, Any]] = {}  # address or id -> (generation, weak reference)
 
     def pack(self, t: Tensor) -> Tensor:
         if _on_device(t, self.device):
@@ -368,8 +377,20 @@ class _SavedTensorCounter:
                 st = t.untyped_storage()
                 ptr = st.data_ptr()
                 if ptr not in self.excluded:
-                    self.saved[ptr or id(st)] = st.nbytes()
+                    self._count(ptr or id(st), st)
         return t  # keep the tensor itself: no copy, no change of lifetime
+
+    def _count(self, key: int, st: Any) -> None:
+        generation, ref = self._current.get(key, (-1, None))
+        if ref is None or ref() is not st:
+            try:
+                ref = weakref.ref(st)
+            except TypeError:  # a storage type without weak references: by address alone, as before
+                self.saved[(key, 0)] = st.nbytes()
+                return
+            generation += 1
+            self._current[key] = (generation, ref)
+        self.saved[(key, generation)] = st.nbytes()
 
     @staticmethod
     def unpack(t: Tensor) -> Tensor:

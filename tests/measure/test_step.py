@@ -270,3 +270,42 @@ def test_tensors_made_before_the_measurement_are_counted() -> None:
         "cpu",
     )
     assert m.first_step.start_bytes == m.parameters + m.inputs == 144 + 40
+
+
+class _Storage:
+    def __init__(self, address: int, nbytes: int) -> None:
+        self.address, self.size = address, nbytes
+
+    def data_ptr(self) -> int:
+        return self.address
+
+    def nbytes(self) -> int:
+        return self.size
+
+
+class _Saved:
+    """What the pack hook reads of a tensor: its device and its storage."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, storage: _Storage) -> None:
+        self.storage = storage
+
+    def untyped_storage(self) -> _Storage:
+        return self.storage
+
+
+def test_saved_counter_tells_a_new_storage_at_a_freed_address() -> None:
+    """A saved storage that dies in forward and a later one at its address are two entries (the address
+    alone counted them once, 256 B short of the estimate in 2 of 19 DeepSeek-V3 verifies); the same
+    storage saved twice is one."""
+    counter = step_module._SavedTensorCounter(torch.device("cpu"), [])
+    first = _Storage(4096, 128)
+    counter.pack(_Saved(first))
+    counter.pack(_Saved(first))
+    assert counter.total == 128
+    del first  # freed during forward: its address is free again
+    later = _Storage(4096, 256)
+    counter.pack(_Saved(later))
+    counter.pack(_Saved(later))
+    assert counter.total == 128 + 256
