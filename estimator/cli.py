@@ -259,11 +259,16 @@ def layout_in_force(cfg: Any, parallel: Optional[str], world_size: Optional[int]
     if cfg.parallel.offload and strategy not in ("zero3", "fsdp"):  # said, not silently ignored
         raise EstimatorError("parallel.offload: FSDP2's CPU offload applies with --parallel zero3 or fsdp, "
                              f"not {strategy or 'one device'}")
+    from estimator.config import parallel_options_that_cannot_apply
+
+    unused = parallel_options_that_cannot_apply(cfg.parallel, strategy, cfg.training.master_weights)
+    if unused:  # said, not silently ignored
+        raise EstimatorError(*unused)
     if strategy is None:
         world_size_in_force(None, world_size)
         return cfg, None, 1
-    if world_size is None and configured is not None:
-        world_size = cfg.parallel.world_size
+    if world_size is None and (configured is not None or cfg.parallel.world_size != 1):
+        world_size = cfg.parallel.world_size  # the config's ranks, also under --parallel (not the default 2)
     n = world_size_in_force(strategy, world_size, most, why)
     section = cfg.parallel.model_copy(update={"strategy": strategy, "world_size": n})
     from estimator.parallel.tp import plain_blocks
@@ -528,6 +533,7 @@ def verify(
     set_, parallel, world_size = tp_shortcuts(set_, parallel, world_size, tp, sp)
     ranks_most = 4 * (os.cpu_count() or 1)
     why = f" on this machine (4 x its {os.cpu_count() or 1} CPUs: each rank is a process)"
+    given_world_size = world_size
     world_size = world_size_in_force(parallel, world_size, ranks_most, why)
 
     def refuse_unused() -> None:  # what verify --parallel does not do is refused, not ignored
@@ -555,6 +561,13 @@ def verify(
         parallel = cfg.parallel.strategy
         world_size = world_size_in_force(parallel, cfg.parallel.world_size, ranks_most, why)
         refuse_unused()
+    elif parallel is not None and given_world_size is None and cfg.parallel.world_size != 1:
+        world_size = world_size_in_force(parallel, cfg.parallel.world_size, ranks_most, why)  # the config's ranks
+    from estimator.config import parallel_options_that_cannot_apply
+
+    unused = parallel_options_that_cannot_apply(cfg.parallel, parallel, cfg.training.master_weights)
+    if unused:  # said, not silently ignored
+        raise EstimatorError(*unused)
     torch_modules = _import_torch_side()
     if parallel is not None:
         _verify_parallel(cfg, parallel, world_size, device, tolerance, as_json)

@@ -26,6 +26,16 @@ MAX_LAYERS = 100_000
 blocks). Layers that repeat are costed once (``periodic.py``), so an estimate stays instant up to here;
 the bound keeps the paths that do materialise every layer (a timeline chart, ``verify``) to seconds."""
 
+MAX_EXPERTS = 1024
+"""The most routed experts per MoE layer (4x the largest released router we model, DeepSeek-V3's 256).
+Each expert is an event of the step, so the estimate grows with experts x layers: measured on this
+project's 2-core machine, Mixtral-8x7B with 1,024 experts took 0.55 s (grouped_mm) and 27 s (eager,
+an event per expert hit); 4,096 experts eager did not finish in 60 s (docs/cli.md)."""
+
+MAX_EXPERT_LAYERS = 1_000_000
+"""The most num_experts x num_layers: 8 experts x 100,000 layers took 11 s and 0.5 GB, 4,096 x 100,000
+ran out of 6 GB after 57 s (docs/cli.md)."""
+
 
 MAX_TENSOR_ELEMENTS = 1 << 60
 """The most elements a traced input may have: torch keeps sizes and byte counts in int64."""
@@ -134,6 +144,43 @@ class ParallelConfig(StrictModel):
         "before the root "
         "(class names); null = the most repeated class of submodules holding parameters (docs/module.md)"
     )
+
+
+def parallel_options_that_cannot_apply(parallel: ParallelConfig, strategy: str | None,
+                                        master_weights: bool) -> list[str]:
+    """One ``error`` line per ``parallel:`` option the layout in force would silently ignore.
+
+    ``strategy`` is the one in force (``--parallel`` over ``parallel.strategy``; None: one device). Each
+    option is read only by the layouts its field description names (``estimator/parallel/``), so a value
+    other than its default anywhere else is refused rather than dropped (docs/cli.md, "options that cannot
+    apply").
+    """
+    where = f"--parallel {strategy}" if strategy else "one device"
+    fsdp = strategy in ("zero3", "fsdp")
+    tensor = strategy == "tp" or parallel.tp_size > 1
+    problems = []
+    if strategy is None and parallel.world_size != 1:
+        problems.append(f"parallel.world_size: {parallel.world_size} applies with a parallel.strategy "
+                        "(or --parallel), not one device")
+    if strategy is None and parallel.tp_size != 1:
+        problems.append(f"parallel.tp_size: {parallel.tp_size} applies with --parallel tp, fsdp or zero3, "
+                        "not one device")
+    for name in ("sequence_parallel", "loss_parallel"):
+        if getattr(parallel, name) and not tensor:
+            problems.append(f"parallel.{name}: applies with tensor parallelism (--parallel tp, or --tp N), not {where}")
+    if not parallel.reshard_after_forward and strategy != "fsdp":
+        problems.append(f"parallel.reshard_after_forward: false applies with --parallel fsdp (zero3 always "
+                        f"reshards), not {where}")
+    if parallel.reduce_dtype != "fp32" and not (fsdp and master_weights):
+        problems.append(f"parallel.reduce_dtype: applies with --parallel zero3 or fsdp and "
+                        f"training.master_weights: true, not {where}" + ("" if master_weights else
+                                                                          " without master weights"))
+    if parallel.fsdp_unit_class is not None and not fsdp:
+        problems.append(f"parallel.fsdp_unit_class: applies with --parallel zero3 or fsdp, not {where}")
+    if not parallel.sync_every_micro_batch and strategy is None:
+        problems.append("parallel.sync_every_micro_batch: false applies with a parallel.strategy "
+                        "(or --parallel), not one device")
+    return problems
 
 
 class TrainingConfig(StrictModel):
@@ -348,6 +395,12 @@ class Config(StrictModel):
         layers = getattr(self.model, "num_layers", None)
         if isinstance(layers, int) and layers > MAX_LAYERS:
             raise ValueError(f"model.num_layers: at most {MAX_LAYERS:,} layers, got {layers:,}")
+        experts = getattr(self.model, "num_experts", None)
+        if isinstance(experts, int) and experts > MAX_EXPERTS:
+            raise ValueError(f"model.num_experts: at most {MAX_EXPERTS:,} routed experts, got {experts:,}")
+        if isinstance(experts, int) and isinstance(layers, int) and experts * layers > MAX_EXPERT_LAYERS:
+            raise ValueError(f"model.num_experts: at most {MAX_EXPERT_LAYERS:,} experts x layers in all, got "
+                             f"{experts:,} x {layers:,}")
         return self
 
     @property

@@ -303,7 +303,7 @@ def family_of(path: str | Path) -> str:
         model_type = json.loads(p.read_text(encoding="utf-8")).get("model_type")
     except (OSError, ValueError, AttributeError):
         return "transformer"
-    return "moe" if model_type in MOE_TYPES else "transformer"
+    return "moe" if isinstance(model_type, str) and model_type in MOE_TYPES else "transformer"
 
 
 def supported_model_types() -> list[str]:
@@ -328,6 +328,8 @@ def load_config_json(path: str | Path) -> tuple[Path, dict[str, Any]]:
         raise EstimatorError(f"{p}: expected a JSON object, got {type(data).__name__}")
     if data.get("model_type") is None:
         raise EstimatorError(f"{p}: missing key 'model_type'")
+    if not isinstance(data["model_type"], str):
+        raise EstimatorError(f"{p}: key 'model_type' must be a string, got {data['model_type']!r}")
     return p, data
 
 

@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from estimator.config import StrictModel, TrainingConfig
+from estimator.config import MAX_LAYERS, StrictModel, TrainingConfig
 from estimator.errors import EstimatorError
 from estimator.events import Event, alloc, free
 from estimator.families.base import BatchInForce, FlopCount, ParamTensor, StepShape, register_family
@@ -68,7 +68,7 @@ class MoEConfig(StrictModel):
     family: Literal["moe"] = "moe"
     vocab_size: int = Field(32000, gt=0, description="V, the vocabulary size")
     d_model: int = Field(1024, gt=0, description="d, the width of the residual stream")
-    num_layers: int = Field(8, gt=0, description="L, the number of blocks (dense and MoE)")
+    num_layers: int = Field(8, gt=0, le=MAX_LAYERS, description="L, the number of blocks (dense and MoE)")
     num_heads: int = Field(16, gt=0, description="H, attention (query) heads")
     num_kv_heads: int | None = Field(None, gt=0, description="K, key/value heads (GQA); null = num_heads")
     head_dim: int | None = Field(None, gt=0, description="h, the size of one head; null = d_model / num_heads")
