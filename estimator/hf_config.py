@@ -300,6 +300,8 @@ def family_of(path: str | Path) -> str:
     p = Path(path).expanduser()
     p = p / "config.json" if p.is_dir() else p
     try:
+        if p.stat().st_size > MAX_CONFIG_JSON_BYTES:
+            return "transformer"  # refused with its size when it is loaded
         model_type = json.loads(p.read_text(encoding="utf-8")).get("model_type")
     except (OSError, ValueError, AttributeError):
         return "transformer"
@@ -310,6 +312,10 @@ def supported_model_types() -> list[str]:
     return sorted(_READERS)
 
 
+MAX_CONFIG_JSON_BYTES = 16 << 20
+"""The largest config.json read (docs/cli.md, bounds): a 100 MB one took 1.4 s and 236 MB to parse."""
+
+
 def load_config_json(path: str | Path) -> tuple[Path, dict[str, Any]]:
     """The file (``path`` or ``path/config.json``) and its JSON object; one-line errors naming the file."""
     p = Path(path)
@@ -317,6 +323,9 @@ def load_config_json(path: str | Path) -> tuple[Path, dict[str, Any]]:
         p = p / "config.json"
     if not p.is_file():
         raise EstimatorError(f"Hugging Face config not found: {p}")
+    if p.stat().st_size > MAX_CONFIG_JSON_BYTES:  # published ones are kilobytes (ImageNet-21k labels: ~1 MB)
+        raise EstimatorError(f"{p}: larger than {MAX_CONFIG_JSON_BYTES >> 20} MiB ({p.stat().st_size:,} bytes); "
+                             "a config.json is kilobytes")
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:

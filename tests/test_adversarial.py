@@ -83,3 +83,45 @@ def test_config_world_size_kept_under_parallel() -> None:
                                  "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["distributed"]["world_size"] == 4
+
+
+def test_hf_config_json_size_bounded(tmp_path: Path) -> None:
+    """A 100 MB config.json was parsed whole (1.4 s, 236 MB); over 16 MiB is refused before reading."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(TINY_CONFIGS["llama"]))
+    with path.open("r+b") as f:  # sparse: no 17 MiB written
+        f.truncate(17 << 20)
+    fails(["estimate", "-m", str(path)], "larger than 16 MiB (17,825,792 bytes)")
+
+
+FACTORIES = '''
+import sys
+import torch
+
+
+def exits(**kwargs):
+    sys.exit(3)
+
+
+class ExitsInForward(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        raise SystemExit("bye")
+'''
+
+
+@pytest.mark.parametrize(("factory", "expected"), [
+    ("advfactories:exits", "model.module: advfactories:exits(**kwargs) raised SystemExit: 3 at "),
+    ("advfactories:ExitsInForward", "failed: SystemExit: bye at "),
+    ("advexit:f", "model.module: importing 'advexit' raised SystemExit: 5 at "),
+])
+def test_module_sys_exit_is_one_line(tmp_path: Path, factory: str, expected: str) -> None:
+    """sys.exit() in the user's factory, forward or module body ended estimator with that code and no word."""
+    pytest.importorskip("torch")
+    (tmp_path / "advfactories.py").write_text(FACTORIES)
+    (tmp_path / "advexit.py").write_text("import sys\nsys.exit(5)\n")
+    fails(["estimate", "--set", f"model.module={factory}", "--set", f"model.search_dir={tmp_path}",
+           "--set", "model.inputs=[{shape: [2, 4]}]"], expected)

@@ -118,7 +118,7 @@ def build_for_real(build: Callable[[], nn.Module], what: str, fake_failure: str,
                 f"model.module: {what} cannot be built on fake tensors ({fake_failure}), and building it for real "
                 f"on the CPU passed {exc.nbytes:,} bytes, over the {limit:,} allowed ({RAM_SHARE:.0%} of the "
                 "memory available); make the constructor run on fake tensors (docs/module.md)") from None
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             raise EstimatorError(f"model.module: {what} raised {described(exc)}") from None
 
 

@@ -103,7 +103,7 @@ def load_factory(model: ModuleConfig) -> Callable[..., Any]:
             raise EstimatorError(f"model.module: no module named {missing!r} (from {model.module!r}); "
                                  "is it installed, next to the config or in the current directory?") from None
         raise EstimatorError(f"model.module: importing {module_name!r} failed: {described(exc)}") from None
-    except Exception as exc:  # the user's module raised at import time
+    except (Exception, SystemExit) as exc:  # the user's module raised (or called sys.exit) at import time
         raise EstimatorError(f"model.module: importing {module_name!r} raised {described(exc)}") from None
     finally:
         for folder in added:
@@ -139,7 +139,7 @@ def call_factory(factory: Callable[..., Any], model: ModuleConfig, device: str |
         return factory(**factory_kwargs(factory, model, device))
     except EstimatorError:
         raise
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # sys.exit() in user code is a failure, not our exit code
         raise EstimatorError(f"model.module: {model.module}(**kwargs) raised {described(exc)}") from None
 
 
@@ -166,7 +166,7 @@ def _construct(factory: Callable[..., Any], model: ModuleConfig, fake: Any, trac
         module = _checked(factory(**kwargs), model)
     except EstimatorError:
         raise
-    except Exception as exc:  # its traceback holds the half-built fake module until this block ends
+    except (Exception, SystemExit) as exc:  # its traceback holds the half-built fake module until this block ends
         failure = described(exc)
     else:
         params = list(module.parameters())
@@ -516,7 +516,7 @@ def _stage(field: str, what: str) -> Iterator[None]:
         raise EstimatorError(f"model.module: {what} depends on tensor values{_at(exc)} ({exc}: `if tensor:`, "
                              ".item(), nonzero, ...), which a meta-device trace cannot know (docs/module.md, "
                              "limits)") from None
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise EstimatorError(f"{field}: {what} failed: {described(exc)}") from None
 
 
