@@ -487,6 +487,13 @@ def render_verification(ver: Any, console: Console, tolerance: float | None, plo
         "Measured figures are all live tensor bytes on the device, including those that existed before the step "
         "(what torch.cuda.max_memory_allocated means).",
     ]
+    from estimator.measure.verify import saved_weight_copies
+
+    copies = saved_weight_copies(est)
+    if copies:
+        notes.append(f"Saved for backward includes the {human_bytes(copies)} of 16-bit weight copies autocast makes "
+                     "and autograd keeps for backward (the estimate's activations figure leaves them out: they "
+                     "scale with the parameters; the peaks count them).")
     if u is not None:
         notes.append(
             "CPU: the peaks compared are the real step's, from the allocator's own records with no dispatch mode "

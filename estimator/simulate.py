@@ -61,6 +61,11 @@ class SimulatedStep:
         return sum(e.nbytes for e in self.steady_step if _is_saved(e))
 
     @property
+    def saved_copy_bytes(self) -> int:
+        """Autocast's 16-bit weight copies autograd keeps for backward (filed as temporaries, not activations)."""
+        return sum(e.nbytes for e in self.steady_step if _is_cast_in_forward(e))
+
+    @property
     def input_bytes(self) -> int:
         return sum(e.nbytes for e in self.setup if e.role == "input")
 
@@ -83,6 +88,18 @@ class SimulatedStep:
 def _is_saved(e: Event) -> bool:
     """Saved for backward by one micro-batch (the tensors of later micro-batches are named ``…@later``)."""
     return e.nbytes > 0 and e.role == "activation" and e.phase in ("forward", "loss") and not e.name.endswith(LATER)
+
+
+def _is_cast_in_forward(e: Event) -> bool:
+    """An allocation or a free of a 16-bit copy autocast makes in forward (``….16bit``, filed as a temporary).
+
+    Summed with their frees, these events leave the copies still alive when backward begins: those autograd
+    saved (a linear's weight copy, for its input's gradient), which ``verify`` measures as saved for backward;
+    the copies nothing saved (biases, checkpointed blocks') are freed as forward ends. The estimate's
+    activations figure leaves them out (they scale with the parameters, not the batch); the peak has them.
+    """
+    return (e.role == "temporary" and e.phase in ("forward", "loss") and e.name.endswith(".16bit")
+            and not e.name.endswith(LATER))
 
 
 @dataclass(frozen=True)
@@ -138,6 +155,10 @@ class CompressedStep:
     @property
     def saved_activation_bytes(self) -> int:
         return role_bytes(self.programs[2], _is_saved)
+
+    @property
+    def saved_copy_bytes(self) -> int:
+        return role_bytes(self.programs[2], _is_cast_in_forward)
 
     @property
     def input_bytes(self) -> int:

@@ -216,7 +216,7 @@ TINY_LLAMA = ["model.family=transformer", "model.vocab_size=512", "model.d_model
 @pytest.mark.parametrize("model", [TINY_GPT, TINY_LLAMA], ids=["gpt", "llama"])
 @pytest.mark.parametrize(("precision", "ckpt", "attention"),
                          [("fp32", "none", "sdpa"), ("bf16", "full", "sdpa"), ("fp32", "none", "eager"),
-                          ("bf16", "full", "eager")])
+                          ("bf16", "full", "eager"), ("amp-bf16", "none", "sdpa")])
 def test_transformer_verify_exact(model: list[str], precision: str, ckpt: str, attention: str) -> None:
     cfg = load_config(overrides=[*model, f"training.precision={precision}",
                                  f"training.activation_checkpointing={ckpt}", f"model.attention={attention}",

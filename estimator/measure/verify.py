@@ -140,6 +140,14 @@ def run_verify(
     return Verification(est, measurement, compare_rows(est, measurement), impl, routing, model_run(config))
 
 
+def saved_weight_copies(est: Estimate) -> int:
+    """Autocast's 16-bit weight copies autograd keeps for backward: saved tensors the real step counts, which
+    the estimate's activations figure leaves out (``simulate._is_cast_in_forward``); 0 without autocast."""
+    from estimator.simulate import simulate
+
+    return getattr(simulate(est.config, "cpu"), "saved_copy_bytes", 0)
+
+
 def compare_rows(est: Estimate, m: Measurement) -> list[Row]:
     """The figures both sides know, in the order the report shows them."""
     mem = est.memory
@@ -149,7 +157,7 @@ def compare_rows(est: Estimate, m: Measurement) -> list[Row]:
         Row("gradients", "gradients", mem.gradients, m.gradients),
         Row("optimizer_state", "optimizer state", mem.optimizer_state, m.optimizer_state),
         Row("optimizer_step_tensors", "'step' tensors on the device", step_tensors, m.optimizer_step_tensors),
-        Row("activations", "saved for backward", est.saved_activation_bytes, m.activations),
+        Row("activations", "saved for backward", est.saved_activation_bytes + saved_weight_copies(est), m.activations),
         Row("inputs", "inputs + targets", est.input_bytes, m.inputs),
         # On CUDA the cuBLAS workspaces, allocated by the warm-up before the model exists, sit under
         # every figure of max_memory_allocated; they are not the step's, so they are taken out.
