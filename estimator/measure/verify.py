@@ -142,9 +142,16 @@ def run_verify(
 
 def saved_weight_copies(est: Estimate) -> int:
     """Autocast's 16-bit weight copies autograd keeps for backward: saved tensors the real step counts, which
-    the estimate's activations figure leaves out (``simulate._is_cast_in_forward``); 0 without autocast."""
+    the estimate's activations figure leaves out (``simulate._is_cast_in_forward``); 0 without autocast.
+
+    Read off the CPU step (the forward's events do not depend on the device; cached when the estimate was
+    for the CPU). A traced model files its casts as activations already, so it is not simulated again.
+    """
+    from estimator.precision import precision_plan
     from estimator.simulate import simulate
 
+    if not precision_plan(est.config.training.precision).autocast or est.config.model.family in ("module", "hf"):
+        return 0
     return getattr(simulate(est.config, "cpu"), "saved_copy_bytes", 0)
 
 
