@@ -295,7 +295,8 @@ def validate_config(data: dict[str, Any], source_dir: Path | None = None) -> Con
     config._training_defaults = defaults
     if isinstance(raw_model, dict) and any(key in raw_model for key in HF_SOURCE_KEYS):
         config._checkpoint = checkpoint_of(raw_model, source_dir or Path.cwd())  # safetensors headers beside it
-        config._omissions = analytic_omissions(raw_model, source_dir or Path.cwd())
+        seq_len = config.training.seq_len or getattr(config.model, "max_seq_len", None)  # the S in force
+        config._omissions = analytic_omissions(raw_model, source_dir or Path.cwd(), seq_len)
     return config
 
 

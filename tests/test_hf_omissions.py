@@ -86,3 +86,17 @@ def test_tensor_parallel_shards_the_plain_blocks_and_says_so(tmp_path: Path) -> 
         return [(r["memory"], r["peak_bytes"], r["first_step_peak_bytes"]) for r in data["distributed"]["ranks"]]
 
     assert figures(hf) == figures(same) and hf["distributed"]["ranks"][0]["memory"]["parameters"] == 59_008
+
+
+def test_a_sliding_window_no_longer_than_the_sequence_is_said(tmp_path: Path) -> None:
+    """transformers keeps SDPA's is_causal while the sequence is shorter than the window, then passes a mask
+    (masking_utils._ignore_causal_mask_sdpa); Qwen2's window applies only with use_sliding_window."""
+    mistral = {**LLAMA, "model_type": "mistral", "sliding_window": 16}
+    (note,) = _omissions(tmp_path, mistral)  # S = 16
+    assert note.startswith("sliding-window attention (sliding_window=16, seq_len=16) is not modelled")
+    assert _omissions(tmp_path, {**mistral, "sliding_window": 17}) == ()
+    assert _omissions(tmp_path, {**mistral, "sliding_window": None}) == ()
+    qwen2 = {**LLAMA, "model_type": "qwen2", "sliding_window": 8}
+    assert _omissions(tmp_path, qwen2) == ()
+    (note,) = _omissions(tmp_path, {**qwen2, "use_sliding_window": True})
+    assert "sliding_window=8, seq_len=16" in note
