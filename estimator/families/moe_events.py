@@ -308,6 +308,27 @@ class _MoESim(_Sim):
         self.dead(probs, mask, qs, *wide, *([returned] if returned else []), *casts)
         return y
 
+    def _mla_linear(self, a: str) -> Callable[[str, str, int, int], str]:
+        """A bias-free projection of the attention ``a`` named ``{a}.{name}`` (MLA's projections)."""
+
+        def lin(name: str, src: str, n_in: int, n_out: int) -> str:
+            return self.linear(f"{a}.{name}", src, n_in, n_out, f"{a}.{name}.weight", None)
+
+        return lin
+
+    def _mla_query(self, a: str, x: str, norm: Callable[[str, str, int, int], str]) -> str:
+        """MLA's query, (T, H·qk): compressed (q_a_proj, its RMSNorm ``norm``, q_b_proj) when ``q_lora_rank``
+        is set, else one projection (both forms of MLA run it alike)."""
+        m, lin = self.moe, self._mla_linear(a)
+        if not m.q_lora_rank:
+            return lin("q_proj", x, m.d_model, m.num_heads * m.head_size)
+        qa = lin("q_a_proj", x, m.d_model, m.q_lora_rank)
+        qn = norm(f"{a}.q_a_norm", qa, m.q_lora_rank, self.t)
+        self.dead(qa)
+        q = lin("q_b_proj", qn, m.q_lora_rank, m.num_heads * m.head_size)
+        self.dead(qn)
+        return q
+
     def _mla_hf(self, p: str, x: str) -> str:
         """DeepSeek's latent attention as transformers 5.24's ``DeepseekV3Attention`` runs it
         (``estimator.measure.moe.MLAttention.hf_forward``, op by op)."""
@@ -315,18 +336,8 @@ class _MoESim(_Sim):
         d, hq, qk, nope, r, vd = m.d_model, m.num_heads, m.head_size, m.qk_nope_head_dim, m.qk_rope_head_dim, \
             m.v_head_dim
         a = f"{p}.attn"
-
-        def lin(name: str, src: str, n_in: int, n_out: int) -> str:
-            return self.linear(f"{a}.{name}", src, n_in, n_out, f"{a}.{name}.weight", None)
-
-        if m.q_lora_rank:
-            qa = lin("q_a_proj", x, d, m.q_lora_rank)
-            qn = self.norm16(f"{a}.q_a_norm", qa, m.q_lora_rank, t)
-            self.dead(qa)
-            q = lin("q_b_proj", qn, m.q_lora_rank, hq * qk)
-            self.dead(qn)
-        else:
-            q = lin("q_proj", x, d, hq * qk)
+        lin = self._mla_linear(a)
+        q = self._mla_query(a, x, self.norm16)
         ab = self._bytes(q)
         # view(b, s, H, qk).transpose(1, 2): ViewBackward reshapes the (B, H, S, qk) gradient, a copy
         q_heads = self._view(f"{a}.q_heads", self.tensors[q].nbytes, q)
@@ -394,18 +405,8 @@ class _MoESim(_Sim):
         d, hq, qk, nope, r, vd = m.d_model, m.num_heads, m.head_size, m.qk_nope_head_dim, m.qk_rope_head_dim, \
             m.v_head_dim
         a = f"{p}.attn"
-
-        def lin(name: str, src: str, n_in: int, n_out: int) -> str:
-            return self.linear(f"{a}.{name}", src, n_in, n_out, f"{a}.{name}.weight", None)
-
-        if m.q_lora_rank:
-            qa = lin("q_a_proj", x, d, m.q_lora_rank)
-            qn = self.norm_of(f"{a}.q_a_norm", qa, m.q_lora_rank, t)
-            self.dead(qa)
-            q = lin("q_b_proj", qn, m.q_lora_rank, hq * qk)
-            self.dead(qn)
-        else:
-            q = lin("q_proj", x, d, hq * qk)
+        lin = self._mla_linear(a)
+        q = self._mla_query(a, x, self.norm_of)
         ab = self.shape.activation_bytes
         q_pass = self._view(f"{a}.q_pass", hq * nope * t * ab, q)
         q_rot = self._view(f"{a}.q_rot", hq * r * t * ab, q)
