@@ -280,3 +280,32 @@ def test_usage_errors_are_one_line(args: list[str], expected: str) -> None:
     """Typer's own usage errors: one error line naming the option and where help is, exit 2."""
     err = fails(args, expected)
     assert "--help')" in err or args[-1] == "--set"  # a missing value is found before the command is known
+
+
+def test_item6_an_interrupt_while_ranks_are_created_waits_until_they_are_known() -> None:
+    """A forked rank exists before the parent has read its pid: an interrupt then is held until every rank
+    is known, so the run's cleanup can stop them all (a rank left behind held the terminal's pipes)."""
+    pytest.importorskip("torch")
+    from estimator.errors import Interrupted
+    from estimator.measure.distributed import _Stop
+
+    stop = _Stop(2)
+    with pytest.raises(Interrupted), stop.deferred():
+        stop(signal.SIGTERM, None)  # held: nothing raised here
+        created = True
+    assert created
+    with pytest.raises(Interrupted):
+        stop(signal.SIGINT, None)  # outside the block: at once
+
+
+def test_item6_a_rank_ends_when_the_run_that_started_it_is_gone() -> None:
+    """A rank watches the process that started the run (its own parent is the fork server, which lives on
+    while a rank holds its pipe): killed outright, that process leaves no rank waiting for a peer."""
+    pytest.importorskip("torch")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    code = ("import time\nfrom estimator.measure.distributed import _stop_with_the_parent\n"
+            f"_stop_with_the_parent({gone.pid})\ntime.sleep(30)\n")
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], timeout=60, cwd=ROOT)
+    assert proc.returncode == 1 and time.monotonic() - started < 25

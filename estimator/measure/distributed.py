@@ -114,15 +114,16 @@ def measure_distributed(
         raise EstimatorError("training.master_weights: measured as FSDP2's MixedPrecisionPolicy (--parallel zero3 "
                              "or fsdp, transformer family); torch has no engine for fp32 master weights under "
                              f"{strategy} (estimate only)")
-    with tempfile.TemporaryDirectory(prefix="estimator-dist-") as out, _stop_on_signals(world_size):
+    with tempfile.TemporaryDirectory(prefix="estimator-dist-") as out, _stop_on_signals(world_size) as stop:
         # the fork server's environment is the one it started with: the ranks take this process's, now
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-               "GLOO_SOCKET_IFNAME": "lo"}
+               "GLOO_SOCKET_IFNAME": "lo", "ESTIMATOR_RUN_PARENT": str(os.getpid())}
         ctx: Any = None
         try:
             _start_fork_server()
-            ctx = mp.start_processes(_worker, args=(world_size, strategy, config, env, out), nprocs=world_size,
-                                     join=False, start_method=START_METHOD)
+            with stop.deferred():  # every rank is known (ctx) before an interrupt stops the run
+                ctx = mp.start_processes(_worker, args=(world_size, strategy, config, env, out),
+                                         nprocs=world_size, join=False, start_method=START_METHOD)
             deadline = time.monotonic() + timeout
             while not ctx.join(timeout=max(0.1, min(1.0, deadline - time.monotonic()))):
                 if time.monotonic() > deadline:
@@ -144,6 +145,27 @@ def measure_distributed(
             with open(os.path.join(out, f"rank{rank}.json")) as f:
                 results.append(RankMeasurement.from_json(json.load(f)))
     return results
+
+
+def _stop_with_the_parent(parent: int) -> None:
+    """End this rank when the process that started the run is gone (killed outright, it stopped none).
+
+    A forked rank's parent is the fork server, which outlives a killed client while any rank holds its
+    pipe, and a rank waiting for a peer that never came would wait out gloo's timeout. A daemon thread
+    looks every half second (asleep in between, so the tracker's settling never waits for it).
+    """
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            try:
+                os.kill(parent, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:  # a pid reused by another user's process: the parent is gone
+                os._exit(1)
+
+    threading.Thread(target=watch, name="estimator-parent-watch", daemon=True).start()
 
 
 def _start_fork_server() -> None:
@@ -178,21 +200,48 @@ def _ranks_ignore_sigint() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+class _Stop:
+    """Raises :class:`Interrupted` on SIGINT/SIGTERM, or, inside :meth:`deferred`, once the block ends."""
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size, self.defer, self.pending = world_size, False, 0
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.defer:
+            self.pending = self.pending or signum
+            return
+        self._raise(signum)
+
+    def _raise(self, signum: int) -> None:
+        raise Interrupted(signum, f"stopped the {self.world_size} ranks and removed their temporary directory")
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Hold an interrupt while the ranks are created: a forked rank exists before this process has read
+        its pid from the fork server, and an interrupt in between left a rank no one knew to stop (it kept
+        running and held the terminal's pipes open). The wait is the fork server's first import of torch at
+        most (seconds, once per process)."""
+        self.defer = True
+        try:
+            yield
+        finally:
+            self.defer = False
+        if self.pending:
+            self._raise(self.pending)
+
+
 @contextlib.contextmanager
-def _stop_on_signals(world_size: int) -> Iterator[None]:
+def _stop_on_signals(world_size: int) -> Iterator[_Stop]:
     """SIGINT/SIGTERM in the parent raise :class:`Interrupted`, so the ``finally`` that kills the ranks
     and the temporary directory's cleanup both run (a default SIGTERM would end the parent at once and
     leave ``$TMPDIR/estimator-dist-*`` and the ranks behind)."""
+    stop = _Stop(world_size)
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield stop
         return
-
-    def stop(signum: int, frame: Any) -> None:
-        raise Interrupted(signum, f"stopped the {world_size} ranks and removed their temporary directory")
-
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield stop
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -202,6 +251,7 @@ def _stop_on_signals(world_size: int) -> Iterator[None]:
 def _worker(rank: int, world_size: int, strategy: str, config: Config, env: dict[str, str], out: str) -> None:
     import torch.distributed as dist
 
+    _stop_with_the_parent(int(env["ESTIMATOR_RUN_PARENT"]))
     os.environ.update({**env, **RECORDER_ENV})  # the flight recorder lists every collective (comm_record.py)
     torch.set_num_threads(1)  # 2 cores shared by the ranks; the figures do not depend on threads
     # The Cruncher returns squeeze(-1), a view; FSDP2 warns in case a caller modifies it in place,
