@@ -396,6 +396,7 @@ def estimate(
     cfg = build_config(config, set_, batch_size, optimizer, precision, model, device)
     cfg, parallel, world_size = layout_in_force(cfg, parallel, world_size)
     result = run_estimate(cfg)
+    caveats = cpu_forms(cfg.model, result.device)
     fit = None
     if gpu_spec is not None:
         from estimator.fit import fit_on
@@ -412,8 +413,8 @@ def estimate(
             extra["checkpoint"] = {**cfg.checkpoint.to_json(), "config_parameters": result.parameters}
         if cfg.analytic_omissions:
             extra["analytic_omissions"] = list(cfg.analytic_omissions)
-        if cpu_forms(cfg.model, result.device):
-            extra["device_caveats"] = list(cpu_forms(cfg.model, result.device))
+        if caveats:
+            extra["device_caveats"] = list(caveats)
         if ranks:
             extra["distributed"] = {"strategy": parallel, "world_size": world_size,
                                     "ranks": [r.to_json() for r in ranks]}
@@ -433,7 +434,7 @@ def estimate(
         out.print(summary_line(cfg.checkpoint, result.parameters), markup=False)
     for omission in cfg.analytic_omissions:
         out.print(f"Not in this estimate: {omission}.", markup=False)
-    for caveat in cpu_forms(cfg.model, result.device):
+    for caveat in caveats:
         out.print(f"On CUDA: {caveat}.", markup=False)
     if fit is not None:
         render_fit(fit, result, out)

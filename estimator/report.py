@@ -487,9 +487,8 @@ def render_verification(ver: Any, console: Console, tolerance: float | None, plo
         "Measured figures are all live tensor bytes on the device, including those that existed before the step "
         "(what torch.cuda.max_memory_allocated means).",
     ]
-    from estimator.measure.verify import saved_weight_copies
-
-    copies = saved_weight_copies(est)
+    # what verify added to the estimate's saved activations (autocast's kept weight copies, compare_rows)
+    copies = next(r for r in ver.rows if r.key == "activations").estimated - est.saved_activation_bytes
     if copies:
         notes.append(f"Saved for backward includes the {human_bytes(copies)} of 16-bit weight copies autocast makes "
                      "and autograd keeps for backward (the estimate's activations figure leaves them out: they "

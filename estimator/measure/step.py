@@ -526,6 +526,7 @@ class _Runner:
             return probe.end()
 
 
+@gc_frozen()  # a context manager made by contextmanager is a decorator too: one freeze per call
 def measure_training_step(
     build_model: Callable[[], nn.Module],
     make_batch: Callable[[], Batch],
@@ -545,22 +546,6 @@ def measure_training_step(
     profiler alone (:class:`UninstrumentedRun`): the tracker is a dispatch mode, which changes how
     autograd sums gradients (``estimator/measure/allocator.py``).
     """
-    with gc_frozen():
-        return _measure_training_step(build_model, make_batch, loss_fn, build_optimizer, device, autocast_dtype,
-                                      on_phase, uninstrumented, accum_steps)
-
-
-def _measure_training_step(
-    build_model: Callable[[], nn.Module],
-    make_batch: Callable[[], Batch],
-    loss_fn: Callable[[Tensor, Tensor], Tensor] | None,
-    build_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
-    device: str | torch.device,
-    autocast_dtype: torch.dtype | None,
-    on_phase: Callable[[str], None] | None,
-    uninstrumented: bool,
-    accum_steps: int,
-) -> Measurement:
     device = torch.device(device)
     real = None
     if uninstrumented and device.type == "cpu":
