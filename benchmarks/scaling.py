@@ -12,6 +12,18 @@ Three tables, all measured in one run on this machine:
    on fake tensors, see docs/benchmarks.md), then every preset plain, with ``--gpu``, with
    ``--parallel zero2 -n 8`` and with ``--parallel fsdp -n 1024``.
 
+Run it with the interpreter of a clean virtual environment, as a user installs the package (the README's
+``pip install .``: no editable-install finder, which a development interpreter loads at every start-up,
+and nothing else on ``site``'s path), with torch and numpy in it: the commands are then measured against
+an ``import torch`` of the same interpreter. The children import the package from this checkout
+(``PYTHONPATH``), whatever is installed::
+
+    python -m venv /tmp/bv && /tmp/bv/bin/pip install "torch==2.13.0" numpy .
+    /tmp/bv/bin/python benchmarks/scaling.py
+
+The first line printed names the interpreter, where ``estimator`` was imported from, and its bare start-up
+(``python -c pass``).
+
 The child processes run without ``PYTHONDONTWRITEBYTECODE`` (the warm-up compiles every module of the
 package, ``python -m compileall``, as any install has them: not only those a plain ``estimate`` imports,
 or the first ``--gpu`` or ``--parallel`` run would compile the modules only it imports; torch's come with
@@ -37,15 +49,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from estimator.api import estimate
-from estimator.loader import load_config
-from estimator.parallel import rank_groups
-from estimator.presets import PRESETS
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's package, not an installed copy
+
+from estimator.api import estimate  # noqa: E402
+from estimator.loader import load_config  # noqa: E402
+from estimator.parallel import rank_groups  # noqa: E402
+from estimator.presets import PRESETS  # noqa: E402
 
 TORCH = [sys.executable, "-c", "import torch"]
 TORCH_DYNAMO = [sys.executable, "-c", "import torch, torch._dynamo"]
 ESTIMATOR = [sys.executable, "-m", "estimator"]
+ROOT = Path(__file__).resolve().parent.parent
 CHILD_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+CHILD_ENV["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
 TINY_MODULE = '''import torch.nn as nn
 
 
@@ -75,8 +91,7 @@ def paired(cmd: list[str], pairs: int, cwd: str | None = None) -> dict[str, floa
     """``cmd`` and ``import torch`` alternated (after one warm-up of each, once per run: page cache and
     the package's ``.pyc`` files): medians and the pairwise ratio."""
     if not _WARM:  # every module of the package compiled, not only those a plain estimate imports
-        compiled = run([sys.executable, "-m", "compileall", "-q", str(Path(__file__).resolve().parent.parent /
-                                                                      "estimator")])[2] == 0
+        compiled = run([sys.executable, "-m", "compileall", "-q", str(ROOT / "estimator")])[2] == 0
         _WARM.append(compiled and run(TORCH)[2] == 0 and run([*ESTIMATOR, "estimate"])[2] == 0)
     a, b, rss = [], [], []
     for _ in range(pairs):
@@ -201,6 +216,17 @@ def commands_table(presets: list[str], pairs: int, gpu: str, extras: bool = True
     print()
 
 
+def interpreter_note() -> str:
+    """Where the children import ``estimator`` from, and the interpreter's bare start-up (median of 5)."""
+    where = subprocess.run([sys.executable, "-c", "import estimator; print(estimator.__file__)"], env=CHILD_ENV,
+                           capture_output=True, text=True, cwd=tempfile.gettempdir()).stdout.strip()
+    bare = statistics.median(run([sys.executable, "-c", "pass"])[0] for _ in range(5))
+    finders = sorted(p.name for d in map(Path, sys.path) if d.is_dir() and d.name == "site-packages"
+                     for p in d.glob("__editable__*.pth"))
+    return (f"estimator imported from {where}; `python -c pass` {bare:.3f} s; editable-install finders on site's "
+            f"path: {', '.join(finders) or 'none'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=3, help="A/B pairs per command (one warm-up per run)")
@@ -211,8 +237,9 @@ def main() -> None:
     parser.add_argument("--skip-commands", action="store_true")
     parser.add_argument("--presets-only", action="store_true", help="in the command table, only the presets' rows")
     args = parser.parse_args()
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, "
-          f"load average {os.getloadavg()[0]:.1f}\n")
+    print(f"python {sys.version.split()[0]} ({sys.executable}), {os.cpu_count()} cores, "
+          f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}, load average {os.getloadavg()[0]:.1f}")
+    print(interpreter_note() + "\n")
     if not args.skip_layers:
         layers_table()
     if not args.skip_world:
