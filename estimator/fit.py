@@ -163,8 +163,55 @@ def search_batch(fits: Callable[[int], int], budget: int, cap: int = MAX_BATCH_S
 
 def largest_batch(config: Config, gpu: GPU, parallel: str | None = None, world_size: int = 1) -> int:
     """The largest ``training.batch_size`` (per rank) whose step fits on ``gpu`` (0 if a batch of 1 does not)."""
-    return search_batch(lambda b: step_peak(_with_batch(config, b), parallel, world_size)[0],
-                        gpu.memory_bytes - CONTEXT_RESERVE)[0]
+    return _search(config, gpu.memory_bytes - CONTEXT_RESERVE, parallel, world_size)[0]
+
+
+def _search(config: Config, budget: int, parallel: str | None, world_size: int) -> tuple[int, bool]:
+    if parallel is None:
+        return largest_single_batch(config, budget)
+    return search_batch(lambda b: step_peak(_with_batch(config, b), parallel, world_size)[0], budget)
+
+
+def largest_single_batch(config: Config, budget: int, cap: int = MAX_BATCH_SEARCH) -> tuple[int, bool]:
+    """:func:`search_batch` on one device, the step simulated at a few batches only.
+
+    The batch is predicted by :class:`~estimator.affine_batch.AffinePeak` (the step's events at batch 1
+    and at the config's batch, or 2, sizes affine in the batch, each rounded to CUDA's blocks), then
+    confirmed on the step's own events at it and at the next (built, not replayed: ``affine_batch``):
+    the predicted batch fits and the next does not, which on a nondecreasing peak (what
+    :func:`search_batch` assumes) is the answer. Where the programs do not line up, or the confirmation
+    fails, the secant search runs on the step's own events (the batches already built are not built
+    again). ``tests/test_fit_affine.py`` checks both against the simulated
+    step at every batch of a range.
+    """
+    from estimator.affine_batch import AffinePeak, unrounded_programs
+
+    programs: dict[int, Any] = {}
+    real: dict[int, int] = {}
+
+    def at(b: int) -> Any:
+        if b not in programs:
+            programs[b] = unrounded_programs(_with_batch(config, b))
+        return programs[b]
+
+    def simulated(b: int) -> int:
+        """The step's worst peak at ``b`` from its own events (``AffinePeak.exact``: ``step_peak``'s value)."""
+        if b not in real:
+            real[b] = AffinePeak.exact(at(b)).peak(b)
+        return real[b]
+
+    if simulated(1) > budget:
+        return 0, False
+    other = config.training.batch_size if config.training.batch_size > 1 else 2
+    model = AffinePeak.fit((1, at(1)), (other, at(other)))
+    if model is not None:
+        best, capped = search_batch(model.peak, budget, cap)
+        if capped:
+            if simulated(cap) <= budget:
+                return cap, True
+        elif best and simulated(best) <= budget < simulated(best + 1):
+            return best, False
+    return search_batch(simulated, budget, cap)
 
 
 STAGES = ("ddp", "zero1", "zero2", "zero3")
@@ -341,8 +388,8 @@ def fit_on(est: Estimate, gpu: GPU, mfu: float, parallel: str | None = None, wor
     flops_per_second = gpu.peak_flops(est.config.training.precision)
     seconds = cuda.flops.matmul / flops_per_second
     applies = batch_applies(est.config)
-    best, capped = (search_batch(lambda b: step_peak(_with_batch(est.config, b), parallel, world_size)[0],
-                                 gpu.memory_bytes - CONTEXT_RESERVE) if applies else (0, False))
+    best, capped = _search(est.config, gpu.memory_bytes - CONTEXT_RESERVE, parallel, world_size) if applies else (
+        0, False)
     fits = needed <= gpu.memory_bytes
     options = () if fits or not suggest else tuple(alternatives(est.config, gpu, parallel, world_size))
     return Fit(gpu, peak, needed, fits, best, seconds, seconds / mfu, mfu, capped, applies, ranks, parallel,
