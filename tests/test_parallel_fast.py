@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from estimator import load_config
 from estimator.parallel import per_rank_estimates, rank_groups
@@ -52,3 +54,18 @@ def test_fsdp_rank_step_compressed_equals_flat() -> None:
                 setup, first, steady = round_blocks(setup), round_blocks(first), round_blocks(steady)
             flat = assemble_step(setup, first, steady)
             assert (estimate.step.first_peak, estimate.step.steady_peak) == (flat.first_peak, flat.steady_peak)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(-3, 3), min_size=1, max_size=300), st.data())
+def test_zero2_stretch_maximum_is_the_first_maximum(sizes: list[int], data: st.DataObject) -> None:
+    """``DroppedGradients._argmax`` (runs of 64 events and their maxima) against a plain scan, ties included."""
+    from estimator.events import Event
+    from estimator.parallel.zero import DroppedGradients
+
+    dropped = DroppedGradients([Event(f"t{i}", "temporary", n, "forward") for i, n in enumerate(sizes)])
+    for _ in range(20):
+        lo = data.draw(st.integers(0, len(sizes) - 1))
+        hi = data.draw(st.integers(lo, len(sizes) - 1))
+        window = dropped.h[lo:hi + 1]
+        assert dropped._argmax(lo, hi) == lo + window.index(max(window)), (lo, hi)

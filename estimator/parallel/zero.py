@@ -14,7 +14,8 @@ dropped as soon as it is produced.
 
 Ranks that own nothing (N larger than the number of tensors) are all alike and computed once; a rank
 that owns k tensors costs O(k) on top of what all ranks share: the forward/backward summarised once,
-and for ZeRO-2 a range-maximum table over it (:class:`DroppedGradients`).
+and for ZeRO-2 the maxima of its live bytes per run of 64 events (:class:`DroppedGradients`; each of the
+rank's k + 1 stretches then costs C-level maxima over 128 events and n / 64 run maxima).
 """
 
 from __future__ import annotations
@@ -135,8 +136,8 @@ class DroppedGradients:
     With ``h(t)`` the live bytes at event t when every gradient not made at t has been dropped, the
     rank's live bytes are ``h(t) + K(t)``, K the bytes of its own gradients live at t (a step function
     that changes only at its own gradients' events). So its peak is a maximum of ``h`` over the
-    stretches between its own gradient events, each answered in O(1) by a sparse table (first maximum
-    on ties), and a rank owning k tensors costs O(k) once the table is built.
+    stretches between its own gradient events, each answered by C-level maxima over two partial runs of
+    ``MAX_BLOCK`` events and the kept maxima of the whole runs between them (first maximum on ties).
     """
 
     def __init__(self, events: list[Event]) -> None:
@@ -167,15 +168,9 @@ class DroppedGradients:
                     shift += 1
         self.total_live, self.total_adjust, self.total_shift = live, adjust, shift
         self.total_roles = roles
-        n = len(events)
-        # entries (h[t], -t): the larger entry is the higher h, then the earlier t (the first maximum on ties),
-        # so each level is one C-level max over pairs of the level below
-        self.table = [list(zip(self.h, range(0, -n, -1), strict=True))]
-        k = 1
-        while 2 * k <= n:
-            prev = self.table[-1]
-            self.table.append(list(map(max, prev[:n - 2 * k + 1], prev[k:n - k + 1])))
-            k *= 2
+        # the maximum of h over each run of MAX_BLOCK events: a stretch is its two ends plus whole runs
+        h = self.h
+        self.block_max = [max(h[i:i + MAX_BLOCK]) for i in range(0, len(h), MAX_BLOCK)]
 
     def _roles_through(self, t: int) -> dict[str, int]:
         """Live bytes per role after event ``t`` (every gradient kept): the checkpoint before it plus at most
@@ -186,9 +181,22 @@ class DroppedGradients:
         return roles
 
     def _argmax(self, lo: int, hi: int) -> int:
-        """First index of the maximum of h over [lo, hi]."""
-        level = (hi - lo + 1).bit_length() - 1
-        return -max(self.table[level][lo], self.table[level][hi - (1 << level) + 1])[1]
+        """First index of the maximum of h over [lo, hi]: C-level ``max`` over the partial runs at both ends and
+        over the maxima of the whole runs between them, O(MAX_BLOCK + n / MAX_BLOCK) (no O(n log n) table to build
+        for the few stretches a rank asks about)."""
+        h, size = self.h, MAX_BLOCK
+        first, last = lo // size + 1, hi // size  # the whole runs inside: [first, last)
+        if first >= last:
+            part = h[lo:hi + 1]
+            return lo + part.index(max(part))
+        head, whole, tail = h[lo:first * size], self.block_max[first:last], h[last * size:hi + 1]
+        top = max(max(head), max(whole), max(tail))
+        if max(head) == top:
+            return lo + head.index(top)
+        if max(whole) == top:
+            run = first + whole.index(top)
+            return run * size + h[run * size:(run + 1) * size].index(top)
+        return last * size + tail.index(top)
 
     def summary(self, owned: set[str]) -> Summary:
         n = len(self.events)
@@ -228,6 +236,8 @@ class DroppedGradients:
 
 #: events between two kept role totals of :class:`DroppedGradients` (a summary adds up at most this many)
 ROLE_STRIDE = 64
+#: events per run whose maximum :class:`DroppedGradients` keeps (a stretch's maximum reads its ends and these)
+MAX_BLOCK = 64
 
 
 def _is_grad_event(e: Event) -> bool:
