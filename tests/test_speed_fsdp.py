@@ -10,6 +10,7 @@ from estimator import load_config
 from estimator.parallel import clear_caches, rank_groups
 from estimator.parallel.base import RankContext
 from estimator.parallel.fsdp import unit_events
+from estimator.periodic import Segment, summary_of
 from estimator.simulate import assemble_step, round_blocks
 
 TINY = {"family": "transformer", "d_model": 16, "num_heads": 2, "vocab_size": 32, "max_seq_len": 8}
@@ -51,6 +52,8 @@ CASES = [
     pytest.param(lambda: _config(17, "optimizer.name=lion", "optimizer.implementation=for-loop"), "zero3",
                  id="for-loop-lion"),
     pytest.param(lambda: _moe(17, "optimizer.name=adamw"), "zero3", id="moe-17"),
+    pytest.param(lambda: _moe(18, "optimizer.name=adamw", "model.first_dense_layers=3", "model.d_ff=12"), "zero3",
+                 id="moe-dense-first-layers"),
 ]
 
 
@@ -91,3 +94,29 @@ def test_the_split_is_taken_for_a_preset() -> None:
     cfg = load_config(None, ["optimizer.name=adamw"], base={"model": {"preset": "llama-2-7b"}})
     step = split_rank_step(RankContext(cfg, 1024, "cuda"), 0, True)
     assert step.steady_peak.bytes > step.first_peak.bytes > 0
+
+
+@pytest.mark.parametrize("dense", [0, 1, 3])
+def test_the_shared_step_repeats_after_dense_first_layers(dense: int) -> None:
+    """FSDP2's shared rank step is read off small layer counts (not built flat) whatever the dense first layers:
+    DeepSeek-V3's 3 need a base of 3 + 3 layers (``fsdp_split.unit_programs``), and it equals the flat lists."""
+    from estimator.parallel.fsdp_split import _shared_lists, unit_programs
+    from estimator.periodic import program_length
+
+    cfg = _moe(18, "optimizer.name=adamw", f"model.first_dense_layers={dense}", "model.d_ff=12")
+    build = _shared_lists(8, "cuda", True)
+    programs = unit_programs(cfg, build, round_blocks, None)
+    assert any(segment.count > 1 for program in programs for segment in program)
+    flat = [round_blocks(events) for events in build(cfg)]
+    assert [program_length(p) for p in programs] == [len(events) for events in flat]
+    for program, events in zip(programs, flat, strict=True):
+        assert _same(summary_of(program), summary_of((Segment(tuple(events)),))) if events else not program
+
+
+def _same(a, b) -> bool:  # noqa: ANN001
+    """Equal summaries, the per-role tuples compared as totals (their order follows the events')."""
+    def norm(roles):  # noqa: ANN001, ANN202
+        return {role: n for role, n in roles if n}
+
+    return (a.length, a.delta, norm(a.roles), a.rise, a.rise_index, a.rise_phase, norm(a.rise_roles)) == (
+        b.length, b.delta, norm(b.roles), b.rise, b.rise_index, b.rise_phase, norm(b.rise_roles))

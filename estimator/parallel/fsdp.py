@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from math import prod
-from typing import Any
+from typing import Any, NamedTuple
 
 from estimator.accumulation import after_backward, later_micro_batch_at
 from estimator.config import Config
@@ -43,8 +43,9 @@ from estimator.simulate import (
 )
 
 
-@dataclass(frozen=True)
-class Shard:
+class Shard(NamedTuple):
+    """One rank's part of a tensor (a named tuple: a rank of a 61-layer MoE shards some 15,000 tensors)."""
+
     padded: ParamTensor  # ceil(rows/N) rows: the local storage FSDP2 allocates (and the all-gather chunk)
     local: ParamTensor  # the rows this rank really owns (what zeros_like(param) makes for optimizer state)
 

@@ -23,8 +23,14 @@ from collections.abc import Callable
 from estimator.config import Config
 from estimator.events import Event
 from estimator.parallel.base import RankContext, RankStep, chain
-from estimator.periodic import summary_of
-from estimator.simulate import _shape_key, layered_programs, optimizer_step_events, state_events
+from estimator.periodic import BASE_LAYERS, Program, Segment, map_events, periodic_programs, summary_of
+from estimator.simulate import (
+    COMPRESS_ABOVE_LAYERS,
+    _shape_key,
+    optimizer_step_events,
+    state_events,
+    with_layers,
+)
 from estimator.timeline import Summary, peak_of
 
 #: families whose FSDP2 step is split this way (``unit_events`` on their marked events)
@@ -84,8 +90,8 @@ def split_rank_step(ctx: RankContext, rank: int, reshards: bool) -> RankStep:
     key = _shape_key(ctx.config, ctx.device)
 
     def shared() -> tuple[dict[str, int], tuple[Summary, ...]]:
-        programs = layered_programs(ctx.config, _shared_lists(ctx.world_size, ctx.device, reshards), finish,
-                                    (key, "fsdp-shared", reshards))
+        programs = unit_programs(ctx.config, _shared_lists(ctx.world_size, ctx.device, reshards), finish,
+                                 (key, "fsdp-shared", reshards))
         return dict(summary_of(programs[0]).roles), tuple(summary_of(p) for p in programs[1:])
 
     def kept() -> tuple[dict[str, int], tuple[Summary, ...]] | None:
@@ -102,8 +108,8 @@ def split_rank_step(ctx: RankContext, rank: int, reshards: bool) -> RankStep:
     def own(cfg: Config) -> tuple[list[Event], list[Event], list[Event]]:
         return _optimizer_lists(RankContext(cfg, ctx.world_size, ctx.device), rank)
 
-    own_setup, own_first, own_steady = (summary_of(p) for p in layered_programs(ctx.config, own, finish,
-                                                                                 (key, "fsdp-own")))
+    own_setup, own_first, own_steady = (summary_of(p) for p in unit_programs(ctx.config, own, finish,
+                                                                              (key, "fsdp-own")))
     live = dict(setup_roles)
     for role, n in own_setup.roles:
         live[role] = live.get(role, 0) + n
@@ -114,6 +120,40 @@ def split_rank_step(ctx: RankContext, rank: int, reshards: bool) -> RankStep:
         live_steady[role] = live_steady.get(role, 0) + n
     saved = ctx.shared("saved_activation_bytes", lambda: _saved_bytes(ctx))  # the key Zero3.estimate reads
     return RankStep(peak_of(first, live), peak_of(steady, live_steady), saved)
+
+
+def unit_programs(config: Config, build: Callable[[Config], list[list[Event]]],
+                  finish: Callable[[list[Event]], list[Event]] | None, shape_key: object) -> tuple[Program, ...]:
+    """``build(config)``'s lists as programs, read off small layer counts (``periodic.py``), each list passed
+    through ``finish``; the flat lists, one segment each, where the model is small or they do not repeat.
+
+    As ``simulate.layered_programs``, but from the base FSDP2's hooks need: a unit's hooks touch its
+    neighbours (the next unit's all-gather is prefetched, the previous one's reduce-scatter input freed),
+    so a repeated unit is one with a repeated unit on either side, and the smallest model that has one
+    has the dense first layers (DeepSeek-V3's 3), a first, a middle and a last period of repeated layers.
+    From fewer layers the pattern read is not the model's and the check fails: DeepSeek-V3's ranks were
+    built flat, all 61 layers, at every world size (``tests/test_speed_fsdp.py``).
+    """
+    done = finish or (lambda events: events)
+    layers = getattr(config.model, "num_layers", None)
+    if isinstance(layers, int) and layers > COMPRESS_ABOVE_LAYERS:
+        period = max(1, getattr(config.model, "moe_layer_step", 1) or 1)
+        base = max(BASE_LAYERS, (getattr(config.model, "first_dense_layers", 0) or 0) + 3 * period)
+        filled: list[tuple[bool, ...]] = []
+
+        def nonempty(n: int) -> list[list[Event]]:
+            lists = build(with_layers(config, n))
+            pattern = tuple(bool(events) for events in lists)
+            if filled and pattern != filled[0]:
+                raise ValueError("a list is empty at some layer counts only")
+            filled.append(pattern)
+            return [events for events in lists if events]
+
+        found = periodic_programs(nonempty, layers, base=base, shape_key=shape_key, period=period)
+        if found is not None:
+            blocks = iter(found)
+            return tuple(map_events(next(blocks), done) if full else () for full in filled[0])
+    return tuple((Segment(tuple(done(events))),) if events else () for events in build(config))
 
 
 def _saved_bytes(ctx: RankContext) -> int:
