@@ -232,41 +232,46 @@ def _periodic(build: Callable[[int], Sequence[Sequence[Event]]], layers: int, ba
         return None
     copies = (layers - base) // period
     known = _SHAPES.get(shape_key) if shape_key is not None else None
+    built: dict[int, list[tuple[list[Event], list[tuple[str, int, str, str]]]]] = {}
+
+    def signed(c: int) -> list[tuple[list[Event], list[tuple[str, int, str, str]]]]:
+        """The canonical lists of ``base + c·period`` layers and their signatures, built when first asked
+        for: the layer counts that check a pattern are built only once there is a pattern to check."""
+        if c not in built:
+            built[c] = [_canonical(events) for events in build(base + c * period)]
+        return built[c]
+
     try:
-        signed = [[_canonical(events) for events in build(base + c * period)]
-                  for c in range(2 if known else checks + 2)]
+        runs = [[events for events, _signs in signed(c)] for c in (0, 1)]
+        if known is not None:
+            skeletons, places = known
+            if [[_skeleton(events) for events in run] for run in runs] == skeletons:
+                return tuple(_expand(runs[0][w], [(i, tuple(runs[1][w][j:j + m])) for i, j, m in places[w]],
+                                     copies) for w in range(len(places)))
+        programs: list[Program] = []
+        found: list[list[tuple[int, int, int]]] = []
+        for which in range(len(runs[0])):
+            lists = [run[which] for run in runs]
+            signs = [signed(c)[which][1] for c in (0, 1)]
+            if len(runs[1]) != len(runs[0]):
+                return None
+            for inserts in _inserts(lists[0], lists[1], signs[0], signs[1]):
+                blocks = [(i, block) for i, _j, block in inserts]
+                places = [(i, j, len(block)) for i, j, block in inserts]
+                if all(len(signed(c)) == len(runs[0]) and
+                       _expanded_signature(signs[0], signs[1], places, c) == signed(c)[which][1]
+                       for c in range(2, checks + 2)):
+                    programs.append(_expand(lists[0], blocks, copies))
+                    found.append(places)
+                    break
+            else:
+                return None
     except ValueError:
         return None
-    runs = [[events for events, _signs in run] for run in signed]
-    if known is not None:
-        skeletons, places = known
-        if [[_skeleton(events) for events in run] for run in runs[:2]] == skeletons:
-            return tuple(_expand(runs[0][w], [(i, tuple(runs[1][w][j:j + m])) for i, j, m in places[w]], copies)
-                         for w in range(len(places)))
-        try:
-            signed += [[_canonical(events) for events in build(base + c * period)] for c in range(2, checks + 2)]
-        except ValueError:
-            return None
-        runs = [[events for events, _signs in run] for run in signed]
-    programs: list[Program] = []
-    found: list[list[tuple[int, int, int]]] = []
-    for which in range(len(runs[0])):
-        lists = [run[which] for run in runs]
-        signs = [run[which][1] for run in signed]
-        wanted = signs[2:checks + 2]
-        for inserts in _inserts(lists[0], lists[1], signs[0], signs[1]):
-            blocks = [(i, block) for i, _j, block in inserts]
-            places = [(i, j, len(block)) for i, j, block in inserts]
-            if all(_expanded_signature(signs[0], signs[1], places, c) == wanted[c - 2] for c in range(2, checks + 2)):
-                programs.append(_expand(lists[0], blocks, copies))
-                found.append([(i, j, len(block)) for i, j, block in inserts])
-                break
-        else:
-            return None
     if shape_key is not None:
         if len(_SHAPES) >= 256:
             _SHAPES.clear()
-        _SHAPES[shape_key] = ([[_skeleton(events) for events in run] for run in runs[:2]], found)
+        _SHAPES[shape_key] = ([[_skeleton(events) for events in run] for run in runs], found)
     return tuple(programs)
 
 

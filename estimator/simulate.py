@@ -223,7 +223,35 @@ def _periodic_lists(config: Config, build: Callable[[Config], Sequence[list[Even
     # a block that repeats may span several layers (an MoE layer every k), after some that do not
     # (DeepSeek's dense first layers): read the pattern where two whole periods follow those
     period = max(1, getattr(config.model, "moe_layer_step", 1) or 1)
-    base = max(BASE_LAYERS, (getattr(config.model, "first_dense_layers", 0) or 0) + 2 * period)
+    # the smallest base first (fewer layers to build); a pattern whose first or last layers differ over more
+    # layers is found from the next one (periodic.BASE_LAYERS: what the search has always started from)
+    dense = getattr(config.model, "first_dense_layers", 0) or 0
+    lowest, highest = max(MIN_BASE_LAYERS, dense + 2 * period), max(BASE_LAYERS, dense + 2 * period)
+    for base in dict.fromkeys(b + (layers - b) % period for b in range(lowest, highest + 1)):
+        key = None if shape_key is None else (shape_key, base)
+        if key in _NOT_FROM:  # this shape's pattern was not found from this base before: not again
+            continue
+        programs = _periodic_lists_from(config, build, key, base, period)
+        if programs is not None:
+            return programs
+        if key is not None and base < highest:
+            if len(_NOT_FROM) >= 1024:
+                _NOT_FROM.clear()
+            _NOT_FROM.add(key)
+    return None
+
+
+_NOT_FROM: set[Hashable] = set()
+
+
+#: the smallest layer count a pattern is read from (a first and a last layer; the next count adds one that
+#: repeats): where the first or last layers differ from the rest, the search fails at once and the next is tried
+MIN_BASE_LAYERS = 2
+
+
+def _periodic_lists_from(config: Config, build: Callable[[Config], Sequence[list[Event]]],
+                         shape_key: Hashable | None, base: int, period: int) -> tuple[Program, ...] | None:
+    layers = config.model.num_layers  # type: ignore[union-attr]
     filled: list[tuple[bool, ...]] = []
 
     def nonempty(n: int) -> list[list[Event]]:
@@ -322,10 +350,88 @@ def simulate(config: Config, device: str = "cpu") -> SimulatedStep | CompressedS
     if key not in _SIMULATED:
         if len(_SIMULATED) >= 64:
             _SIMULATED.pop(next(iter(_SIMULATED)))
-        _SIMULATED[key] = layered_step(config, lambda c: step_events(c, device, rounded=False),
-                                       round_blocks if device == "cuda" else None, _shape_key(config, device),
-                                       step_body_events)
+        _SIMULATED[key] = _composed_step(config, device) or layered_step(
+            config, lambda c: step_events(c, device, rounded=False), round_blocks if device == "cuda" else None,
+            _shape_key(config, device), step_body_events)
     return _SIMULATED[key]
+
+
+def _composed_step(config: Config, device: str) -> CompressedStep | None:
+    """The step of a model whose layers repeat, composed from the periodic programs of its parts.
+
+    A step is setup, then ``body + optimizer + tail`` twice (the first and a steady step), where the body
+    (forward, loss, backward, every micro-batch) is the bulk of the events and depends on the model and
+    training sections alone. Each part's program is found on its own (``periodic.py``: built at small layer
+    counts, the repetition checked exactly), the body's once per (model, training) in a process, and the
+    step's programs are their concatenations: a concatenation expands to the concatenation of the
+    expansions, and ``Summary`` composes exactly, so the peaks are the flat step's. The body is searched
+    once instead of inside both steps, and a config that differs only in the optimizer, the device or the
+    layout reuses it. None when the model is small or a part is not periodic (the caller then searches the
+    whole step, or builds it flat); ``tests/test_speed_simulate.py`` compares this with the flat step.
+    """
+    layers = getattr(config.model, "num_layers", None)
+    if not isinstance(layers, int) or layers <= COMPRESS_ABOVE_LAYERS:
+        return None
+    body = body_program(config)
+    if body is None:
+        return None
+    rest = _periodic_lists(config, lambda c: _rest_lists(c, device), (_shape_key(config, device), "rest"))
+    if rest is None:
+        return None
+    setup, first_opt, steady_opt, tail = rest
+    exact = (setup, body + first_opt + tail, body + steady_opt + tail)
+    if device == "cuda":
+        body_r, tail_r = rounded_program(body), map_events(tail, round_blocks)
+        programs = (map_events(setup, round_blocks), body_r + map_events(first_opt, round_blocks) + tail_r,
+                    body_r + map_events(steady_opt, round_blocks) + tail_r)
+        step = compressed_step(programs, lambda: step_events(config, device), exact)
+        return replace(step, build_body=lambda: round_blocks(step_body_events(config)))
+    step = compressed_step(exact, lambda: step_events(config, device))
+    return replace(step, build_body=lambda: step_body_events(config))
+
+
+def body_program(config: Config) -> Program | None:
+    """The periodic program of the forward-backward part of ``config``'s step (every micro-batch; the
+    events before ``optimizer.step()``), unrounded, found once per (model, training) in a process; None
+    when it is not periodic or the model has too few layers."""
+    family = get_family(config.model.family)
+    shape = step_shape(config)
+    key = (config.model.model_dump_json(), config.training.model_dump_json(), shape)
+    if key not in _BODY_PROGRAMS:
+        if len(_BODY_PROGRAMS) >= 64:
+            _BODY_PROGRAMS.pop(next(iter(_BODY_PROGRAMS)))
+        training = config.training.model_dump(mode="json")
+        training.pop("batch_size", None)
+        shape_key = ("body", config.model.model_dump_json(), str(training), shape)
+        found = _periodic_lists(config, lambda c: [_body_part(c, family, step_shape(c))], shape_key)
+        _BODY_PROGRAMS[key] = None if found is None else found[0]
+    return _BODY_PROGRAMS[key]
+
+
+def rounded_program(program: Program) -> Program:
+    """``program`` with CUDA's 512-byte blocks, made once per program object (a body shared by configs)."""
+    key = id(program)
+    made = _ROUNDED.get(key)
+    if made is None or made[0] is not program:
+        if len(_ROUNDED) >= 64:
+            _ROUNDED.pop(next(iter(_ROUNDED)))
+        made = _ROUNDED[key] = (program, map_events(program, round_blocks))
+    return made[1]
+
+
+_BODY_PROGRAMS: dict[tuple[str, str, StepShape], Program | None] = {}
+_ROUNDED: dict[int, tuple[Program, Program]] = {}
+
+
+def _rest_lists(config: Config, device: str) -> list[list[Event]]:
+    """Setup, the first and the steady step's optimizer part (the fp32 master gradients, then
+    ``optimizer.step()``) and the tail (``zero_grad`` and what follows), unrounded: :func:`step_events`
+    less the body."""
+    family = get_family(config.model.family)
+    shape = step_shape(config)
+    params = family.parameters(config.model)
+    setup, first_opt, steady_opt = _setup_and_optimizer(config, device, family, params, shape)
+    return [setup, first_opt, steady_opt, _tail_part(config, family, params, shape, separate_master_copy(config))]
 
 
 _SIMULATED: dict[tuple[str, str], SimulatedStep | CompressedStep] = {}
@@ -345,6 +451,19 @@ def step_events(
     family = get_family(config.model.family)
     shape = step_shape(config)
     params = family.parameters(config.model)
+    setup, first_opt, steady_opt = _setup_and_optimizer(config, device, family, params, shape)
+    body, tail = _body_and_tail(config, family, params, shape, separate_master_copy(config))
+    first = body + first_opt + tail
+    steady = body + steady_opt + tail
+    if device == "cuda" and rounded:
+        setup, first, steady = (round_blocks(e) for e in (setup, first, steady))
+    return setup, first, steady
+
+
+def _setup_and_optimizer(config: Config, device: str, family: Any, params: list[ParamTensor], shape: StepShape
+                         ) -> tuple[list[Event], list[Event], list[Event]]:
+    """Setup's events, and the first and a steady step's from the fp32 master gradients (made before
+    ``optimizer.step()``) to the end of ``optimizer.step()``, unrounded."""
     spec = get_optimizer(config.optimizer.name)
     impl = resolve_implementation(config, device)
     # torch keeps the 'step' scalars on the CPU unless the kernel is fused (or capturable)
@@ -358,14 +477,9 @@ def step_events(
         setup += master_setup_events(trainable)
     if spec.state_init == "constructor":
         setup += state_events(spec, params, config, "setup", step_bytes)
-
-    body, tail = _body_and_tail(config, family, params, shape, master)
     to_master = master_grad_events(trainable) if master else []
-    first = body + to_master + optimizer_step_events(spec, trainable, config, impl, step_bytes, first=True) + tail
-    steady = body + to_master + optimizer_step_events(spec, trainable, config, impl, step_bytes, first=False) + tail
-
-    if device == "cuda" and rounded:
-        setup, first, steady = (round_blocks(e) for e in (setup, first, steady))
+    first = to_master + optimizer_step_events(spec, trainable, config, impl, step_bytes, first=True)
+    steady = to_master + optimizer_step_events(spec, trainable, config, impl, step_bytes, first=False)
     return setup, first, steady
 
 
@@ -373,16 +487,27 @@ def _body_and_tail(config: Config, family: Any, params: list[ParamTensor], shape
                    master: bool) -> tuple[list[Event], list[Event]]:
     """A step's events before ``optimizer.step()`` (forward, loss, backward, every micro-batch) and after
     it (``zero_grad``, the fp32 master gradients freed, what the training loop drops at the end)."""
+    return _body_part(config, family, shape), _tail_part(config, family, params, shape, master)
+
+
+def _body_part(config: Config, family: Any, shape: StepShape) -> list[Event]:
+    """Forward, loss and backward of every micro-batch (each micro-batch but the last drops its output and
+    loss after its backward: accumulation.py)."""
     body = _body_events(family, config, shape)
+    steps = config.training.grad_accum_steps
+    if steps > 1:
+        return accumulated_body(body, family.end_of_step_events(config.model, config.training, shape), steps)
+    return body
+
+
+def _tail_part(config: Config, family: Any, params: list[ParamTensor], shape: StepShape, master: bool
+               ) -> list[Event]:
+    """``zero_grad``, the fp32 master gradients freed, and (one micro-batch) what the loop drops at the end."""
     tail = _zero_grad_events(params, shape) + (
         master_grad_free_events([p for p in params if p.trainable]) if master else [])
-    end = family.end_of_step_events(config.model, config.training, shape)
-    steps = config.training.grad_accum_steps
-    if steps > 1:  # each micro-batch drops its output and loss after its backward (accumulation.py)
-        body = accumulated_body(body, end, steps)
-    else:
-        tail += end
-    return body, tail
+    if config.training.grad_accum_steps <= 1:
+        tail += family.end_of_step_events(config.model, config.training, shape)
+    return tail
 
 
 OUTSIDE_BODY = ("optimizer_step", "zero_grad")
