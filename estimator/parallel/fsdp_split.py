@@ -23,7 +23,7 @@ from collections.abc import Callable
 from estimator.config import Config
 from estimator.events import Event
 from estimator.parallel.base import RankContext, RankStep, chain
-from estimator.periodic import BASE_LAYERS, Program, Segment, map_events, periodic_programs, summary_of
+from estimator.periodic import Program, Segment, map_events, periodic_programs, summary_of
 from estimator.simulate import (
     COMPRESS_ABOVE_LAYERS,
     _shape_key,
@@ -109,7 +109,7 @@ def split_rank_step(ctx: RankContext, rank: int, reshards: bool) -> RankStep:
         return _optimizer_lists(RankContext(cfg, ctx.world_size, ctx.device), rank)
 
     own_setup, own_first, own_steady = (summary_of(p) for p in unit_programs(ctx.config, own, finish,
-                                                                              (key, "fsdp-own")))
+                                                                              (key, "fsdp-own"), hooks=False))
     live = dict(setup_roles)
     for role, n in own_setup.roles:
         live[role] = live.get(role, 0) + n
@@ -123,7 +123,8 @@ def split_rank_step(ctx: RankContext, rank: int, reshards: bool) -> RankStep:
 
 
 def unit_programs(config: Config, build: Callable[[Config], list[list[Event]]],
-                  finish: Callable[[list[Event]], list[Event]] | None, shape_key: object) -> tuple[Program, ...]:
+                  finish: Callable[[list[Event]], list[Event]] | None, shape_key: object,
+                  hooks: bool = True) -> tuple[Program, ...]:
     """``build(config)``'s lists as programs, read off small layer counts (``periodic.py``), each list passed
     through ``finish``; the flat lists, one segment each, where the model is small or they do not repeat.
 
@@ -132,13 +133,14 @@ def unit_programs(config: Config, build: Callable[[Config], list[list[Event]]],
     so a repeated unit is one with a repeated unit on either side, and the smallest model that has one
     has the dense first layers (DeepSeek-V3's 3), a first, a middle and a last period of repeated layers.
     From fewer layers the pattern read is not the model's and the check fails: DeepSeek-V3's ranks were
-    built flat, all 61 layers, at every world size (``tests/test_speed_fsdp.py``).
+    built flat, all 61 layers, at every world size (``tests/test_speed_fsdp.py``). ``hooks=False``: lists
+    without FSDP2's hooks (a rank's optimizer events), read from the dense layers and two periods.
     """
     done = finish or (lambda events: events)
     layers = getattr(config.model, "num_layers", None)
     if isinstance(layers, int) and layers > COMPRESS_ABOVE_LAYERS:
         period = max(1, getattr(config.model, "moe_layer_step", 1) or 1)
-        base = max(BASE_LAYERS, (getattr(config.model, "first_dense_layers", 0) or 0) + 3 * period)
+        base = (getattr(config.model, "first_dense_layers", 0) or 0) + (3 if hooks else 2) * period
         filled: list[tuple[bool, ...]] = []
 
         def nonempty(n: int) -> list[list[Event]]:
