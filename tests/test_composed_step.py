@@ -1,0 +1,128 @@
+"""The step composed from its parts' periodic programs (``simulate._composed_step``) against the flat step.
+
+``simulate`` finds the periodic program of the forward-backward body once and of setup, the optimizer and the
+tail apart, and concatenates them; these tests check it against the materialised step (and against the whole
+step searched at once, the path it replaced) on dense and MoE models, in several precisions, with
+checkpointing and gradient accumulation, on the CPU and CUDA: every peak and byte count equal, and the
+programs expanding to the flat lists' events (each run of allocations or frees in canonical order).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from estimator import load_config
+from estimator.events import Event
+from estimator.periodic import Program, _canonical, _signature, periodic_programs
+from estimator.simulate import (
+    CompressedStep,
+    _composed_step,
+    assemble_step,
+    body_program,
+    layered_step,
+    round_blocks,
+    simulate,
+    step_events,
+    unrounded_step,
+)
+
+CASES = [
+    ("llama-2-7b", ["training.precision=amp-bf16"], "cuda"),
+    ("llama-2-7b", ["training.precision=bf16"], "cpu"),
+    ("llama-2-7b", ["training.precision=fp32", "training.activation_checkpointing=full"], "cuda"),
+    ("llama-2-7b", ["training.precision=amp-bf16", "training.grad_accum_steps=2", "optimizer.name=sgd"], "cpu"),
+    ("gpt2-medium", ["training.precision=amp-bf16", "training.activation_checkpointing=full"], "cpu"),
+    ("llama-2-7b", ["training.precision=bf16", "training.master_weights=true"], "cuda"),
+    ("mixtral-8x7b", ["training.precision=amp-bf16"], "cpu"),
+    ("mixtral-8x7b", ["training.precision=bf16", "training.activation_checkpointing=full"], "cuda"),
+    ("mixtral-8x7b", ["training.precision=amp-bf16", "model.moe_layer_step=2", "model.d_ff=14336"], "cuda"),
+    ("deepseek-v3", ["training.precision=bf16"], "cpu"),  # three dense layers before the MoE ones
+]
+
+
+def _config(preset: str, overrides: list[str]):  # noqa: ANN202
+    return load_config(None, ["training.seq_len=16", "training.batch_size=2", "model.num_layers=17", *overrides],
+                       base={"model": {"preset": preset}})
+
+
+def _expanded(program: Program) -> list[Event]:
+    return [e for segment in program for _ in range(segment.count) for e in segment.events]
+
+
+def _same_peaks(step, flat) -> None:  # noqa: ANN001
+    assert step.first_peak == flat.first_peak
+    assert step.steady_peak == flat.steady_peak
+    assert step.saved_activation_bytes == flat.saved_activation_bytes
+    assert step.saved_copy_bytes == flat.saved_copy_bytes
+    assert step.input_bytes == flat.input_bytes
+
+
+@pytest.mark.parametrize(("preset", "overrides", "device"), CASES)
+def test_composed_step_equals_flat(preset: str, overrides: list[str], device: str) -> None:
+    cfg = _config(preset, overrides)
+    composed = _composed_step(cfg, device)
+    assert isinstance(composed, CompressedStep)
+    flat = assemble_step(*step_events(cfg, device))
+    _same_peaks(composed, flat)
+    # the path it replaced: the whole step searched at once
+    whole = layered_step(cfg, lambda c: step_events(c, device, rounded=False),
+                         round_blocks if device == "cuda" else None)
+    assert isinstance(whole, CompressedStep)
+    _same_peaks(whole, composed)
+    # the programs are the flat lists' events, each run of allocations (or frees) of a phase in canonical order
+    exact = composed.exact_programs if device == "cuda" else composed.programs
+    for program, events in zip(exact, step_events(cfg, device, rounded=False), strict=True):
+        assert _signature(_expanded(program)) == _canonical(events)[1]
+    finish = round_blocks if device == "cuda" else list
+    for rounded, program in zip(composed.programs, exact, strict=True):
+        assert [e.nbytes for e in _expanded(rounded)] == [e.nbytes for e in finish(_expanded(program))]
+    # the steady step's body, built alone, as the flat step has it
+    assert composed.body_events() == [e for e in flat.steady_step if e.phase not in ("optimizer_step", "zero_grad")]
+    if device == "cuda":
+        # what a rank context composes from: the unrounded step, equal to the flat unrounded step
+        unrounded = unrounded_step(cfg)
+        _same_peaks(unrounded, assemble_step(*step_events(cfg, "cuda", rounded=False)))
+
+
+def test_body_program_is_shared_by_optimizers_and_devices() -> None:
+    """Another optimizer, or the other device, reuses the forward-backward program found once."""
+    cfg = _config("llama-2-7b", ["training.precision=amp-bf16"])
+    other = _config("llama-2-7b", ["training.precision=amp-bf16", "optimizer.name=adam8bit"])
+    body = body_program(cfg)
+    assert body is not None and body_program(other) is body
+    cpu, cuda = simulate(cfg, "cpu"), simulate(other, "cuda")
+    assert isinstance(cpu, CompressedStep) and isinstance(cuda, CompressedStep)
+    assert cpu.programs[1][:len(body)] == body
+    assert cuda.exact_programs is not None and cuda.exact_programs[2][:len(body)] == body
+
+
+def _layers(first: list[Event], middle: list[Event], last: list[Event], n: int) -> list[Event]:
+    """``n`` layers: a first layer, ``n - 2`` middle ones and a last, each event named by its layer."""
+    out = [Event(f"l0.{e.name}", e.role, e.nbytes, e.phase) for e in first]
+    for i in range(1, n - 1):
+        out += [Event(f"l{i}.{e.name}", e.role, e.nbytes, e.phase) for e in middle]
+    out += [Event(f"l{n - 1}.{e.name}", e.role, e.nbytes, e.phase) for e in last]
+    return out
+
+
+def test_search_from_two_layers_needs_a_middle_layer_when_the_edges_differ() -> None:
+    """From 2 layers a pattern whose first and last layers differ from the others is not found (no layer of 2
+    repeats), and only the two smallest counts are built to learn it; from 3 layers it is found and checked."""
+    first = [Event("a", "activation", 8, "forward"), Event("t", "temporary", 4, "forward"),
+             Event("t", "temporary", -4, "forward")]
+    middle = [Event("a", "activation", 16, "forward")]
+    last = [Event("a", "activation", 32, "forward")]
+    built: list[int] = []
+
+    def build(n: int) -> list[list[Event]]:
+        built.append(n)
+        return [_layers(first, middle, last, n)]
+
+    assert periodic_programs(build, 40, base=2) is None
+    assert built == [2, 3]
+    built.clear()
+    programs = periodic_programs(build, 40, base=3)
+    assert programs is not None and built == [3, 4, 5, 6]
+    flat = _layers(first, middle, last, 40)
+    assert [(e.role, e.nbytes, e.phase) for e in _expanded(programs[0])] == [
+        (e.role, e.nbytes, e.phase) for e in flat]
