@@ -394,15 +394,20 @@ def body_program(config: Config) -> Program | None:
     """The periodic program of the forward-backward part of ``config``'s step (every micro-batch; the
     events before ``optimizer.step()``), unrounded, found once per (model, training) in a process; None
     when it is not periodic or the model has too few layers."""
-    family = get_family(config.model.family)
-    shape = step_shape(config)
-    key = (config.model.model_dump_json(), config.training.model_dump_json(), shape)
+    return model_body_program(config.model, config.training)
+
+
+def model_body_program(model: Any, training: Any) -> Program | None:
+    """:func:`body_program` of a model and training section (the optimizer, device and layout do not enter)."""
+    key = (model.model_dump_json(), training.model_dump_json())
     if key not in _BODY_PROGRAMS:
         if len(_BODY_PROGRAMS) >= 64:
             _BODY_PROGRAMS.pop(next(iter(_BODY_PROGRAMS)))
-        training = config.training.model_dump(mode="json")
-        training.pop("batch_size", None)
-        shape_key = ("body", config.model.model_dump_json(), str(training), shape)
+        config = Config.model_construct(model=model, training=training)
+        family = get_family(model.family)
+        data = training.model_dump(mode="json")
+        data.pop("batch_size", None)
+        shape_key = ("body", model.model_dump_json(), str(data))
         found = _periodic_lists(config, lambda c: [_body_part(c, family, step_shape(c))], shape_key)
         _BODY_PROGRAMS[key] = None if found is None else found[0]
     return _BODY_PROGRAMS[key]
@@ -419,7 +424,7 @@ def rounded_program(program: Program) -> Program:
     return made[1]
 
 
-_BODY_PROGRAMS: dict[tuple[str, str, StepShape], Program | None] = {}
+_BODY_PROGRAMS: dict[tuple[str, str], Program | None] = {}
 _ROUNDED: dict[int, tuple[Program, Program]] = {}
 
 

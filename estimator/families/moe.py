@@ -476,14 +476,27 @@ class MoEFamily:
 
         Taken from the event simulation (``moe_events``), each tensor at its real dtype: int64 routing
         indices, fp32 router probabilities, the gathered tokens and hidden states of every expert. A deep
-        model whose blocks all route alike is not simulated whole: the saved bytes of ``n``, ``n + p`` and
-        ``n + 2p`` layers (p = ``moe_layer_step``, the layer counts ``simulate`` builds anyway) must grow by
-        the same amount, and that amount is repeated for the remaining periods (else the whole model).
+        model whose blocks all route alike is not simulated whole: under the training section's own dtypes
+        they are read off the periodic program of the step's forward-backward (``simulate.model_body_program``,
+        which the estimate's simulation finds anyway, checked layer count by layer count: docs/peak.md);
+        otherwise the saved bytes of ``n``, ``n + p`` and ``n + 2p`` layers (p = ``moe_layer_step``) must grow
+        by the same amount, and that amount is repeated for the remaining periods (else the whole model).
         """
-        period = model.moe_layer_step
-        base = max(4, model.first_dense_layers + 2 * period)  # simulate.layered_step's first layer count
-        base += (model.num_layers - base) % period
+        from estimator.periodic import role_bytes
+        from estimator.precision import precision_plan
+        from estimator.simulate import COMPRESS_ABOVE_LAYERS, _is_saved, model_body_program
+
         given = model.routing.tokens_per_expert or []
+        plan = precision_plan(batch.precision)
+        own_shape = StepShape(activation_bytes=plan.activation_bytes, parameter_bytes=plan.parameter_bytes,
+                              gradient_bytes=plan.gradient_bytes, autocast=plan.autocast)
+        if shape == own_shape and model.num_layers > COMPRESS_ABOVE_LAYERS and len(given) <= 1:
+            program = model_body_program(model, batch)
+            if program is not None:
+                return role_bytes(program, _is_saved)
+        period = model.moe_layer_step
+        base = max(4, model.first_dense_layers + 2 * period)
+        base += (model.num_layers - base) % period
         if model.num_layers > base + 2 * period and len(given) <= 1:
             a, b, c = (_saved_bytes(model.model_copy(update={"num_layers": base + i * period}), batch, shape)
                        for i in range(3))
