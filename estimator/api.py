@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Any
 
 from estimator.accumulation import global_batch, scale_flops
@@ -60,7 +61,13 @@ class Estimate:
     flops: FlopCount
     step: SimulatedStep
     batch: BatchInForce  # the batch (and sequence length) the step really uses
-    saved_activations: int  # bytes saved for backward, exact (see saved_activation_bytes)
+
+    @cached_property
+    def saved_activations(self) -> int:
+        """Bytes saved for backward, exact (see saved_activation_bytes); computed when first asked: the
+        tables of ``estimate`` do not print it, and unless the step is kept as periodic programs it is a
+        second pass over the family's forward and backward events (``_saved_bytes``)."""
+        return self.step.saved_activation_bytes if self.device == "cpu" else _saved_bytes(self.config, self.step)
 
     @property
     def peak_bytes(self) -> int:
@@ -222,7 +229,6 @@ def estimate(config: Config | None = None, device: str | None = None) -> Estimat
                                                 config.training.grad_accum_steps), spec, trainable),
         step=step,
         batch=_batch_in_force(family, config),
-        saved_activations=step.saved_activation_bytes if target == "cpu" else _saved_bytes(config, step),
     )
 
 

@@ -15,6 +15,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from estimator.errors import EstimatorError, Interrupted
 from estimator.output import OutputError, SafeStdout, user_stdout_to_stderr, write_json
+from estimator.startup import plugin_loader_stand_in
 
 
 def _plain_flags(params: list[Any]) -> None:
@@ -716,7 +717,8 @@ def main() -> None:
         sys.exit(2)
     code: Any = 0
     try:
-        app(prog_name="estimator")
+        with plugin_loader_stand_in():  # typer's per-option TypeAdapters need no plugin scan (startup.py)
+            app(prog_name="estimator")
     except SystemExit as exc:
         code = exc.code
     except (Exception, KeyboardInterrupt) as exc:  # outside a command (an option's callback): the same lines

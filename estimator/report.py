@@ -97,7 +97,8 @@ def print_fitting(console: Console, table: Table) -> None:
             column.no_wrap = True
         if column.no_wrap:  # such a column is only whole at its full width, header included
             column.min_width = max([cell_len(str(c)) for c in column.cells] + [cell_len(str(column.header)), 1])
-    if _minimum_width(console, table) <= console.width:
+    width = console.width
+    if _widest(table) <= width or _minimum_width(console, table) <= width:
         console.print(table)
         return
     console.print(stacked(table))
@@ -106,6 +107,31 @@ def print_fitting(console: Console, table: Table) -> None:
 def _minimum_width(console: Console, table: Table) -> int:
     """The narrowest the table can be without cutting a word (measured free of the console's width)."""
     return Measurement.get(console, console.options.update_width(1_000_000), table).minimum
+
+
+def _widest(table: Table) -> float:
+    """An upper bound of the width rich measures for ``table``, read off its cells' text (inf where unsure).
+
+    rich's measurement lays the table out twice and measures every cell three times (about 20 % of
+    rendering an estimate's tables); when even this bound fits the console, the minimum does too, so
+    :func:`print_fitting` needs no measurement. The bound is at least rich's maximum: per column, the
+    longest cell's ``cell_len`` (a rendered cell is a sub-sequence of its markup source: tags and escapes
+    removed, emoji codes shortened; its widest line no longer than the whole) plus the left and right
+    padding, plus two edges and the separators between columns. A table with a fixed width or minimum
+    width, a column of fixed width or ratio, or a cell other than text is left to rich (inf).
+    """
+    if table.width is not None or table.min_width is not None:
+        return float("inf")
+    _, right, _, left = table.padding
+    total = 2 + max(len(table.columns) - 1, 0)
+    for column in table.columns:
+        if column.width is not None or column.ratio is not None:
+            return float("inf")
+        cells = [column.header, *column.cells] + ([column.footer] if table.show_footer else [])
+        if not all(isinstance(cell, (str, Text)) for cell in cells):
+            return float("inf")
+        total += max(cell_len(cell if isinstance(cell, str) else cell.plain) for cell in cells) + left + right
+    return total
 
 
 def stacked(table: Table) -> Group:
@@ -301,7 +327,8 @@ def render_estimate(est: Estimate, console: Console, timeline: bool = False) -> 
         console.print(f"  + {est.memory.optimizer_step_tensors:,} B of torch 'step' tensors (one float32 scalar "
                       f"per parameter tensor, {where}), not part of the seed's sum")
     print_fitting(console, peak_table(est))
-    console.print(Panel("\n".join(explain(est)), title="why the peak is not the sum", title_align="left"))
+    console.print(Panel("\n".join(explain(est)), title=Text("why the peak is not the sum"),  # no markup to parse
+                        title_align="left"))
     if timeline:
         console.print(timeline_panel(est))
     print_fitting(console, flops_table(est))
