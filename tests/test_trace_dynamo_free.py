@@ -1,0 +1,87 @@
+"""The trace keeps ``torch._dynamo`` unimported (``estimator/measure/dynamo_free.py``), and its records are the
+ones of the trace that imports it (``ESTIMATOR_TRACE_DYNAMO=1``, the behaviour before).
+
+A fresh interpreter is needed to see what is imported: this test process has usually imported Dynamo already
+(then the block does nothing). The subprocess traces a small MLP (no Dynamo at all) and the project's transformer
+with activation checkpointing, whose backward asks for ``torch._dynamo.disable``: the real package is then
+imported mid-trace, in a thread of its own (imported on the trace's thread, it kept three frees out of the
+step: a reference cycle made by the import holds the thread's frames while the trace pauses the collector).
+Afterwards ``torch.compile`` and ``torch._dynamo.disable`` work in the same process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from estimator.families.module import ModuleConfig  # noqa: E402
+from estimator.measure.dynamo_free import DISABLE_ENV  # noqa: E402
+from estimator.measure.module_trace import run_trace  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+MLP = {"module": "estimator.measure.examples:make_mlp", "kwargs": {"in_dim": 20, "hidden": 30, "out_dim": 12},
+       "inputs": [{"shape": [4, 20]}]}
+CHECKPOINTED = {"module": "estimator.measure.transformer_factory:preset_model",
+                "kwargs": {"name": "llama-2-7b", "vocab_size": 64, "d_model": 32, "num_layers": 2, "num_heads": 4,
+                           "num_kv_heads": 2, "d_ff": 48, "max_seq_len": 8, "activation_checkpointing": "full"},
+                "inputs": [{"shape": [2, 8], "dtype": "int64", "high": 64}], "loss": "cross_entropy"}
+CASES = {"mlp fp32": (MLP, "fp32"), "mlp amp-bf16": (MLP, "amp-bf16"), "checkpointed": (CHECKPOINTED, "fp32")}
+
+SCRIPT = textwrap.dedent("""\
+    import builtins, dataclasses, gc, json, sys
+    import torch
+    from estimator.families.module import ModuleConfig
+    from estimator.measure.module_trace import run_trace
+
+    def identity_caches():
+        consts = torch._compile._disable_dynamo.__code__.co_consts
+        code = next(c for c in consts if getattr(c, "co_name", "") == "inner")
+        inners = [f for f in gc.get_referrers(code) if getattr(f, "__code__", None) is code]
+        return len(inners), sum(f.__wrapped__.__dict__.get("__dynamo_disable") is f.__wrapped__ for f in inners)
+
+    original_import = builtins.__import__
+    out = {"traces": {}, "dynamo": {}}
+    for key, (model, precision) in json.loads(sys.argv[1]).items():
+        trace = run_trace(ModuleConfig.model_validate(model), precision)
+        out["traces"][key] = repr(dataclasses.replace(trace, seconds=0.0))
+        out["dynamo"][key] = "torch._dynamo" in sys.modules
+        if key == "mlp fp32":
+            out["after mlp"] = {"import restored": builtins.__import__ is original_import,
+                                "stand-in gone": "_dynamo" not in torch.__dict__,
+                                "identity caches": identity_caches()[1]}
+    import torch._dynamo
+    compiled = torch.compile(lambda x: x * 2 + 1, backend="eager")
+    out["after"] = {"config shared": torch._dynamo.config is sys.modules["torch._dynamo.config"],
+                    "compiled": compiled(torch.ones(2)).tolist(),
+                    "disabled": torch._dynamo.disable(lambda x: x + 1)(torch.ones(2)).tolist(),
+                    "wrappers": identity_caches()[0] > 0, "identity caches": identity_caches()[1]}
+    print(json.dumps(out))
+    """)
+
+
+def _trace_repr(model: dict, precision: str) -> str:
+    return repr(dataclasses.replace(run_trace(ModuleConfig.model_validate(model), precision), seconds=0.0))
+
+
+def test_trace_without_dynamo_equals_the_trace_with_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {k: v for k, v in os.environ.items() if k != DISABLE_ENV}
+    run = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(CASES)], check=True, capture_output=True,
+                         text=True, cwd=ROOT, env=env, timeout=300)
+    out = json.loads(run.stdout)
+    assert out["dynamo"] == {"mlp fp32": False, "mlp amp-bf16": False, "checkpointed": True}
+    assert out["after mlp"] == {"import restored": True, "stand-in gone": True, "identity caches": 0}
+    assert out["after"] == {"config shared": True, "compiled": [3.0, 3.0], "disabled": [2.0, 2.0], "wrappers": True,
+                            "identity caches": 0}
+
+    monkeypatch.setenv(DISABLE_ENV, "1")  # torch imports Dynamo as it does without us
+    for key, (model, precision) in CASES.items():
+        assert out["traces"][key] == _trace_repr(model, precision), key
