@@ -141,21 +141,30 @@ def unit_programs(config: Config, build: Callable[[Config], list[list[Event]]],
     if isinstance(layers, int) and layers > COMPRESS_ABOVE_LAYERS:
         period = max(1, getattr(config.model, "moe_layer_step", 1) or 1)
         base = (getattr(config.model, "first_dense_layers", 0) or 0) + (3 if hooks else 2) * period
-        filled: list[tuple[bool, ...]] = []
+        filled: list[tuple[int, ...]] = []
 
-        def nonempty(n: int) -> list[list[Event]]:
+        def distinct(n: int) -> list[list[Event]]:
             lists = build(with_layers(config, n))
-            pattern = tuple(bool(events) for events in lists)
+            pattern = tuple(_same_as(lists, i) for i in range(len(lists)))
             if filled and pattern != filled[0]:
-                raise ValueError("a list is empty at some layer counts only")
+                raise ValueError("the lists are empty, or equal, at some layer counts only")
             filled.append(pattern)
-            return [events for events in lists if events]
+            return [events for i, events in enumerate(lists) if pattern[i] == i]
 
-        found = periodic_programs(nonempty, layers, base=base, shape_key=shape_key, period=period)
+        found = periodic_programs(distinct, layers, base=base, shape_key=shape_key, period=period)
         if found is not None:
-            blocks = iter(found)
-            return tuple(map_events(next(blocks), done) if full else () for full in filled[0])
+            # a list equal to an earlier one at every count built has the same program (the first and the
+            # steady step's shared forward/backward): searched once
+            made = dict(zip([i for i, same in enumerate(filled[0]) if same == i], found, strict=True))
+            return tuple(map_events(made[same], done) if same >= 0 else () for same in filled[0])
     return tuple((Segment(tuple(done(events))),) if events else () for events in build(config))
+
+
+def _same_as(lists: list[list[Event]], i: int) -> int:
+    """-1 for an empty list, else the first list equal to ``lists[i]`` (``i`` itself when none before it is)."""
+    if not lists[i]:
+        return -1
+    return next(j for j in range(i + 1) if lists[j] == lists[i])
 
 
 def _saved_bytes(ctx: RankContext) -> int:
