@@ -146,6 +146,8 @@ def _delta_and_rise(program: tuple[_Block, ...], batch: int) -> tuple[int, int]:
     the :class:`~estimator.timeline.Summary` arithmetic on sizes alone."""
     total = best = 0
     for sizes, count in program:
+        if count <= 0:
+            continue
         current = top = 0
         for a, c in sizes:
             n = a + c * batch
