@@ -18,6 +18,7 @@ import re
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
+from typing import Any
 
 from estimator.events import Event
 from estimator.timeline import Summary, summarize
@@ -207,7 +208,7 @@ def _expanded_signature(sa: list[tuple[str, int, str, str]], sb: list[tuple[str,
 
 def periodic_programs(
     build: Callable[[int], Sequence[Sequence[Event]]], layers: int, base: int = BASE_LAYERS, checks: int = CHECKS,
-    shape_key: Hashable | None = None, period: int = 1,
+    shape_key: Hashable | None = None, period: int = 1, built: dict[int, Any] | None = None,
 ) -> tuple[Program, ...] | None:
     """The event lists ``build(layers)`` would return, as programs, read off small layer counts.
 
@@ -220,26 +221,28 @@ def periodic_programs(
     same config at another batch size): where the blocks were found for it once, the next call builds
     two small layer counts, checks that every event's name, role and phase are where they were, and
     takes the blocks from the same places, skipping the search and the further checks.
+
+    ``built``: the canonical lists already made per layer count, shared by calls that try several bases.
     """
-    return _periodic(build, layers, base, checks, shape_key, period)
+    return _periodic(build, layers, base, checks, shape_key, period, {} if built is None else built)
 
 
 def _periodic(build: Callable[[int], Sequence[Sequence[Event]]], layers: int, base: int, checks: int,
-              shape_key: Hashable | None, period: int) -> tuple[Program, ...] | None:
+              shape_key: Hashable | None, period: int, built: dict[int, Any]) -> tuple[Program, ...] | None:
     if (layers - base) % period:  # start where a whole number of periods remains
         base += (layers - base) % period
     if layers <= base + (checks + 1) * period:
         return None
     copies = (layers - base) // period
     known = _SHAPES.get(shape_key) if shape_key is not None else None
-    built: dict[int, list[tuple[list[Event], list[tuple[str, int, str, str]]]]] = {}
 
     def signed(c: int) -> list[tuple[list[Event], list[tuple[str, int, str, str]]]]:
         """The canonical lists of ``base + c·period`` layers and their signatures, built when first asked
         for: the layer counts that check a pattern are built only once there is a pattern to check."""
-        if c not in built:
-            built[c] = [_canonical(events) for events in build(base + c * period)]
-        return built[c]
+        n = base + c * period
+        if n not in built:
+            built[n] = [_canonical(events) for events in build(n)]
+        return built[n]
 
     try:
         runs = [[events for events, _signs in signed(c)] for c in (0, 1)]

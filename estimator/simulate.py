@@ -227,31 +227,7 @@ def _periodic_lists(config: Config, build: Callable[[Config], Sequence[list[Even
     # layers is found from the next one (periodic.BASE_LAYERS: what the search has always started from)
     dense = getattr(config.model, "first_dense_layers", 0) or 0
     lowest, highest = max(MIN_BASE_LAYERS, dense + 2 * period), max(BASE_LAYERS, dense + 2 * period)
-    for base in dict.fromkeys(b + (layers - b) % period for b in range(lowest, highest + 1)):
-        key = None if shape_key is None else (shape_key, base)
-        if key in _NOT_FROM:  # this shape's pattern was not found from this base before: not again
-            continue
-        programs = _periodic_lists_from(config, build, key, base, period)
-        if programs is not None:
-            return programs
-        if key is not None and base < highest:
-            if len(_NOT_FROM) >= 1024:
-                _NOT_FROM.clear()
-            _NOT_FROM.add(key)
-    return None
-
-
-_NOT_FROM: set[Hashable] = set()
-
-
-#: the smallest layer count a pattern is read from (a first and a last layer; the next count adds one that
-#: repeats): where the first or last layers differ from the rest, the search fails at once and the next is tried
-MIN_BASE_LAYERS = 2
-
-
-def _periodic_lists_from(config: Config, build: Callable[[Config], Sequence[list[Event]]],
-                         shape_key: Hashable | None, base: int, period: int) -> tuple[Program, ...] | None:
-    layers = config.model.num_layers  # type: ignore[union-attr]
+    built: dict[int, Any] = {}  # the lists of each layer count, made once for every base tried
     filled: list[tuple[bool, ...]] = []
 
     def nonempty(n: int) -> list[list[Event]]:
@@ -262,11 +238,26 @@ def _periodic_lists_from(config: Config, build: Callable[[Config], Sequence[list
         filled.append(pattern)
         return [events for events in lists if events]
 
-    programs = periodic_programs(nonempty, layers, base=base, shape_key=shape_key, period=period)
-    if programs is None:
-        return None
-    found = iter(programs)
-    return tuple(next(found) if full else () for full in filled[0])
+    for base in dict.fromkeys(b + (layers - b) % period for b in range(lowest, highest + 1)):
+        key = None if shape_key is None else (shape_key, base)
+        if key in _NOT_FROM:  # this shape's pattern was not found from this base before: not again
+            continue
+        programs = periodic_programs(nonempty, layers, base=base, shape_key=key, period=period, built=built)
+        if programs is not None:
+            found = iter(programs)
+            return tuple(next(found) if full else () for full in filled[0])
+        if key is not None and base < highest:
+            if len(_NOT_FROM) >= 1024:
+                _NOT_FROM.clear()
+            _NOT_FROM.add(key)
+    return None
+
+
+_NOT_FROM: set[Hashable] = set()
+
+#: the smallest layer count a pattern is read from (a first and a last layer; the next count adds one that
+#: repeats): where the first or last layers differ from the rest, the search fails at once and the next is tried
+MIN_BASE_LAYERS = 2
 
 
 def compressed_step(programs: tuple[Program, ...],
