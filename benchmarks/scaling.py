@@ -115,6 +115,7 @@ def clear_caches() -> None:
     simulate._SIMULATED.clear()
     simulate._BODIES.clear()
     simulate._MARKED.clear()
+    simulate.clear_caches()  # the forward-backward programs and patterns too (simulate._BODY_PROGRAMS, ...)
     periodic._SHAPES.clear()
     fsdp._MARKED.clear()
     parallel.clear_caches()

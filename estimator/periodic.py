@@ -248,7 +248,7 @@ def _periodic(build: Callable[[int], Sequence[Sequence[Event]]], layers: int, ba
         runs = [[events for events, _signs in signed(c)] for c in (0, 1)]
         if known is not None:
             skeletons, places = known
-            if [[_skeleton(events) for events in run] for run in runs] == skeletons:
+            if [[_skeleton(signs) for _events, signs in signed(c)] for c in (0, 1)] == skeletons:
                 return tuple(_expand(runs[0][w], [(i, tuple(runs[1][w][j:j + m])) for i, j, m in places[w]],
                                      copies) for w in range(len(places)))
         programs: list[Program] = []
@@ -274,12 +274,14 @@ def _periodic(build: Callable[[int], Sequence[Sequence[Event]]], layers: int, ba
     if shape_key is not None:
         if len(_SHAPES) >= 256:
             _SHAPES.clear()
-        _SHAPES[shape_key] = ([[_skeleton(events) for events in run] for run in runs], found)
+        _SHAPES[shape_key] = ([[_skeleton(signs) for _events, signs in signed(c)] for c in (0, 1)], found)
     return tuple(programs)
 
 
 _SHAPES: dict[Hashable, tuple[list[list[list[tuple[str, str, str]]]], list[list[tuple[int, int, int]]]]] = {}
 
 
-def _skeleton(events: Sequence[Event]) -> list[tuple[str, str, str]]:
-    return [(e.role, e.phase, _blank_numbers(e.name)) for e in events]
+def _skeleton(signs: list[tuple[str, int, str, str]]) -> list[tuple[str, str, str]]:
+    """Role, phase and name (numbers blanked) of each event, from its signature: what must stay in place when
+    only sizes change."""
+    return [(role, phase, name) for role, _nbytes, phase, name in signs]

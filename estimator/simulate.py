@@ -433,6 +433,16 @@ def _rest_lists(config: Config, device: str) -> list[list[Event]]:
 _SIMULATED: dict[tuple[str, str], SimulatedStep | CompressedStep] = {}
 
 
+def clear_caches() -> None:
+    """Forget every step, forward-backward program and pattern this module and ``periodic.py`` keep (a
+    benchmark timing a cold simulation clears them first)."""
+    from estimator import periodic
+
+    for cache in (_SIMULATED, _BODIES, _MARKED, _BODY_PROGRAMS, _ROUNDED, _NOT_FROM, periodic._SHAPES):
+        cache.clear()
+    periodic._blank_numbers.cache_clear()
+
+
 def _shape_key(config: Config, device: str) -> str:
     """Everything the events' order depends on: the config less the batch size (which only scales sizes)."""
     data = config.model_dump(mode="json")
