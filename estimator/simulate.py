@@ -389,14 +389,17 @@ def body_program(config: Config) -> Program | None:
 
 
 def model_body_program(model: Any, training: Any) -> Program | None:
-    """:func:`body_program` of a model and training section (the optimizer, device and layout do not enter)."""
-    key = (model.model_dump_json(), training.model_dump_json())
+    """:func:`body_program` of a model and training section (the optimizer, device and layout do not enter,
+    nor ``training.master_weights``: the fp32 masters are made in setup and before ``optimizer.step()``, and no
+    family reads the flag, so a fit's bf16 alternative with master weights reuses the plain bf16 body)."""
+    data = training.model_dump(mode="json")
+    data.pop("master_weights", None)
+    key = (model.model_dump_json(), str(data))
     if key not in _BODY_PROGRAMS:
         if len(_BODY_PROGRAMS) >= 64:
             _BODY_PROGRAMS.pop(next(iter(_BODY_PROGRAMS)))
         config = Config.model_construct(model=model, training=training)
         family = get_family(model.family)
-        data = training.model_dump(mode="json")
         data.pop("batch_size", None)
         shape_key = ("body", model.model_dump_json(), str(data))
         found = _periodic_lists(config, lambda c: [_body_part(c, family, step_shape(c))], shape_key)

@@ -22,6 +22,7 @@ from estimator.simulate import (
     layered_step,
     round_blocks,
     simulate,
+    step_body_events,
     step_events,
     unrounded_step,
 )
@@ -94,6 +95,15 @@ def test_body_program_is_shared_by_optimizers_and_devices() -> None:
     assert isinstance(cpu, CompressedStep) and isinstance(cuda, CompressedStep)
     assert cpu.programs[1][:len(body)] == body
     assert cuda.exact_programs is not None and cuda.exact_programs[2][:len(body)] == body
+
+
+@pytest.mark.parametrize("preset", ["llama-2-7b", "mixtral-8x7b"])
+def test_body_does_not_depend_on_master_weights(preset: str) -> None:
+    """The forward-backward program is kept per (model, training less master_weights): the events agree."""
+    plain = _config(preset, ["training.precision=bf16"])
+    master = _config(preset, ["training.precision=bf16", "training.master_weights=true"])
+    assert _signature(step_body_events(plain)) == _signature(step_body_events(master))  # (names: numbers aside)
+    assert body_program(master) is body_program(plain)
 
 
 def _layers(first: list[Event], middle: list[Event], last: list[Event], n: int) -> list[Event]:
