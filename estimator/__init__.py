@@ -7,9 +7,9 @@ The analytic API never imports torch::
     result.memory.total, result.flops.per_step   # 496 bytes, 432 FLOPs
 """
 
-from estimator.startup import pydantic_plugins_off
+from estimator.startup import gc_paused, pydantic_plugins_off
 
-with pydantic_plugins_off():  # the config models are built without scanning for pydantic plugins (startup.py)
+with gc_paused(), pydantic_plugins_off():  # no plugin scan, no collections of what the imports make (startup.py)
     from estimator.api import Estimate, compare, estimate
     from estimator.config import Config
     from estimator.errors import EstimatorError

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import sys
 from collections.abc import Callable
@@ -10,12 +11,13 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Optional
 
-import typer
-from typer.core import TyperCommand, TyperGroup
-
 from estimator.errors import EstimatorError, Interrupted
 from estimator.output import OutputError, SafeStdout, user_stdout_to_stderr, write_json
-from estimator.startup import plugin_loader_stand_in
+from estimator.startup import gc_paused, plugin_loader_stand_in
+
+with gc_paused():  # typer's modules live as long as the process: no collections while they load (startup.py)
+    import typer
+    from typer.core import TyperCommand, TyperGroup
 
 
 def _plain_flags(params: list[Any]) -> None:
@@ -715,6 +717,7 @@ def main() -> None:
     if sys.stdout is None:
         _print_errors(["stdout is closed; nothing could be printed (run without >&-)"])
         sys.exit(2)
+    gc.freeze()  # the imports' objects live as long as the command: no collection scans them (startup.py)
     code: Any = 0
     try:
         with plugin_loader_stand_in():  # typer's per-option TypeAdapters need no plugin scan (startup.py)

@@ -141,3 +141,21 @@ def test_print_fitting_prints_what_the_measurement_alone_prints(args: list[str],
             assert result.exit_code == 0, result.output
             outputs.append(result.stdout)
         assert outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize("collector_on", [True, False])
+def test_the_imports_leave_the_collector_as_it_was_and_the_command_freezes_them(collector_on: bool) -> None:
+    code = ("import gc, io, json, sys\n"
+            f"{'' if collector_on else 'gc.disable()'}\n"
+            "import estimator.cli\n"
+            "after_import = gc.isenabled()\n"
+            "sys.argv = ['estimator', 'estimate', '--json']\n"
+            "real, sys.stdout = sys.stdout, io.StringIO()\n"
+            "try:\n    estimator.cli.main()\nexcept SystemExit as exc:\n    code = exc.code\n"
+            "doc, sys.stdout = json.loads(sys.stdout.getvalue()), real\n"
+            "print(json.dumps({'code': code, 'total': doc['memory']['total'], 'after_import': after_import,"
+            " 'after_command': gc.isenabled(), 'frozen': gc.get_freeze_count() > 1000}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {
+        "code": 0, "total": 496, "after_import": collector_on, "after_command": collector_on, "frozen": True}
