@@ -2,7 +2,7 @@
 about as much as ``import torch`` itself.
 
 Two places in torch reach ``torch._dynamo`` during a trace on fake tensors (found with a ``sys.meta_path``
-hook printing the stack of the first import; torch 2.13, and the same code since 2.4):
+hook printing the stack of the first import, torch 2.13):
 
 1. ``FakeTensorMode.__init__`` runs ``import torch._dynamo.config`` and reads two settings from it
    (``fake_tensor_cache_enabled``, ``fake_tensor_cache_crosscheck_enabled``); the dispatch reads one more
@@ -11,10 +11,10 @@ hook printing the stack of the first import; torch 2.13, and the same code since
    ``torch.utils._config_module``: it is loaded alone, from its own file with the import system's own finder,
    as the real module ``torch._dynamo.config`` (registered in ``sys.modules`` under that name, so its settings
    and the environment variables they read are the ones a normal import gives). While the block runs,
-   ``torch._dynamo`` is a stand-in whose ``config`` is that module and whose every other attribute imports the
-   real package and answers from it. The config module stays in ``sys.modules``: a later ``import torch._dynamo``
-   (a ``torch.compile``, ``verify --parallel``'s ranks) runs the package's ``__init__``, whose
-   ``from . import config`` takes it from there, so the process has one config module, as always.
+   ``torch._dynamo`` is a stand-in whose ``config`` is that module. The config module stays in
+   ``sys.modules``: a later ``import torch._dynamo`` (a ``torch.compile``, ``verify --parallel``'s ranks) runs
+   the package's ``__init__``, whose ``from . import config`` takes it from there, so the process has one
+   config module, as always.
 2. ``torch._compile._disable_dynamo`` wraps functions (every ``TorchDispatchMode.__torch_dispatch__``, the
    ``torch._refs`` decompositions, ...) in ``inner``, which on its first call runs ``import torch._dynamo`` and
    caches ``torch._dynamo.disable(fn)`` on ``fn`` as ``fn.__dynamo_disable``. ``disable``'s wrapper only
@@ -23,11 +23,18 @@ hook printing the stack of the first import; torch 2.13, and the same code since
    statement -- ``import torch._dynamo`` with the globals of ``torch._compile`` -- with a view of ``torch`` whose
    ``_dynamo.disable(fn, ...)`` returns ``fn``; ``inner`` caches ``fn`` as its own ``__dynamo_disable``. Every
    such cache is removed when the block ends (if it is still ``fn``), so a later call, or ``torch.compile``,
-   imports Dynamo and gets the real wrapper. Every other import goes to the original ``__import__``.
+   imports Dynamo and gets the real wrapper.
 
-Anything that does not look as described (another torch layout, an import already done) leaves that part
-alone, and torch imports Dynamo as usual: the trace's records are the same either way (tested). Setting the
-environment variable ``ESTIMATOR_TRACE_DYNAMO=1`` turns the block off.
+Anything else that asks for Dynamo while the block runs -- an attribute of the stand-in other than ``config``
+(non-reentrant ``torch.utils.checkpoint`` calls ``torch._dynamo.disable`` in backward), an ``import
+torch._dynamo...`` statement, a real tensor made fake (``meta_utils`` imports ``torch._dynamo.source``) --
+gets the real package, imported in a thread of its own (:meth:`_Block.load_dynamo` says why); every other
+import goes to the original ``__import__``.
+
+Anything that does not look as described (another torch layout, checked by feature, not by version; an import
+already done) leaves that part alone, and torch imports Dynamo as usual: the trace's records are the same
+either way (``tests/test_trace_dynamo_free.py``). Setting the environment variable ``ESTIMATOR_TRACE_DYNAMO=1``
+turns the block off.
 """
 
 from __future__ import annotations
@@ -246,7 +253,7 @@ class _TorchView:
 
 def _inner_matches(wrapper: Callable[..., Any]) -> bool:
     """``_disable_dynamo``'s nested ``inner`` caches ``torch._dynamo.disable(fn, ...)`` as ``fn.__dynamo_disable``
-    after ``import torch._dynamo`` (torch 2.4 to 2.13): the shape the block answers."""
+    after ``import torch._dynamo`` (torch 2.13): the shape the block answers."""
     code = getattr(wrapper, "__code__", None)
     inners = [c for c in getattr(code, "co_consts", ()) if isinstance(c, types.CodeType) and c.co_name == "inner"]
     if len(inners) != 1:
