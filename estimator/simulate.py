@@ -8,6 +8,7 @@ puts them in order. Pure Python.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -193,12 +194,67 @@ def layered_step(config: Config, build: Callable[[Config], tuple[list[Event], li
         setup, first, steady = build(config)
         return done(setup), done(first), done(steady)
 
-    programs = _periodic_lists(config, lambda c: list(build(c)), shape_key)
+    programs = _shared_body_programs(config, build, shape_key)
+    if programs is None:
+        programs = _periodic_lists(config, lambda c: list(build(c)), shape_key)
     if programs is not None:
         step = compressed_step(tuple(map_events(p, done) for p in programs), events,
                                programs if finish is not None else None)
         return step if body is None else replace(step, build_body=lambda: done(body(config)))
     return assemble_step(*events())
+
+
+def _shared_body_programs(config: Config, build: Callable[[Config], tuple[list[Event], list[Event], list[Event]]],
+                          shape_key: Hashable | None) -> tuple[Program, Program, Program] | None:
+    """``build``'s setup, first and steady step as programs, the first and steady step cut into the events
+    before ``optimizer.step()`` (the same objects in both steps), the optimizer's own, and the ``zero_grad``
+    tail after it (the same in both): the shared parts are searched once and the steps' programs are
+    concatenations, as :func:`_composed_step` composes the single-device step. None where the steps do not
+    cut so (the whole lists are then searched)."""
+
+    made: dict[int, list[list[Event]]] = {}
+
+    def parts(c: Config) -> list[list[Event]]:
+        n = c.model.num_layers  # type: ignore[union-attr]
+        if n not in made:
+            setup, first, steady = build(c)
+            head = _shared_head(first, steady)
+            tail = _shared_tail(first, steady, head)
+            if not head:
+                raise ValueError("the steps share no events before the optimizer")
+            made[n] = [setup, first[:head], first[head:len(first) - tail], steady[head:len(steady) - tail],
+                       first[len(first) - tail:]]
+        return made[n]
+
+    bases = _bases(config)
+    if not bases:
+        return None
+    try:  # where the steps do not cut so, learn it from the smallest layer count, not from every base
+        parts(with_layers(config, bases[0]))
+    except ValueError:
+        return None
+    found = _periodic_lists(config, parts, None if shape_key is None else (shape_key, "parts"))
+    if found is None:
+        return None
+    setup, head, first, steady, tail = found
+    return setup, head + first + tail, head + steady + tail
+
+
+def _shared_head(first: list[Event], steady: list[Event]) -> int:
+    """How many events before the first of phase ``optimizer_step`` or ``zero_grad`` both steps hold, the
+    same objects in the same places (0: they differ there)."""
+    head = next((i for i, e in enumerate(first) if e.phase in OUTSIDE_BODY), len(first))
+    return head if len(steady) >= head and all(map(operator.is_, first[:head], steady[:head])) else 0
+
+
+def _shared_tail(first: list[Event], steady: list[Event], head: int) -> int:
+    """How many events after the last of phase ``optimizer_step`` both steps hold, the same objects."""
+    last = next((i for i in range(len(first) - 1, head - 1, -1) if first[i].phase == "optimizer_step"), head - 1)
+    tail = len(first) - 1 - last
+    if tail and (len(steady) - head < tail or not all(map(operator.is_, first[len(first) - tail:],
+                                                          steady[len(steady) - tail:]))):
+        return 0
+    return tail
 
 
 def layered_programs(config: Config, build: Callable[[Config], Sequence[list[Event]]],
@@ -217,16 +273,10 @@ def _periodic_lists(config: Config, build: Callable[[Config], Sequence[list[Even
                     shape_key: Hashable | None) -> tuple[Program, ...] | None:
     """The periodic programs of ``build``'s lists (None: too few layers, or not periodic). A list that is
     empty at every layer count built is an empty program; one empty at some counts only is not periodic."""
-    layers = getattr(config.model, "num_layers", None)
-    if not isinstance(layers, int) or layers <= COMPRESS_ABOVE_LAYERS:
+    bases = _bases(config)
+    if not bases:
         return None
-    # a block that repeats may span several layers (an MoE layer every k), after some that do not
-    # (DeepSeek's dense first layers): read the pattern where two whole periods follow those
-    period = max(1, getattr(config.model, "moe_layer_step", 1) or 1)
-    # the smallest base first (fewer layers to build); a pattern whose first or last layers differ over more
-    # layers is found from the next one (periodic.BASE_LAYERS: what the search has always started from)
-    dense = getattr(config.model, "first_dense_layers", 0) or 0
-    lowest, highest = max(MIN_BASE_LAYERS, dense + 2 * period), max(BASE_LAYERS, dense + 2 * period)
+    layers, period, highest = config.model.num_layers, _period(config), bases[-1]  # type: ignore[union-attr]
     built: dict[int, Any] = {}  # the lists of each layer count, made once for every base tried
     filled: list[tuple[bool, ...]] = []
 
@@ -238,7 +288,7 @@ def _periodic_lists(config: Config, build: Callable[[Config], Sequence[list[Even
         filled.append(pattern)
         return [events for events in lists if events]
 
-    for base in dict.fromkeys(b + (layers - b) % period for b in range(lowest, highest + 1)):
+    for base in bases:
         key = None if shape_key is None else (shape_key, base)
         if key in _NOT_FROM:  # this shape's pattern was not found from this base before: not again
             continue
@@ -254,6 +304,27 @@ def _periodic_lists(config: Config, build: Callable[[Config], Sequence[list[Even
 
 
 _NOT_FROM: set[Hashable] = set()
+
+
+def _period(config: Config) -> int:
+    """How many layers one repeated block spans (an MoE layer every k: k)."""
+    return max(1, getattr(config.model, "moe_layer_step", 1) or 1)
+
+
+def _bases(config: Config) -> list[int]:
+    """The layer counts a periodic search starts from, in the order tried (none: too few layers to compress).
+
+    A block that repeats may span several layers (an MoE layer every k), after some that do not (DeepSeek's
+    dense first layers): the pattern is read where two whole periods follow those. The smallest base
+    first (fewer layers to build); a pattern whose first or last layers differ from the others over more
+    layers is found from the next one (periodic.BASE_LAYERS: what the search has always started from)."""
+    layers = getattr(config.model, "num_layers", None)
+    if not isinstance(layers, int) or layers <= COMPRESS_ABOVE_LAYERS:
+        return []
+    period = _period(config)
+    dense = getattr(config.model, "first_dense_layers", 0) or 0
+    lowest, highest = max(MIN_BASE_LAYERS, dense + 2 * period), max(BASE_LAYERS, dense + 2 * period)
+    return list(dict.fromkeys(b + (layers - b) % period for b in range(lowest, highest + 1)))
 
 #: the smallest layer count a pattern is read from (a first and a last layer; the next count adds one that
 #: repeats): where the first or last layers differ from the rest, the search fails at once and the next is tried

@@ -106,6 +106,22 @@ def test_body_does_not_depend_on_master_weights(preset: str) -> None:
     assert body_program(master) is body_program(plain)
 
 
+def test_layered_step_without_shared_objects_searches_the_whole_steps() -> None:
+    """``layered_step`` searches the events before the optimizer once where both steps hold the same objects
+    (``step_events``, tensor parallelism, FSDP2); steps made of copies are searched whole, as before."""
+    cfg = _config("llama-2-7b", ["training.precision=amp-bf16"])
+
+    def copies(c):  # noqa: ANN001, ANN202
+        setup, first, steady = step_events(c, "cpu")
+        return setup, first, [Event(e.name, e.role, e.nbytes, e.phase) for e in steady]
+
+    flat = assemble_step(*step_events(cfg, "cpu"))
+    for build in (lambda c: step_events(c, "cpu"), copies):
+        step = layered_step(cfg, build)
+        assert isinstance(step, CompressedStep)
+        _same_peaks(step, flat)
+
+
 def _layers(first: list[Event], middle: list[Event], last: list[Event], n: int) -> list[Event]:
     """``n`` layers: a first layer, ``n - 2`` middle ones and a last, each event named by its layer."""
     out = [Event(f"l0.{e.name}", e.role, e.nbytes, e.phase) for e in first]
