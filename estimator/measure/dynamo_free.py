@@ -1,5 +1,5 @@
-"""Trace without importing ``torch._dynamo``: a one-shot trace compiles nothing, and the import costs
-about as much as ``import torch`` itself.
+"""Trace without importing ``torch._dynamo``: a one-shot trace compiles nothing, and the import costs up to
+0.6x ``import torch`` again (0.36x beyond the sympy that fake tensors import anyway; docs/module.md).
 
 Two places in torch reach ``torch._dynamo`` during a trace on fake tensors (found with a ``sys.meta_path``
 hook printing the stack of the first import, torch 2.13):

@@ -716,7 +716,7 @@ def run_trace(model: ModuleConfig, precision: str, fsdp: bool = False,
     (0.12 s to 0.01 s for a small module).
 
     ``torch._dynamo`` is not imported (``dynamo_free.py``): nothing in a trace compiles, and importing it
-    costs about as much as ``import torch``.
+    costs up to 0.6x ``import torch`` again.
 
     ``fsdp``: trace with FSDP2's hooks on the units ``fully_shard`` would wrap (``unit_classes``, or the
     default of :func:`fsdp_unit_modules`) and the root, and return where they ran (``ModuleTrace.fsdp_marks``).
