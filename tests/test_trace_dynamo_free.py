@@ -108,3 +108,29 @@ def test_trace_without_dynamo_equals_the_trace_with_it(monkeypatch: pytest.Monke
     monkeypatch.setenv(DISABLE_ENV, "1")  # torch imports Dynamo as it does without us
     for key, (model, precision) in CASES.items():
         assert out["traces"][key] == _trace_text(model, precision), key
+
+
+@pytest.mark.parametrize(("name", "globals_", "fromlist", "level", "asks"), [
+    ("torch._dynamo", None, (), 0, True),
+    ("torch._dynamo.source", None, ("ConstantSource",), 0, True),
+    ("torch", None, ("_dynamo",), 0, True),
+    ("torch", None, ("nn",), 0, False),
+    ("torch._dynamo.config", None, (), 0, False),  # sys.modules has it while the block runs
+    ("torch._dynamo_extra", None, (), 0, False),
+    ("_dynamo.source", {"__package__": "torch._subclasses"}, ("AttrSource",), 2, True),  # from .._dynamo.source
+    ("", {"__package__": "torch._subclasses"}, ("_dynamo",), 2, True),  # from .. import _dynamo
+    ("fake_impls", {"__package__": "torch._subclasses"}, ("x",), 1, False),
+])
+def test_which_imports_need_the_real_package(name: str, globals_: dict | None, fromlist: tuple, level: int,
+                                             asks: bool) -> None:
+    from estimator.measure.dynamo_free import _asks_for_dynamo
+
+    assert _asks_for_dynamo(name, globals_, fromlist, level, config_loaded=True) is asks
+
+
+def test_the_installed_torch_has_the_shapes_the_block_answers() -> None:
+    """On the torch the package is tested with, both parts apply (else the block would silently do nothing)."""
+    from estimator.measure.dynamo_free import _inner_matches
+
+    assert _inner_matches(torch._compile._disable_dynamo)
+    assert (Path(torch.__file__).parent / "_dynamo" / "config.py").is_file()

@@ -165,7 +165,9 @@ def _asks_for_dynamo(name: str, globals: Any, fromlist: Any, level: int,  # noqa
     """Whether an import statement needs the package ``torch._dynamo`` (``import torch._dynamo.x``,
     ``from torch._dynamo import x``, ``from torch import _dynamo``, relative forms inside torch)."""
     if level:
-        package = globals.get("__package__") if isinstance(globals, dict) else None
+        package = None
+        if isinstance(globals, dict):
+            package = globals.get("__package__") or getattr(globals.get("__spec__"), "parent", None)
         if not package:
             return False
         try:
