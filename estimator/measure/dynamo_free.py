@@ -106,7 +106,9 @@ class _Block:
 
     def import_(self, name: str, globals: Any = None, locals: Any = None,  # noqa: A002, ANN401
                 fromlist: Any = (), level: int = 0) -> Any:  # noqa: ANN401
-        if self.active and not self.loading and "torch._dynamo" not in sys.modules:
+        # a trace runs thousands of import statements: those that cannot name Dynamo go straight through
+        if (("_dynamo" in name or (fromlist and "_dynamo" in fromlist)) and self.active and not self.loading
+                and "torch._dynamo" not in sys.modules):
             if (name == "torch._dynamo" and level == 0 and not fromlist and globals is not None
                     and globals is self.compile_globals):
                 return self.view  # _disable_dynamo's inner, on the first call of a function it wraps
