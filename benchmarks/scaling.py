@@ -8,8 +8,8 @@ Three tables, all measured in one run on this machine:
    with the number of distinct ranks computed and the fitted exponent.
 3. Whole commands against ``python -c "import torch"``, alternated A B A B ... (after one warm-up of
    both), the median of the pairwise ratios: the seed's example, a 100,000-layer MLP, 100,000 DDP
-   ranks, a tiny traced ``nn.Module`` (beside ``import torch, torch._dynamo``, the floor of any trace
-   on fake tensors, see docs/benchmarks.md), then every preset plain, with ``--gpu``, with
+   ranks, a tiny traced ``nn.Module`` (beside ``import torch`` with the two packages any trace on fake
+   tensors imports on torch 2.13, its floor: see docs/module.md), then every preset plain, with ``--gpu``, with
    ``--parallel zero2 -n 8`` and with ``--parallel fsdp -n 1024``.
 
 Run it with the interpreter of a clean virtual environment, as a user installs the package (the README's
@@ -57,7 +57,7 @@ from estimator.parallel import rank_groups  # noqa: E402
 from estimator.presets import PRESETS  # noqa: E402
 
 TORCH = [sys.executable, "-c", "import torch"]
-TORCH_DYNAMO = [sys.executable, "-c", "import torch, torch._dynamo"]
+TRACE_FLOOR = [sys.executable, "-c", "import torch, torch.fx.experimental.symbolic_shapes, torch.distributed.tensor"]
 ESTIMATOR = [sys.executable, "-m", "estimator"]
 ROOT = Path(__file__).resolve().parent.parent
 CHILD_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
@@ -199,7 +199,8 @@ def commands_table(presets: list[str], pairs: int, gpu: str, extras: bool = True
         Path(tmp, "tiny_module.py").write_text(TINY_MODULE)
         Path(tmp, "tiny.yaml").write_text(TINY_CONFIG)
         cases.append(("estimate tiny.yaml (a traced 1,002-parameter nn.Module)", [*est, "estimate", "tiny.yaml"], tmp))
-        cases.append(('python -c "import torch, torch._dynamo" (what a fake-tensor trace imports)', TORCH_DYNAMO, None))
+        cases.append(('python -c "import torch, torch.fx.experimental.symbolic_shapes, torch.distributed.tensor" '
+                      '(what a fake-tensor trace imports on torch 2.13, docs/module.md)', TRACE_FLOOR, None))
         if not extras:
             cases.clear()
         for name in presets:
