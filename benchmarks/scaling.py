@@ -242,12 +242,14 @@ def main() -> None:
     print(f"python {sys.version.split()[0]} ({sys.executable}), {os.cpu_count()} cores, "
           f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}, load average {os.getloadavg()[0]:.1f}")
     print(interpreter_note() + "\n")
+    # the whole commands first: a child's peak RSS (``wait4``) counts the pages it shares with this process
+    # until it execs, so after the in-process tables every child would report this process's size
+    if not args.skip_commands:
+        commands_table([p for p in args.presets.split(",") if p], args.pairs, args.gpu, not args.presets_only)
     if not args.skip_layers:
         layers_table()
     if not args.skip_world:
         world_table("llama-2-7b")
-    if not args.skip_commands:
-        commands_table([p for p in args.presets.split(",") if p], args.pairs, args.gpu, not args.presets_only)
     print(f"finished {time.strftime('%H:%M:%S %Z')}, load average {os.getloadavg()[0]:.1f}")
 
 

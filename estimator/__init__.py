@@ -7,7 +7,8 @@ The analytic API never imports torch::
     result.memory.total, result.flops.per_step   # 496 bytes, 432 FLOPs
 """
 
-from estimator.startup import gc_paused, pydantic_plugins_off
+from estimator.nogc import gc_paused
+from estimator.startup import pydantic_plugins_off
 
 with gc_paused(), pydantic_plugins_off():  # no plugin scan, no collections of what the imports make (startup.py)
     from estimator.api import Estimate, compare, estimate

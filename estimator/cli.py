@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from estimator.errors import EstimatorError, Interrupted
+from estimator.nogc import gc_paused
 from estimator.output import OutputError, SafeStdout, user_stdout_to_stderr, write_json
-from estimator.startup import gc_paused, plugin_loader_stand_in
+from estimator.startup import plugin_loader_stand_in
 
 with gc_paused():  # typer's modules live as long as the process: no collections while they load (startup.py)
     import typer

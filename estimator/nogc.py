@@ -7,23 +7,31 @@ from __future__ import annotations
 
 import functools
 import gc
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector paused for the duration (re-enabled after, if it was on)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def without_gc(fn: F) -> F:
-    """Run ``fn`` with the cyclic garbage collector paused (re-enabled after, if it was on)."""
+    """Run ``fn`` with the cyclic garbage collector paused (:func:`gc_paused`)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        enabled = gc.isenabled()
-        gc.disable()
-        try:
+        with gc_paused():
             return fn(*args, **kwargs)
-        finally:
-            if enabled:
-                gc.enable()
 
     return wrapper  # type: ignore[return-value]

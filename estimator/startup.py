@@ -18,7 +18,7 @@ plugins exactly when the real one would without looking (the setting is ``__all_
 are found as usual. Anything else asked of the stand-in is the real loader's as well. The stand-in is
 removed when the context ends (if it is still in place).
 
-While the package and typer are imported, Python's cyclic collector is paused (:func:`gc_paused`):
+While the package and typer are imported, Python's cyclic collector is paused (``nogc.gc_paused``):
 importing them makes tens of thousands of objects that all live as long as the process (modules,
 classes, pydantic's validators), and the collector scanned them again and again as they accumulated
 (58 young and 6 middle-generation collections during ``import estimator.cli``, 36 M instructions of
@@ -30,7 +30,6 @@ still frees the cycles the command makes).
 
 from __future__ import annotations
 
-import gc
 import importlib
 import os
 import sys
@@ -97,15 +96,3 @@ def pydantic_plugins_off() -> Iterator[None]:
             os.environ.pop(PLUGINS_SETTING, None)
         else:
             os.environ[PLUGINS_SETTING] = before
-
-
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector paused for the duration (re-enabled after, if it was on)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
