@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from estimator import nogc
 from estimator.errors import EstimatorError
 from estimator.measure.tracker import LiveTensorTracker
 
@@ -431,13 +432,8 @@ def gc_frozen() -> Iterator[None]:
 def gc_paused() -> Iterator[None]:
     """Collect now, then keep the cyclic GC from freeing tensors at arbitrary points of the step."""
     gc.collect()
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with nogc.gc_paused():
         yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _warm_up(device: torch.device) -> None:
