@@ -18,10 +18,13 @@ import argparse
 import resource
 import sys
 import time
+from pathlib import Path
 
-from estimator.api import estimate
-from estimator.families.module import _trace_cached, trace_module
-from estimator.loader import validate_config
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's package, not an installed copy
+
+from estimator.api import estimate  # noqa: E402
+from estimator.families.module import _trace_cached, trace_module  # noqa: E402
+from estimator.loader import validate_config  # noqa: E402
 
 
 def main() -> None:
