@@ -21,15 +21,11 @@ from collections.abc import Sequence
 
 from estimator.config import Config
 from estimator.events import Event
-from estimator.periodic import Program
-from estimator.simulate import COMPRESS_ABOVE_LAYERS, CUDA_BLOCK, CompressedStep, simulate, step_events
+from estimator.periodic import Program, monotone_runs
+from estimator.simulate import COMPRESS_ABOVE_LAYERS, CUDA_BLOCK, CompressedStep, round_size, simulate, step_events
 
 #: one block of a program: (sizes as (a, c) per event, copies in a row)
 _Block = tuple[tuple[tuple[int, int], ...], int]
-
-
-def with_batch(config: Config, batch: int) -> Config:
-    return config.model_copy(update={"training": config.training.model_copy(update={"batch_size": batch})})
 
 
 def unrounded_programs(config: Config) -> tuple[Program, ...]:
@@ -87,19 +83,12 @@ class AffinePeak:
 
 
 def _by_name_in_runs(events: Sequence[Event]) -> list[Event]:
-    """The events with each run of allocations (or of frees) sorted by name. Within such a run live bytes
-    only rise (or only fall), so its order changes neither what the run adds nor its highest prefix sum;
-    but the step's own order sorts those runs by size (``periodic.canonical``), which the batch may change."""
+    """The events with each run of allocations (or of frees) in one phase sorted by name
+    (``periodic.monotone_runs``: its order changes neither what the run adds nor its highest prefix sum);
+    the step's own order sorts those runs by size (``periodic.canonical``), which the batch may change."""
     out: list[Event] = []
-    start, n = 0, len(events)
-    while start < n:
-        end = start + 1
-        if events[start].nbytes:
-            rising = events[start].nbytes > 0
-            while end < n and events[end].nbytes and (events[end].nbytes > 0) == rising:
-                end += 1
+    for start, end in monotone_runs(events):
         out += sorted(events[start:end], key=_order) if end - start > 1 else events[start:end]
-        start = end
     return out
 
 
@@ -134,13 +123,6 @@ def _affine_sizes(e1: Sequence[Event], e2: Sequence[Event], b1: int, b2: int) ->
     return tuple(out)
 
 
-def _rounded(n: int) -> int:
-    """``simulate.round_blocks``' rounding of one size (0 stays 0; a free is rounded like its allocation)."""
-    if not n % CUDA_BLOCK:
-        return n
-    return -(-n // CUDA_BLOCK) * CUDA_BLOCK if n > 0 else -((-n + CUDA_BLOCK - 1) // CUDA_BLOCK) * CUDA_BLOCK
-
-
 def _delta_and_rise(program: tuple[_Block, ...], batch: int) -> tuple[int, int]:
     """What the program adds to live bytes, and its highest prefix sum (0 when nothing rises above the start):
     the :class:`~estimator.timeline.Summary` arithmetic on sizes alone."""
@@ -152,7 +134,7 @@ def _delta_and_rise(program: tuple[_Block, ...], batch: int) -> tuple[int, int]:
         for a, c in sizes:
             n = a + c * batch
             if n % CUDA_BLOCK:
-                n = _rounded(n)
+                n = round_size(n)
             current += n
             if current > top:
                 top = current

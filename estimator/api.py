@@ -14,11 +14,11 @@ from estimator.optimizers import get_optimizer
 from estimator.periodic import program_length, role_bytes
 from estimator.precision import precision_plan
 from estimator.simulate import (
-    CUDA_BLOCK,
     STEP_TENSOR_BYTES,
     SimulatedStep,
     _is_saved,
     resolve_implementation,
+    round_size,
     simulate,
     state_bytes,
     step_shape,
@@ -234,9 +234,7 @@ def estimate(config: Config | None = None, device: str | None = None) -> Estimat
 
 def _same_tensor(rounded: Any, exact: Any) -> bool:
     """``rounded`` is ``exact`` rounded up to CUDA's 512-byte blocks (same role, phase and direction)."""
-    blocks = -(-abs(exact.nbytes) // CUDA_BLOCK) * CUDA_BLOCK
-    return (rounded.role, rounded.phase) == (exact.role, exact.phase) and rounded.nbytes == (
-        blocks if exact.nbytes > 0 else -blocks)
+    return (rounded.role, rounded.phase) == (exact.role, exact.phase) and rounded.nbytes == round_size(exact.nbytes)
 
 
 def _roles(pairs: Any) -> dict[str, int]:

@@ -151,6 +151,19 @@ def _canonical(events: Sequence[Event]) -> tuple[list[Event], list[tuple[str, in
     """:func:`canonical`, with the signature of what it returns (each event signed once)."""
     signs = _signature(events)
     order: list[int] = []
+    for start, end in monotone_runs(events):
+        if end - start > 1:
+            order += sorted(range(start, end), key=signs.__getitem__)  # stable: as sorting the events by signature
+        else:
+            order.append(start)
+    return [events[i] for i in order], [signs[i] for i in order]
+
+
+def monotone_runs(events: Sequence[Event]) -> Iterator[tuple[int, int]]:
+    """``[start, end)`` of each run of allocations (or of frees) in one phase, and of each other event alone.
+
+    Within such a run live bytes only rise (or only fall): its order changes neither what it adds, nor its
+    highest prefix sum, nor what is live there (:func:`canonical`, ``affine_batch``)."""
     start = 0
     n = len(events)
     while start < n:
@@ -161,12 +174,8 @@ def _canonical(events: Sequence[Event]) -> tuple[list[Event], list[tuple[str, in
             while end < n and events[end].phase == first.phase and events[end].nbytes and (
                     events[end].nbytes > 0) == rising:
                 end += 1
-        if end - start > 1:
-            order += sorted(range(start, end), key=signs.__getitem__)  # stable: as sorting the events by signature
-        else:
-            order.append(start)
+        yield start, end
         start = end
-    return [events[i] for i in order], [signs[i] for i in order]
 
 
 def _agreement(sa: list[tuple[str, int, str, str]], i: int, sb: list[tuple[str, int, str, str]], j: int) -> int:
@@ -253,11 +262,11 @@ def _periodic(build: Callable[[int], Sequence[Sequence[Event]]], layers: int, ba
                                      copies) for w in range(len(places)))
         programs: list[Program] = []
         found: list[list[tuple[int, int, int]]] = []
+        if len(runs[1]) != len(runs[0]):
+            return None
         for which in range(len(runs[0])):
             lists = [run[which] for run in runs]
             signs = [signed(c)[which][1] for c in (0, 1)]
-            if len(runs[1]) != len(runs[0]):
-                return None
             for inserts in _inserts(lists[0], lists[1], signs[0], signs[1]):
                 blocks = [(i, block) for i, _j, block in inserts]
                 places = [(i, j, len(block)) for i, j, block in inserts]

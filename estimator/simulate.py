@@ -707,14 +707,18 @@ def assemble_step(setup: list[Event], first: list[Event], steady: list[Event]) -
     return SimulatedStep(setup, first, steady, first_peak, steady_peak, live_first, live_steady)
 
 
+def round_size(n: int) -> int:
+    """One allocation (``n`` > 0) or free (``n`` < 0) as CUDA's caching allocator counts it: its size rounded up
+    to a whole number of 512-byte blocks, the sign kept (0 stays 0)."""
+    sign = 1 if n > 0 else -1
+    return sign * (-(-abs(n) // CUDA_BLOCK) * CUDA_BLOCK)
+
+
 def round_blocks(events: list[Event]) -> list[Event]:
     """CUDA's caching allocator hands out multiples of 512 bytes (what max_memory_allocated counts)."""
-    def up(n: int) -> int:
-        sign = 1 if n > 0 else -1
-        return sign * (-(-abs(n) // CUDA_BLOCK) * CUDA_BLOCK)
-
     # an event already a whole number of blocks is kept as it is (events are immutable): most are
-    return [e if not e.nbytes % CUDA_BLOCK else Event(e.name, e.role, up(e.nbytes), e.phase) for e in events]
+    return [e if not e.nbytes % CUDA_BLOCK else Event(e.name, e.role, round_size(e.nbytes), e.phase)
+            for e in events]
 
 
 def state_events(

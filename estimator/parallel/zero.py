@@ -190,10 +190,11 @@ class DroppedGradients:
             part = h[lo:hi + 1]
             return lo + part.index(max(part))
         head, whole, tail = h[lo:first * size], self.block_max[first:last], h[last * size:hi + 1]
-        top = max(max(head), max(whole), max(tail))
-        if max(head) == top:
+        head_top, whole_top = max(head), max(whole)
+        top = max(head_top, whole_top, max(tail))
+        if head_top == top:
             return lo + head.index(top)
-        if max(whole) == top:
+        if whole_top == top:
             run = first + whole.index(top)
             return run * size + h[run * size:(run + 1) * size].index(top)
         return last * size + tail.index(top)
