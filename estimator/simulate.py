@@ -384,7 +384,12 @@ def resolve_implementation(config: Config, device: str) -> str:
 
 
 def step_shape(config: Config) -> StepShape:
-    plan = precision_plan(config.training.precision)
+    return precision_shape(config.training.precision)
+
+
+def precision_shape(precision: str) -> StepShape:
+    """The step's dtypes under a ``training.precision`` (``precision.precision_plan``)."""
+    plan = precision_plan(precision)
     return StepShape(
         activation_bytes=plan.activation_bytes,
         parameter_bytes=plan.parameter_bytes,

@@ -483,14 +483,10 @@ class MoEFamily:
         by the same amount, and that amount is repeated for the remaining periods (else the whole model).
         """
         from estimator.periodic import role_bytes
-        from estimator.precision import precision_plan
-        from estimator.simulate import COMPRESS_ABOVE_LAYERS, _is_saved, model_body_program
+        from estimator.simulate import COMPRESS_ABOVE_LAYERS, _is_saved, model_body_program, precision_shape
 
         given = model.routing.tokens_per_expert or []
-        plan = precision_plan(batch.precision)
-        own_shape = StepShape(activation_bytes=plan.activation_bytes, parameter_bytes=plan.parameter_bytes,
-                              gradient_bytes=plan.gradient_bytes, autocast=plan.autocast)
-        if shape == own_shape and model.num_layers > COMPRESS_ABOVE_LAYERS and len(given) <= 1:
+        if shape == precision_shape(batch.precision) and model.num_layers > COMPRESS_ABOVE_LAYERS and len(given) <= 1:
             program = model_body_program(model, batch)
             if program is not None:
                 return role_bytes(program, _is_saved)
