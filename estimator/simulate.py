@@ -613,11 +613,12 @@ def step_body_events(config: Config) -> list[Event]:
 def step_tail_events(config: Config) -> list[Event]:
     """A step's ``zero_grad`` events (phase ``zero_grad``), in order, unrounded, without building the
     optimizer's events: the same in the first and a steady step, and on every device. Equal to filtering
-    ``step_events(config)[1]`` or ``[2]`` by phase (``tests/test_speed_simulate.py``)."""
+    ``step_events(config)[1]`` or ``[2]`` by phase (``tests/test_speed_simulate.py``): only the tail after
+    ``optimizer.step()`` has them, so the forward and backward are not built."""
     family = get_family(config.model.family)
-    body, tail = _body_and_tail(config, family, family.parameters(config.model), step_shape(config),
-                                separate_master_copy(config))
-    return [e for e in body + tail if e.phase == "zero_grad"]
+    tail = _tail_part(config, family, family.parameters(config.model), step_shape(config),
+                      separate_master_copy(config))
+    return [e for e in tail if e.phase == "zero_grad"]
 
 
 def unrounded_step(config: Config) -> SimulatedStep | CompressedStep:
