@@ -270,14 +270,16 @@ def layered_programs(config: Config, build: Callable[[Config], Sequence[list[Eve
 
 
 def _periodic_lists(config: Config, build: Callable[[Config], Sequence[list[Event]]],
-                    shape_key: Hashable | None) -> tuple[Program, ...] | None:
+                    shape_key: Hashable | None, built: dict[int, Any] | None = None) -> tuple[Program, ...] | None:
     """The periodic programs of ``build``'s lists (None: too few layers, or not periodic). A list that is
-    empty at every layer count built is an empty program; one empty at some counts only is not periodic."""
+    empty at every layer count built is an empty program; one empty at some counts only is not periodic.
+    ``built``: filled with the canonical lists (and their signatures) of each layer count built, for a
+    caller that reads more off them (``parallel/zero2_program.py``: the true names of repeated events)."""
     bases = _bases(config)
     if not bases:
         return None
     layers, period, highest = config.model.num_layers, _period(config), bases[-1]  # type: ignore[union-attr]
-    built: dict[int, Any] = {}  # the lists of each layer count, made once for every base tried
+    built = {} if built is None else built  # the lists of each layer count, made once for every base tried
     filled: list[tuple[bool, ...]] = []
 
     def nonempty(n: int) -> list[list[Event]]:

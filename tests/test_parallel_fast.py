@@ -61,7 +61,7 @@ def test_fsdp_rank_step_compressed_equals_flat() -> None:
 def test_zero2_stretch_maximum_is_the_first_maximum(sizes: list[int], data: st.DataObject) -> None:
     """``DroppedGradients._argmax`` (runs of 64 events and their maxima) against a plain scan, ties included."""
     from estimator.events import Event
-    from estimator.parallel.zero import DroppedGradients
+    from estimator.parallel.dropped import DroppedGradients
 
     dropped = DroppedGradients([Event(f"t{i}", "temporary", n, "forward") for i, n in enumerate(sizes)])
     for _ in range(20):
