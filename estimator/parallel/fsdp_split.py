@@ -23,6 +23,7 @@ from collections.abc import Callable
 from estimator.config import Config
 from estimator.events import Event
 from estimator.parallel.base import RankContext, RankStep, chain
+from estimator.parallel.fsdp_own import own_summaries
 from estimator.periodic import Program, Segment, map_events, periodic_programs, summary_of
 from estimator.simulate import (
     COMPRESS_ABOVE_LAYERS,
@@ -83,9 +84,12 @@ def _shared_lists(world_size: int, device: str, reshards: bool) -> Callable[[Con
     return build
 
 
-def split_rank_step(ctx: RankContext, rank: int, reshards: bool) -> RankStep:
+def split_rank_step(ctx: RankContext, rank: int, reshards: bool, summarised: bool = True) -> RankStep:
     """``rank``'s first- and steady-step peaks from the shared lists (made once per context) and its own
-    optimizer events. Raises :class:`NotSplit` when rank 0's step does not split (then nothing is kept)."""
+    optimizer events. Raises :class:`NotSplit` when rank 0's step does not split (then nothing is kept).
+
+    ``summarised``: the own events' summaries from the shards' sizes where the optimizer's implementation
+    allows it (``fsdp_own.py``); False builds them (``_own_programs``), as the tests' reference."""
     finish = ctx.round if ctx.device == "cuda" else None
     key = _shape_key(ctx.config, ctx.device)
 
@@ -105,11 +109,8 @@ def split_rank_step(ctx: RankContext, rank: int, reshards: bool) -> RankStep:
         raise NotSplit("rank 0's step does not split")
     setup_roles, (first_before, first_after, steady_before, steady_after) = made
 
-    def own(cfg: Config) -> tuple[list[Event], list[Event], list[Event]]:
-        return _optimizer_lists(RankContext(cfg, ctx.world_size, ctx.device), rank)
-
-    own_setup, own_first, own_steady = (summary_of(p) for p in unit_programs(ctx.config, own, finish,
-                                                                              (key, "fsdp-own"), hooks=False))
+    own_setup, own_first, own_steady = (own_summaries(ctx, rank) if summarised else None) or \
+        _own_programs(ctx, rank, finish, key)
     live = dict(setup_roles)
     for role, n in own_setup.roles:
         live[role] = live.get(role, 0) + n
@@ -120,6 +121,18 @@ def split_rank_step(ctx: RankContext, rank: int, reshards: bool) -> RankStep:
         live_steady[role] = live_steady.get(role, 0) + n
     saved = ctx.shared("saved_activation_bytes", lambda: _saved_bytes(ctx))  # the key Zero3.estimate reads
     return RankStep(peak_of(first, live), peak_of(steady, live_steady), saved)
+
+
+def _own_programs(ctx: RankContext, rank: int, finish: Callable[[list[Event]], list[Event]] | None,
+                  key: str) -> tuple[Summary, Summary, Summary]:
+    """``rank``'s own events built at small layer counts and read as programs (``unit_programs``), summarised."""
+
+    def own(cfg: Config) -> list[list[Event]]:
+        return list(_optimizer_lists(RankContext(cfg, ctx.world_size, ctx.device), rank))
+
+    setup, first, steady = (summary_of(p) for p in unit_programs(ctx.config, own, finish, (key, "fsdp-own"),
+                                                                 hooks=False))
+    return setup, first, steady
 
 
 def unit_programs(config: Config, build: Callable[[Config], list[list[Event]]],
