@@ -659,7 +659,7 @@ def _body_events(family: Any, config: Config, shape: StepShape) -> list[Event]:
     """
     if config.model.family in MARKED_FAMILIES:
         return marked_body(config)[0]
-    key = (config.model.model_dump_json(), config.training.model_dump_json(), shape)
+    key = (config.model.model_dump_json(), _micro_batch_key(config.training), shape)
     if key not in _BODIES:
         if len(_BODIES) >= 256:
             _BODIES.pop(next(iter(_BODIES)))
@@ -668,6 +668,17 @@ def _body_events(family: Any, config: Config, shape: StepShape) -> list[Event]:
 
 
 _BODIES: dict[tuple[str, str, StepShape], tuple[Event, ...]] = {}
+
+
+def _micro_batch_key(training: Any) -> str:
+    """The training section as far as one micro-batch's forward and backward read it: not
+    ``grad_accum_steps`` (``accumulation.py`` repeats the micro-batch's events) nor ``master_weights`` (the fp32
+    masters are made in setup and before ``optimizer.step()``), so a fit's alternative of micro-batches of 1
+    accumulated reuses the events its batch search built at batch 1."""
+    data = training.model_dump(mode="json")
+    data.pop("grad_accum_steps", None)
+    data.pop("master_weights", None)
+    return str(data)
 
 #: families whose forward-backward events come from a simulator that also records FSDP2's hook marks
 MARKED_FAMILIES = ("transformer", "moe")
@@ -684,7 +695,7 @@ def marked_body(config: Config) -> tuple[list[Event], list[tuple[int, str, str]]
     equal). Fresh lists are returned (the events themselves are immutable).
     """
     shape = step_shape(config)
-    key = (config.model.model_dump_json(), config.training.model_dump_json(), shape)
+    key = (config.model.model_dump_json(), _micro_batch_key(config.training), shape)
     if key not in _MARKED:
         if config.model.family == "transformer":
             from estimator.families.transformer_events import step_events_with_marks

@@ -152,3 +152,34 @@ def test_search_from_two_layers_needs_a_middle_layer_when_the_edges_differ() -> 
     flat = _layers(first, middle, last, 40)
     assert [(e.role, e.nbytes, e.phase) for e in _expanded(programs[0])] == [
         (e.role, e.nbytes, e.phase) for e in flat]
+
+
+def test_micro_batches_accumulated_reuse_the_single_micro_batch_events(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One micro-batch's forward and backward do not read ``grad_accum_steps`` or ``master_weights``: a fit's
+    alternative of micro-batches of 1 accumulated simulates no layer count its batch-1 step built already, and the
+    steps are those of a cold process."""
+    from estimator.families import transformer_events
+    from estimator.simulate import clear_caches
+
+    built: list[int] = []
+    real = transformer_events.step_events_with_marks
+
+    def counted(model, training, shape, tp=None):  # noqa: ANN001, ANN202
+        built.append(model.num_layers)
+        return real(model, training, shape, tp)
+
+    monkeypatch.setattr(transformer_events, "step_events_with_marks", counted)
+    one = ["training.batch_size=1", "training.precision=amp-bf16"]
+    variants = [["training.grad_accum_steps=4"], ["training.precision=bf16", "training.master_weights=true"]]
+    clear_caches()
+    simulate(load_config(None, one, base={"model": {"preset": "llama-2-7b"}}), "cuda")
+    first = sorted(built)
+    for extra in variants:
+        cfg = load_config(None, [*one, *extra], base={"model": {"preset": "llama-2-7b"}})
+        warm = simulate(cfg, "cuda")
+        if extra == variants[0]:
+            assert sorted(built) == first  # nothing built again for the accumulated micro-batches
+        clear_caches()
+        cold = simulate(cfg, "cuda")
+        assert (warm.first_peak, warm.steady_peak) == (cold.first_peak, cold.steady_peak)
+        clear_caches()
