@@ -204,14 +204,11 @@ def rank_model_states(ctx: RankContext, rank: int) -> tuple[int, int, int, int]:
 def _split_step(ctx: RankContext, rank: int, reshards: bool) -> RankStep | None:
     """The rank's peaks from the part every rank shares and its own optimizer events (``fsdp_split.py``);
     None where that split does not apply (then the rank's whole step is simulated)."""
-    from estimator.parallel.fsdp_split import SPLIT_FAMILIES, NotSplit, split_rank_step
+    from estimator.parallel.fsdp_split import SPLIT_FAMILIES, split_rank_step
 
     if ctx.config.model.family not in SPLIT_FAMILIES:
         return None
-    try:
-        return split_rank_step(ctx, rank, reshards)
-    except NotSplit:
-        return None
+    return split_rank_step(ctx, rank, reshards)
 
 
 def _zero3_events(
@@ -431,7 +428,26 @@ def units_of(config: Config, params: list[ParamTensor]) -> dict[str, str]:
 def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True,
                 marked: tuple[list[Event], list[tuple[int, str, str]]] | None = None,
                 ) -> tuple[list[Event], list[Event], list[Event]]:
-    """One rank's step under FSDP2, from the family's events and where its hooks run.
+    """One rank's step under FSDP2 (setup, first step, steady step): :func:`unit_parts` with the optimizer's
+    events for the rows the rank owns, its constructor state at the end of setup and ``optimizer.step()``
+    between the forward/backward and the zero_grad tail (none on the device under CPU offload)."""
+    setup, out, tail, local_params = unit_parts(ctx, rank, reshard_after_forward, marked)
+    if ctx.config.parallel.offload:  # the optimizer steps the host's shards on the CPU: nothing of it on the device
+        return setup, out + tail, out + tail
+    config = ctx.config
+    if ctx.spec.state_init == "constructor":
+        setup += state_events(ctx.spec, local_params, config, "setup", ctx.step_bytes)
+    first = out + optimizer_step_events(ctx.spec, local_params, config, ctx.impl, ctx.step_bytes, first=True) + tail
+    steady = out + optimizer_step_events(ctx.spec, local_params, config, ctx.impl, ctx.step_bytes, first=False) + tail
+    return setup, first, steady
+
+
+def unit_parts(ctx: RankContext, rank: int, reshard_after_forward: bool = True,
+               marked: tuple[list[Event], list[tuple[int, str, str]]] | None = None,
+               ) -> tuple[list[Event], list[Event], list[Event], list[ParamTensor]]:
+    """One rank's step under FSDP2 less its optimizer's events, from the family's events and where its hooks
+    run: setup (before any optimizer state), the forward/backward with FSDP2's hooks (the same in the first
+    and a steady step), the zero_grad tail, and the rank's trainable shards (what its optimizer steps).
 
     What each hook does, read off torch 2.13 (``_fsdp_param_group.py``, ``_fsdp_state.py``,
     ``_fsdp_collectives.py``): pre-forward all-gathers the unit into one flat buffer and copies it out
@@ -629,13 +645,7 @@ def unit_events(ctx: RankContext, rank: int, reshard_after_forward: bool = True,
         setup += trace_input_events(_module_trace(config))
     else:
         setup += family.input_events(config.model, config.training, shape)
-    if offload:  # the optimizer steps the host's shards on the CPU: nothing of it on the device
-        return setup, out + tail, out + tail
-    if ctx.spec.state_init == "constructor":
-        setup += state_events(ctx.spec, local_params, config, "setup", ctx.step_bytes)
-    first = out + optimizer_step_events(ctx.spec, local_params, config, ctx.impl, ctx.step_bytes, first=True) + tail
-    steady = out + optimizer_step_events(ctx.spec, local_params, config, ctx.impl, ctx.step_bytes, first=False) + tail
-    return setup, first, steady
+    return setup, out, tail, local_params
 
 
 def _micro_batches(body: list[Event], marks: list[tuple[int, str, str]], steps: int, sync_every: bool,

@@ -8,12 +8,13 @@ the temporaries of ``optimizer.step()``. A rank's first step is therefore
     shared forward/backward  ·  its optimizer step  ·  shared zero_grad tail
 
 and its setup the shared setup plus, for an optimizer that makes its state in the constructor, its
-own state. The shared lists are read off rank 0's step once per layout (and checked: rank 0's lists
-must be exactly shared part + rank 0's optimizer events, else the caller takes the full path); each
-rank then costs only its optimizer events, compressed per layer like the step (``periodic.py``), and
-the peaks come from composing :class:`~estimator.timeline.Summary` values, which is exact (the
-summaries form a monoid: ``timeline.py``). ``tests/test_speed_fsdp.py`` checks every rank's peaks
-against the full per-rank simulation.
+own state. The shared lists are rank 0's step built without its optimizer's events (``fsdp.unit_parts``,
+which ``unit_events`` completes with them), compressed per layer like the step (``periodic.py``) once per
+layout; each rank then costs only its optimizer events, summarised from how many of its shards have each
+shape (``fsdp_own.py``; built and compressed per layer for the for-loop implementation), and the peaks
+come from composing :class:`~estimator.timeline.Summary` values, which is exact (the summaries form a
+monoid: ``timeline.py``). ``tests/test_speed_fsdp.py`` checks every rank's peaks against the full
+per-rank simulation.
 """
 
 from __future__ import annotations
@@ -38,10 +39,6 @@ from estimator.timeline import Summary, peak_of
 SPLIT_FAMILIES = ("transformer", "moe")
 
 
-class NotSplit(ValueError):
-    """Rank 0's step is not shared part + its optimizer events: the caller simulates each rank in full."""
-
-
 def _optimizer_lists(small: RankContext, rank: int) -> tuple[list[Event], list[Event], list[Event]]:
     """What ``unit_events`` adds for ``rank``'s own rows: constructor state (setup), then each step's
     ``optimizer.step()`` (nothing on the device under CPU offload)."""
@@ -57,65 +54,43 @@ def _optimizer_lists(small: RankContext, rank: int) -> tuple[list[Event], list[E
             optimizer_step_events(small.spec, local, small.config, small.impl, small.step_bytes, first=False))
 
 
-def _cut(events: list[Event], own: list[Event]) -> tuple[list[Event], list[Event]]:
-    """``events`` = before + ``own`` + after, ``own`` starting at the first optimizer_step event (or, in
-    setup, at the end): (before, after). Raises :class:`NotSplit` when that is not so."""
-    if not own:
-        return events, []
-    at = next((i for i, e in enumerate(events) if e.phase == "optimizer_step"), len(events) - len(own))
-    if events[at:at + len(own)] != own:
-        raise NotSplit("the optimizer's events are not where the split expects them")
-    return events[:at], events[at + len(own):]
-
-
 def _shared_lists(world_size: int, device: str, reshards: bool) -> Callable[[Config], list[list[Event]]]:
-    """Rank 0's step less its optimizer events: setup, first step before/after, steady step before/after."""
-    from estimator.parallel.fsdp import unit_events
+    """Rank 0's step less its optimizer's events (``fsdp.unit_parts``): setup, the forward/backward with
+    FSDP2's hooks (the same in the first and a steady step) and the zero_grad tail. Built without the
+    optimizer's events at all: what every rank shares does not depend on them, and a rank's own are
+    summarised for it (``fsdp_own.py``)."""
+    from estimator.parallel.fsdp import unit_parts
 
     def build(cfg: Config) -> list[list[Event]]:
-        small = RankContext(cfg, world_size, device)
-        setup, first, steady = unit_events(small, 0, reshard_after_forward=reshards)
-        own_setup, own_first, own_steady = _optimizer_lists(small, 0)
-        common_setup, rest = _cut(setup, own_setup)
-        if rest:
-            raise NotSplit("setup continues after the optimizer's state")
-        return [common_setup, *_cut(first, own_first), *_cut(steady, own_steady)]
+        setup, body, tail, _local = unit_parts(RankContext(cfg, world_size, device), 0, reshards)
+        return [setup, body, tail]
 
     return build
 
 
 def split_rank_step(ctx: RankContext, rank: int, reshards: bool, summarised: bool = True) -> RankStep:
     """``rank``'s first- and steady-step peaks from the shared lists (made once per context) and its own
-    optimizer events. Raises :class:`NotSplit` when rank 0's step does not split (then nothing is kept).
+    optimizer events.
 
     ``summarised``: the own events' summaries from the shards' sizes where the optimizer's implementation
     allows it (``fsdp_own.py``); False builds them (``_own_programs``), as the tests' reference."""
     finish = ctx.round if ctx.device == "cuda" else None
     key = _shape_key(ctx.config, ctx.device)
 
-    def shared() -> tuple[dict[str, int], tuple[Summary, ...]]:
+    def shared() -> tuple[dict[str, int], Summary, Summary]:
         programs = unit_programs(ctx.config, _shared_lists(ctx.world_size, ctx.device, reshards), finish,
                                  (key, "fsdp-shared", reshards))
-        return dict(summary_of(programs[0]).roles), tuple(summary_of(p) for p in programs[1:])
+        setup, body, tail = (summary_of(p) for p in programs)
+        return dict(setup.roles), body, tail
 
-    def kept() -> tuple[dict[str, int], tuple[Summary, ...]] | None:
-        try:
-            return shared()
-        except NotSplit:
-            return None  # remembered: every rank of this context takes the full path
-
-    made = ctx.shared(f"fsdp_split_{reshards}", kept)
-    if made is None:
-        raise NotSplit("rank 0's step does not split")
-    setup_roles, (first_before, first_after, steady_before, steady_after) = made
-
+    setup_roles, body, tail = ctx.shared(f"fsdp_split_{reshards}", shared)
     own_setup, own_first, own_steady = (own_summaries(ctx, rank) if summarised else None) or \
         _own_programs(ctx, rank, finish, key)
     live = dict(setup_roles)
     for role, n in own_setup.roles:
         live[role] = live.get(role, 0) + n
-    first = chain([first_before, own_first, first_after])
-    steady = chain([steady_before, own_steady, steady_after])
+    first = chain([body, own_first, tail])
+    steady = chain([body, own_steady, tail])
     live_steady = dict(live)
     for role, n in first.roles:
         live_steady[role] = live_steady.get(role, 0) + n
