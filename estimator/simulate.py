@@ -518,10 +518,12 @@ def clear_caches() -> None:
     """Forget every step, forward-backward program and pattern this module and ``periodic.py`` keep (a
     benchmark timing a cold simulation clears them first)."""
     from estimator import periodic
+    from estimator.families import memo
 
     for cache in (_SIMULATED, _BODIES, _MARKED, _BODY_PROGRAMS, _ROUNDED, _NOT_FROM, periodic._SHAPES):
         cache.clear()
     periodic._blank_numbers.cache_clear()
+    memo.clear_caches()
 
 
 def _shape_key(config: Config, device: str) -> str:

@@ -33,6 +33,7 @@ from estimator.config import MAX_LAYERS, StrictModel, TrainingConfig
 from estimator.errors import EstimatorError
 from estimator.events import Event, alloc, free
 from estimator.families.base import BatchInForce, FlopCount, ParamTensor, StepShape, register_family
+from estimator.families.memo import per_model
 from estimator.families.transformer import TransformerConfig
 
 
@@ -328,6 +329,7 @@ def moe_tensors(model: MoEConfig, p: str) -> list[ParamTensor]:
     return out
 
 
+@per_model
 def parameter_tensors(model: MoEConfig) -> list[ParamTensor]:
     """Every parameter by name and shape, in ``named_parameters()`` order of ``estimator.measure.moe``."""
     d, v = model.d_model, model.vocab_size

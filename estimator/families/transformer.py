@@ -20,6 +20,7 @@ from estimator.config import StrictModel, TrainingConfig
 from estimator.errors import EstimatorError
 from estimator.events import Event, alloc, free
 from estimator.families.base import BatchInForce, FlopCount, ParamTensor, StepShape, register_family
+from estimator.families.memo import per_model
 
 
 class TransformerConfig(StrictModel):
@@ -201,6 +202,7 @@ def tokens_per_sequence(model: TransformerConfig, training: TrainingConfig) -> i
 # Parameters
 
 
+@per_model
 def parameter_tensors(model: TransformerConfig) -> list[ParamTensor]:
     """Every parameter by name and shape, in ``named_parameters()`` order of the torch model.
 
