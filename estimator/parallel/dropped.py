@@ -324,9 +324,13 @@ def _dropped_program(ctx: RankContext) -> DroppedProgram | None:
     signs: dict[str, tuple[int, ...]] | None = None
     checked = 0
     for n in sorted(k for k in built if k >= base and not (k - base) % period):
-        events = built[n][0][0]
-        positions = drop_positions(program, (n - base) // period)
-        if positions and positions[-1][0] >= len(events):
+        if not built[n]:
+            return None
+        events, c = built[n][0][0], (n - base) // period
+        if sum(len(s.events) * (c if s.count > 1 else 1) for s in program) != len(events):
+            return None  # the program at this count is not that count's list
+        positions = drop_positions(program, c)
+        if not all(is_grad_event(events[i]) and events[i].nbytes < 0 for i, _name, _nbytes in positions):
             return None
         true = [events[i].name for i, _name, _nbytes in positions]
         if signs is None:
