@@ -193,11 +193,12 @@ def rank_model_states(ctx: RankContext, rank: int) -> tuple[int, int, int, int]:
     padded = {shape: -(-shape[0] // ctx.world_size) * prod(shape[1:]) for shape, _ in counts}  # fsdp.shard's padded
     parameters = dtypes.shard * sum(n * padded[shape] for (shape, _), n in counts.items())
     gradients = dtypes.shard * sum(n * padded[shape] for (shape, trainable), n in counts.items() if trainable)
-    local_state: list[ParamTensor] = []
+    state = step_tensors = 0
     for (shape, trainable), n in counts.items():
-        if trainable:  # names do not matter to the state's bytes (state_bytes counts shapes)
-            local_state += [ParamTensor("p", local_shape(shape, ctx.world_size, rank), True)] * n
-    state, step_tensors = local_model_states(ctx, local_state, master_copy=False)
+        if trainable:  # both sums are per tensor, its name unused (state_bytes counts shapes): n times one
+            one = local_model_states(ctx, [ParamTensor("p", local_shape(shape, ctx.world_size, rank), True)],
+                                     master_copy=False)
+            state, step_tensors = state + n * one[0], step_tensors + n * one[1]
     return parameters, gradients, state, step_tensors
 
 
@@ -610,13 +611,17 @@ def unit_parts(ctx: RankContext, rank: int, reshard_after_forward: bool = True,
     for sync, events, where in _micro_batches(body, marks, steps, config.parallel.sync_every_micro_batch,
                                               cast_to_reduce):
         state["sync"] = sync
-        at = 0
-        for index, event in enumerate(events):
-            while at < len(where) and where[at][0] == index:
-                # a hook runs between two events: it takes the phase of the one before it
-                hook(where[at][1], where[at][2], events[index - 1].phase if index else event.phase)
-                at += 1
-            out.append(event)
+        at, done, count = 0, 0, len(events)
+        # the events up to each hook's place copied as one slice: marks come in event order; one out of order
+        # (or past the end) waits with the rest for the end, where the loop over each event left it
+        while at < len(where) and done <= where[at][0] < count:
+            index = where[at][0]
+            out.extend(events[done:index])
+            done = index
+            # a hook runs between two events: it takes the phase of the one before it
+            hook(where[at][1], where[at][2], events[index - 1].phase if index else events[index].phase)
+            at += 1
+        out.extend(events[done:])
         while at < len(where):
             hook(where[at][1], where[at][2], events[-1].phase)
             at += 1
