@@ -89,13 +89,23 @@ def _signature(events: Sequence[Event]) -> list[tuple[str, int, str, str]]:
     """What must repeat: role, size and phase, and the name with its layer numbers blanked out (which keeps
     two different tensors of equal size apart when the diff looks for the inserted blocks). Made once per
     list built (:func:`_canonical` returns it with the sorted events), so nothing is cached per event."""
-    blank = _blank_numbers
-    return [(e.role, e.nbytes, e.phase, blank(e.name)) for e in events]
+    known, blank = _BLANKED.get, _blank_new  # a dict's get: cheaper per event than lru_cache's bookkeeping
+    return [(e.role, e.nbytes, e.phase, known(e.name) or blank(e.name)) for e in events]
 
 
 @lru_cache(maxsize=65536)
 def _blank_numbers(name: str) -> str:
     return _DIGITS.sub("#", name)
+
+
+_BLANKED: dict[str, str] = {}  # _signature's names, blanked (bounded as _blank_numbers' cache is)
+
+
+def _blank_new(name: str) -> str:
+    if len(_BLANKED) >= 65536:
+        _BLANKED.clear()
+    blanked = _BLANKED[name] = _DIGITS.sub("#", name)
+    return blanked
 
 
 def _inserts(a: Sequence[Event], b: Sequence[Event], sa: list[tuple[str, int, str, str]] | None = None,
@@ -148,14 +158,37 @@ def canonical(events: Sequence[Event]) -> list[Event]:
 
 
 def _canonical(events: Sequence[Event]) -> tuple[list[Event], list[tuple[str, int, str, str]]]:
-    """:func:`canonical`, with the signature of what it returns (each event signed once)."""
+    """:func:`canonical`, with the signature of what it returns (each event signed once).
+
+    One pass over the signatures finds the runs of :func:`monotone_runs` (a signature holds the size and the
+    phase) and sorts each: the same order, without going over the events a second time."""
     signs = _signature(events)
+    n = len(signs)
     order: list[int] = []
-    for start, end in monotone_runs(events):
-        if end - start > 1:
-            order += sorted(range(start, end), key=signs.__getitem__)  # stable: as sorting the events by signature
+    append = order.append
+    start = 0
+    while start < n:
+        _role, nbytes, phase, _name = signs[start]
+        end = start + 1
+        if nbytes:
+            rising = nbytes > 0
+            while end < n:
+                _role, size, next_phase, _name = signs[end]
+                if next_phase != phase or not size or (size > 0) != rising:
+                    break
+                end += 1
+        if end - start == 1:
+            append(start)
+        elif end - start == 2:  # a pair (most runs): swapped only when strictly out of order, as a stable sort
+            if signs[start + 1] < signs[start]:
+                append(start + 1)
+                append(start)
+            else:
+                append(start)
+                append(start + 1)
         else:
-            order.append(start)
+            order += sorted(range(start, end), key=signs.__getitem__)  # stable: as sorting the events by signature
+        start = end
     return [events[i] for i in order], [signs[i] for i in order]
 
 

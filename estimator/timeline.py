@@ -148,17 +148,22 @@ def summarize(events: list[Event]) -> Summary:
     """The :class:`Summary` of a run of events, in one pass (names are not checked: the start is abstract)."""
     current, best, best_index, best_phase = 0, 0, -1, ""
     totals: dict[str, int] = {}
+    get = totals.get
     for index, event in enumerate(events):
-        if not event.nbytes:
+        nbytes = event.nbytes
+        if not nbytes:
             continue
-        current += event.nbytes
-        totals[event.role] = totals.get(event.role, 0) + event.nbytes
+        current += nbytes
+        role = event.role
+        totals[role] = get(role, 0) + nbytes
         if current > best:
             best, best_index, best_phase = current, index, event.phase
     roles: dict[str, int] = {}
     if best_index >= 0:
+        get = roles.get
         for event in events[: best_index + 1]:
-            roles[event.role] = roles.get(event.role, 0) + event.nbytes
+            role = event.role
+            roles[role] = get(role, 0) + event.nbytes
     return Summary(len(events), current, tuple(totals.items()), best, best_index,
                    best_phase, tuple(roles.items()), events[0].phase if events else "")
 

@@ -208,7 +208,9 @@ class _MoESim(_Sim):
     def node(self, out: str, inputs: list[str | tuple[str, str]], saves: tuple[str, ...] = (),
              scratch: int = 0) -> None:
         """A node; saving a view (``view_base``) keeps the view's base storage alive."""
-        super().node(out, inputs, tuple(self.view_base.get(s, s) for s in saves), scratch)
+        view_base = self.view_base
+        super().node(out, inputs, tuple([view_base.get(s, s) for s in saves]) if saves and view_base else saves,
+                     scratch)
 
     def _rope_interleave(self, prefix: str, xs: list[tuple[str, int]]) -> list[str]:
         """transformers' ``apply_rotary_pos_emb_interleave``: for each (tensor, heads), the even and odd slices

@@ -45,7 +45,7 @@ class TensorParallel:
     loss: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class _T:
     name: str
     nbytes: int
@@ -58,7 +58,7 @@ class _T:
     grad_nbytes: int | None = None  # a view that allocates nothing (a DTensor over a local tensor): its gradient's size
 
 
-@dataclass
+@dataclass(slots=True)
 class _Node:
     out: str
     inputs: list[tuple[str, bool]]  # (tensor or "param:<name>", passthrough)
@@ -116,10 +116,11 @@ class _Sim:
         return name
 
     def new_bytes(self, name: str, nbytes: int, role: str = "") -> str:
-        if name in self.tensors and self.tensors[name].live:
+        tensors = self.tensors
+        old = tensors.get(name)
+        if old is not None and old.live:
             raise AssertionError(f"{name} allocated twice")
-        tensor = _T(name, nbytes, role)
-        self.tensors[name] = tensor
+        tensor = tensors[name] = _T(name, nbytes, role)
         self.records.append(("alloc", tensor, self.phase))
         return name
 
@@ -152,11 +153,15 @@ class _Sim:
     def node(self, out: str, inputs: list[str | tuple[str, str]], saves: tuple[str, ...] = (),
              scratch: int = 0, opaque: bool = False) -> None:
         ins = [(i, False) if isinstance(i, str) else (i[0], True) for i in inputs]
-        saves = tuple(self.base_of.get(s, s) for s in saves)  # a saved view keeps its base's storage
-        if self.ckpt_block < 0 or self.recomputing:
-            for s in saves:
-                self.tensors[s].saved_by += 1
-                self.tensors[s].ever_saved = True
+        if saves:
+            base_of = self.base_of  # a saved view keeps its base's storage
+            saves = tuple([base_of.get(s, s) for s in saves]) if base_of else tuple(saves)
+            if self.ckpt_block < 0 or self.recomputing:
+                tensors = self.tensors
+                for s in saves:
+                    tensor = tensors[s]
+                    tensor.saved_by += 1
+                    tensor.ever_saved = True
         if not self.recomputing:
             self.nodes.append(_Node(out, ins, list(saves), self.ckpt_block, scratch, opaque))
 
@@ -827,10 +832,12 @@ class _Sim:
         self.mark("pre_backward", "root")
         pending_post: list[str] = []  # blocks whose backward is over once the node making their input runs
 
+        tensors, new_bytes, free, grad_size = self.tensors, self.new_bytes, self._free, self.grad_size
+
         def release(storage: str) -> None:
             refs[storage] -= 1
             if refs[storage] == 0:
-                self._free(self.tensors[storage])
+                free(tensors[storage])
 
         recomputed: set[int] = set()
         deferred: dict[str, list[Callable[[], None]]] = {}  # an input cast -> the weights' casts back after it
@@ -851,7 +858,7 @@ class _Sim:
             incoming = buffers.pop(node.out, None)
             later: list[Callable[[], None]] = []
             casts_back: list[Callable[[], None]] = deferred.setdefault(node.then, []) if node.then else later
-            scratch = self.new_bytes(f"scratch#{id(node)}", node.scratch, "temporary") if node.scratch else ""
+            scratch = new_bytes(f"scratch#{id(node)}", node.scratch, "temporary") if node.scratch else ""
             for name, passthrough in node.inputs:
                 if name.startswith("param"):
                     kind, _, pname = name.partition(":")
@@ -860,14 +867,14 @@ class _Sim:
                 # the engine casts a gradient to its input's dtype (``validate_outputs``, autograd/engine.cpp):
                 # under autocast a 16-bit branch of an fp32 add (TP's row-parallel output) gets its own copy
                 if passthrough and incoming is not None and (
-                        not self.autocast or self.tensors[incoming].nbytes == self.grad_size(name)):
+                        not self.autocast or tensors[incoming].nbytes == grad_size(name)):
                     key = incoming
                     refs[key] += 1
                     if node.opaque:  # a DTensor's local gradient: referenced by its wrapper too
                         self.opaque.add(key)
                 else:
                     count += 1
-                    key = self.new_bytes(f"grad.{name}#{count}", self.grad_size(name), "temporary")
+                    key = new_bytes(f"grad.{name}#{count}", grad_size(name), "temporary")
                     refs[key] = 1
                     if node.opaque:
                         self.opaque.add(key)
@@ -883,7 +890,7 @@ class _Sim:
                         release(old)
                     else:
                         count += 1
-                        total = self.new_bytes(f"grad.{name}#{count}", self.grad_size(name), "temporary")
+                        total = new_bytes(f"grad.{name}#{count}", grad_size(name), "temporary")
                         refs[total] = 1
                         if opaque:
                             self.opaque.add(total)
@@ -893,14 +900,14 @@ class _Sim:
                 else:
                     buffers[name] = key
             if scratch:
-                self._free(self.tensors[scratch])
+                free(tensors[scratch])
             if incoming is not None:
                 release(incoming)
             for s in node.saves:
-                tensor = self.tensors[s]
+                tensor = tensors[s]
                 tensor.saved_by -= 1
                 if tensor.saved_by == 0 and tensor.dead:
-                    self._free(tensor)
+                    free(tensor)
             for step in later + deferred.pop(node.out, []):
                 step()
         for unit in pending_post:
@@ -985,9 +992,20 @@ class _Sim:
 
     def events(self) -> list[Event]:
         """The records as events (``events.alloc`` and ``events.free``, made directly: one call per event)."""
-        return [Event(tensor.name, tensor.role or ("activation" if tensor.ever_saved else "temporary"),
-                      int(tensor.nbytes) if kind == "alloc" else -int(tensor.nbytes), phase)
-                for kind, tensor, phase in self.records]
+        # each Event's fields filled as its own __init__ fills them (one dict), without a call per event: an
+        # estimate makes tens of thousands (tests/test_speed_simulate.py checks them equal to Event(...)'s)
+        new = object.__new__
+        out: list[Event] = []
+        append = out.append
+        for kind, tensor, phase in self.records:
+            event = new(Event)
+            fields = event.__dict__
+            fields["name"] = tensor.name
+            fields["role"] = tensor.role or ("activation" if tensor.ever_saved else "temporary")
+            fields["nbytes"] = int(tensor.nbytes) if kind == "alloc" else -int(tensor.nbytes)
+            fields["phase"] = phase
+            append(event)
+        return out
 
 
 def step_events_with_marks(
