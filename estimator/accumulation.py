@@ -110,10 +110,19 @@ def accumulated_body(body: list[Event], after_each: list[Event], steps: int) -> 
     if steps <= 1:
         return body
     dropped = after_backward(after_each)
+    return body + dropped + later_named_apart(body) + named_apart(dropped)
+
+
+def later_named_apart(body: list[Event]) -> list[Event]:
+    """The later micro-batch (:func:`later_micro_batch`) with the tensors it makes named apart from the first's."""
     later = later_micro_batch(body)
     made = {e.name for e in later if e.nbytes > 0}
-    renamed = [Event(e.name + LATER, e.role, e.nbytes, e.phase) if e.name in made else e for e in later]
-    return body + dropped + renamed + [Event(e.name + LATER, e.role, e.nbytes, e.phase) for e in dropped]
+    return [Event(e.name + LATER, e.role, e.nbytes, e.phase) if e.name in made else e for e in later]
+
+
+def named_apart(events: list[Event]) -> list[Event]:
+    """``events`` as the later micro-batch's (the output and loss it drops)."""
+    return [Event(e.name + LATER, e.role, e.nbytes, e.phase) for e in events]
 
 
 def after_backward(end_of_step: list[Event]) -> list[Event]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
-from estimator.accumulation import LATER, accumulated_body
+from estimator.accumulation import LATER, accumulated_body, after_backward, later_named_apart, named_apart
 from estimator.config import Config
 from estimator.events import Event, alloc, free
 from estimator.families.base import ParamTensor, StepShape, get_family
@@ -480,9 +480,34 @@ def model_body_program(model: Any, training: Any) -> Program | None:
         family = get_family(model.family)
         data.pop("batch_size", None)
         shape_key = ("body", model.model_dump_json(), str(data))
-        found = _periodic_lists(config, lambda c: [_body_part(c, family, step_shape(c))], shape_key)
-        _BODY_PROGRAMS[key] = None if found is None else found[0]
+        if training.grad_accum_steps > 1:
+            _BODY_PROGRAMS[key] = _accumulated_program(config, family, shape_key)
+        else:
+            found = _periodic_lists(config, lambda c: [_body_part(c, family, step_shape(c))], shape_key)
+            _BODY_PROGRAMS[key] = None if found is None else found[0]
     return _BODY_PROGRAMS[key]
+
+
+def _accumulated_program(config: Config, family: Any, shape_key: Hashable) -> Program | None:
+    """The program of several micro-batches' forward and backward (``accumulation.accumulated_body``): the first
+    micro-batch's own program (one micro-batch's, found once and shared with the step without accumulation, which
+    a fit's batch search has made already), its output and loss dropped, the later micro-batch's program (searched
+    on its own) and that one's output and loss dropped (the family's end-of-step events, which do not repeat per
+    layer: made at the model's size). A concatenation expands to the concatenation of the expansions, so the peaks
+    are those of the whole list searched at once (``tests/test_composed_step.py``)."""
+    first = model_body_program(config.model, config.training.model_copy(update={"grad_accum_steps": 1}))
+    if first is None:
+        return None
+    later = _periodic_lists(config, lambda c: [later_named_apart(_body_events(family, c, step_shape(c)))],
+                            (shape_key, "later micro-batch"))
+    if later is None:
+        return None
+    dropped = after_backward(family.end_of_step_events(config.model, config.training, step_shape(config)))
+    return (*first, *_one_segment(dropped), *later[0], *_one_segment(named_apart(dropped)))
+
+
+def _one_segment(events: list[Event]) -> Program:
+    return (Segment(tuple(events)),) if events else ()
 
 
 def rounded_program(program: Program) -> Program:
