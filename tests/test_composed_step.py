@@ -35,6 +35,7 @@ CASES = [
     ("gpt2-medium", ["training.precision=amp-bf16", "training.activation_checkpointing=full"], "cpu"),
     ("llama-2-7b", ["training.precision=bf16", "training.master_weights=true"], "cuda"),
     ("mixtral-8x7b", ["training.precision=amp-bf16"], "cpu"),
+    ("mixtral-8x7b", ["training.precision=bf16", "training.grad_accum_steps=3"], "cuda"),  # micro-batches composed
     ("mixtral-8x7b", ["training.precision=bf16", "training.activation_checkpointing=full"], "cuda"),
     ("mixtral-8x7b", ["training.precision=amp-bf16", "model.moe_layer_step=2", "model.d_ff=14336"], "cuda"),
     ("deepseek-v3", ["training.precision=bf16"], "cpu"),  # three dense layers before the MoE ones
