@@ -151,8 +151,8 @@ class DroppedGradients(_Stretches):
 
 
 def dropped(events: Iterable[Event]) -> list[Event]:
-    """``events`` with every gradient freed right after it appears (its free inserted); None-like failure
-    (ValueError) where a gradient is freed inside them (the program path then gives way to the flat one)."""
+    """``events`` with every gradient freed right after it appears (its free inserted). Raises ValueError where a
+    gradient is freed inside them: the periodic search then fails and the flat path is taken."""
     out: list[Event] = []
     for e in events:
         out.append(e)
