@@ -72,3 +72,22 @@ def test_rank_model_states_equal_the_shards(optimizer: str, n: int) -> None:
     ctx = RankContext(_config(optimizer, "foreach" if optimizer != "adam8bit" else "auto"), n, "cuda")
     for rank in range(n):
         assert rank_model_states(ctx, rank) == sharded_model_states(ctx, [shard(p, n, rank) for p in ctx.params])
+
+
+def test_layouts_differing_in_the_optimizer_share_the_shared_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shared lists read no optimizer (``fsdp.unit_parts``): a second optimizer searches them no more, and its
+    ranks equal a cold estimate's."""
+    import estimator.parallel.fsdp_split as split
+    from estimator.parallel import clear_caches, rank_groups
+
+    adamw, lion = _config("adamw", "foreach"), _config("lion", "foreach")
+    clear_caches()
+    rank_groups(adamw, "zero3", 40, "cuda")
+    calls = []
+    real = split.unit_programs
+    monkeypatch.setattr(split, "unit_programs", lambda *a, **k: calls.append(a) or real(*a, **k))
+    warm = rank_groups(lion, "zero3", 40, "cuda")
+    assert not calls
+    clear_caches()
+    assert rank_groups(lion, "zero3", 40, "cuda") == warm
+    assert len(calls) == 1

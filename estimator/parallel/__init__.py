@@ -100,9 +100,12 @@ def _remember(cache: dict[Any, Any], key: Any, value: Any, size: int = 64) -> No
 
 def clear_caches() -> None:
     """Forget every layout estimated in this process (benchmarks time a cold estimate with it)."""
+    from estimator.parallel.fsdp_split import clear_shared
+
     _GROUPS.clear()
     _RANKS.clear()
     _CONTEXTS.clear()
+    clear_shared()
 
 
 def per_rank_estimates(config: Config, strategy: str, world_size: int, device: str = "cuda") -> list[RankEstimate]:

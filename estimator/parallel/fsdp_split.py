@@ -75,17 +75,9 @@ def split_rank_step(ctx: RankContext, rank: int, reshards: bool, summarised: boo
     ``summarised``: the own events' summaries from the shards' sizes where the optimizer's implementation
     allows it (``fsdp_own.py``); False builds them (``_own_programs``), as the tests' reference."""
     finish = ctx.round if ctx.device == "cuda" else None
-    key = _shape_key(ctx.config, ctx.device)
-
-    def shared() -> tuple[dict[str, int], Summary, Summary]:
-        programs = unit_programs(ctx.config, _shared_lists(ctx.world_size, ctx.device, reshards), finish,
-                                 (key, "fsdp-shared", reshards))
-        setup, body, tail = (summary_of(p) for p in programs)
-        return dict(setup.roles), body, tail
-
-    setup_roles, body, tail = ctx.shared(f"fsdp_split_{reshards}", shared)
+    setup_roles, body, tail = ctx.shared(f"fsdp_split_{reshards}", lambda: _shared_summaries(ctx, reshards, finish))
     own_setup, own_first, own_steady = (own_summaries(ctx, rank) if summarised else None) or \
-        _own_programs(ctx, rank, finish, key)
+        _own_programs(ctx, rank, finish, _shape_key(ctx.config, ctx.device))
     live = dict(setup_roles)
     for role, n in own_setup.roles:
         live[role] = live.get(role, 0) + n
@@ -96,6 +88,38 @@ def split_rank_step(ctx: RankContext, rank: int, reshards: bool, summarised: boo
         live_steady[role] = live_steady.get(role, 0) + n
     saved = ctx.shared("saved_activation_bytes", lambda: _saved_bytes(ctx))  # the key Zero3.estimate reads
     return RankStep(peak_of(first, live), peak_of(steady, live_steady), saved)
+
+
+def _shared_summaries(ctx: RankContext, reshards: bool, finish: Callable[[list[Event]], list[Event]] | None
+                      ) -> tuple[dict[str, int], Summary, Summary]:
+    """The shared lists' summaries (setup as its totals per role), made once per layout in a process.
+
+    The lists do not read the optimizer (``fsdp.unit_parts``): layouts that differ only there (a fit's
+    8-bit Adam alternative) share them, and zero3 shares fsdp's with ``reshard_after_forward``. The
+    periodic search's shape key leaves the batch size out as well (``periodic_programs``: where only
+    sizes change, two small block counts are built, not four).
+    """
+    data = ctx.config.model_dump(mode="json")
+    data.pop("optimizer", None)
+    key = (f"{ctx.device}:{data}", ctx.world_size, reshards)
+    if key not in _SHARED:
+        data["training"].pop("batch_size", None)
+        programs = unit_programs(ctx.config, _shared_lists(ctx.world_size, ctx.device, reshards), finish,
+                                 (f"{ctx.device}:{data}", "fsdp-shared", reshards))
+        setup, body, tail = (summary_of(p) for p in programs)
+        if len(_SHARED) >= 64:
+            _SHARED.pop(next(iter(_SHARED)))
+        _SHARED[key] = (dict(setup.roles), body, tail)
+    roles, body, tail = _SHARED[key]
+    return dict(roles), body, tail
+
+
+_SHARED: dict[tuple[str, int, bool], tuple[dict[str, int], Summary, Summary]] = {}
+
+
+def clear_shared() -> None:
+    """Forget the shared summaries (``parallel.clear_caches``: a benchmark times a cold estimate)."""
+    _SHARED.clear()
 
 
 def _own_programs(ctx: RankContext, rank: int, finish: Callable[[list[Event]], list[Event]] | None,
