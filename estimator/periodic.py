@@ -44,7 +44,7 @@ class Segment:
     @cached_property
     def summary(self) -> Summary:
         """Summarised once per segment object: a segment shared by many ranks is summarised once."""
-        return summarize(list(self.events)).repeat(self.count)
+        return summarize(self.events).repeat(self.count)
 
 
 Program = tuple[Segment, ...]
@@ -129,8 +129,8 @@ def _inserts(a: Sequence[Event], b: Sequence[Event], sa: list[tuple[str, int, st
         tries[0] += 1
         if tries[0] > MAX_SEARCH:
             return
-        while i < len(sa) and j < len(sb) and sa[i] == sb[j]:
-            i, j = i + 1, j + 1
+        same = _agreement(sa, i, sb, j)
+        i, j = i + same, j + same
         if i == len(sa):
             if len(sb) - j == left:
                 yield found + ([(i, j, tuple(b[j:]))] if left else [])
@@ -212,11 +212,19 @@ def monotone_runs(events: Sequence[Event]) -> Iterator[tuple[int, int]]:
 
 
 def _agreement(sa: list[tuple[str, int, str, str]], i: int, sb: list[tuple[str, int, str, str]], j: int) -> int:
-    """How many signatures agree from ``sa[i]`` and ``sb[j]`` on."""
-    n = 0
-    while i + n < len(sa) and j + n < len(sb) and sa[i + n] == sb[j + n]:
-        n += 1
-    return n
+    """How many signatures agree from ``sa[i]`` and ``sb[j]`` on (compared a slice at a time, then one by one in
+    the slice where they part)."""
+    limit = min(len(sa) - i, len(sb) - j)
+    n, width = 0, 16
+    while n < limit:
+        k = min(width, limit - n)
+        if sa[i + n:i + n + k] != sb[j + n:j + n + k]:
+            while sa[i + n] == sb[j + n]:
+                n += 1
+            return n
+        n += k
+        width *= 2
+    return max(n, 0)
 
 
 def _expand(base: Sequence[Event], inserts: list[tuple[int, tuple[Event, ...]]], copies: int) -> Program:

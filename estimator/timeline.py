@@ -11,6 +11,7 @@ recomputes everything from the live set after each event.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from estimator.events import PHASES, ROLES, Event
@@ -144,7 +145,7 @@ def _scale(a: tuple[tuple[str, int], ...], k: int) -> tuple[tuple[str, int], ...
     return tuple((role, n * k) for role, n in a)
 
 
-def summarize(events: list[Event]) -> Summary:
+def summarize(events: Sequence[Event]) -> Summary:
     """The :class:`Summary` of a run of events, in one pass (names are not checked: the start is abstract)."""
     current, best, best_index, best_phase = 0, 0, -1, ""
     totals: dict[str, int] = {}

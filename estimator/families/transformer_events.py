@@ -111,16 +111,14 @@ class _Sim:
 
     # --- tensors -------------------------------------------------------------------------
     def new(self, name: str, numel: int, kind: Kind, role: str = "") -> str:
-        name = self.new_bytes(name, numel * kind_bytes(kind, self.shape), role)
-        self.tensors[name].kind = kind
-        return name
+        return self.new_bytes(name, numel * kind_bytes(kind, self.shape), role, kind)
 
-    def new_bytes(self, name: str, nbytes: int, role: str = "") -> str:
+    def new_bytes(self, name: str, nbytes: int, role: str = "", kind: str = "act") -> str:
         tensors = self.tensors
         old = tensors.get(name)
         if old is not None and old.live:
             raise AssertionError(f"{name} allocated twice")
-        tensor = tensors[name] = _T(name, nbytes, role)
+        tensor = tensors[name] = _T(name, nbytes, role, kind)
         self.records.append(("alloc", tensor, self.phase))
         return name
 
