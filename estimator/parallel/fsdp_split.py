@@ -69,8 +69,8 @@ def _shared_lists(world_size: int, device: str, reshards: bool) -> Callable[[Con
 
 
 def split_rank_step(ctx: RankContext, rank: int, reshards: bool, summarised: bool = True) -> RankStep:
-    """``rank``'s first- and steady-step peaks from the shared lists (made once per context) and its own
-    optimizer events.
+    """``rank``'s first- and steady-step peaks from the shared lists (summarised once per layout,
+    :func:`_shared_summaries`) and its own optimizer events.
 
     ``summarised``: the own events' summaries from the shards' sizes where the optimizer's implementation
     allows it (``fsdp_own.py``); False builds them (``_own_programs``), as the tests' reference."""
@@ -95,9 +95,9 @@ def _shared_summaries(ctx: RankContext, reshards: bool, finish: Callable[[list[E
     """The shared lists' summaries (setup as its totals per role), made once per layout in a process.
 
     The lists do not read the optimizer (``fsdp.unit_parts``): layouts that differ only there (a fit's
-    8-bit Adam alternative) share them, and zero3 shares fsdp's with ``reshard_after_forward``. The
-    periodic search's shape key leaves the batch size out as well (``periodic_programs``: where only
-    sizes change, two small block counts are built, not four).
+    8-bit Adam alternative) share them, and so do zero3 and fsdp on the same config when fsdp reshards
+    after forward. The periodic search's shape key leaves the batch size out as well
+    (``periodic_programs``: where only sizes change, two small block counts are built, not four).
     """
     data = ctx.config.model_dump(mode="json")
     data.pop("optimizer", None)
