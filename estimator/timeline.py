@@ -91,7 +91,7 @@ def scan(events: list[Event], live: dict[str, LiveTensor] | None = None) -> tupl
     return best, state
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Summary:
     """What a run of events does to live bytes, whatever was live before it (a monoid under ``then``).
 
@@ -109,6 +109,16 @@ class Summary:
     rise_phase: str = ""
     rise_roles: tuple[tuple[str, int], ...] = ()
     first_phase: str = ""
+
+    def __init__(self, length: int = 0, delta: int = 0, roles: tuple[tuple[str, int], ...] = (), rise: int = 0,
+                 rise_index: int = -1, rise_phase: str = "", rise_roles: tuple[tuple[str, int], ...] = (),
+                 first_phase: str = "") -> None:
+        # the frozen dataclass's own __init__ (one object.__setattr__ per field) in one dict: an estimate composes
+        # thousands of summaries
+        fields = self.__dict__
+        fields["length"], fields["delta"], fields["roles"], fields["rise"] = length, delta, roles, rise
+        fields["rise_index"], fields["rise_phase"], fields["rise_roles"] = rise_index, rise_phase, rise_roles
+        fields["first_phase"] = first_phase
 
     def then(self, other: Summary) -> Summary:
         """This run followed by ``other``."""

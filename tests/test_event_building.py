@@ -86,3 +86,18 @@ def test_sim_events_are_plain_events(preset: str, sets: list[str]) -> None:
         assert all(type(x) is Event and vars(x) == vars(y) for x, y in zip(events, plain, strict=True))
     with pytest.raises(dataclasses.FrozenInstanceError):
         events[0].nbytes = 1  # type: ignore[misc]
+
+
+def test_summary_init_is_the_dataclass_one() -> None:
+    """``Summary`` fills its fields in one dict: the same fields, defaults, equality, hash and frozenness."""
+    from estimator.timeline import Summary
+
+    names = [f.name for f in dataclasses.fields(Summary)]
+    assert list(vars(Summary())) == names
+    assert Summary() == Summary(*[f.default for f in dataclasses.fields(Summary)])
+    full = Summary(5, 3, (("activation", 3),), 4, 2, "forward", (("activation", 4),), "setup")
+    assert full == Summary(**dict(zip(names, vars(full).values(), strict=True)))
+    assert hash(full) == hash(dataclasses.replace(full))
+    assert repr(full).startswith("Summary(length=5, delta=3, roles=(('activation', 3),), rise=4, rise_index=2")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        full.rise = 0  # type: ignore[misc]
