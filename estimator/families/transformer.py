@@ -11,6 +11,7 @@ FLOPs count 2 per multiply-add (the convention of Kaplan et al. 2020 and of Flop
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -466,6 +467,21 @@ def saved_tensors(model: TransformerConfig, training: TrainingConfig) -> list[Sa
     Parameters (and their views), the token ids and the targets are excluded; each storage is
     listed once (views such as q/k/v heads count as the projection output they view).
     """
+    head, block, tail = _saved_parts(model, training)
+    return [*head, *(s for i in range(model.num_layers) for s in block(i)), *tail]
+
+
+def _saved_total(model: TransformerConfig, training: TrainingConfig, size: Callable[[SavedTensor], int]) -> int:
+    """``sum(size(s) for s in saved_tensors(model, training))`` with one block's tensors summed once and times the
+    layer count: blocks save the same tensors, named by their index (``_block_saved``), so a 100,000-layer model
+    costs one block, not 100,000 (``tests/transformer/test_activations.py`` checks it equals the sum over the list)."""
+    head, block, tail = _saved_parts(model, training)
+    return sum(map(size, head)) + model.num_layers * sum(map(size, block(0))) + sum(map(size, tail))
+
+
+def _saved_parts(model: TransformerConfig, training: TrainingConfig
+                 ) -> tuple[list[SavedTensor], Callable[[int], list[SavedTensor]], list[SavedTensor]]:
+    """:func:`saved_tensors` as what comes before the blocks, what block ``i`` saves, and what comes after."""
     seq = tokens_per_sequence(model, training)
     b = training.batch_size
     t = b * seq
@@ -473,31 +489,32 @@ def saved_tensors(model: TransformerConfig, training: TrainingConfig) -> list[Sa
     autocast = training.precision.startswith("amp")
     fp32_step = training.precision == "fp32" or autocast  # the residual stream is fp32
     layers = model.num_layers
-    out: list[SavedTensor] = []
+    head: list[SavedTensor] = []
     if model.positions == "rope":
         # cos and sin (S x r), built once per forward and saved by the RoPE multiplications.
         rope_kind: Kind = "stream" if model.rope_stream_dtype else "act"
-        out += [SavedTensor("rope.cos", seq * model.rotary_dim, rope_kind, -1),
-                SavedTensor("rope.sin", seq * model.rotary_dim, rope_kind, -1)]
+        head += [SavedTensor("rope.cos", seq * model.rotary_dim, rope_kind, -1),
+                 SavedTensor("rope.sin", seq * model.rotary_dim, rope_kind, -1)]
     if model.embd_dropout:  # the dropout's noise, in the embeddings' dtype (the stream's)
-        out.append(SavedTensor("emb.noise", d * t, "stream", -1))
-    if training.activation_checkpointing == "full":
-        # Only each block's input, saved by the checkpoint (its _NoopSaveInputs node).
-        out += [SavedTensor(f"blocks.{i}.x_in", d * t, "stream", i) for i in range(layers)]
-    else:
-        for i in range(layers):
-            out += _block_saved(model, i, b, seq, fp32_step, autocast)
+        head.append(SavedTensor("emb.noise", d * t, "stream", -1))
+
+    def block(i: int) -> list[SavedTensor]:
+        if training.activation_checkpointing == "full":
+            # Only each block's input, saved by the checkpoint (its _NoopSaveInputs node).
+            return [SavedTensor(f"blocks.{i}.x_in", d * t, "stream", i)]
+        return _block_saved(model, i, b, seq, fp32_step, autocast)
+
     x_last = f"blocks.{layers - 1}.x_out"
-    out += _norm_saved(model, "norm_f", x_last, t, layers, False, fp32_step)
-    out.append(SavedTensor("lm_head.x_in", d * t, "act", layers))
+    tail = _norm_saved(model, "norm_f", x_last, t, layers, False, fp32_step)
+    tail.append(SavedTensor("lm_head.x_in", d * t, "act", layers))
     # cross_entropy = log_softmax (saves its output) + nll_loss (saves that and the total weight,
     # a 0-dim tensor). Under autocast cross_entropy runs in fp32.
     loss_kind: Kind = "fp32" if autocast or model.loss_upcast else "act"
-    out += [SavedTensor("loss.log_probs", v * t, loss_kind, layers)]
+    tail += [SavedTensor("loss.log_probs", v * t, loss_kind, layers)]
     if model.labels_from_inputs:  # nll_loss saves its target: the contiguous shifted copy of the ids
-        out.append(SavedTensor("loss.shifted_labels", t, "int64", layers))
-    out.append(SavedTensor("loss.total_weight", 1, loss_kind, layers))
-    return out
+        tail.append(SavedTensor("loss.shifted_labels", t, "int64", layers))
+    tail.append(SavedTensor("loss.total_weight", 1, loss_kind, layers))
+    return head, block, tail
 
 
 def _block_saved(model: TransformerConfig, i: int, b: int, seq: int, fp32_step: bool,
@@ -586,12 +603,12 @@ def _block_saved(model: TransformerConfig, i: int, b: int, seq: int, fp32_step: 
 
 def activation_elements_of(model: TransformerConfig, training: TrainingConfig) -> int:
     """Elements saved for backward in one step (all dtype classes together)."""
-    return sum(s.numel for s in saved_tensors(model, training))
+    return _saved_total(model, training, lambda s: s.numel)
 
 
 def activation_bytes(model: TransformerConfig, training: TrainingConfig, shape: StepShape) -> int:
     """Bytes saved for backward in one step, each tensor at its dtype class's size."""
-    return sum(s.nbytes(shape) for s in saved_tensors(model, training))
+    return _saved_total(model, training, lambda s: s.nbytes(shape))
 
 
 # --------------------------------------------------------------------------------------------

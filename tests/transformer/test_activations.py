@@ -59,3 +59,19 @@ def test_korthikanti_shape_for_gpt_like_layer() -> None:
     sdpa = get_preset("gpt2").config()
     layer = [t for t in saved_tensors(sdpa, one) if t.layer == 0]
     assert sum(t.numel for t in layer) == s * (16 * d + h + 4)
+
+
+def test_one_block_times_the_layers_equals_the_sum_over_every_saved_tensor() -> None:
+    """``activation_bytes`` sums one block's tensors and multiplies by the layer count; the whole list agrees."""
+    from estimator.presets import preset_names
+
+    for name in preset_names():
+        cfg = get_preset(name).config()
+        if cfg.family != "transformer":
+            continue
+        for precision, ckpt in itertools.product(SHAPES, ["none", "full"]):
+            training = TrainingConfig(batch_size=3, seq_len=64, activation_checkpointing=ckpt, precision=precision)
+            listed = saved_tensors(cfg, training)
+            shape = SHAPES[precision]
+            assert activation_bytes(cfg, training, shape) == sum(s.nbytes(shape) for s in listed), (name, precision)
+            assert get_family("transformer").activation_elements(cfg, training) == sum(s.numel for s in listed)
