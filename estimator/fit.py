@@ -370,11 +370,9 @@ def _zero3_lower_bound(config: Config, world_size: int, floor: int) -> int:
     if config.parallel.offload:
         return floor
     from estimator.parallel.base import RankContext
-    from estimator.parallel.fsdp import shard, sharded_model_states
+    from estimator.parallel.fsdp import rank_model_states
 
-    ctx = RankContext(config, world_size, "cuda")
-    parameters, gradients, state, step_tensors = sharded_model_states(
-        ctx, [shard(p, world_size, 0) for p in ctx.params])
+    parameters, gradients, state, step_tensors = rank_model_states(RankContext(config, world_size, "cuda"), 0)
     return max(floor + parameters + state, parameters + gradients + state + step_tensors)
 
 
