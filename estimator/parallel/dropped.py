@@ -70,6 +70,16 @@ class _Stretches:
             return run * size + h[run * size:(run + 1) * size].index(top)
         return last * size + tail.index(top)
 
+    events: list[Event]
+
+    def _summary(self, length: int, delta: int, roles: dict[str, int], best: int, best_t: int, index: int,
+                 at_roles: dict[str, int]) -> Summary:
+        """The rank's summary: no peak above its start where ``best_t`` is -1."""
+        if best_t < 0:
+            return Summary(length, delta, tuple(roles.items()), 0, -1, "", (), self.events[0].phase)
+        return Summary(length, delta, tuple(roles.items()), best, index, self.events[best_t].phase,
+                       tuple(at_roles.items()), self.events[0].phase)
+
     def _best(self, changes: Iterable[tuple[int, int]]) -> tuple[int, int, int, int]:
         """The highest ``h + K`` (first on ties) with K changing by each ``(index, bytes)`` of ``changes`` (sorted)
         from that index on: (its value, its index or -1, K there, K at the end)."""
@@ -120,10 +130,7 @@ class DroppedGradients(_Stretches):
     def _roles_through(self, t: int) -> dict[str, int]:
         """Live bytes per role after event ``t`` (every gradient kept): the checkpoint before it plus at most
         ``ROLE_STRIDE`` events, instead of a copy of the totals kept for every event."""
-        roles = dict(self.checkpoints[t // ROLE_STRIDE])
-        for e in self.events[t - t % ROLE_STRIDE:t + 1]:
-            roles[e.role] = roles.get(e.role, 0) + e.nbytes
-        return roles
+        return _add_roles(dict(self.checkpoints[t // ROLE_STRIDE]), self.events[t - t % ROLE_STRIDE:t + 1])
 
     def summary(self, owned: set[str]) -> Summary:
         n = len(self.events)
@@ -141,13 +148,11 @@ class DroppedGradients(_Stretches):
         length = n + self.total_shift - own_allocs + own_frees
         delta = self.total_live - self.total_adjust + kept
         if best_t < 0:
-            return Summary(length, delta, tuple(roles.items()), 0, -1, "", (), self.events[0].phase)
+            return self._summary(length, delta, roles, 0, -1, -1, {})
         at_roles = self._roles_through(best_t)
         at_roles["gradient"] = at_roles.get("gradient", 0) - self.adjust[best_t] + best_k
         own_seen = sum(1 for at, _nb in changes if at <= best_t)
-        index = best_t + self.shift[best_t] - own_seen
-        return Summary(length, delta, tuple(roles.items()), best, index, self.events[best_t].phase,
-                       tuple(at_roles.items()), self.events[0].phase)
+        return self._summary(length, delta, roles, best, best_t, best_t + self.shift[best_t] - own_seen, at_roles)
 
 
 def dropped(events: Iterable[Event]) -> list[Event]:
@@ -198,9 +203,7 @@ class DroppedProgram(_Stretches):
         if copies:
             for role, n in _block_roles(segment):
                 roles[role] = roles.get(role, 0) + n * copies
-        for e in segment.events[:offset + 1]:
-            roles[e.role] = roles.get(e.role, 0) + e.nbytes
-        return roles
+        return _add_roles(roles, segment.events[:offset + 1])
 
     def summary(self, owned: set[str]) -> Summary:
         n = len(self.events)
@@ -212,20 +215,23 @@ class DroppedProgram(_Stretches):
         roles["gradient"] = roles.get("gradient", 0) + kept
         length, delta = n - len(changes), self.h[-1] + kept
         if best_t < 0:
-            return Summary(length, delta, tuple(roles.items()), 0, -1, "", (), self.events[0].phase)
+            return self._summary(length, delta, roles, 0, -1, -1, {})
         at_roles = self._roles_through(best_t)
         at_roles["gradient"] = at_roles.get("gradient", 0) + best_k
         index = best_t - sum(1 for at, _nb in changes if at <= best_t)
-        return Summary(length, delta, tuple(roles.items()), best, index, self.events[best_t].phase,
-                       tuple(at_roles.items()), self.events[0].phase)
+        return self._summary(length, delta, roles, best, best_t, index, at_roles)
 
 
 def _block_roles(segment: Segment) -> tuple[tuple[str, int], ...]:
     """Per role, what one copy of a repeated segment's block adds."""
-    totals: dict[str, int] = {}
-    for e in segment.events:
-        totals[e.role] = totals.get(e.role, 0) + e.nbytes
-    return tuple(totals.items())
+    return tuple(_add_roles({}, segment.events).items())
+
+
+def _add_roles(roles: dict[str, int], events: Iterable[Event]) -> dict[str, int]:
+    """``roles`` with each event's bytes added to its role's (in place, returned)."""
+    for e in events:
+        roles[e.role] = roles.get(e.role, 0) + e.nbytes
+    return roles
 
 
 def drop_positions(program: Program, copies: int) -> list[tuple[int, str, int]]:
