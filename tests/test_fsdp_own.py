@@ -90,3 +90,27 @@ def test_layouts_differing_in_the_optimizer_share_the_shared_step(monkeypatch: p
     clear_caches()
     assert rank_groups(lion, "zero3", 40, "cuda") == warm
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("optimizer", optimizer_names())
+@pytest.mark.parametrize("implementation", ["foreach", "fused"])
+def test_replicated_ranks_optimizer_summaries_equal_their_events(optimizer: str, implementation: str) -> None:
+    """DDP and ZeRO-1/2 ranks: ``optimizer.step()`` over the rank's partition summarised from its shapes equals
+    the summary of its events, with and without the fp32 master gradients, on both devices."""
+    from estimator.parallel.replicated import ReplicatedParameters
+    from estimator.parallel.zero import zero_partition
+
+    for precision in (("training.precision=fp32",), ("training.precision=bf16", "training.master_weights=true"),
+                      ("training.precision=amp-bf16",)):
+        try:
+            cfg = _config(optimizer, implementation, *precision)
+        except EstimatorError:
+            pytest.skip(f"{optimizer} has no {implementation} implementation")
+        for n, device in ((3, "cpu"), (5, "cuda")):
+            ctx = RankContext(cfg, n, device)
+            shared = ReplicatedParameters(ctx)
+            for local in [ctx.trainable, [], *zero_partition(ctx.trainable, n)]:
+                for first in (True, False):
+                    fast, built = shared.optimizer(local, first), shared.optimizer_events_summary(local, first)
+                    assert _same(fast, built) and fast.first_phase == built.first_phase, (
+                        precision, n, device, len(local), first)

@@ -62,13 +62,26 @@ def run_summary(role: str, phase: str, length: int, total: int, last: int, alloc
 
 
 class _Shards:
-    """A rank's trainable shards: their local shapes in parameter order, and how many of each."""
+    """A rank's trainable tensors as shapes: each tensor's shape in parameter order (``order``), how many have each
+    (``counts``), and the shape of the rank's own part of it (``local``: FSDP2's rows, or the whole tensor)."""
 
-    def __init__(self, ctx: RankContext, rank: int) -> None:
-        order, counts = ctx.shared("fsdp_own_shapes", lambda: _trainable_shapes(ctx))
+    def __init__(self, order: list[Shape], counts: Counter[Shape], local: dict[Shape, Shape]) -> None:
         self.order = order
-        self.local = {shape: local_shape(shape, ctx.world_size, rank) for shape in counts}
+        self.local = local
         self.counts = counts
+
+    @classmethod
+    def of_rank(cls, ctx: RankContext, rank: int) -> _Shards:
+        """An FSDP2 rank's shards of every trainable parameter."""
+        order, counts = ctx.shared("fsdp_own_shapes", lambda: _trainable_shapes(ctx))
+        return cls(order, counts, {shape: local_shape(shape, ctx.world_size, rank) for shape in counts})
+
+    @classmethod
+    def whole(cls, params: list[ParamTensor]) -> _Shards:
+        """Whole tensors (a replicated-parameter rank's partition: DDP, ZeRO-1/2), the trainable ones."""
+        order = [p.shape for p in params if p.trainable]
+        counts = Counter(order)
+        return cls(order, counts, {shape: shape for shape in counts})
 
     def run(self, sizes_of: Callable[[Shape], list[int]]) -> tuple[int, int, int]:
         """(length, total, index of the last nonzero size) of the run that gives each shard, in parameter
@@ -97,11 +110,17 @@ def own_summaries(ctx: RankContext, rank: int) -> tuple[Summary, Summary, Summar
     None for the for-loop implementation."""
     if ctx.config.parallel.offload:  # CPUOffloadPolicy: the optimizer steps the host's shards
         return Summary(), Summary(), Summary()
+    return optimizer_summaries(ctx, _Shards.of_rank(ctx, rank))
+
+
+def optimizer_summaries(ctx: RankContext, shards: _Shards) -> tuple[Summary, Summary, Summary] | None:
+    """Summaries of the optimizer's events over ``shards`` (constructor state in setup, the first step's and a
+    steady step's ``optimizer.step()``: ``simulate.state_events`` and ``simulate.optimizer_step_events``), each
+    event rounded as ``ctx``'s device counts it; None for the for-loop implementation."""
     impl, spec, config = ctx.impl, ctx.spec, ctx.config
     if impl not in ("foreach", "fused"):
         return None
     rnd: Callable[[int], int] = round_size if ctx.device == "cuda" else int
-    shards = _Shards(ctx, rank)
     step = [rnd(ctx.step_bytes)] if spec.step_tensor and ctx.step_bytes else []
 
     def state_sizes(shape: Shape) -> list[int]:
@@ -147,3 +166,24 @@ def own_summaries(ctx: RankContext, rank: int) -> tuple[Summary, Summary, Summar
     setup = state("setup") if spec.state_init == "constructor" else Summary()
     return setup, step_events(True), step_events(False)
 
+
+
+def replicated_optimizer_summaries(ctx: RankContext, local: list[ParamTensor]) -> tuple[Summary, Summary] | None:
+    """A replicated-parameter rank's ``optimizer.step()`` over its partition ``local`` (DDP: every parameter;
+    ZeRO-1/2: its own), the first and a steady step, with the fp32 master gradients made before it
+    (``layouts.master_grad_events``, one run of allocations) where the layout keeps them apart: the events of
+    ``ReplicatedParameters.optimizer`` summarised from the partition's shapes, in O(distinct shapes · ops)
+    instead of O(tensors · ops) events built (``tests/test_fsdp_own.py``); None for the for-loop implementation."""
+    from estimator.layouts import separate_master_copy
+
+    shards = _Shards.whole(local)
+    found = optimizer_summaries(ctx, shards)
+    if found is None:
+        return None
+    _setup, first, steady = found
+    if not separate_master_copy(ctx.config):
+        return first, steady
+    rnd: Callable[[int], int] = round_size if ctx.device == "cuda" else int
+    masters = run_summary("gradient", "optimizer_step", *shards.run(lambda shape: [rnd(4 * prod(shape))]),
+                          allocates=True)
+    return masters.then(first), masters.then(steady)

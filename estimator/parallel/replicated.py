@@ -66,7 +66,19 @@ class ReplicatedParameters:
         return self.ctx.shared(f"buckets{len(buckets)}", make)
 
     def optimizer(self, local: list[ParamTensor], first: bool) -> Summary:
-        """``optimizer.step()`` over the rank's partition (fp32 master gradients made first, layouts.py)."""
+        """``optimizer.step()`` over the rank's partition (fp32 master gradients made first, layouts.py): summarised
+        from the partition's shapes under foreach and fused (``fsdp_own.replicated_optimizer_summaries``), else
+        from its events."""
+        from estimator.parallel.fsdp_own import replicated_optimizer_summaries
+
+        c = self.ctx
+        summarised = replicated_optimizer_summaries(c, local)
+        if summarised is not None:
+            return summarised[0 if first else 1]
+        return self.optimizer_events_summary(local, first)
+
+    def optimizer_events_summary(self, local: list[ParamTensor], first: bool) -> Summary:
+        """:meth:`optimizer` from the events themselves (the for-loop implementation; the tests' reference)."""
         c = self.ctx
         to_master = master_grad_events(local) if separate_master_copy(c.config) else []
         return summarize(c.round(to_master + optimizer_step_events(c.spec, local, c.config, c.impl, c.step_bytes,
