@@ -104,23 +104,25 @@ class Zero2(_Partitioned):
         dropped = ctx.shared("zero2_body", lambda: zero2_body(ctx))
         owned = {p.name for p in local}
         body = dropped.summary(owned)
-        tails = tuple([_tail_summary(ctx, first, owned)] for first in (True, False))
+        tail = _tail_summary(ctx, owned)  # zero_grad's events are the same after the first and a steady step
+        tails = ([tail], [tail])
         grads = sum(p.numel for p in local) * ctx.plan.gradient_bytes
         return self.shared(ctx).rank(self.name, rank, local, [], grads, body=([body], [body]),
                                      tail=tails)  # type: ignore[arg-type]
 
 
-def _tail_summary(ctx: RankContext, first: bool, owned: set[str]) -> Summary:
-    """``zero_grad`` on a ZeRO-2 rank frees only the gradients it kept."""
-    tail = ctx.shared(f"zero2_tail_{first}", lambda: ctx.flat_tail(first))
-    if ctx.shared(f"zero2_tail_allocs_{first}", lambda: any(e.nbytes > 0 for e in tail)):
+def _tail_summary(ctx: RankContext, owned: set[str]) -> Summary:
+    """``zero_grad`` on a ZeRO-2 rank frees only the gradients it kept (the same events after the first and a
+    steady step: ``RankContext.flat_tail``)."""
+    tail = ctx.shared("zero2_tail", lambda: ctx.flat_tail(False))
+    if ctx.shared("zero2_tail_allocs", lambda: any(e.nbytes > 0 for e in tail)):
         # allocations in the tail: order matters, replay this rank's own
         return summarize([e for e in tail if not (_is_freed_grad(e) and e.name[:-5] not in owned)])
     # only frees: no peak inside, just what is released
-    base = ctx.shared(f"zero2_tail_sum_{first}", lambda: summarize(tail))
-    frees = ctx.shared(f"zero2_tail_grads_{first}", lambda: {e.name[:-5]: e.nbytes for e in tail if _is_freed_grad(e)})
+    base = ctx.shared("zero2_tail_sum", lambda: summarize(tail))
+    frees = ctx.shared("zero2_tail_grads", lambda: {e.name[:-5]: e.nbytes for e in tail if _is_freed_grad(e)})
     mine = [frees[name] for name in owned if name in frees]
-    not_mine = ctx.shared(f"zero2_tail_grad_bytes_{first}", lambda: sum(frees.values())) - sum(mine)
+    not_mine = ctx.shared("zero2_tail_grad_bytes", lambda: sum(frees.values())) - sum(mine)
     roles = dict(base.roles)
     roles["gradient"] = roles.get("gradient", 0) - not_mine
     return Summary(base.length - (len(frees) - len(mine)), base.delta - not_mine, tuple(roles.items()),
