@@ -32,6 +32,7 @@ class ReplicatedParameters:
 
     def __init__(self, ctx: RankContext) -> None:
         self.ctx = ctx
+        self._summarised: tuple[list[ParamTensor], tuple[Summary, Summary] | None] | None = None
 
     @cached_property
     def setup(self):  # noqa: ANN201 - a Program
@@ -71,8 +72,9 @@ class ReplicatedParameters:
         from its events."""
         from estimator.parallel.fsdp_own import replicated_optimizer_summaries
 
-        c = self.ctx
-        summarised = replicated_optimizer_summaries(c, local)
+        if self._summarised is None or self._summarised[0] is not local:  # the first and steady step of one rank
+            self._summarised = (local, replicated_optimizer_summaries(self.ctx, local))
+        summarised = self._summarised[1]
         if summarised is not None:
             return summarised[0 if first else 1]
         return self.optimizer_events_summary(local, first)
