@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import cached_property
 from typing import Any
 
 from estimator.events import Event
@@ -89,16 +89,17 @@ def _signature(events: Sequence[Event]) -> list[tuple[str, int, str, str]]:
     """What must repeat: role, size and phase, and the name with its layer numbers blanked out (which keeps
     two different tensors of equal size apart when the diff looks for the inserted blocks). Made once per
     list built (:func:`_canonical` returns it with the sorted events), so nothing is cached per event."""
-    known, blank = _BLANKED.get, _blank_new  # a dict's get: cheaper per event than lru_cache's bookkeeping
+    known, blank = _BLANKED.get, _blank_new  # _blank_numbers inlined: one dict lookup per event
     return [(e.role, e.nbytes, e.phase, known(e.name) or blank(e.name)) for e in events]
 
 
-@lru_cache(maxsize=65536)
 def _blank_numbers(name: str) -> str:
-    return _DIGITS.sub("#", name)
+    """``name`` with every run of digits replaced by ``#`` (remembered: the same names come back at every layer
+    count and in every search)."""
+    return _BLANKED.get(name) or _blank_new(name)
 
 
-_BLANKED: dict[str, str] = {}  # _signature's names, blanked (bounded as _blank_numbers' cache is)
+_BLANKED: dict[str, str] = {}  # names blanked, at most 65,536 (emptied when full)
 
 
 def _blank_new(name: str) -> str:
@@ -160,23 +161,12 @@ def canonical(events: Sequence[Event]) -> list[Event]:
 def _canonical(events: Sequence[Event]) -> tuple[list[Event], list[tuple[str, int, str, str]]]:
     """:func:`canonical`, with the signature of what it returns (each event signed once).
 
-    One pass over the signatures finds the runs of :func:`monotone_runs` (a signature holds the size and the
-    phase) and sorts each: the same order, without going over the events a second time."""
+    The runs of :func:`monotone_runs` are read off the signatures (which hold each event's size and phase), and
+    each is sorted: a pair, most runs, by one comparison."""
     signs = _signature(events)
-    n = len(signs)
     order: list[int] = []
     append = order.append
-    start = 0
-    while start < n:
-        _role, nbytes, phase, _name = signs[start]
-        end = start + 1
-        if nbytes:
-            rising = nbytes > 0
-            while end < n:
-                _role, size, next_phase, _name = signs[end]
-                if next_phase != phase or not size or (size > 0) != rising:
-                    break
-                end += 1
+    for start, end in _runs([s[1] for s in signs], [s[2] for s in signs]):
         if end - start == 1:
             append(start)
         elif end - start == 2:  # a pair (most runs): swapped only when strictly out of order, as a stable sort
@@ -188,7 +178,6 @@ def _canonical(events: Sequence[Event]) -> tuple[list[Event], list[tuple[str, in
                 append(start + 1)
         else:
             order += sorted(range(start, end), key=signs.__getitem__)  # stable: as sorting the events by signature
-        start = end
     return [events[i] for i in order], [signs[i] for i in order]
 
 
@@ -197,15 +186,18 @@ def monotone_runs(events: Sequence[Event]) -> Iterator[tuple[int, int]]:
 
     Within such a run live bytes only rise (or only fall): its order changes neither what it adds, nor its
     highest prefix sum, nor what is live there (:func:`canonical`, ``affine_batch``)."""
-    start = 0
-    n = len(events)
+    return _runs([e.nbytes for e in events], [e.phase for e in events])
+
+
+def _runs(sizes: list[int], phases: list[str]) -> Iterator[tuple[int, int]]:
+    """:func:`monotone_runs` of the events of these sizes and phases."""
+    start, n = 0, len(sizes)
     while start < n:
-        first = events[start]
+        size, phase = sizes[start], phases[start]
         end = start + 1
-        if first.nbytes:
-            rising = first.nbytes > 0
-            while end < n and events[end].phase == first.phase and events[end].nbytes and (
-                    events[end].nbytes > 0) == rising:
+        if size:
+            rising = size > 0
+            while end < n and phases[end] == phase and sizes[end] and (sizes[end] > 0) == rising:
                 end += 1
         yield start, end
         start = end
@@ -224,7 +216,7 @@ def _agreement(sa: list[tuple[str, int, str, str]], i: int, sb: list[tuple[str, 
             return n
         n += k
         width *= 2
-    return max(n, 0)
+    return n
 
 
 def _expand(base: Sequence[Event], inserts: list[tuple[int, tuple[Event, ...]]], copies: int) -> Program:

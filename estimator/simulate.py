@@ -547,7 +547,6 @@ def clear_caches() -> None:
 
     for cache in (_SIMULATED, _BODIES, _MARKED, _BODY_PROGRAMS, _ROUNDED, _NOT_FROM, periodic._SHAPES):
         cache.clear()
-    periodic._blank_numbers.cache_clear()
     periodic._BLANKED.clear()
     memo.clear_caches()
 

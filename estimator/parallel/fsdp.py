@@ -53,10 +53,19 @@ class Shard(NamedTuple):
 
 def shard(p: ParamTensor, world_size: int, rank: int) -> Shard:
     """FSDP2's Shard(0): torch.chunk's ceil(rows/N) rows per rank, the storage padded to that size."""
-    rows, rest = p.shape[0], p.shape[1:]
-    chunk = -(-rows // world_size)
-    mine = max(0, min(chunk, rows - rank * chunk))
-    return Shard(ParamTensor(p.name, (chunk, *rest), p.trainable), ParamTensor(p.name, (mine, *rest), p.trainable))
+    return Shard(ParamTensor(p.name, padded_shape(p.shape, world_size), p.trainable),
+                 ParamTensor(p.name, local_shape(p.shape, world_size, rank), p.trainable))
+
+
+def padded_shape(shape: tuple[int, ...], world_size: int) -> tuple[int, ...]:
+    """A ``shape`` tensor's padded Shard(0) storage on every rank: ceil(rows/N) rows (``shard``'s ``padded``)."""
+    return (-(-shape[0] // world_size), *shape[1:])
+
+
+def local_shape(shape: tuple[int, ...], world_size: int, rank: int) -> tuple[int, ...]:
+    """The rows of a ``shape`` tensor that ``rank`` owns under Shard(0) (``shard``'s ``local``)."""
+    chunk = -(-shape[0] // world_size)
+    return (max(0, min(chunk, shape[0] - rank * chunk)), *shape[1:])
 
 
 def shard_groups(params: list[ParamTensor], world_size: int) -> list[tuple[tuple[tuple[int, int], ...], int]]:
@@ -186,11 +195,9 @@ def rank_model_states(ctx: RankContext, rank: int) -> tuple[int, int, int, int]:
     """:func:`sharded_model_states` of ``rank``'s shards, from how many parameters have each shape: a shard's
     size depends on its tensor's shape only, and the state on the local shape only (``simulate.state_bytes``),
     so the rank costs O(distinct shapes) instead of a shard made per parameter (some 1,300 for DeepSeek-V3)."""
-    from estimator.parallel.fsdp_own import local_shape
-
     counts = ctx.shared("fsdp_shape_counts", lambda: Counter((p.shape, p.trainable) for p in ctx.params))
     dtypes = ShardDtypes.of(ctx)
-    padded = {shape: -(-shape[0] // ctx.world_size) * prod(shape[1:]) for shape, _ in counts}  # fsdp.shard's padded
+    padded = {shape: prod(padded_shape(shape, ctx.world_size)) for shape, _ in counts}
     parameters = dtypes.shard * sum(n * padded[shape] for (shape, _), n in counts.items())
     gradients = dtypes.shard * sum(n * padded[shape] for (shape, trainable), n in counts.items() if trainable)
     state = step_tensors = 0
@@ -706,7 +713,7 @@ def fsdp_communication(ctx: RankContext, strategy: str, reshard_after_forward: b
     n = ctx.world_size
     dt = collective_dtypes(ctx.config, strategy)
     gather, reduce = KindVolume(), KindVolume()
-    padded = {p.name: -(-p.shape[0] // n) * prod(p.shape[1:]) for p in ctx.params}  # = shard(p, n, r).padded.numel
+    padded = {p.name: prod(padded_shape(p.shape, n)) for p in ctx.params}  # = shard(p, n, r).padded.numel
     for unit, ps in fsdp_units(ctx.config, ctx.params).items():
         chunk = sum(padded[p.name] for p in ps)  # the same for every rank
         one = KindVolume(1, chunk * dt.parameter_bytes, n * chunk * dt.parameter_bytes)

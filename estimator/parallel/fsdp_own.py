@@ -31,18 +31,12 @@ from math import prod
 
 from estimator.families.base import ParamTensor
 from estimator.parallel.base import RankContext, chain
+from estimator.parallel.fsdp import local_shape
 from estimator.precision import training_plan
 from estimator.simulate import round_size, state_nbytes
 from estimator.timeline import Summary
 
 Shape = tuple[int, ...]
-
-
-def local_shape(shape: Shape, world_size: int, rank: int) -> Shape:
-    """The rows of a ``shape`` tensor that ``rank`` owns under FSDP2's Shard(0) (``fsdp.shard``'s ``local``)."""
-    rows = shape[0]
-    chunk = -(-rows // world_size)
-    return (max(0, min(chunk, rows - rank * chunk)), *shape[1:])
 
 
 def run_summary(role: str, phase: str, length: int, total: int, last: int, allocates: bool) -> Summary:
