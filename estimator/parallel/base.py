@@ -193,7 +193,7 @@ class RankContext:
         a compressed step builds them without the optimizer's events, ``simulate.step_body_events``)."""
         return self.round(self.base.body_events())
 
-    def flat_tail(self, first: bool) -> list[Event]:
+    def flat_tail(self) -> list[Event]:
         """The zero_grad events as one flat list (materialised, named), built without the rest of the step
         (``simulate.step_tail_events``: the same in the first and a steady step)."""
         return self.round([e for e in step_tail_events(self.config) if _shared_tail_event(e)])

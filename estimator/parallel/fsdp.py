@@ -180,7 +180,8 @@ def sharded_model_states(ctx: RankContext, shards: list[Shard]) -> tuple[int, in
 
     FSDP2 (Zhao et al. 2023, section 3.2; torch's ``fully_shard``): the padded Shard(0) storage of every
     parameter and of every trainable parameter's gradient, and optimizer state for the rows the rank
-    owns (``zeros_like`` of the unpadded local tensor); no simulation needed (the fit bounds peaks with it).
+    owns (``zeros_like`` of the unpadded local tensor), one shard at a time: the reference
+    :func:`rank_model_states` (what ranks and the fit read) is checked against (``tests/test_fsdp_own.py``).
     """
     params = ctx.params
     dtypes = ShardDtypes.of(ctx)

@@ -114,7 +114,7 @@ class Zero2(_Partitioned):
 def _tail_summary(ctx: RankContext, owned: set[str]) -> Summary:
     """``zero_grad`` on a ZeRO-2 rank frees only the gradients it kept (the same events after the first and a
     steady step: ``RankContext.flat_tail``)."""
-    tail = ctx.shared("zero2_tail", lambda: ctx.flat_tail(False))
+    tail = ctx.shared("zero2_tail", ctx.flat_tail)
     if ctx.shared("zero2_tail_allocs", lambda: any(e.nbytes > 0 for e in tail)):
         # allocations in the tail: order matters, replay this rank's own
         return summarize([e for e in tail if not (_is_freed_grad(e) and e.name[:-5] not in owned)])
