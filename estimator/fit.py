@@ -169,6 +169,8 @@ def largest_batch(config: Config, gpu: GPU, parallel: str | None = None, world_s
 def _search(config: Config, budget: int, parallel: str | None, world_size: int) -> tuple[int, bool]:
     if parallel is None:
         return largest_single_batch(config, budget)
+    if model_state_floor(config, parallel, world_size) > budget:
+        return 0, False
     return search_batch(lambda b: step_peak(_with_batch(config, b), parallel, world_size)[0], budget)
 
 
@@ -200,7 +202,7 @@ def largest_single_batch(config: Config, budget: int, cap: int = MAX_BATCH_SEARC
             real[b] = AffinePeak.exact(at(b)).peak(b)
         return real[b]
 
-    if simulated(1) > budget:
+    if model_state_floor(config) > budget or simulated(1) > budget:
         return 0, False
     other = config.training.batch_size if config.training.batch_size > 1 else 2
     model = AffinePeak.fit((1, at(1)), (other, at(other)))
@@ -212,6 +214,31 @@ def largest_single_batch(config: Config, budget: int, cap: int = MAX_BATCH_SEARC
         elif best and simulated(best) <= budget < simulated(best + 1):
             return best, False
     return search_batch(simulated, budget, cap)
+
+
+#: the roles whose bytes do not depend on the batch: parameters, their gradients and the optimizer's state
+MODEL_STATE_ROLES = ("parameter", "gradient", "optimizer_state")
+
+
+def model_state_floor(config: Config, parallel: str | None = None, world_size: int = 1) -> int:
+    """A lower bound on the worst CUDA peak of ``config``'s step (the worst rank's under ``parallel``) at every
+    batch size, read off the step at the config's batch (simulated already: ``step_peak``).
+
+    A step's events are the same at every batch, in the same order; the batch changes only the sizes of
+    inputs, activations and temporaries. So the parameter, gradient and optimizer-state bytes live at the
+    moment of a peak are live at that moment at any batch too, and a peak at a batch of 1 is at least their
+    sum: where that alone exceeds the budget, no batch fits and nothing more is simulated.
+    """
+    if parallel is None:
+        from estimator.simulate import simulate
+
+        steps = [simulate(config, "cuda")]
+    else:
+        from estimator.parallel import rank_groups
+
+        steps = [group.estimate.step for group in rank_groups(config, parallel, world_size, "cuda")]
+    return max(sum(peak.by_role.get(role, 0) for role in MODEL_STATE_ROLES)
+               for step in steps for peak in (step.first_peak, step.steady_peak))
 
 
 STAGES = ("ddp", "zero1", "zero2", "zero3")

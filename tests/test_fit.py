@@ -154,3 +154,41 @@ def test_alternatives_are_re_estimated() -> None:
     assert smallest, "a world size under zero3 that fits"
     n = int(smallest[-1].change.rsplit(" ", 1)[1].replace(",", ""))
     assert step_peak(cfg, "zero3", n // 2)[0] + CONTEXT_RESERVE > get_gpu("a100-80gb").memory_bytes
+
+
+def test_model_state_floor_is_below_the_peak_at_a_batch_of_one() -> None:
+    """The parameter, gradient and optimizer-state bytes live at a peak do not depend on the batch: their sum, read
+    off the step at the config's batch, is at most the peak at a batch of 1, on one device and on every rank."""
+    from estimator.fit import _with_batch, model_state_floor, step_peak
+
+    for preset, precision in (("llama-2-7b", "amp-bf16"), ("pythia-160m", "bf16"), ("mixtral-8x7b", "bf16")):
+        cfg = load_config(overrides=[f"model.preset={preset}", f"training.precision={precision}",
+                                     "training.batch_size=3", "training.seq_len=256", "model.num_layers=5"])
+        for layout in (None, ("zero2", 3), ("zero3", 4), ("ddp", 2), ("tp", 2)):
+            strategy, n = layout or (None, 1)
+            if strategy == "tp" and preset == "mixtral-8x7b":
+                continue  # tensor parallelism is modelled for the transformer family
+            floor = model_state_floor(cfg, strategy, n)
+            assert 0 < floor <= step_peak(_with_batch(cfg, 1), strategy, n)[0], (preset, layout)
+
+
+def test_no_batch_fits_when_the_model_states_alone_do_not(monkeypatch) -> None:  # noqa: ANN001
+    """Llama-2-7B's fp32 weights and AdamW state (16 bytes a parameter) are over a T4's 16 GiB: the largest batch is
+    0 without simulating a batch of 1, on one device and under ZeRO-2."""
+    from estimator import affine_batch, fit
+    from estimator.simulate import clear_caches
+
+    cfg = load_config(overrides=["model.preset=llama-2-7b", "training.precision=amp-bf16"])
+    gpu = get_gpu("t4")
+    budget = gpu.memory_bytes - CONTEXT_RESERVE
+    for strategy, n in ((None, 1), ("zero2", 2)):
+        clear_caches()
+        fit.step_peak(cfg, strategy, n)  # what fit_on has done before it searches
+        assert fit.model_state_floor(cfg, strategy, n) > budget
+        asked: list[int] = []
+        real_with_batch = fit._with_batch
+        monkeypatch.setattr(fit, "_with_batch", lambda c, b: asked.append(b) or real_with_batch(c, b))
+        monkeypatch.setattr(affine_batch, "unrounded_programs", lambda c: asked.append(-1))
+        assert fit.largest_batch(cfg, gpu, strategy, n) == 0
+        assert asked == []
+        monkeypatch.undo()
