@@ -248,9 +248,12 @@ WORLD_SIZES = tuple(2**k for k in range(1, 14))  # 2 ... 8,192 ranks, for the sm
 def alternatives(config: Config, gpu: GPU, parallel: str | None, world_size: int) -> list[Alternative]:
     """What would fit instead, each re-estimated: checkpointing, 8-bit Adam, 16-bit (and with fp32 master
     weights), CPU offload, micro-batches of 1 accumulated, the smallest tensor-parallel degree, a higher ZeRO
-    stage (FSDP2 beyond zero2), and the smallest power-of-two world size under zero3."""
+    stage (FSDP2 beyond zero2), and the smallest power-of-two world size under zero3.
+
+    Each is independent of the others: they are computed as tasks (``forked.run_all``: shared with a forked
+    child where that is safe, the costliest first), and listed in this order whichever computed them.
+    """
     budget = gpu.memory_bytes - CONTEXT_RESERVE
-    found: list[Alternative] = []
 
     def attempt(change: str, cfg: Config, strategy: str | None, n: int) -> Alternative | None:
         try:
@@ -259,59 +262,73 @@ def alternatives(config: Config, gpu: GPU, parallel: str | None, world_size: int
             return None
         return Alternative(change, peak + CONTEXT_RESERVE, peak <= budget, ranks)
 
-    def trial(change: str, cfg: Config, strategy: str | None, n: int) -> None:
-        option = attempt(change, cfg, strategy, n)
-        if option is not None:
-            found.append(option)
+    def trials(*changes: tuple[str, Config, str | None, int]) -> Callable[[], list[Alternative]]:
+        """A task: the changes tried in order (one task, so that they share what they build in one process)."""
+        return lambda: [option for change in changes if (option := attempt(*change)) is not None]
 
     def updated(section: str, **values: Any) -> Config:
         part = getattr(config, section).model_copy(update=values)
         return config.model_copy(update={section: part})
 
+    tasks: list[tuple[int, Callable[[], list[Alternative]]]] = []  # (cost rank: highest first, task), listed order
     family = config.model.family
     if family in ("transformer", "moe") and config.training.activation_checkpointing == "none":
-        trial("--set training.activation_checkpointing=full", updated("training", activation_checkpointing="full"),
-              parallel, world_size)
+        tasks.append((3, trials(("--set training.activation_checkpointing=full",
+                                 updated("training", activation_checkpointing="full"), parallel, world_size))))
     if config.optimizer.name in ("adam", "adamw"):
-        trial("-o adam8bit", updated("optimizer", name="adam8bit"), parallel, world_size)
+        tasks.append((0, trials(("-o adam8bit", updated("optimizer", name="adam8bit"), parallel, world_size))))
     if config.training.precision in ("fp32", "amp-bf16", "amp-fp16"):
-        trial("-p bf16", updated("training", precision="bf16"), parallel, world_size)
+        sixteen = [("-p bf16", updated("training", precision="bf16"), parallel, world_size)]
         if parallel in ("zero3", "fsdp") or config.training.precision != "fp32":
             # the 16-bit layout with fp32 master weights (FSDP2's MixedPrecisionPolicy under zero3/fsdp)
-            trial("-p bf16 --set training.master_weights=true",
-                  updated("training", precision="bf16", master_weights=True), parallel, world_size)
+            sixteen.append(("-p bf16 --set training.master_weights=true",
+                            updated("training", precision="bf16", master_weights=True), parallel, world_size))
+        tasks.append((2, trials(*sixteen)))
     if parallel in ("zero3", "fsdp") and not config.parallel.offload:
         # every family FSDP2 models offload for (transformer, moe, a traced module or hf model); the mlp
         # family's FSDP2 timeline refuses it, and ``attempt`` leaves a refused alternative out
-        trial("--set parallel.offload=true (model states in host memory)", updated("parallel", offload=True),
-              parallel, world_size)
+        tasks.append((1, trials(("--set parallel.offload=true (model states in host memory)",
+                                 updated("parallel", offload=True), parallel, world_size))))
     batch = config.training.batch_size
     if batch > 1 and batch_applies(config):
         # the same global batch as micro-batches of 1 accumulated (accumulation.py: gradients kept between them)
         steps = batch * config.training.grad_accum_steps
-        trial(f"-b 1 --set training.grad_accum_steps={steps}",
-              updated("training", batch_size=1, grad_accum_steps=steps), parallel, world_size)
+        tasks.append((3, trials((f"-b 1 --set training.grad_accum_steps={steps}",
+                                 updated("training", batch_size=1, grad_accum_steps=steps), parallel, world_size))))
     if family == "transformer" and parallel is None:
-        # tensor parallelism (docs/tp.md): the smallest degree of 2, 4, 8 that fits, else 8
-        for t in (2, 4, 8):
-            tp = config.parallel.model_copy(update={"strategy": "tp", "world_size": t, "tp_size": t})
-            with_tp = config.model_copy(update={"parallel": tp})
-            if t < 8 and _tp_lower_bound(with_tp, t) > budget:
-                continue  # its model states alone do not fit: the step would not either
-            option = attempt(f"--parallel tp -n {t}", with_tp, "tp", t)
-            if option is not None and (option.fits or t == 8):
-                found.append(option)
-                break
+        tasks.append((4, lambda: _smallest_tp(config, budget, attempt)))
     n = max(world_size, 2) if parallel else 8
     rank = STAGES.index(parallel) if parallel in STAGES else -1 if parallel is None else len(STAGES)
     higher = [stage for i, stage in enumerate(STAGES) if i > rank]
     for stage in higher[-2:]:
-        trial(f"--parallel {stage} -n {n:,}", config, stage, n)
-    smallest = _smallest_world(config, budget)
-    if smallest is not None:
-        found.append(Alternative(f"--parallel zero3 -n {smallest[0]:,}", smallest[1] + CONTEXT_RESERVE, True,
-                                 smallest[2]))
-    return found
+        tasks.append((2, trials((f"--parallel {stage} -n {n:,}", config, stage, n))))
+
+    def smallest_world() -> list[Alternative]:
+        smallest = _smallest_world(config, budget)
+        return [] if smallest is None else [
+            Alternative(f"--parallel zero3 -n {smallest[0]:,}", smallest[1] + CONTEXT_RESERVE, True, smallest[2])]
+
+    tasks.append((2, smallest_world))
+    from estimator.forked import run_all
+
+    order = sorted(range(len(tasks)), key=lambda i: -tasks[i][0])  # stable: the listed order among equals
+    answers = dict(zip(order, run_all([tasks[i][1] for i in order]), strict=True))
+    listed = [option for i in range(len(tasks)) for option in answers[i]]
+    # the smallest world size may be the higher stage's own -n: the same change is listed once
+    return [option for k, option in enumerate(listed) if option.change not in {o.change for o in listed[:k]}]
+
+
+def _smallest_tp(config: Config, budget: int, attempt: Callable[..., Alternative | None]) -> list[Alternative]:
+    """Tensor parallelism (docs/tp.md): the smallest degree of 2, 4, 8 that fits, else 8."""
+    for t in (2, 4, 8):
+        tp = config.parallel.model_copy(update={"strategy": "tp", "world_size": t, "tp_size": t})
+        with_tp = config.model_copy(update={"parallel": tp})
+        if t < 8 and _tp_lower_bound(with_tp, t) > budget:
+            continue  # its model states alone do not fit: the step would not either
+        option = attempt(f"--parallel tp -n {t}", with_tp, "tp", t)
+        if option is not None and (option.fits or t == 8):
+            return [option]
+    return []
 
 
 def _tp_lower_bound(config: Config, t: int) -> int:
