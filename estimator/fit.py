@@ -310,6 +310,9 @@ def alternatives(config: Config, gpu: GPU, parallel: str | None, world_size: int
 
     tasks.append((2, smallest_world))
     from estimator.forked import run_all
+    from estimator.parallel import dropped, fsdp_own, fsdp_split, replicated  # noqa: F401
+
+    # ^ what the layouts' tasks import, imported once here rather than once in each process that runs one
 
     order = sorted(range(len(tasks)), key=lambda i: -tasks[i][0])  # stable: the listed order among equals
     answers = dict(zip(order, run_all([tasks[i][1] for i in order]), strict=True))
