@@ -19,24 +19,25 @@ T = TypeVar("T")
 KEEP = 16
 
 
-def per_model(build: Callable[[Any], list[T]]) -> Callable[[Any], list[T]]:
-    """``build(model)`` made once per model section; a fresh list each call."""
-    made: dict[str, tuple[T, ...]] = {}
+def per_model(build: Callable[..., list[T]]) -> Callable[..., list[T]]:
+    """``build(model, *args)`` made once per model section and (hashable) further arguments; a fresh list each
+    call."""
+    made: dict[tuple[str, tuple[Any, ...]], tuple[T, ...]] = {}
 
     @wraps(build)
-    def cached(model: Any) -> list[T]:
-        key = model.model_dump_json()
+    def cached(model: Any, *args: Any) -> list[T]:
+        key = (model.model_dump_json(), args)
         if key not in made:
             if len(made) >= KEEP:
                 made.pop(next(iter(made)))
-            made[key] = tuple(build(model))
+            made[key] = tuple(build(model, *args))
         return list(made[key])
 
     _CACHES.append(made)
     return cached
 
 
-_CACHES: list[dict[str, Any]] = []
+_CACHES: list[dict[Any, Any]] = []
 
 
 def clear_caches() -> None:

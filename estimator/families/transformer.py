@@ -260,6 +260,7 @@ ROW_PARALLEL = ("attn.o_proj", "mlp.down_proj")
 VOCAB_PARALLEL = ("tok_emb.weight", "lm_head.weight")
 
 
+@per_model
 def sharded_parameter_tensors(model: TransformerConfig, tp: int) -> list[ParamTensor]:
     """The parameters one tensor-parallel rank holds (docs/tp.md), in ``named_parameters()`` order.
 
