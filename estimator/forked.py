@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -43,8 +44,8 @@ def run_all(tasks: Sequence[Callable[[], T]]) -> list[T]:
     """``[task() for task in tasks]``, the tasks shared between this process and one forked child.
 
     Put the most expensive tasks first: each process takes the next task as it finishes one. An exception a
-    task raises in the parent propagates as it would serially; one it raises in the child makes the parent
-    compute that task itself (and so raise it there).
+    task raises in the parent propagates as it would serially (the child is killed, not waited for); one it
+    raises in the child makes the parent compute that task itself (and so raise it there).
     """
     if len(tasks) < 2 or len(tasks) > MAX_TASKS or not can_fork():
         return [task() for task in tasks]
@@ -70,6 +71,9 @@ def run_all(tasks: Sequence[Callable[[], T]]) -> list[T]:
     try:
         results: dict[int, Any] = {i: tasks[i]() for i in _taken(queue_read)}
         results.update(_answers(answer_read))
+    except BaseException:  # a task's error, or Ctrl-C: the child's work is not wanted, nor waited for
+        os.kill(pid, signal.SIGKILL)
+        raise
     finally:
         os.close(queue_read)
         os.close(answer_read)

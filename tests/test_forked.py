@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import select
+import time
 
 import pytest
 
@@ -59,12 +60,20 @@ def test_a_task_the_child_cannot_finish_is_computed_by_the_parent(forking: None)
     assert forked.run_all(tasks) == list(range(6))
 
 
-def test_an_error_in_the_parent_propagates(forking: None) -> None:
+def test_an_error_in_the_parent_propagates_without_waiting_for_the_child(forking: None) -> None:
+    """Each task fails at once in the parent and takes a minute in the child: the parent's error comes back at
+    once (the child, whose work is no longer wanted, is killed)."""
+    parent = os.getpid()
+
     def fails() -> int:
+        if os.getpid() != parent:
+            time.sleep(60)
         raise ValueError("the task's own error")
 
+    started = time.monotonic()
     with pytest.raises(ValueError, match="the task's own error"):
         forked.run_all([fails, fails, fails])
+    assert time.monotonic() - started < 30
 
 
 def test_serial_where_forking_is_not_safe(monkeypatch: pytest.MonkeyPatch) -> None:
