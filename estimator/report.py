@@ -144,8 +144,8 @@ def stacked(table: Table) -> Group:
     for row in range(len(table.rows)):
         first = str(cells[0][row])
         lines = [f"  {headers[i]}: {cells[i][row]}" for i in range(1, len(headers)) if str(cells[i][row]).strip()]
-        parts.append(Text(first, style="bold"))
-        parts.extend(Text(line) for line in lines)
+        parts.append(Text.from_markup(first, style="bold"))  # the cells are markup, as the table renders them
+        parts.extend(Text.from_markup(line) for line in lines)
     if table.caption:
         parts.append(Text(str(table.caption), style="dim"))
     return Group(*parts)

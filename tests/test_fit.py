@@ -191,3 +191,12 @@ def test_no_batch_fits_when_the_model_states_alone_do_not(monkeypatch) -> None: 
         assert fit.largest_batch(cfg, gpu, strategy, n) == 0
         assert asked == []
         monkeypatch.undo()
+
+
+def test_alternatives_stacked_on_a_narrow_terminal_show_no_markup() -> None:
+    """On a terminal too narrow for the alternatives table, each alternative is a block of 'column: value' lines,
+    with the table's colours applied, not their markup printed."""
+    result = runner.invoke(app, ["estimate", "--model", "llama-2-7b", "--gpu", "a100-80gb"], env={"COLUMNS": "40"})
+    assert result.exit_code == 0, result.output
+    assert "--parallel zero3 -n 8\n  needs:" in result.output
+    assert "fits" in result.output and "[green]" not in result.output
