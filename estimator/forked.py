@@ -55,7 +55,12 @@ def run_all(tasks: Sequence[Callable[[], T]]) -> list[T]:
     os.close(queue_write)
     sys.stdout.flush()
     sys.stderr.flush()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:  # no process to spare (EAGAIN, ENOMEM): the tasks run here, in order
+        for fd in (queue_read, answer_read, answer_write):
+            os.close(fd)
+        return [task() for task in tasks]
     if pid == 0:  # the child: never returns, never runs the parent's exit handlers or flushes its buffers
         status = 1
         try:
@@ -77,8 +82,16 @@ def run_all(tasks: Sequence[Callable[[], T]]) -> list[T]:
     finally:
         os.close(queue_read)
         os.close(answer_read)
-        os.waitpid(pid, 0)
+        _reap(pid)
     return [results[i] if i in results else tasks[i]() for i in range(len(tasks))]
+
+
+def _reap(pid: int) -> None:
+    """Wait for the child to exit (already reaped where the process ignores SIGCHLD: nothing to wait for)."""
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
 
 
 def _taken(queue: int) -> Iterator[int]:

@@ -105,3 +105,23 @@ def test_fit_alternatives_are_the_same_forked_or_serial(monkeypatch: pytest.Monk
         "--set training.activation_checkpointing=full", "-o adam8bit", "-p bf16",
         "-p bf16 --set training.master_weights=true", "-b 1 --set training.grad_accum_steps=2", "--parallel tp -n 4",
         "--parallel zero2 -n 8", "--parallel zero3 -n 8"]  # the smallest world size is zero3's 8: listed once
+
+
+def test_no_process_to_spare_runs_the_tasks_here(forking: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fork that fails (EAGAIN: the process limit) leaves the tasks to this process, in order."""
+    def refused() -> int:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "fork", refused)
+    assert forked.run_all([lambda: 1, lambda: 2, os.getpid]) == [1, 2, os.getpid()]
+
+
+def test_a_process_that_ignores_its_children_still_gets_the_answers(forking: None) -> None:
+    """With SIGCHLD ignored the kernel reaps the child itself; the answers come through the pipe all the same."""
+    import signal
+
+    before = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    try:
+        assert forked.run_all([lambda i=i: i * 3 for i in range(8)]) == [i * 3 for i in range(8)]
+    finally:
+        signal.signal(signal.SIGCHLD, before)
