@@ -603,11 +603,14 @@ def render_alternatives(fit: Any, console: Console) -> None:
         return
     table = Table(title=f"Instead, on {fit.gpu.name} (each re-estimated; needs = worst-rank peak + context reserve)",
                   title_justify="left", box=box.SIMPLE_HEAD)
-    table.add_column("change", overflow="fold")  # a long option is folded, never cut
-    for col, justify in (("needs", "right"), ("", "left"), ("worst ranks", "left")):
+    # a change wraps between its words, never inside one (it is copied as it stands); a terminal too narrow for
+    # that gets the stacked form (print_fitting)
+    longest_word = max(len(word) for a in fit.alternatives for word in a.change.split())
+    table.add_column("change", overflow="fold", min_width=longest_word)
+    for col, justify in (("needs", "right"), ("fits", "left"), ("worst ranks", "left")):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for a in fit.alternatives:
-        table.add_row(a.change, human_bytes(a.needed_bytes), "[green]fits[/green]" if a.fits else "does not fit",
+        table.add_row(a.change, human_bytes(a.needed_bytes), "[green]yes[/green]" if a.fits else "no",
                       a.worst_ranks or "-")
     print_fitting(console, table)
 

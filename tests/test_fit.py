@@ -199,4 +199,13 @@ def test_alternatives_stacked_on_a_narrow_terminal_show_no_markup() -> None:
     result = runner.invoke(app, ["estimate", "--model", "llama-2-7b", "--gpu", "a100-80gb"], env={"COLUMNS": "40"})
     assert result.exit_code == 0, result.output
     assert "--parallel zero3 -n 8\n  needs:" in result.output
-    assert "fits" in result.output and "[green]" not in result.output
+    assert "fits: yes" in result.output and "[green]" not in result.output
+
+
+def test_alternatives_keep_each_change_whole_on_an_80_column_terminal() -> None:
+    """A change is copied as it stands: on 80 columns the table keeps every word of it whole."""
+    result = runner.invoke(app, ["estimate", "--model", "llama-2-7b", "--gpu", "a100-80gb"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    for change in ("training.activation_checkpointing=full", "training.master_weights=true",
+                   "training.grad_accum_steps=2", "--parallel zero3 -n 8"):
+        assert change in result.output, change
