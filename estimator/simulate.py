@@ -275,7 +275,7 @@ def _periodic_lists(config: Config, build: Callable[[Config], Sequence[list[Even
     """The periodic programs of ``build``'s lists (None: too few layers, or not periodic). A list that is
     empty at every layer count built is an empty program; one empty at some counts only is not periodic.
     ``built``: filled with the canonical lists (and their signatures) of each layer count built, for a
-    caller that reads more off them (``parallel/zero2_program.py``: the true names of repeated events)."""
+    caller that reads more off them (``parallel/dropped.py``: the true names of repeated events)."""
     bases = _bases(config)
     if not bases:
         return None
