@@ -67,14 +67,13 @@ class _Shards:
     @classmethod
     def of_rank(cls, ctx: RankContext, rank: int) -> _Shards:
         """An FSDP2 rank's shards of every trainable parameter."""
-        order, counts = ctx.shared("fsdp_own_shapes", lambda: _trainable_shapes(ctx))
+        order, counts = ctx.shared("fsdp_own_shapes", lambda: _trainable_shapes(ctx.params))
         return cls(order, counts, {shape: local_shape(shape, ctx.world_size, rank) for shape in counts})
 
     @classmethod
     def whole(cls, params: list[ParamTensor]) -> _Shards:
         """Whole tensors (a replicated-parameter rank's partition: DDP, ZeRO-1/2), the trainable ones."""
-        order = [p.shape for p in params if p.trainable]
-        counts = Counter(order)
+        order, counts = _trainable_shapes(params)
         return cls(order, counts, {shape: shape for shape in counts})
 
     def run(self, sizes_of: Callable[[Shape], list[int]]) -> tuple[int, int, int]:
@@ -93,8 +92,9 @@ class _Shards:
         return length, total, -1
 
 
-def _trainable_shapes(ctx: RankContext) -> tuple[list[Shape], Counter[Shape]]:
-    order = [p.shape for p in ctx.params if p.trainable]
+def _trainable_shapes(params: list[ParamTensor]) -> tuple[list[Shape], Counter[Shape]]:
+    """The trainable tensors' shapes in parameter order, and how many have each."""
+    order = [p.shape for p in params if p.trainable]
     return order, Counter(order)
 
 
